@@ -1,0 +1,35 @@
+"""dirge: OCI images → exact, safe root filesystems for microVM sandboxes."""
+
+from .apply.layer import Limits
+from .errors import (
+    DirgeError,
+    ImageError,
+    IntegrityError,
+    InvalidReference,
+    LimitExceeded,
+    PlatformNotFound,
+    UnpackError,
+    UnsafeLayer,
+)
+from .image import Platform, parse_platform
+from .reference import canonicalize_image_ref, local_variant_name, parse_reference
+from .unpack import UnpackResult, unpack
+
+__all__ = [
+    "DirgeError",
+    "ImageError",
+    "IntegrityError",
+    "InvalidReference",
+    "LimitExceeded",
+    "Limits",
+    "Platform",
+    "PlatformNotFound",
+    "UnpackError",
+    "UnpackResult",
+    "UnsafeLayer",
+    "canonicalize_image_ref",
+    "local_variant_name",
+    "parse_platform",
+    "parse_reference",
+    "unpack",
+]

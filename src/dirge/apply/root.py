@@ -1,0 +1,130 @@
+"""Path resolution inside the destination root, by file descriptor, never by joining host paths.
+
+Parents are resolved with ``openat2(RESOLVE_IN_ROOT)``: the kernel interprets every symlink and ``..`` as
+if the root fd were ``/`` (what umoci does with securejoin, but race-free). The last component of a
+path is never followed: callers act on it with ``*at`` calls relative to the parent's fd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+
+from ..errors import UnsafeLayer, UnpackError
+
+_SYS_OPENAT2 = 437  # same number on every Linux architecture (added in 5.6)
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_IN_ROOT = 0x10
+_MAX_LINK_HOPS = 40
+_CACHE_LIMIT = 256
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dir_fd: int, path: bytes, flags: int, resolve: int) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
+    fd = _libc.syscall(_SYS_OPENAT2, dir_fd, path, ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            raise UnpackError("openat2 is not available: dirge needs Linux 5.6 or newer")
+        raise OSError(err, os.strerror(err), path)
+    return fd
+
+
+def clean_path(name: bytes) -> tuple[bytes, ...]:
+    """Lexically clean a tar name as if it were rooted at ``/``: ``..`` can never climb above the root."""
+    if b"\0" in name:
+        raise UnsafeLayer(name.decode("utf-8", "replace"), "name contains a NUL byte")
+    parts: list[bytes] = []
+    for part in name.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(part)
+    return tuple(parts)
+
+
+class Root:
+    """The destination directory, opened once; hands out fds of directories inside it."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._cache: dict[tuple[bytes, ...], int] = {}
+
+    def close(self) -> None:
+        self.forget()
+        os.close(self.fd)
+
+    def forget(self) -> None:
+        """Drop cached directory fds: call after removing or replacing anything that may be a directory."""
+        for fd in self._cache.values():
+            os.close(fd)
+        self._cache.clear()
+
+    def open_dir(self, parts: tuple[bytes, ...], *, flags: int = os.O_RDONLY) -> int:
+        """A new fd for the directory at ``parts``, symlinks resolved inside the root. Caller closes it."""
+        if not parts:
+            return os.open(".", flags | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+        return openat2(self.fd, b"/".join(parts), flags | os.O_DIRECTORY, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+
+    def open_nofollow(self, parts: tuple[bytes, ...], flags: int) -> int:
+        """An fd for ``parts`` only if no component at all is a symlink (for fix-ups after the fact)."""
+        return openat2(self.fd, b"/".join(parts) or b".", flags, _RESOLVE_NO_SYMLINKS)
+
+    def dir(self, parts: tuple[bytes, ...], *, create: bool) -> int | None:
+        """A cached fd of the directory ``parts`` (``None`` if absent and not ``create``).
+
+        With ``create``, missing directories are made (0755, as tar does); a symlinked component
+        that dangles is followed inside the root and its target created.
+        """
+        if not parts:
+            return self.fd
+        fd = self._cache.get(parts)
+        if fd is not None:
+            return fd
+        fd = self._resolve(parts, create, 0)
+        if fd is not None:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self.forget()
+            self._cache[parts] = fd
+        return fd
+
+    def _resolve(self, parts: tuple[bytes, ...], create: bool, hops: int) -> int | None:
+        try:
+            return self.open_dir(parts)
+        except FileNotFoundError:
+            if not create:
+                return None
+        except NotADirectoryError:
+            if not create:
+                return None
+        parent = self.dir(parts[:-1], create=True) if len(parts) > 1 else self.fd
+        assert parent is not None
+        name = parts[-1]
+        try:
+            st = os.lstat(name, dir_fd=parent)
+        except FileNotFoundError:
+            os.mkdir(name, 0o755, dir_fd=parent)
+            return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        if stat.S_ISLNK(st.st_mode):
+            if hops >= _MAX_LINK_HOPS:
+                raise UnsafeLayer(b"/".join(parts).decode("utf-8", "replace"), "too many levels of symbolic links")
+            target = os.readlink(name, dir_fd=parent)
+            base = () if target.startswith(b"/") else parts[:-1]
+            return self._resolve(clean_path(b"/".join(base + (target,))), True, hops + 1)
+        raise UnsafeLayer(
+            b"/".join(parts).decode("utf-8", "replace"),
+            "a parent path component exists and is not a directory",
+        )

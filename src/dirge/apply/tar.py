@@ -1,0 +1,404 @@
+"""A streaming tar reader: ustar, PAX (incl. xattrs and sparse 0.0/0.1/1.0) and GNU (long names, sparse).
+
+Written here rather than taken from ``tarfile`` so that every header is bounded (a hostile PAX or
+long-name header cannot make us buffer gigabytes), names stay raw bytes, and file data can be copied
+from the decompressed stream straight into a file descriptor.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ..errors import ImageError
+
+BLOCK = 512
+# Go's archive/tar uses the same bound for PAX and GNU long-name headers.
+MAX_SPECIAL_SIZE = 1 << 20
+MAX_SPARSE_ENTRIES = 1 << 16
+
+REG, LINK, SYMLINK, CHR, BLK, DIR, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
+_CONT = b"7"
+_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK, _GNU_SPARSE = b"x", b"g", b"L", b"K", b"S"
+_GNU_DUMPDIR, _GNU_VOLHDR = b"D", b"V"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One member of the archive, after PAX/GNU headers were folded in."""
+
+    name: bytes
+    type: bytes
+    mode: int
+    uid: int
+    gid: int
+    size: int  # bytes stored in the archive for this member
+    mtime_ns: int
+    atime_ns: int | None = None
+    linkname: bytes = b""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    # For sparse files: the data regions (offset, length) and the logical size.
+    sparse: list[tuple[int, int]] | None = None
+    realsize: int | None = None
+
+    @property
+    def file_size(self) -> int:
+        return self.realsize if self.realsize is not None else self.size
+
+
+class TarFormatError(ImageError):
+    pass
+
+
+class ByteStream:
+    """Sequential reads over an iterator of byte chunks, without copying where it can be avoided."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = memoryview(b"")
+        self._pos = 0
+        self.offset = 0  # bytes consumed so far
+
+    def _fill(self) -> bool:
+        for chunk in self._chunks:
+            if chunk:
+                self._buf = memoryview(chunk)
+                self._pos = 0
+                return True
+        return False
+
+    def read_up_to(self, n: int) -> memoryview:
+        """At most ``n`` bytes (fewer at a chunk boundary); empty only at end of stream."""
+        if self._pos >= len(self._buf) and not self._fill():
+            return memoryview(b"")
+        end = min(self._pos + n, len(self._buf))
+        out = self._buf[self._pos:end]
+        self._pos = end
+        self.offset += len(out)
+        return out
+
+    def read_exact(self, n: int) -> bytes:
+        first = self.read_up_to(n)
+        if len(first) == n:
+            return first.tobytes()
+        parts = [first.tobytes()]
+        got = len(first)
+        while got < n:
+            piece = self.read_up_to(n - got)
+            if not piece:
+                raise TarFormatError(f"tar stream truncated at byte {self.offset} (wanted {n - got} more bytes)")
+            parts.append(piece.tobytes())
+            got += len(piece)
+        return b"".join(parts)
+
+    def skip(self, n: int) -> None:
+        while n > 0:
+            piece = self.read_up_to(n)
+            if not piece:
+                raise TarFormatError(f"tar stream truncated at byte {self.offset}")
+            n -= len(piece)
+
+    def drain(self) -> None:
+        while self.read_up_to(1 << 20):
+            pass
+
+
+def _parse_number(field_: bytes) -> int:
+    if field_ and field_[0] & 0x80:  # GNU base-256
+        value = field_[0] & 0x7F
+        negative = bool(field_[0] & 0x40)
+        for b in field_[1:]:
+            value = (value << 8) | b
+        if negative:
+            value -= 1 << (8 * len(field_) - 1)
+        return value
+    text = field_.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise TarFormatError(f"bad numeric field {field_!r} in tar header") from None
+
+
+def _cstr(field_: bytes) -> bytes:
+    return field_.split(b"\0", 1)[0]
+
+
+def _checksum_ok(header: bytes) -> bool:
+    stored = _parse_number(header[148:156])
+    blanked = header[:148] + b"        " + header[156:]
+    unsigned = sum(blanked)
+    if stored == unsigned:
+        return True
+    signed = sum(b - 256 if b > 127 else b for b in blanked)
+    return stored == signed
+
+
+def _parse_pax(data: bytes, into: dict[str, list[bytes]]) -> None:
+    """``"%d %s=%s\\n"`` records; repeated keys keep their order (GNU sparse 0.0 needs it)."""
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:  # some writers pad with NULs
+            break
+        space = data.find(b" ", pos)
+        if space < 0:
+            raise TarFormatError("malformed PAX record (no length)")
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise TarFormatError("malformed PAX record length") from None
+        end = pos + length
+        if length <= 0 or end > len(data) or data[end - 1:end] != b"\n":
+            raise TarFormatError("malformed PAX record (bad length)")
+        record = data[space + 1:end - 1]
+        key, eq, value = record.partition(b"=")
+        if not eq:
+            raise TarFormatError("malformed PAX record (no '=')")
+        into.setdefault(key.decode("utf-8", "surrogateescape"), []).append(value)
+        pos = end
+
+
+def _pax_int(values: list[bytes], key: str) -> int:
+    try:
+        return int(values[-1])
+    except ValueError:
+        raise TarFormatError(f"bad PAX {key} value {values[-1]!r}") from None
+
+
+def _pax_time_ns(value: bytes) -> int:
+    text = value.decode("ascii", "replace")
+    negative = text.startswith("-")
+    whole, _, frac = text.lstrip("-").partition(".")
+    try:
+        ns = int(whole or "0") * 1_000_000_000 + int((frac + "000000000")[:9] or "0")
+    except ValueError:
+        raise TarFormatError(f"bad PAX time {text!r}") from None
+    return -ns if negative else ns
+
+
+def _read_special(stream: ByteStream, size: int, kind: str) -> bytes:
+    if size > MAX_SPECIAL_SIZE:
+        raise TarFormatError(f"{kind} header of {size} bytes exceeds the {MAX_SPECIAL_SIZE} byte bound")
+    data = stream.read_exact(size)
+    stream.skip(-size % BLOCK)
+    return data
+
+
+class TarReader:
+    """Iterate entries; the caller reads each entry's data (or not) before asking for the next."""
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+        self._global: dict[str, list[bytes]] = {}
+        self._data_left = 0  # unread data bytes of the current entry
+        self._padding = 0
+
+    def __iter__(self) -> Iterator[Entry]:
+        while True:
+            entry = self.next()
+            if entry is None:
+                return
+            yield entry
+
+    def data(self, entry: Entry) -> Iterator[memoryview]:
+        """The stored bytes of the current entry, in pieces (for sparse files: the data regions back to back)."""
+        left = self._data_left
+        while left > 0:
+            piece = self.stream.read_up_to(left)
+            if not piece:
+                raise TarFormatError(f"tar stream truncated inside {entry.name!r}")
+            left -= len(piece)
+            self._data_left = left
+            yield piece
+
+    def next(self) -> Entry | None:
+        stream = self.stream
+        if self._data_left or self._padding:
+            self._skip_data()
+        pax: dict[str, list[bytes]] = {}
+        longname: bytes | None = None
+        longlink: bytes | None = None
+        while True:
+            first = stream.read_up_to(BLOCK)
+            if not first:
+                return None  # a clean end without the two zero blocks, as Go's reader accepts
+            header = first.tobytes()
+            if len(header) < BLOCK:
+                header += stream.read_exact(BLOCK - len(header))
+            if header == b"\0" * BLOCK:
+                return None  # end of archive; the caller drains the rest for verification
+            if not _checksum_ok(header):
+                raise TarFormatError(f"bad tar header checksum at byte {stream.offset - BLOCK}")
+            typeflag = header[156:157]
+            size = _parse_number(header[124:136])
+            if size < 0:
+                raise TarFormatError("negative size in tar header")
+            if typeflag in (_PAX, _PAX_GLOBAL):
+                target = self._global if typeflag == _PAX_GLOBAL else pax
+                _parse_pax(_read_special(stream, size, "PAX"), target)
+                continue
+            if typeflag == _GNU_LONGNAME:
+                longname = _cstr(_read_special(stream, size, "GNU long name"))
+                continue
+            if typeflag == _GNU_LONGLINK:
+                longlink = _cstr(_read_special(stream, size, "GNU long link"))
+                continue
+            break
+
+        magic = header[257:265]
+        name = _cstr(header[0:100])
+        if magic[:6] == b"ustar\0":  # POSIX ustar: the prefix field extends the name
+            prefix = _cstr(header[345:500])
+            if prefix:
+                name = prefix + b"/" + name
+        entry = Entry(
+            name=name,
+            type=typeflag if typeflag not in (b"\0", _CONT) else REG,
+            mode=_parse_number(header[100:108]) & 0o7777,
+            uid=_parse_number(header[108:116]),
+            gid=_parse_number(header[116:124]),
+            size=size,
+            mtime_ns=_parse_number(header[136:148]) * 1_000_000_000,
+            linkname=_cstr(header[157:257]),
+        )
+        if typeflag in (CHR, BLK):
+            entry.devmajor = _parse_number(header[329:337])
+            entry.devminor = _parse_number(header[337:345])
+        if typeflag == b"\0" and name.endswith(b"/"):
+            entry.type = DIR  # old tars mark directories by a trailing slash only
+        if typeflag == _GNU_DUMPDIR:
+            entry.type = DIR
+        if magic == b"ustar  \0" and typeflag != _GNU_SPARSE:
+            atime = _parse_number(header[345:357])
+            if atime:
+                entry.atime_ns = atime * 1_000_000_000
+        if longname is not None:
+            entry.name = longname
+        if longlink is not None:
+            entry.linkname = longlink
+        sparse_v1 = False
+        if typeflag == _GNU_SPARSE:
+            entry.type = REG
+            entry.sparse = self._gnu_old_sparse(header)
+            entry.realsize = _parse_number(header[483:495])
+        merged = {**self._global, **pax} if self._global else pax
+        if merged:
+            sparse_v1 = self._apply_pax(entry, merged)
+        self._data_left = entry.size
+        self._padding = -entry.size % BLOCK
+        if sparse_v1:
+            entry.sparse = self._pax_sparse_v1_map(entry)
+        if entry.type not in (REG, LINK, SYMLINK, CHR, BLK, DIR, FIFO, _GNU_VOLHDR):
+            raise TarFormatError(f"unsupported tar entry type {entry.type!r} for {entry.name!r}")
+        if entry.type == _GNU_VOLHDR:
+            self._skip_data()
+            return self.next()
+        return entry
+
+    def _skip_data(self) -> None:
+        self.stream.skip(self._data_left + self._padding)
+        self._data_left = self._padding = 0
+
+    def finish_entry(self) -> None:
+        """Skip what the caller did not read of the current entry, and its padding."""
+        self._skip_data()
+
+    def _gnu_old_sparse(self, header: bytes) -> list[tuple[int, int]]:
+        regions: list[tuple[int, int]] = []
+
+        def take(block: bytes, start: int, count: int) -> None:
+            for i in range(count):
+                off = start + 24 * i
+                if block[off] == 0:
+                    return
+                regions.append((_parse_number(block[off:off + 12]), _parse_number(block[off + 12:off + 24])))
+
+        take(header, 386, 4)
+        extended = header[482]
+        while extended:
+            block = self.stream.read_exact(BLOCK)
+            take(block, 0, 21)
+            extended = block[504]
+            if len(regions) > MAX_SPARSE_ENTRIES:
+                raise TarFormatError("too many sparse regions")
+        return regions
+
+    def _apply_pax(self, entry: Entry, pax: dict[str, list[bytes]]) -> bool:
+        sparse_v1 = False
+        for key, values in pax.items():
+            value = values[-1]
+            if key == "path":
+                entry.name = value
+            elif key == "linkpath":
+                entry.linkname = value
+            elif key == "size":
+                entry.size = _pax_int(values, key)
+            elif key == "uid":
+                entry.uid = _pax_int(values, key)
+            elif key == "gid":
+                entry.gid = _pax_int(values, key)
+            elif key == "mtime":
+                entry.mtime_ns = _pax_time_ns(value)
+            elif key == "atime":
+                entry.atime_ns = _pax_time_ns(value)
+            elif key.startswith("SCHILY.xattr."):
+                entry.xattrs[key[len("SCHILY.xattr."):]] = value
+            elif key.startswith("LIBARCHIVE.xattr."):
+                from urllib.parse import unquote_to_bytes
+
+                name = unquote_to_bytes(key[len("LIBARCHIVE.xattr."):]).decode("utf-8", "surrogateescape")
+                try:
+                    entry.xattrs.setdefault(name, base64.b64decode(value + b"=" * (-len(value) % 4)))
+                except ValueError:
+                    raise TarFormatError(f"bad base64 in {key}") from None
+        if "GNU.sparse.major" in pax or "GNU.sparse.map" in pax or "GNU.sparse.offset" in pax:
+            major = pax.get("GNU.sparse.major", [b"0"])[-1]
+            if "GNU.sparse.name" in pax:
+                entry.name = pax["GNU.sparse.name"][-1]
+            size_key = "GNU.sparse.realsize" if "GNU.sparse.realsize" in pax else "GNU.sparse.size"
+            if size_key in pax:
+                entry.realsize = _pax_int(pax[size_key], size_key)
+            if major == b"1":
+                sparse_v1 = True
+            elif "GNU.sparse.map" in pax:  # 0.1
+                nums = [int(x) for x in pax["GNU.sparse.map"][-1].split(b",") if x.strip()]
+                if len(nums) % 2 or len(nums) > 2 * MAX_SPARSE_ENTRIES:
+                    raise TarFormatError("malformed GNU.sparse.map")
+                entry.sparse = list(zip(nums[0::2], nums[1::2]))
+            else:  # 0.0: repeated offset/numbytes records
+                offs, lens = pax.get("GNU.sparse.offset", []), pax.get("GNU.sparse.numbytes", [])
+                if len(offs) != len(lens) or len(offs) > MAX_SPARSE_ENTRIES:
+                    raise TarFormatError("malformed GNU sparse 0.0 map")
+                entry.sparse = [(int(o), int(n)) for o, n in zip(offs, lens)]
+        return sparse_v1
+
+    def _pax_sparse_v1_map(self, entry: Entry) -> list[tuple[int, int]]:
+        """PAX sparse 1.0: the map is decimal lines at the start of the data, padded to a block."""
+        consumed = 0
+        buf = b""
+
+        def next_number() -> int:
+            nonlocal buf, consumed
+            while b"\n" not in buf:
+                if consumed >= entry.size or len(buf) > 64:
+                    raise TarFormatError(f"malformed sparse map in {entry.name!r}")
+                block = self.stream.read_exact(BLOCK)
+                consumed += BLOCK
+                buf += block
+            line, _, buf = buf.partition(b"\n")
+            try:
+                return int(line)
+            except ValueError:
+                raise TarFormatError(f"malformed sparse map in {entry.name!r}") from None
+
+        count = next_number()
+        if count < 0 or count > MAX_SPARSE_ENTRIES:
+            raise TarFormatError(f"sparse map of {entry.name!r} has {count} regions")
+        regions = [(next_number(), next_number()) for _ in range(count)]
+        entry.size -= consumed
+        self._data_left = entry.size
+        return regions

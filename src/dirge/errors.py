@@ -1,0 +1,66 @@
+"""The exception tree of dirge.
+
+Every failure a user can meet is a ``DirgeError``; the CLI prints ``str(err)`` as one line.
+Messages are lowercase verb phrases joined level by level, e.g.
+``apply layer sha256:ab12…: create etc/passwd: permission denied``, and never contain credentials.
+
+    DirgeError
+    ├── InvalidReference          a ref that breaks a syntax rule (names the ref and the rule)
+    ├── ImageError                a malformed or unsupported image (index, manifest, config, media type)
+    │   └── PlatformNotFound      no manifest for the wanted platform, or an ambiguous choice
+    ├── IntegrityError            a blob whose size or digest is not what its descriptor says
+    ├── UnsafeLayer               a layer entry that would escape or damage the destination
+    ├── LimitExceeded             a layer beyond a configured limit (bytes, entries, depth, file size)
+    └── UnpackError               an OS-level failure while writing the rootfs
+"""
+
+from __future__ import annotations
+
+
+class DirgeError(Exception):
+    """Root of every error dirge raises on purpose."""
+
+
+class InvalidReference(DirgeError):
+    def __init__(self, ref: str, rule: str) -> None:
+        super().__init__(f"invalid image reference {ref!r}: {rule}")
+        self.ref = ref
+        self.rule = rule
+
+
+class ImageError(DirgeError):
+    """The image's JSON or structure is malformed or unsupported."""
+
+
+class PlatformNotFound(ImageError):
+    pass
+
+
+class IntegrityError(DirgeError):
+    def __init__(self, what: str, expected: str, actual: str) -> None:
+        super().__init__(f"verify {what}: expected {expected}, got {actual}")
+        self.what = what
+        self.expected = expected
+        self.actual = actual
+
+
+class UnsafeLayer(DirgeError):
+    def __init__(self, entry: str, reason: str) -> None:
+        super().__init__(f"unsafe layer entry {entry!r}: {reason}")
+        self.entry = entry
+        self.reason = reason
+
+
+class LimitExceeded(DirgeError):
+    def __init__(self, limit: str, value: int, maximum: int) -> None:
+        super().__init__(
+            f"layer exceeds limit {limit} ({value} > {maximum}); "
+            f"raise it with --limit {limit}=N if the image is trusted"
+        )
+        self.limit = limit
+        self.value = value
+        self.maximum = maximum
+
+
+class UnpackError(DirgeError):
+    """An operating-system error while writing the rootfs."""
