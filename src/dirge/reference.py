@@ -55,16 +55,18 @@ class Digest:
         return f"{self.algorithm}:{self.hex[:12]}"
 
 
-def parse_digest(text: str, *, what: str = "digest") -> Digest:
-    """Validate ``ALG:HEX`` before it can ever become part of a path."""
+def parse_digest(text: str, *, what: str = "digest", ref: str | None = None) -> Digest:
+    """Validate ``ALG:HEX`` before it can ever become part of a path (``ref``: the whole ref, for errors)."""
     algorithm, sep, hexpart = text.partition(":")
+    if ref is None:
+        ref = text
     if not sep:
-        raise InvalidReference(text, f"{what} must look like sha256:<64 hex digits>")
+        raise InvalidReference(ref, f"{what} must look like sha256:<64 hex digits>")
     expected_len = _DIGEST_HEX_LEN.get(algorithm)
     if expected_len is None:
-        raise InvalidReference(text, f"{what} algorithm {algorithm!r} is not one of {sorted(_DIGEST_HEX_LEN)}")
+        raise InvalidReference(ref, f"{what} algorithm {algorithm!r} is not one of {sorted(_DIGEST_HEX_LEN)}")
     if len(hexpart) != expected_len or not _HEX.fullmatch(hexpart):
-        raise InvalidReference(text, f"{what} must have {expected_len} lowercase hex digits after '{algorithm}:'")
+        raise InvalidReference(ref, f"{what} must have {expected_len} lowercase hex digits after '{algorithm}:'")
     return Digest(algorithm, hexpart)
 
 
@@ -146,7 +148,7 @@ def parse_layout_reference(raw: str) -> LayoutReference:
 def parse_registry_reference(raw: str) -> RegistryReference:
     """``[HOST[:PORT]/]REPO[:TAG][@DIGEST]`` with Docker Hub normalisation."""
     name, at, digest_text = raw.partition("@")
-    digest = parse_digest(digest_text, what="image digest") if at else None
+    digest = parse_digest(digest_text, what="image digest", ref=raw) if at else None
     tag: str | None = None
     last_colon, last_slash = name.rfind(":"), name.rfind("/")
     if last_colon > last_slash:

@@ -94,14 +94,11 @@ def unpack(
     dest = Path(dest)
     if rootless is None:
         rootless = os.geteuid() != 0
-    try:
-        if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
-            raise DirgeError(f"unpack {image}: destination {dest} exists and is not an empty directory")
-        source, resolved = open_image(image, platform)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".dirge-staging", dir=dest.parent))
-    except DirgeError as exc:
-        raise add_context(exc, f"unpack {image}") if not str(exc).startswith("unpack ") else exc
+    if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
+        raise DirgeError(f"unpack {image}: destination {dest} exists and is not an empty directory")
+    source, resolved = open_image(image, platform)  # its errors name the ref already
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".dirge-staging", dir=dest.parent))
     try:
         staging.chmod(0o755)
         report = apply_image(source, resolved, staging, rootless=rootless, limits=limits, progress=progress)

@@ -136,7 +136,8 @@ class LayoutWriter:
         manifest_type = DOCKER_MANIFEST if docker else OCI_MANIFEST
         manifest = {"schemaVersion": 2, "mediaType": manifest_type, "config": config_desc, "layers": layer_descs}
         desc = self.add_json(manifest, manifest_type)
-        desc["platform"] = {"os": plat.os, "architecture": plat.architecture}
+        desc["platform"] = {"os": plat.os, "architecture": plat.architecture,
+                            **({"variant": plat.variant} if plat.variant else {})}
         if tag is not None:
             self.tag(desc, tag)
         return desc

@@ -1,0 +1,75 @@
+"""A tree-compare helper: everything a rootfs must keep, per path, for equality checks between unpackers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+
+def _xattrs(path: str) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out = {}
+    for name in names:
+        if name.startswith("security.selinux"):
+            continue
+        try:
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            pass
+    return out
+
+
+def snapshot(root: str | os.PathLike[str], *, mtimes: bool = True, owners: bool = True) -> dict[str, Any]:
+    """Map of relative path → (type, mode, uid, gid, size, sha256, link target, xattrs, mtime) plus hardlink groups."""
+    root = os.fspath(root)
+    entries: dict[str, Any] = {}
+    inodes: dict[tuple[int, int], list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            st = os.lstat(full)
+            kind = stat.S_IFMT(st.st_mode)
+            rec: dict[str, Any] = {"type": kind, "mode": stat.S_IMODE(st.st_mode), "xattrs": _xattrs(full)}
+            if owners:
+                rec["uid"], rec["gid"] = st.st_uid, st.st_gid
+            if stat.S_ISREG(kind):
+                h = hashlib.sha256()
+                with open(full, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                rec["size"], rec["sha256"] = st.st_size, h.hexdigest()
+                if mtimes:
+                    rec["mtime"] = st.st_mtime_ns
+                inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+            elif stat.S_ISLNK(kind):
+                rec["target"] = os.readlink(full)
+                del rec["mode"]
+            elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
+                rec["rdev"] = st.st_rdev
+            entries[rel] = rec
+    groups = sorted(sorted(paths) for paths in inodes.values() if len(paths) > 1)
+    return {"entries": entries, "hardlinks": groups}
+
+
+def diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Human-readable differences (empty when the trees are the same)."""
+    out = []
+    ea, eb = a["entries"], b["entries"]
+    for path in sorted(set(ea) | set(eb)):
+        if path not in ea:
+            out.append(f"only in second: {path}")
+        elif path not in eb:
+            out.append(f"only in first: {path}")
+        elif ea[path] != eb[path]:
+            keys = sorted(k for k in set(ea[path]) | set(eb[path]) if ea[path].get(k) != eb[path].get(k))
+            out.append(f"{path}: " + ", ".join(f"{k}: {ea[path].get(k)!r} != {eb[path].get(k)!r}" for k in keys))
+    if a["hardlinks"] != b["hardlinks"]:
+        out.append(f"hardlink groups: {a['hardlinks']} != {b['hardlinks']}")
+    return out
