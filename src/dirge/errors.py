@@ -11,7 +11,9 @@ Messages are lowercase verb phrases joined level by level, e.g.
     ├── IntegrityError            a blob whose size or digest is not what its descriptor says
     ├── UnsafeLayer               a layer entry that would escape or damage the destination
     ├── LimitExceeded             a layer beyond a configured limit (bytes, entries, depth, file size)
-    └── UnpackError               an OS-level failure while writing the rootfs
+    ├── UnpackError               an OS-level failure while writing the rootfs
+    ├── LockTimeout               another process holds a cache lock for too long (names its pid)
+    └── SessionError              a session or snapshot that cannot be made, found or removed
 """
 
 from __future__ import annotations
@@ -64,3 +66,17 @@ class LimitExceeded(DirgeError):
 
 class UnpackError(DirgeError):
     """An operating-system error while writing the rootfs."""
+
+
+class LockTimeout(DirgeError):
+    def __init__(self, path: str, timeout: float, holder: str) -> None:
+        super().__init__(
+            f"wait for lock {path}: still held by pid {holder} after {timeout:g}s; "
+            "wait for that process or stop it, then retry"
+        )
+        self.path = path
+        self.holder = holder
+
+
+class SessionError(DirgeError):
+    """A session or snapshot that cannot be created, found or removed."""

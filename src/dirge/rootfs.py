@@ -1,0 +1,112 @@
+"""The seed's API, re-created: ``prepare(image, cache_dir)`` → a fresh session rootfs; ``cleanup(path)``.
+
+    with prepare("oci:/images/app:1.0") as rootfs:
+        run_vm(rootfs.path, rootfs.config)
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .apply.layer import Limits
+from .cache import Cache
+from .image import Platform
+from .reference import canonicalize_image_ref, local_variant_name
+from .session import Sessions, SessionInfo, backends
+from .session.customize import FileSpec, add_user, write_files, write_krun_config
+from .unpack import ProgressFn, remove_tree
+
+__all__ = [
+    "FileSpec",
+    "PreparedRootfs",
+    "add_user",
+    "canonicalize_image_ref",
+    "cleanup",
+    "local_variant_name",
+    "prepare",
+    "write_krun_config",
+]
+
+
+class PreparedRootfs:
+    """A session rootfs; removed (unmounted first) by ``close()``, on leaving ``with``, or when collected."""
+
+    def __init__(self, info: SessionInfo, session_dir: Path, config: dict[str, Any], base_created: bool) -> None:
+        self.info = info
+        self.path = session_dir / "rootfs"
+        self.config = config
+        self.base_created = base_created
+        self._finalizer = weakref.finalize(self, backends.destroy, session_dir)
+
+    id = property(lambda self: self.info.id)
+    image = property(lambda self: self.info.image)
+    digest = property(lambda self: self.info.digest)
+    strategy = property(lambda self: self.info.strategy)
+    env = property(lambda self: list(self.config.get("Env") or []))
+    cmd = property(lambda self: list(self.config.get("Cmd") or []))
+    entrypoint = property(lambda self: list(self.config.get("Entrypoint") or []))
+    working_dir = property(lambda self: self.config.get("WorkingDir") or "/")
+    user = property(lambda self: self.config.get("User") or "")
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def detach(self) -> None:
+        """Keep the session after this object goes away (``dirge session rm`` or ``prune`` removes it)."""
+        self._finalizer.detach()
+
+    def __enter__(self) -> "PreparedRootfs":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PreparedRootfs(id={self.id!r}, path={str(self.path)!r}, strategy={self.strategy!r})"
+
+
+def prepare(
+    image: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    strategy: str | None = None,
+    platform: Platform | None = None,
+    rootless: bool | None = None,
+    files: Mapping[str, FileSpec | bytes] | None = None,
+    snapshot: str | None = None,
+    owner_pid: int | None = None,
+    limits: Limits = Limits(),
+    lock_timeout: float = 600.0,
+    progress: ProgressFn | None = None,
+) -> PreparedRootfs:
+    """Resolve ``image``, make sure its base is cached (unpacking under a lock), and return a new session."""
+    cache = Cache(cache_dir)
+    ref = canonicalize_image_ref(image)
+    base = cache.ensure_base(ref, platform=platform, rootless=rootless, limits=limits,
+                             lock_timeout=lock_timeout, progress=progress)
+    sessions = Sessions(cache)
+    info = sessions.create(base, ref, strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
+    prepared = PreparedRootfs(info, sessions.session_dir(info.id), base.config, base.created)
+    try:
+        if files:
+            write_files(prepared.path, files)
+    except BaseException:
+        prepared.close()
+        raise
+    return prepared
+
+
+def cleanup(path: str | os.PathLike[str]) -> None:
+    """Remove a session rootfs (or any tree dirge made); a missing path is fine, as in the seed."""
+    path = Path(path)
+    if (path.parent / "session.json").exists() and path.name == "rootfs":
+        backends.destroy(path.parent)
+    elif os.path.ismount(path):
+        backends.unmount(path)
+        remove_tree(path)
+    else:
+        remove_tree(path)

@@ -1,0 +1,191 @@
+"""Sessions: per-sandbox rootfs made from a cached base, recorded on disk, removable, snapshottable.
+
+    CACHE/sessions/<id>/session.json   id, image, digest, strategy, base, owner pid (+ its start time), created
+    CACHE/sessions/<id>/rootfs         what the sandbox gets (an overlay mount, a snapshot or a copy)
+    CACHE/sessions/<id>/upper, work    overlay only
+    CACHE/snapshots/<name>/            snapshot.json + upper/ (overlay sessions) or tree/ (the others)
+
+Ids are random (uuid4), never the pid. The base is never written: restoring a snapshot makes a new
+session from the base plus the snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..cache import Base, Cache, fsync_dir
+from ..errors import SessionError
+from ..unpack import remove_tree
+from . import backends
+from .copytree import copy_tree
+
+_SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (guards against pid reuse); None if it is gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(data.rsplit(")", 1)[1].split()[19])
+
+
+@dataclass
+class SessionInfo:
+    id: str
+    image: str
+    digest: str
+    strategy: str
+    base: str
+    pid: int
+    pid_start: int | None
+    created: float
+    snapshot: str | None = None
+
+    def alive(self) -> bool:
+        return self.pid_start is not None and process_start_time(self.pid) == self.pid_start
+
+
+class Sessions:
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+        self.dir = cache.root / "sessions"
+        self.snapshots = cache.root / "snapshots"
+
+    def session_dir(self, session_id: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{32}", session_id):
+            raise SessionError(f"session {session_id!r}: not a session id (32 hex digits)")
+        return self.dir / session_id
+
+    def rootfs(self, session_id: str) -> Path:
+        return self.session_dir(session_id) / "rootfs"
+
+    def choose(self, base_rootfs: Path, strategy: str | None) -> str:
+        usable = backends.available(base_rootfs, self.dir)
+        if strategy is None:
+            return usable[0]
+        if strategy not in backends.STRATEGIES:
+            raise SessionError(f"unknown session strategy {strategy!r}; choose one of {', '.join(backends.STRATEGIES)}")
+        if strategy not in usable:
+            raise SessionError(f"session strategy {strategy!r} is not available here (available: {', '.join(usable)})")
+        return strategy
+
+    def create(self, base: Base, image: str, *, strategy: str | None = None, owner_pid: int | None = None,
+               snapshot: str | None = None) -> SessionInfo:
+        lowers = [base.rootfs]
+        snap_meta = None
+        if snapshot is not None:
+            snap_meta = self._snapshot_meta(snapshot)
+            if snap_meta["base"] != base.key:
+                raise SessionError(f"restore snapshot {snapshot}: it belongs to another base ({snap_meta['base']})")
+        chosen = self.choose(base.rootfs, strategy)
+        if snap_meta is not None:
+            if snap_meta["kind"] == "upper":
+                if chosen != "overlay":
+                    raise SessionError(f"restore snapshot {snapshot}: an overlay snapshot needs the overlay strategy")
+                lowers = [self.snapshots / snapshot / "upper", base.rootfs]
+            else:
+                lowers = [self.snapshots / snapshot / "tree"]
+                if chosen in ("overlay", "btrfs"):
+                    chosen = "reflink" if "reflink" in backends.available(lowers[0], self.dir) else "copy"
+        pid = owner_pid or os.getpid()
+        info = SessionInfo(uuid.uuid4().hex, image, str(base.digest), chosen, base.key, pid,
+                           process_start_time(pid), time.time(), snapshot)
+        sdir = self.dir / info.id
+        sdir.mkdir(mode=0o755)
+        try:
+            (sdir / "session.json").write_text(json.dumps(asdict(info), indent=1))
+            backends.create(chosen, lowers, sdir)
+        except BaseException:
+            backends.destroy(sdir)
+            raise
+        return info
+
+    def get(self, session_id: str) -> SessionInfo:
+        path = self.session_dir(session_id) / "session.json"
+        try:
+            return SessionInfo(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise SessionError(f"session {session_id}: no such session in {self.dir}") from None
+        except (ValueError, TypeError) as exc:
+            raise SessionError(f"session {session_id}: unreadable state {path} ({exc})") from None
+
+    def list(self) -> list[SessionInfo]:
+        out = []
+        for sdir in sorted(self.dir.iterdir()):
+            try:
+                out.append(self.get(sdir.name))
+            except SessionError:
+                continue
+        return sorted(out, key=lambda s: s.created)
+
+    def remove(self, session_id: str) -> None:
+        backends.destroy(self.session_dir(session_id))
+
+    def prune(self) -> list[str]:
+        """Remove sessions whose creating process has exited; return their ids."""
+        gone = [s.id for s in self.list() if not s.alive()]
+        for session_id in gone:
+            self.remove(session_id)
+        return gone
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    def _snapshot_dir(self, name: str) -> Path:
+        if not _SNAPSHOT_NAME.fullmatch(name) or name in (".", ".."):
+            raise SessionError(f"snapshot name {name!r}: use letters, digits, '.', '_' and '-' (not '.' or '..')")
+        return self.snapshots / name
+
+    def _snapshot_meta(self, name: str) -> dict[str, str]:
+        try:
+            return json.loads((self._snapshot_dir(name) / "snapshot.json").read_text())
+        except FileNotFoundError:
+            raise SessionError(f"snapshot {name}: no such snapshot") from None
+
+    def snapshot_save(self, session_id: str, name: str) -> Path:
+        """Record a session's changes: the overlay upper layer, or the whole tree for the other strategies."""
+        info = self.get(session_id)
+        final = self._snapshot_dir(name)
+        if final.exists():
+            raise SessionError(f"snapshot {name}: already exists; delete it first")
+        sdir = self.session_dir(session_id)
+        staging = self.snapshots / f".{name}.{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            if info.strategy == "overlay" and not info.snapshot:
+                kind, src = "upper", sdir / "upper"
+            else:  # a copy, or an overlay over an older snapshot: keep the whole merged tree
+                kind, src = "tree", sdir / "rootfs"
+            copy_tree(src, staging / kind, reflink=True)
+            meta = {"name": name, "kind": kind, "base": info.base, "image": info.image, "digest": info.digest,
+                    "session": session_id, "created": time.time()}
+            (staging / "snapshot.json").write_text(json.dumps(meta, indent=1))
+            os.rename(staging, final)
+            fsync_dir(self.snapshots)
+        except BaseException:
+            remove_tree(staging)
+            raise
+        return final
+
+    def snapshot_list(self) -> list[dict[str, str]]:
+        out = []
+        for p in sorted(self.snapshots.iterdir()):
+            if not p.name.startswith("."):
+                try:
+                    out.append(self._snapshot_meta(p.name))
+                except (SessionError, ValueError):
+                    continue
+        return out
+
+    def snapshot_delete(self, name: str) -> None:
+        path = self._snapshot_dir(name)
+        if not path.exists():
+            raise SessionError(f"snapshot {name}: no such snapshot")
+        remove_tree(path)

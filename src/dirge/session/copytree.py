@@ -1,0 +1,179 @@
+"""A full-fidelity tree copy, fd-relative: owners, modes, times, xattrs, hardlinks, symlinks, FIFOs,
+device nodes and holes. FIFOs and devices are created, never opened (the seed's copy hung on FIFOs).
+
+File data is cloned (FICLONE) when asked and possible, else copied with ``copy_file_range`` between
+the data regions found by SEEK_DATA/SEEK_HOLE, else with read/write.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from pathlib import Path
+
+FICLONE = 0x40049409
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _proc(fd: int, name: str) -> str:
+    return f"/proc/self/fd/{fd}/{name}"
+
+
+class TreeCopier:
+    def __init__(self, *, reflink: bool) -> None:
+        self.reflink = reflink
+        self.privileged = os.geteuid() == 0
+        self._links: dict[tuple[int, int], str] = {}  # (dev, ino) → path relative to the destination root
+        self._dst_root = -1
+
+    def copy(self, src: Path, dst: Path) -> None:
+        """Copy the tree ``src`` to ``dst`` (which must not exist)."""
+        src_fd = os.open(src, _DIR)
+        try:
+            os.mkdir(dst, 0o700)
+            dst_fd = os.open(dst, _DIR)
+            self._dst_root = dst_fd
+            try:
+                self._copy_dir(src_fd, dst_fd, "")
+                self._meta(src_fd, dst_fd, os.fstat(src_fd))
+            finally:
+                os.close(dst_fd)
+        finally:
+            os.close(src_fd)
+
+    def _copy_dir(self, src_fd: int, dst_fd: int, rel: str) -> None:
+        with os.scandir(src_fd) as it:
+            entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+        for name, st in entries:
+            mode = st.st_mode
+            path = f"{rel}/{name}" if rel else name
+            if stat.S_ISDIR(mode):
+                os.mkdir(name, 0o700, dir_fd=dst_fd)
+                s_fd = os.open(name, _DIR, dir_fd=src_fd)
+                d_fd = os.open(name, _DIR, dir_fd=dst_fd)
+                try:
+                    self._copy_dir(s_fd, d_fd, path)
+                    self._meta(s_fd, d_fd, st)
+                finally:
+                    os.close(s_fd)
+                    os.close(d_fd)
+            elif stat.S_ISREG(mode):
+                if st.st_nlink > 1:
+                    first = self._links.get((st.st_dev, st.st_ino))
+                    if first is not None:
+                        os.link(first, name, src_dir_fd=self._dst_root, dst_dir_fd=dst_fd, follow_symlinks=False)
+                        continue
+                    self._links[(st.st_dev, st.st_ino)] = path
+                self._copy_file(src_fd, dst_fd, name, st)
+            elif stat.S_ISLNK(mode):
+                os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
+                self._meta_at(src_fd, dst_fd, name, st, link=True)
+            elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                if st.st_nlink > 1:
+                    first = self._links.get((st.st_dev, st.st_ino))
+                    if first is not None:
+                        os.link(first, name, src_dir_fd=self._dst_root, dst_dir_fd=dst_fd, follow_symlinks=False)
+                        continue
+                    self._links[(st.st_dev, st.st_ino)] = path
+                if stat.S_ISFIFO(mode):
+                    os.mkfifo(name, 0o600, dir_fd=dst_fd)
+                else:
+                    os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst_fd)
+                self._meta_at(src_fd, dst_fd, name, st, link=False)
+            # sockets are not image content: skipped
+
+    def _copy_file(self, src_dir: int, dst_dir: int, name: str, st: os.stat_result) -> None:
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+        try:
+            dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                          dir_fd=dst_dir)
+            try:
+                copy_data(src, dst, st.st_size, reflink=self.reflink)
+                self._meta(src, dst, st)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def _meta(self, src_fd: int, dst_fd: int, st: os.stat_result) -> None:
+        if self.privileged:
+            os.fchown(dst_fd, st.st_uid, st.st_gid)
+        os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
+        for key in os.listxattr(src_fd):
+            _set_xattr(dst_fd, key, os.getxattr(src_fd, key))
+        os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    def _meta_at(self, src_dir: int, dst_dir: int, name: str, st: os.stat_result, *, link: bool) -> None:
+        if self.privileged:
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_dir, follow_symlinks=False)
+        if not link:
+            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst_dir)  # a node we just made, not a symlink
+        src_path = _proc(src_dir, name)
+        for key in os.listxattr(src_path, follow_symlinks=False):
+            _set_xattr(_proc(dst_dir, name), key, os.getxattr(src_path, key, follow_symlinks=False))
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
+
+
+def _set_xattr(target: int | str, key: str, value: bytes) -> None:
+    try:
+        if isinstance(target, int):
+            os.setxattr(target, key, value)
+        else:
+            os.setxattr(target, key, value, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+            raise
+
+
+def copy_data(src: int, dst: int, size: int, *, reflink: bool) -> None:
+    """Clone or copy ``size`` bytes, keeping holes."""
+    if reflink:
+        try:
+            fcntl.ioctl(dst, FICLONE, src)
+            return
+        except OSError as exc:
+            if exc.errno not in _FALLBACK_ERRNOS:
+                raise
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                break
+            start = pos
+        try:
+            end = os.lseek(src, start, os.SEEK_HOLE)
+        except OSError:
+            end = size
+        _copy_range(src, dst, start, min(end, size) - start)
+        pos = end
+    os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src, dst, length - done, offset + done, offset + done)
+        except OSError as exc:
+            if exc.errno not in _FALLBACK_ERRNOS:
+                raise
+            n = 0
+            while done < length:
+                chunk = os.pread(src, min(1 << 20, length - done), offset + done)
+                if not chunk:
+                    return
+                os.pwrite(dst, chunk, offset + done)
+                done += len(chunk)
+            return
+        if n == 0:
+            return  # the file shrank under us
+        done += n
+
+
+def copy_tree(src: Path, dst: Path, *, reflink: bool = False) -> None:
+    TreeCopier(reflink=reflink).copy(src, dst)
