@@ -32,3 +32,32 @@ def make_image(tmp_path: Path):
         return f"oci:{layout}:{tag}"
 
     return make
+
+
+@pytest.fixture
+def loop_fs(tmp_path: Path):
+    """``loop_fs("xfs"|"btrfs") -> mountpoint``: a loop-mounted filesystem, detached in teardown."""
+    import subprocess
+
+    attached: list[tuple[Path, str]] = []
+
+    def make(fstype: str) -> Path:
+        mkfs = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q"]}[fstype]
+        if os.geteuid() != 0 or shutil.which(mkfs[0]) is None or shutil.which("losetup") is None:
+            pytest.skip(f"needs root, {mkfs[0]} and losetup for a loop-mounted {fstype}")
+        image = tmp_path / f"{fstype}.img"
+        with open(image, "wb") as f:
+            f.truncate(512 << 20)
+        subprocess.run(mkfs + [str(image)], check=True, capture_output=True)
+        device = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True,
+                                text=True).stdout.strip()
+        mnt = tmp_path / f"{fstype}-mnt"
+        mnt.mkdir()
+        attached.append((mnt, device))
+        subprocess.run(["mount", device, str(mnt)], check=True)
+        return mnt
+
+    yield make
+    for mnt, device in reversed(attached):
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        subprocess.run(["losetup", "-d", device], capture_output=True)

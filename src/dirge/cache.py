@@ -152,11 +152,15 @@ class Cache:
     def base_key(digest: Digest, rootless: bool) -> str:
         return f"{digest.hex}-{'rootless' if rootless else 'root'}"
 
-    def _load_base(self, key: str, digest: Digest, created: bool) -> Base | None:
+    def load_base(self, key: str, created: bool = False) -> Base | None:
+        """A published base, or None. Keys come from digests, never from user text."""
+        if not key.replace("-", "").isalnum():
+            return None
         path = self.root / "bases" / key
         try:
             meta = json.loads((path / "image.json").read_text())
-        except (OSError, ValueError):
+            digest = parse_digest(meta["digest"])
+        except (OSError, ValueError, KeyError, DirgeError):
             return None
         return Base(key, path, digest, meta.get("config", {}), created)
 
@@ -178,15 +182,15 @@ class Cache:
         self.put_blob(resolved.manifest.config.digest, resolved.config.raw)
         self.record_ref(image, resolved.manifest_digest)
         key = self.base_key(resolved.manifest_digest, rootless)
-        base = self._load_base(key, resolved.manifest_digest, False)
+        base = self.load_base(key)
         if base:
             return base
         with FileLock(self.root / "locks" / f"{key}.lock", lock_timeout):
-            base = self._load_base(key, resolved.manifest_digest, False)
+            base = self.load_base(key)
             if base:  # another process built it while we waited
                 return base
             self._build_base(key, source, resolved, image, rootless, limits, progress)
-        base = self._load_base(key, resolved.manifest_digest, True)
+        base = self.load_base(key, created=True)
         assert base is not None
         return base
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .apply.layer import Limits
 from .errors import DirgeError
 from .image import parse_platform
+
+if TYPE_CHECKING:
+    from .session import Sessions, SessionInfo
 
 
 def _limits(values: tuple[str, ...]) -> Limits:
@@ -82,6 +86,133 @@ def demo_cmd(workdir: Path) -> None:
     click.echo(f"unpacked oci:{workdir / 'layout'}:demo ({result.image.manifest_digest.short}, "
                f"{result.report.entries} entries) into {workdir / 'rootfs'}")
     click.echo(output, nl=False)
+
+
+cache_dir_option = click.option(
+    "--cache-dir", type=click.Path(path_type=Path), envvar="DIRGE_CACHE_DIR",
+    help="Cache directory (default $DIRGE_CACHE_DIR, else $XDG_CACHE_HOME/dirge or ~/.cache/dirge).")
+
+
+def _sessions(cache_dir: Path | None) -> "Sessions":
+    from .cache import Cache
+    from .session import Sessions
+
+    return Sessions(Cache(cache_dir))
+
+
+def _session_json(info: "SessionInfo", sessions: "Sessions") -> dict[str, Any]:
+    return {**dataclasses.asdict(info), "path": str(sessions.rootfs(info.id)), "alive": info.alive()}
+
+
+@cli.group("session")
+def session_group() -> None:
+    """Create, list, remove and snapshot session rootfs."""
+
+
+@session_group.command("create")
+@click.argument("image")
+@cache_dir_option
+@click.option("--strategy", type=click.Choice(["overlay", "btrfs", "reflink", "copy"]),
+              help="How to make the session (default: the fastest available).")
+@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
+@click.option("--owner-pid", type=int, help="Process whose exit makes the session prunable (default: the caller).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the path.")
+def session_create(image: str, cache_dir: Path | None, strategy: str | None, platform: str | None,
+                   owner_pid: int | None, as_json: bool) -> None:
+    """Make a new session rootfs of IMAGE and print its path."""
+    from .rootfs import prepare
+
+    prepared = prepare(image, cache_dir, strategy=strategy, owner_pid=owner_pid or os.getppid(),
+                       platform=parse_platform(platform) if platform else None)
+    prepared.detach()
+    if as_json:
+        click.echo(json.dumps({**dataclasses.asdict(prepared.info), "path": str(prepared.path),
+                               "base_created": prepared.base_created}, indent=2))
+    else:
+        click.echo(prepared.path)
+
+
+@session_group.command("ls")
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def session_ls(cache_dir: Path | None, as_json: bool) -> None:
+    """List sessions, with whether their creating process is still alive."""
+    sessions = _sessions(cache_dir)
+    items = [_session_json(s, sessions) for s in sessions.list()]
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    for item in items:
+        click.echo(f"{item['id']}  {item['strategy']:8} {'alive' if item['alive'] else 'dead ':5}  "
+                   f"{item['image']}  {item['path']}")
+
+
+@session_group.command("rm")
+@click.argument("session_id", required=False)
+@click.option("--all", "remove_all", is_flag=True, help="Remove every session.")
+@cache_dir_option
+def session_rm(session_id: str | None, remove_all: bool, cache_dir: Path | None) -> None:
+    """Remove a session (unmounting it first), or all with --all."""
+    sessions = _sessions(cache_dir)
+    if bool(session_id) == remove_all:
+        raise click.UsageError("give a session ID or --all")
+    for sid in [s.id for s in sessions.list()] if remove_all else [session_id or ""]:
+        sessions.get(sid)
+        sessions.remove(sid)
+
+
+@session_group.command("prune")
+@cache_dir_option
+def session_prune(cache_dir: Path | None) -> None:
+    """Remove sessions whose creating process has exited."""
+    for sid in _sessions(cache_dir).prune():
+        click.echo(f"removed {sid}")
+
+
+@session_group.group("snapshot")
+def snapshot_group() -> None:
+    """Save a session's state under a name and start new sessions from it."""
+
+
+@snapshot_group.command("save")
+@click.argument("session_id")
+@click.argument("name")
+@cache_dir_option
+def snapshot_save(session_id: str, name: str, cache_dir: Path | None) -> None:
+    click.echo(_sessions(cache_dir).snapshot_save(session_id, name))
+
+
+@snapshot_group.command("list")
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def snapshot_list(cache_dir: Path | None, as_json: bool) -> None:
+    items = _sessions(cache_dir).snapshot_list()
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+    for item in [] if as_json else items:
+        click.echo(f"{item['name']}  {item['kind']:5}  {item['image']}  from session {item['session']}")
+
+
+@snapshot_group.command("restore")
+@click.argument("name")
+@cache_dir_option
+@click.option("--owner-pid", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def snapshot_restore(name: str, cache_dir: Path | None, owner_pid: int | None, as_json: bool) -> None:
+    """Make a new session from the snapshot's base plus the snapshot (the base stays pristine)."""
+    from .rootfs import restore
+
+    prepared = restore(name, cache_dir, owner_pid=owner_pid or os.getppid())
+    prepared.detach()
+    click.echo(json.dumps({**dataclasses.asdict(prepared.info), "path": str(prepared.path)}, indent=2)
+               if as_json else prepared.path)
+
+
+@snapshot_group.command("delete")
+@click.argument("name")
+@cache_dir_option
+def snapshot_delete(name: str, cache_dir: Path | None) -> None:
+    _sessions(cache_dir).snapshot_delete(name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 from .apply.layer import Limits
 from .cache import Cache
+from .errors import SessionError
 from .image import Platform
 from .reference import canonicalize_image_ref, local_variant_name
 from .session import Sessions, SessionInfo, backends
@@ -28,6 +29,7 @@ __all__ = [
     "cleanup",
     "local_variant_name",
     "prepare",
+    "restore",
     "write_krun_config",
 ]
 
@@ -100,12 +102,26 @@ def prepare(
     return prepared
 
 
+def restore(snapshot: str, cache_dir: str | os.PathLike[str] | None = None, *, strategy: str | None = None,
+            owner_pid: int | None = None) -> PreparedRootfs:
+    """A new session from a snapshot: its base plus the saved changes."""
+    cache = Cache(cache_dir)
+    sessions = Sessions(cache)
+    meta = sessions.snapshot_meta(snapshot)
+    base = cache.load_base(meta["base"])
+    if base is None:
+        raise SessionError(f"restore snapshot {snapshot}: its base {meta['base']} is no longer cached; "
+                           f"prepare {meta['image']} again first")
+    info = sessions.create(base, meta["image"], strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
+    return PreparedRootfs(info, sessions.session_dir(info.id), base.config, False)
+
+
 def cleanup(path: str | os.PathLike[str]) -> None:
     """Remove a session rootfs (or any tree dirge made); a missing path is fine, as in the seed."""
     path = Path(path)
     if (path.parent / "session.json").exists() and path.name == "rootfs":
         backends.destroy(path.parent)
-    elif os.path.ismount(path):
+    elif backends.is_mountpoint(path):
         backends.unmount(path)
         remove_tree(path)
     else:

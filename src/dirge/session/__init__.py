@@ -82,7 +82,7 @@ class Sessions:
         lowers = [base.rootfs]
         snap_meta = None
         if snapshot is not None:
-            snap_meta = self._snapshot_meta(snapshot)
+            snap_meta = self.snapshot_meta(snapshot)
             if snap_meta["base"] != base.key:
                 raise SessionError(f"restore snapshot {snapshot}: it belongs to another base ({snap_meta['base']})")
         chosen = self.choose(base.rootfs, strategy)
@@ -143,7 +143,7 @@ class Sessions:
             raise SessionError(f"snapshot name {name!r}: use letters, digits, '.', '_' and '-' (not '.' or '..')")
         return self.snapshots / name
 
-    def _snapshot_meta(self, name: str) -> dict[str, str]:
+    def snapshot_meta(self, name: str) -> dict[str, str]:
         try:
             return json.loads((self._snapshot_dir(name) / "snapshot.json").read_text())
         except FileNotFoundError:
@@ -151,8 +151,8 @@ class Sessions:
 
     def snapshot_save(self, session_id: str, name: str) -> Path:
         """Record a session's changes: the overlay upper layer, or the whole tree for the other strategies."""
-        info = self.get(session_id)
         final = self._snapshot_dir(name)
+        info = self.get(session_id)
         if final.exists():
             raise SessionError(f"snapshot {name}: already exists; delete it first")
         sdir = self.session_dir(session_id)
@@ -179,7 +179,7 @@ class Sessions:
         for p in sorted(self.snapshots.iterdir()):
             if not p.name.startswith("."):
                 try:
-                    out.append(self._snapshot_meta(p.name))
+                    out.append(self.snapshot_meta(p.name))
                 except (SessionError, ValueError):
                     continue
         return out

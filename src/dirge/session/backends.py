@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -83,6 +84,21 @@ def mount_overlay(lowers: list[Path], upper: Path, work: Path, target: Path) -> 
         raise SessionError(f"mount overlay on {target}: {os.strerror(err)}")
 
 
+def is_mountpoint(path: Path) -> bool:
+    """From the mount table: st_dev tests mistake btrfs subvolumes for mounts."""
+    want = os.path.realpath(path)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return os.path.ismount(path)
+    for line in lines:
+        mount_point = line.split(" ")[4]
+        decoded = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mount_point)
+        if decoded == want:
+            return True
+    return False
+
+
 def unmount(target: Path) -> None:
     if _libc.umount2(os.fsencode(target), 0) != 0:
         err = ctypes.get_errno()
@@ -117,9 +133,9 @@ def create(strategy: str, lowers: list[Path], session_dir: Path) -> Path:
 def destroy(session_dir: Path) -> None:
     """Unmount (if mounted) and remove a session directory; missing is fine."""
     rootfs = session_dir / "rootfs"
-    if os.path.ismount(rootfs):
+    if is_mountpoint(rootfs):
         unmount(rootfs)
-        if os.path.ismount(rootfs):
+        if is_mountpoint(rootfs):
             raise SessionError(f"remove session {session_dir.name}: {rootfs} is still mounted; unmount it first")
     if rootfs.exists() and is_subvolume(rootfs) and shutil.which("btrfs"):
         subprocess.run(["btrfs", "subvolume", "delete", str(rootfs)], capture_output=True)
