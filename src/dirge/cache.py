@@ -106,6 +106,8 @@ class Cache:
         if actual != digest.hex:
             raise IntegrityError(f"blob for the cache", str(digest), f"{digest.algorithm}:{actual}")
         final = self.blob_path(digest)
+        if final.exists():  # content-addressed: same name, same bytes (and every read re-verifies)
+            return final
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-")
         try:
