@@ -15,6 +15,7 @@ ustar/PAX/GNU headers) where it would normalise or refuse the hostile bytes.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import subprocess
@@ -47,8 +48,10 @@ def _num(value: int, width: int) -> bytes:
     """An octal numeric field, or GNU base-256 when it does not fit (negative or too large)."""
     if 0 <= value < 8 ** (width - 1):
         return b"%0*o\0" % (width - 1, value)
-    return (value % (1 << (8 * width - 1)) | (1 << (8 * width - 1))).to_bytes(width, "big") if value >= 0 else (
-        (value + (1 << (8 * width))) | (0x80 << (8 * (width - 1)))).to_bytes(width, "big")
+    bits = 8 * width
+    if value >= 0:
+        return (value | 1 << (bits - 1)).to_bytes(width, "big")
+    return (value % (1 << bits)).to_bytes(width, "big")  # two's complement: the top bit is already set
 
 
 def header(name: bytes, typeflag: bytes = b"0", *, size: int = 0, mode: int = 0o644, uid: int = 0, gid: int = 0,
@@ -108,6 +111,15 @@ def pax_member(info: tarfile.TarInfo, pax_headers: dict[str, str], data: bytes =
     """A LayerBuilder layer holding one entry with extra PAX records."""
     info.pax_headers = pax_headers
     return LayerBuilder().add(info, data).build()
+
+
+def _global_pax(records: dict[str, str]) -> bytes:
+    """A tar that opens with a global ('g') PAX header holding ``records``, then one file."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers=records) as tar:
+        info = tarfile.TarInfo("f")
+        tar.addfile(info)
+    return buf.getvalue()
 
 
 def strip_end(tar: bytes) -> bytes:
@@ -181,6 +193,11 @@ def host_state() -> dict[str, Any]:
     return out
 
 
+def report(diffs: list[str], limit: int = 20) -> str:
+    more = f"\n... and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "\n".join(d[:300] for d in diffs[:limit]) + more
+
+
 def differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     out = []
     for path in sorted(set(before) | set(after)):
@@ -243,11 +260,10 @@ class Case:
     id: str
     layers: Layers
     error: type[DirgeError] | None = None  # expected failure class, or None for a contained success
-    fragment: str | tuple[str, ...] | None = None  # in the message (any one of a tuple)
+    fragment: str | tuple[str, ...] | None = None  # in the message (a tuple: any one of; only for bugs)
     check: Check | None = None  # for successes: the specific contained result
     compression: str = "gzip"
     limits: Limits = field(default_factory=Limits)
-    bug: str | None = None  # a known dirge bug: the case is a strict xfail
 
 
 def B() -> LayerBuilder:
@@ -295,16 +311,12 @@ def _deep_tree_then_failure(ctx: Ctx) -> list[bytes]:
     return [strip_end(b.build()) + header(b"bad", bad_checksum=True) + END]
 
 
-def _tree_is_deep(ctx: Ctx) -> None:  # never reached: the case fails first
-    raise AssertionError("unreachable")
-
-
 CASES: list[Case] = [
     # ---- names with .. and absolute names --------------------------------------------------------
     Case("dotdot-relative-file", lambda c: [B().file("../../victim/x", b"pwned").build()],
          check=lambda c: reads(c.dest / "victim/x", b"pwned")),
     Case("dotdot-inside-name", lambda c: [B().file("a/../../x", b"pwned").build()],
-         check=lambda c: (reads(c.dest / "x", b"pwned"), None)[1]),
+         check=lambda c: reads(c.dest / "x", b"pwned")),
     Case("dotdot-pax-path-overwrites-secret",
          lambda c: [raw_tar(pax({b"path": b"../../../victim/secret"}), member(b"harmless", data=b"pwned"))],
          compression="none", check=lambda c: reads(c.dest / "victim/secret", b"pwned")),
@@ -316,7 +328,7 @@ CASES: list[Case] = [
          compression="zstd", check=lambda c: reads(c.dest / "etc/passwd", b"root::0:0::/:/bin/sh\n")),
     Case("ustar-name-with-nul-truncates",
          lambda c: [raw_tar(member(b"evil\0/../../victim/secret", data=b"pwned"))], compression="none",
-         check=lambda c: (reads(c.dest / "evil", b"pwned"), sorted(os.listdir(c.dest)) == ["evil"] or _fail())),
+         check=lambda c: (reads(c.dest / "evil", b"pwned"), that(sorted(os.listdir(c.dest)) == ["evil"]))),
 
     # ---- symlink, then write through it ----------------------------------------------------------
     Case("symlink-absolute-then-write", lambda c: [B().symlink("evil", "/victim").file("evil/pwned", b"p").build()],
@@ -344,7 +356,7 @@ CASES: list[Case] = [
     Case("symlink-replaces-dir-then-write",
          lambda c: [B().dir("d").file("d/a", b"a").symlink("d", "/victim").file("d/b", b"p").build()],
          check=lambda c: (is_link(c.dest / "d", "/victim"), reads(c.dest / "victim/b", b"p"),
-                          not (c.dest / "victim/a").exists() or _fail())),
+                          that(not (c.dest / "victim/a").exists()))),
     Case("symlink-replaces-dir-across-layers",
          lambda c: [B().dir("d").file("d/a", b"a").build(),
                     B().symlink("d", str(c.victim)).file("d/secret", b"pwned").build()],
@@ -364,7 +376,7 @@ CASES: list[Case] = [
     Case("dev-symlink-via-proc-magic-link",
          lambda c: [B().symlink("dev", "/proc/self/root/dev").device("dev/null", 1, 3)
                     .file("dev/pwned", b"p").build()],
-         check=lambda c: (stat.S_ISCHR(os.lstat(c.dest / "proc/self/root/dev/null").st_mode) or _fail(),
+         check=lambda c: (that(stat.S_ISCHR(os.lstat(c.dest / "proc/self/root/dev/null").st_mode)),
                           reads(c.dest / "proc/self/root/dev/pwned", b"p"))),
 
     # ---- hardlinks -------------------------------------------------------------------------------
@@ -385,7 +397,7 @@ CASES: list[Case] = [
                     .hardlink("h", "evil/secret").build(),
                     B().file("h", b"pwned").build()],
          check=lambda c: (reads(c.dest / "h", b"pwned"), reads(c.dest / "victim/secret", b"inner copy"),
-                          os.stat(c.dest / "victim/secret").st_nlink == 1 or _fail())),
+                          that(os.stat(c.dest / "victim/secret").st_nlink == 1))),
     Case("hardlink-to-symlink-pointing-out-then-write",
          lambda c: [B().symlink("evil", f"{c.victim}/secret").hardlink("h", "evil").file("h", b"pwned").build()],
          check=lambda c: (is_link(c.dest / "evil", f"{c.victim}/secret"), reads(c.dest / "h", b"pwned"))),
@@ -395,18 +407,15 @@ CASES: list[Case] = [
     Case("hardlink-to-directory", lambda c: [B().dir("d").hardlink("h", "d").build()],
          UnsafeLayer, "hardlink target d is a directory"),
     Case("hardlink-to-itself", lambda c: [B().file("x", b"keep").hardlink("x", "x").hardlink("y", "./y").build()],
-         check=lambda c: (reads(c.dest / "x", b"keep"), not os.path.lexists(c.dest / "y") or _fail())),
+         check=lambda c: (reads(c.dest / "x", b"keep"), that(not os.path.lexists(c.dest / "y")))),
     Case("hardlink-to-root", lambda c: [B().hardlink("h", "/").build()], UnsafeLayer, "hardlink to the root"),
-    Case("hardlink-after-256-directories", _cache_flush_hardlink, check=_check_cache_flush_hardlink,
-         bug="apply/layer.py Applier._hardlink: the second Root.dir() call can hit the 256-entry fd cache "
-             "limit and Root.forget() closes the parent fd still in use; os.link(dst_dir_fd=closed fd) "
-             "fails with EBADF (and in a multithreaded host the fd number could be reused)"),
+    Case("hardlink-after-256-directories", _cache_flush_hardlink, check=_check_cache_flush_hardlink),
 
     # ---- whiteouts -------------------------------------------------------------------------------
     Case("whiteout-dotdot-path",
          lambda c: [B().file("victim/secret", b"copy").file("victim/keep", b"k").build(),
                     B().whiteout("../../victim/secret").build()],
-         check=lambda c: (not os.path.lexists(c.dest / "victim/secret") or _fail(),
+         check=lambda c: (that(not os.path.lexists(c.dest / "victim/secret")),
                           reads(c.dest / "victim/keep", b"k"))),
     Case("whiteout-dot", lambda c: [B().file(".wh..", mode=0o600).build()], UnsafeLayer, "whiteout names '.' or '..'"),
     Case("whiteout-dotdot-name", lambda c: [B().dir("a").file("a/.wh...").build()],
@@ -416,20 +425,20 @@ CASES: list[Case] = [
     Case("whiteout-through-symlink",
          lambda c: [B().file("victim/secret", b"copy").file("victim/keep", b"k").symlink("evil", "/victim").build(),
                     B().whiteout("evil/secret").build()],
-         check=lambda c: (not os.path.lexists(c.dest / "victim/secret") or _fail(),
+         check=lambda c: (that(not os.path.lexists(c.dest / "victim/secret")),
                           reads(c.dest / "victim/keep", b"k"), is_link(c.dest / "evil", "/victim"))),
     Case("whiteout-through-host-symlink",
          lambda c: [B().symlink("evil", str(c.victim)).build(),
                     B().whiteout("evil/secret").whiteout("evil/dir").whiteout("evil/link").build()],
-         check=lambda c: (is_link(c.dest / "evil", str(c.victim)), sorted(os.listdir(c.dest)) == ["evil"] or _fail())),
+         check=lambda c: (is_link(c.dest / "evil", str(c.victim)), that(sorted(os.listdir(c.dest)) == ["evil"]))),
     Case("opaque-through-symlink",
          lambda c: [B().file("victim/secret", b"copy").file("victim/dir/inner", b"i").symlink("evil", "/victim").build(),
                     B().opaque("evil").build()],
-         check=lambda c: (os.listdir(c.dest / "victim") == [] or _fail(), is_link(c.dest / "evil", "/victim"))),
+         check=lambda c: (that(os.listdir(c.dest / "victim") == []), is_link(c.dest / "evil", "/victim"))),
     Case("opaque-through-host-symlink",
          lambda c: [B().symlink("evil", str(c.victim)).symlink("evil2", f"{c.victim}/dir").build(),
                     B().opaque("evil").opaque("evil2").build()],
-         check=lambda c: sorted(os.listdir(c.dest)) == ["evil", "evil2"] or _fail()),
+         check=lambda c: that(sorted(os.listdir(c.dest)) == ["evil", "evil2"])),
 
     # ---- entries that would replace the root -----------------------------------------------------
     Case("root-entry-symlink", lambda c: [raw_tar(member(b"./", b"2", linkname=str(c.victim).encode()))],
@@ -443,33 +452,33 @@ CASES: list[Case] = [
          UnsafeLayer, "would replace the root directory"),
     Case("root-entry-dir-sets-only-dest",
          lambda c: [raw_tar(member(b"./", b"5", mode=0o750, uid=4242, gid=4243), member(b"./f", data=b"f"))],
-         check=lambda c: (mode_of(c.dest) == 0o750 or _fail(), os.lstat(c.dest).st_uid == 4242 or _fail(),
+         check=lambda c: (that(mode_of(c.dest) == 0o750), that(os.lstat(c.dest).st_uid == 4242),
                           reads(c.dest / "f", b"f"))),
 
     # ---- chmod / chown / utime through a symlink --------------------------------------------------
     Case("chmod-via-symlink-dir-entry",
          lambda c: [B().symlink("evil", f"{c.victim}/secret").dir("evil", mode=0o777).build()],
-         check=lambda c: (os.path.isdir(c.dest / "evil") and not os.path.islink(c.dest / "evil") or _fail(),
-                          mode_of(c.dest / "evil") == 0o777 or _fail())),
+         check=lambda c: (that(os.path.isdir(c.dest / "evil") and not os.path.islink(c.dest / "evil")),
+                          that(mode_of(c.dest / "evil") == 0o777))),
     Case("chmod-via-symlink-file-entry",
          lambda c: [B().symlink("evil", f"{c.victim}/secret").build(),
                     B().file("evil", b"pwned", mode=0o4777, xattrs={"user.pwned": b"1"}).build()],
-         check=lambda c: (reads(c.dest / "evil", b"pwned"), mode_of(c.dest / "evil") == 0o4777 or _fail())),
+         check=lambda c: (reads(c.dest / "evil", b"pwned"), that(mode_of(c.dest / "evil") == 0o4777))),
     Case("chown-utime-via-symlink-to-victim-dir",
          lambda c: [B().symlink("evil", f"{c.victim}/dir").build(),
                     B().dir("evil", mode=0o700, uid=4242, gid=4242, mtime=0).build()],
-         check=lambda c: (os.lstat(c.dest / "evil").st_uid == 4242 or _fail(),
-                          stat.S_ISDIR(os.lstat(c.dest / "evil").st_mode) or _fail(),
-                          os.lstat(c.dest / "evil").st_mtime == 0 or _fail())),
+         check=lambda c: (that(os.lstat(c.dest / "evil").st_uid == 4242),
+                          that(stat.S_ISDIR(os.lstat(c.dest / "evil").st_mode)),
+                          that(os.lstat(c.dest / "evil").st_mtime == 0))),
     Case("fifo-over-symlink-to-victim",
          lambda c: [B().symlink("evil", f"{c.victim}/secret").fifo("evil", mode=0o666).build()],
-         check=lambda c: (stat.S_ISFIFO(os.lstat(c.dest / "evil").st_mode) or _fail(),
-                          mode_of(c.dest / "evil") == 0o666 or _fail())),
+         check=lambda c: (that(stat.S_ISFIFO(os.lstat(c.dest / "evil").st_mode)),
+                          that(mode_of(c.dest / "evil") == 0o666))),
     Case("symlink-entry-utime-not-followed",
          lambda c: [B().symlink("evil", f"{c.victim}/secret", uid=4242, mtime=5).build()],
          check=lambda c: (is_link(c.dest / "evil", f"{c.victim}/secret"),
-                          os.lstat(c.dest / "evil").st_mtime == 5 or _fail(),
-                          os.lstat(c.dest / "evil").st_uid == 4242 or _fail())),
+                          that(os.lstat(c.dest / "evil").st_mtime == 5),
+                          that(os.lstat(c.dest / "evil").st_uid == 4242))),
 
     # ---- NUL bytes -------------------------------------------------------------------------------
     Case("pax-path-with-nul",
@@ -488,9 +497,8 @@ CASES: list[Case] = [
          LimitExceeded, "max_total_bytes (4194304 > 1048576)", compression="zstd",
          limits=Limits(max_total_bytes=1 << 20)),
     Case("bomb-total-bytes-across-layers", lambda c: [B().file(f"f{i}", b"\0" * (512 << 10)).build() for i in range(3)],
-         LimitExceeded, ("layer 3/3", "max_total_bytes"), limits=Limits(max_total_bytes=1 << 20)),
-    Case("too-many-entries", lambda c: [B().file(f"f{i}").build() if False else
-                                        _many_entries(50)], LimitExceeded, "max_entries (11 > 10)",
+         LimitExceeded, "max_total_bytes (1572864 > 1048576)", limits=Limits(max_total_bytes=1 << 20)),
+    Case("too-many-entries", lambda c: [_many_entries(50)], LimitExceeded, "max_entries (11 > 10)",
          limits=Limits(max_entries=10)),
     Case("too-many-entries-across-layers", lambda c: [_many_entries(6), _many_entries(6)],
          LimitExceeded, "max_entries (11 > 10)", limits=Limits(max_entries=10)),
@@ -521,7 +529,7 @@ CASES: list[Case] = [
          ImageError, "bad tar header checksum at byte"),
     Case("truncated-in-data", lambda c: [B().file("ok", b"o").file("big", b"b" * 10_000).build()[:3 * BLOCK + 3000]],
          ImageError, "truncated", compression="none"),
-    Case("truncated-in-header", lambda c: [B().file("ok", b"o").build()[:3 * BLOCK + 200]],
+    Case("truncated-in-header", lambda c: [B().file("ok", b"o").file("next", b"n").build()[:2 * BLOCK + 200]],
          ImageError, "truncated", compression="zstd"),
     Case("negative-size-field", lambda c: [raw_tar(header(b"neg", size=-5))], ImageError, "negative size"),
     Case("unsupported-entry-type", lambda c: [raw_tar(member(b"z", b"Z", b"zz"))],
@@ -535,46 +543,34 @@ CASES: list[Case] = [
     Case("path-beyond-path-max", lambda c: [B().file(_deep_name(20, 249), b"deep").build()],
          UnpackError, "File name too long"),
 
-    # ---- known bugs: hostile bytes that escape the DirgeError contract or a limit ----------------
+    # ---- hostile values that must end in a DirgeError, within the limits ---------------------------
     Case("pax-negative-size-bypasses-total-limit",
          lambda c: [pax_member(tarfile.TarInfo("neg"), {"size": str(-(1 << 62))}),
                     B().file("zeros", b"\0" * (4 << 20)).build()],
-         DirgeError, ("negative", "max_total_bytes"), limits=Limits(max_total_bytes=1 << 20),
-         bug="apply/tar.py TarReader._apply_pax accepts a negative PAX 'size' (only the ustar size field is "
-             "checked); Applier._apply_entry adds it to report.bytes, so max_total_bytes is bypassed"),
-    Case("gnu-volume-headers-recursion",
+         DirgeError, ("negative", "max_total_bytes"), limits=Limits(max_total_bytes=1 << 20)),
+    Case("gnu-volume-headers-many",  # skipped in a loop, not by recursion
          lambda c: [raw_tar(*(member(b"vol%d" % i, b"V") for i in range(3000)), member(b"x", data=b"x"))],
-         ImageError,
-         bug="apply/tar.py TarReader.next recurses once per GNU volume header ('V'): a few thousand of them "
-             "raise RecursionError, not a DirgeError"),
+         check=lambda c: reads(c.dest / "x", b"x")),
     Case("dangling-symlink-deep-target-recursion",
          lambda c: [B().symlink("evil", "a/" * 2000).file("evil/x", b"x").build()],
-         DirgeError, ("max_depth", "symbolic link", "too deep"),
-         bug="apply/root.py Root._resolve/Root.dir create a dangling symlink's target by recursion with no "
-             "depth bound (max_depth only checks entry names): a 2000-level target raises RecursionError"),
-    Case("deep-tree-then-failure-leaves-staging", _deep_tree_then_failure, ImageError, "bad tar header checksum",
-         check=_tree_is_deep,
-         bug="dangling symlink targets build a ~1000-level tree (max_depth bypassed); on the later failure "
-             "unpack.remove_tree -> shutil.rmtree hits RecursionError: staging dir left behind, and not a DirgeError"),
+         DirgeError, ("max_depth", "symbolic link", "too deep")),
+    Case("deep-tree-through-dangling-symlinks", _deep_tree_then_failure, LimitExceeded, "max_depth"),
     Case("pax-mtime-overflow", lambda c: [pax_member(tarfile.TarInfo("t"), {"mtime": "9" * 30})],
-         DirgeError, ("mtime", "time"),
-         bug="apply/layer.py Applier._file: os.utime with a 10**30 s PAX mtime raises OverflowError, not a DirgeError"),
+         DirgeError, ("mtime", "time")),
     Case("pax-uid-overflow", lambda c: [pax_member(tarfile.TarInfo("t"), {"uid": "9" * 30})],
-         DirgeError, "uid",
-         bug="apply/fs.py PrivilegedFS.chown_fd: os.fchown with a huge PAX uid raises OverflowError, not a DirgeError"),
+         DirgeError, "uid"),
     Case("pax-sparse-map-garbage", lambda c: [pax_member(tarfile.TarInfo("t"), {"GNU.sparse.map": "a,b"})],
-         ImageError, "sparse",
-         bug="apply/tar.py TarReader._apply_pax: int() on GNU.sparse.map/offset/numbytes values is unguarded: "
-             "ValueError, not a DirgeError"),
+         ImageError, "sparse"),
     Case("xattr-name-with-nul", lambda c: [pax_member(tarfile.TarInfo("t"), {"SCHILY.xattr.user.a\0b": "v"})],
-         DirgeError, "xattr",
-         bug="apply/layer.py Applier._set_xattrs: os.setxattr with a NUL in the PAX xattr name raises "
-             "ValueError, not a DirgeError"),
+         DirgeError, "xattr"),
+    Case("global-pax-records-flood",  # each global record is merged into every later entry
+         lambda c: [_global_pax({f"k{i}": "v" for i in range(100)})],
+         DirgeError, "global PAX records"),
 ]
 
 
-def _fail() -> bool:
-    raise AssertionError("unexpected contained result")
+def that(condition: bool, what: str = "") -> None:
+    assert condition, what or "unexpected contained result"
 
 
 def _many_entries(n: int) -> bytes:
@@ -585,8 +581,7 @@ def _many_entries(n: int) -> bytes:
 
 
 def _param(case: Case) -> Any:
-    marks = [pytest.mark.xfail(strict=True, reason=f"dirge bug: {case.bug}")] if case.bug else []
-    return pytest.param(case, id=case.id, marks=marks)
+    return pytest.param(case, id=case.id)
 
 
 # -- the test ----------------------------------------------------------------------------------------
@@ -611,9 +606,10 @@ def test_hostile_layer(case: Case, tmp_path: Path, make_image) -> None:
         leftovers = [p.name for p in sentinel.iterdir() if STAGING in p.name]
 
         # 1. containment, whatever happened
-        assert not differences(before, after), "outside the destination:\n" + "\n".join(differences(before, after))
-        assert not differences(host_before, host_after), "host paths:\n" + "\n".join(
-            differences(host_before, host_after))
+        outside = differences(before, after)
+        assert not outside, "changed outside the destination:\n" + report(outside)
+        host = differences(host_before, host_after)
+        assert not host, "changed host paths:\n" + report(host)
         assert not leftovers, f"staging directories left behind: {leftovers}"
 
         # 2. a clear DirgeError and nothing published, or the specific contained result

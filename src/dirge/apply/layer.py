@@ -59,7 +59,7 @@ class Applier:
     """Applies layers onto one destination directory; ``finish()`` fixes directory times and modes."""
 
     def __init__(self, dest: str | os.PathLike[str], fs: PrivilegedFS, limits: Limits = Limits()) -> None:
-        self.root = Root(dest)
+        self.root = Root(dest, limits.max_depth)
         self.fs = fs
         self.report = fs.report
         self.limits = limits
@@ -81,14 +81,15 @@ class Applier:
         stream = ByteStream(chunks)
         reader = TarReader(stream)
         for entry in reader:
-            if self._stale:
+            if self._stale or self.root.crowded:
                 self.root.forget()
                 self._stale = False
             try:
                 self._apply_entry(reader, entry)
             except OSError as exc:
-                path = _display(clean_path(entry.name)) if b"\0" not in entry.name else repr(entry.name)
-                raise UnpackError(f"write {path}: {exc.strerror or exc}") from exc
+                raise UnpackError(f"write {_name(entry)}: {exc.strerror or exc}") from exc
+            except (ValueError, OverflowError) as exc:  # values the kernel interfaces refuse
+                raise UnsafeLayer(_name(entry), str(exc)) from exc
             reader.finish_entry()
         stream.drain()
         self.root.forget()
@@ -371,6 +372,10 @@ class Applier:
     def _set_xattrs(self, target: int | bytes, entry: Entry, parts: tuple[bytes, ...]) -> None:
         for key, value in entry.xattrs.items():
             self.fs.set_xattr(target, key, value, _path(parts))
+
+
+def _name(entry: Entry) -> str:
+    return _display(clean_path(entry.name)) if b"\0" not in entry.name else repr(entry.name)
 
 
 def _path(parts: tuple[bytes, ...]) -> bytes:

@@ -12,7 +12,7 @@ import errno
 import os
 import stat
 
-from ..errors import UnsafeLayer, UnpackError
+from ..errors import LimitExceeded, UnpackError, UnsafeLayer
 
 _SYS_OPENAT2 = 437  # same number on every Linux architecture (added in 5.6)
 _RESOLVE_NO_MAGICLINKS = 0x02
@@ -59,7 +59,8 @@ def clean_path(name: bytes) -> tuple[bytes, ...]:
 class Root:
     """The destination directory, opened once; hands out fds of directories inside it."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], max_depth: int = 256) -> None:
+        self.max_depth = max_depth
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._cache: dict[tuple[bytes, ...], int] = {}
 
@@ -83,48 +84,71 @@ class Root:
         """An fd for ``parts`` only if no component at all is a symlink (for fix-ups after the fact)."""
         return openat2(self.fd, b"/".join(parts) or b".", flags, _RESOLVE_NO_SYMLINKS)
 
+    @property
+    def crowded(self) -> bool:
+        """Too many cached fds: the caller should ``forget()`` between entries (never during one)."""
+        return len(self._cache) >= _CACHE_LIMIT
+
     def dir(self, parts: tuple[bytes, ...], *, create: bool) -> int | None:
         """A cached fd of the directory ``parts`` (``None`` if absent and not ``create``).
 
         With ``create``, missing directories are made (0755, as tar does); a symlinked component
-        that dangles is followed inside the root and its target created.
+        that dangles is followed inside the root and its target created. Cached fds stay open until
+        ``forget()``, so fds handed out while applying one entry remain valid for all of it.
         """
         if not parts:
             return self.fd
         fd = self._cache.get(parts)
-        if fd is not None:
-            return fd
-        fd = self._resolve(parts, create, 0)
-        if fd is not None:
-            if len(self._cache) >= _CACHE_LIMIT:
-                self.forget()
-            self._cache[parts] = fd
+        if fd is None:
+            fd = self._resolve(parts, create)
+            if fd is not None:
+                self._cache[parts] = fd
         return fd
 
-    def _resolve(self, parts: tuple[bytes, ...], create: bool, hops: int) -> int | None:
+    def _resolve(self, parts: tuple[bytes, ...], create: bool) -> int | None:
+        """Iterative (hostile symlink chains must not recurse): create the missing tail component by
+        component, restarting from a symlink's target when one dangles."""
         try:
             return self.open_dir(parts)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             if not create:
                 return None
-        except NotADirectoryError:
-            if not create:
-                return None
-        parent = self.dir(parts[:-1], create=True) if len(parts) > 1 else self.fd
-        assert parent is not None
-        name = parts[-1]
-        try:
-            st = os.lstat(name, dir_fd=parent)
-        except FileNotFoundError:
-            os.mkdir(name, 0o755, dir_fd=parent)
-            return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-        if stat.S_ISLNK(st.st_mode):
-            if hops >= _MAX_LINK_HOPS:
-                raise UnsafeLayer(b"/".join(parts).decode("utf-8", "replace"), "too many levels of symbolic links")
-            target = os.readlink(name, dir_fd=parent)
-            base = () if target.startswith(b"/") else parts[:-1]
-            return self._resolve(clean_path(b"/".join(base + (target,))), True, hops + 1)
-        raise UnsafeLayer(
-            b"/".join(parts).decode("utf-8", "replace"),
-            "a parent path component exists and is not a directory",
-        )
+        hops = 0
+        i = 0
+        while True:
+            if len(parts) > self.max_depth:
+                raise LimitExceeded("max_depth", len(parts), self.max_depth)
+            prefix = parts[: i + 1]
+            try:
+                fd = self.open_dir(prefix)
+            except (FileNotFoundError, NotADirectoryError):
+                fd = -1
+            if fd >= 0:
+                if i + 1 == len(parts):
+                    return fd
+                os.close(fd)
+                i += 1
+                continue
+            parent = self.open_dir(prefix[:-1])
+            try:
+                name = prefix[-1]
+                try:
+                    st = os.lstat(name, dir_fd=parent)
+                except FileNotFoundError:
+                    os.mkdir(name, 0o755, dir_fd=parent)
+                    continue  # open it through the root on the next turn
+                if not stat.S_ISLNK(st.st_mode):
+                    raise UnsafeLayer(_show(prefix), "a parent path component exists and is not a directory")
+                hops += 1
+                if hops > _MAX_LINK_HOPS:
+                    raise UnsafeLayer(_show(parts), "too many levels of symbolic links")
+                target = os.readlink(name, dir_fd=parent)
+                base = () if target.startswith(b"/") else prefix[:-1]
+                parts = clean_path(b"/".join(base + (target,))) + parts[i + 1:]
+                i = 0
+            finally:
+                os.close(parent)
+
+
+def _show(parts: tuple[bytes, ...]) -> str:
+    return b"/".join(parts).decode("utf-8", "replace")

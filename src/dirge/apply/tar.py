@@ -17,6 +17,8 @@ BLOCK = 512
 # Go's archive/tar uses the same bound for PAX and GNU long-name headers.
 MAX_SPECIAL_SIZE = 1 << 20
 MAX_SPARSE_ENTRIES = 1 << 16
+# Global records are merged into every later entry: keep them few, or each entry costs them all.
+MAX_GLOBAL_RECORDS = 64
 
 REG, LINK, SYMLINK, CHR, BLK, DIR, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
 _CONT = b"7"
@@ -162,11 +164,31 @@ def _parse_pax(data: bytes, into: dict[str, list[bytes]]) -> None:
         pos = end
 
 
-def _pax_int(values: list[bytes], key: str) -> int:
+_MAX_ID = (1 << 32) - 2  # ids the kernel accepts; (uid_t)-1 means "no change"
+_MAX_NS = (1 << 63) - 1
+
+
+def _pax_int(values: list[bytes], key: str, maximum: int = 1 << 62) -> int:
+    """A PAX integer record, non-negative and within ``maximum``."""
     try:
-        return int(values[-1])
+        value = int(values[-1])
     except ValueError:
-        raise TarFormatError(f"bad PAX {key} value {values[-1]!r}") from None
+        raise TarFormatError(f"bad PAX {key} value {values[-1][:40]!r}") from None
+    if value < 0:
+        raise TarFormatError(f"PAX {key} value {value} is negative")
+    if value > maximum:
+        raise TarFormatError(f"PAX {key} value {value} out of range")
+    return value
+
+
+def _ints(text: bytes, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(b",") if x.strip()]
+    except ValueError:
+        raise TarFormatError(f"malformed {what}") from None
+    if any(v < 0 for v in values):
+        raise TarFormatError(f"negative number in {what}")
+    return values
 
 
 def _pax_time_ns(value: bytes) -> int:
@@ -176,8 +198,16 @@ def _pax_time_ns(value: bytes) -> int:
     try:
         ns = int(whole or "0") * 1_000_000_000 + int((frac + "000000000")[:9] or "0")
     except ValueError:
-        raise TarFormatError(f"bad PAX time {text!r}") from None
+        raise TarFormatError(f"bad PAX time {text[:40]!r}") from None
+    if ns > _MAX_NS:
+        raise TarFormatError(f"PAX time {text[:40]!r} out of range")
     return -ns if negative else ns
+
+
+def _xattr_name(name: str) -> str:
+    if not name or "\0" in name or len(name) > 255:
+        raise TarFormatError(f"invalid xattr name {name[:40]!r}")
+    return name
 
 
 def _read_special(stream: ByteStream, size: int, kind: str) -> bytes:
@@ -216,12 +246,20 @@ class TarReader:
             yield piece
 
     def next(self) -> Entry | None:
+        while True:
+            entry = self._next()
+            if entry is None or entry.type != _GNU_VOLHDR:
+                return entry
+            self._skip_data()  # a volume label carries nothing for the filesystem
+
+    def _next(self) -> Entry | None:
         stream = self.stream
         if self._data_left or self._padding:
             self._skip_data()
         pax: dict[str, list[bytes]] = {}
         longname: bytes | None = None
         longlink: bytes | None = None
+        special = 0  # bytes of PAX / long-name headers in front of this entry
         while True:
             first = stream.read_up_to(BLOCK)
             if not first:
@@ -237,9 +275,15 @@ class TarReader:
             size = _parse_number(header[124:136])
             if size < 0:
                 raise TarFormatError("negative size in tar header")
+            if typeflag in (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK) and size <= MAX_SPECIAL_SIZE:
+                special += size
+                if special > 4 * MAX_SPECIAL_SIZE:
+                    raise TarFormatError(f"more than {4 * MAX_SPECIAL_SIZE} bytes of extended headers for one entry")
             if typeflag in (_PAX, _PAX_GLOBAL):
                 target = self._global if typeflag == _PAX_GLOBAL else pax
                 _parse_pax(_read_special(stream, size, "PAX"), target)
+                if len(self._global) > MAX_GLOBAL_RECORDS:
+                    raise TarFormatError(f"more than {MAX_GLOBAL_RECORDS} global PAX records")
                 continue
             if typeflag == _GNU_LONGNAME:
                 longname = _cstr(_read_special(stream, size, "GNU long name"))
@@ -294,9 +338,6 @@ class TarReader:
             entry.sparse = self._pax_sparse_v1_map(entry)
         if entry.type not in (REG, LINK, SYMLINK, CHR, BLK, DIR, FIFO, _GNU_VOLHDR):
             raise TarFormatError(f"unsupported tar entry type {entry.type!r} for {entry.name!r}")
-        if entry.type == _GNU_VOLHDR:
-            self._skip_data()
-            return self.next()
         return entry
 
     def _skip_data(self) -> None:
@@ -338,19 +379,19 @@ class TarReader:
             elif key == "size":
                 entry.size = _pax_int(values, key)
             elif key == "uid":
-                entry.uid = _pax_int(values, key)
+                entry.uid = _pax_int(values, key, _MAX_ID)
             elif key == "gid":
-                entry.gid = _pax_int(values, key)
+                entry.gid = _pax_int(values, key, _MAX_ID)
             elif key == "mtime":
                 entry.mtime_ns = _pax_time_ns(value)
             elif key == "atime":
                 entry.atime_ns = _pax_time_ns(value)
             elif key.startswith("SCHILY.xattr."):
-                entry.xattrs[key[len("SCHILY.xattr."):]] = value
+                entry.xattrs[_xattr_name(key[len("SCHILY.xattr."):])] = value
             elif key.startswith("LIBARCHIVE.xattr."):
                 from urllib.parse import unquote_to_bytes
 
-                name = unquote_to_bytes(key[len("LIBARCHIVE.xattr."):]).decode("utf-8", "surrogateescape")
+                name = _xattr_name(unquote_to_bytes(key[len("LIBARCHIVE.xattr."):]).decode("utf-8", "surrogateescape"))
                 try:
                     entry.xattrs.setdefault(name, base64.b64decode(value + b"=" * (-len(value) % 4)))
                 except ValueError:
@@ -365,7 +406,7 @@ class TarReader:
             if major == b"1":
                 sparse_v1 = True
             elif "GNU.sparse.map" in pax:  # 0.1
-                nums = [int(x) for x in pax["GNU.sparse.map"][-1].split(b",") if x.strip()]
+                nums = _ints(pax["GNU.sparse.map"][-1], "GNU.sparse.map")
                 if len(nums) % 2 or len(nums) > 2 * MAX_SPARSE_ENTRIES:
                     raise TarFormatError("malformed GNU.sparse.map")
                 entry.sparse = list(zip(nums[0::2], nums[1::2]))
@@ -373,7 +414,8 @@ class TarReader:
                 offs, lens = pax.get("GNU.sparse.offset", []), pax.get("GNU.sparse.numbytes", [])
                 if len(offs) != len(lens) or len(offs) > MAX_SPARSE_ENTRIES:
                     raise TarFormatError("malformed GNU sparse 0.0 map")
-                entry.sparse = [(int(o), int(n)) for o, n in zip(offs, lens)]
+                entry.sparse = [(_ints(o, "GNU sparse offset")[0], _ints(n, "GNU sparse numbytes")[0])
+                                for o, n in zip(offs, lens) if o.strip() and n.strip()]
         return sparse_v1
 
     def _pax_sparse_v1_map(self, entry: Entry) -> list[tuple[int, int]]:
