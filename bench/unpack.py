@@ -143,16 +143,21 @@ def build_image(work: Path) -> tuple[Path, list[Path]]:
 # timing
 
 
-def timed(cmd: list[str], rss_file: Path | None = None) -> tuple[float, int | None]:
-    """Wall seconds of cmd, and its peak RSS in KiB (via /usr/bin/time -v, else wait4)."""
+def timed(cmd: list[str], rss_file: Path | None = None) -> tuple[float, float, int | None]:
+    """Wall seconds, user+sys CPU seconds and peak RSS in KiB (/usr/bin/time -v, else wait4) of cmd."""
     use_time_v = rss_file is not None and os.access(TIME_V, os.X_OK)
     full = [TIME_V, "-v", "-o", str(rss_file), *cmd] if use_time_v else cmd
+    err = open(rss_file.with_suffix(".stderr") if rss_file else os.devnull, "w+")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(full, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=err)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
+    err.seek(0)
+    errtext = err.read() if rss_file else ""
+    err.close()
     if proc.returncode != 0:
+        sys.stderr.write(errtext)
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
     rss = None
     if use_time_v:
@@ -160,7 +165,7 @@ def timed(cmd: list[str], rss_file: Path | None = None) -> tuple[float, int | No
         rss = int(m.group(1)) if m else None
     if rss is None:
         rss = usage.ru_maxrss  # KiB on Linux; covers the child and its waited-for descendants
-    return elapsed, rss
+    return elapsed, usage.ru_utime + usage.ru_stime, rss
 
 
 def clear(path: Path) -> None:
@@ -169,14 +174,32 @@ def clear(path: Path) -> None:
     subprocess.run(["sync"], check=True)  # start every run with no dirty pages pending
 
 
-def warm(blobs: list[Path]) -> None:
+def drop_caches() -> bool:
+    """Drop page/dentry/inode caches (root only).
+
+    On ext4 (seen without a journal, kernel 6.x) inode allocation after a big rm -rf gets
+    several times slower while the freed inode-table blocks sit in the buffer cache
+    (find_inode_bit -> recently_deleted -> find_get_block), which makes back-to-back runs
+    unrepeatable.  Dropping caches and re-warming the blobs gives every run the same state.
+    """
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def warm(blobs: list[Path], tools: list[list[str]] = ()) -> None:
+    for cmd in tools:  # executables and python modules
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for b in blobs:
         with open(b, "rb") as f:
             while f.read(1 << 20):
                 pass
 
 
-def bench(work: Path, layout: Path, blobs: list[Path], runs: int, keep: bool) -> None:
+def bench(work: Path, layout: Path, blobs: list[Path], runs: int, keep: bool, drop: bool) -> None:
     dirge = dirge_exe()
     ref = f"oci:{layout}:{TAG}"
     cmds = {
@@ -187,9 +210,15 @@ def bench(work: Path, layout: Path, blobs: list[Path], runs: int, keep: bool) ->
     }
     if os.geteuid() != 0:
         log("WARNING: not root; dirge runs rootless and tar cannot preserve owners")
-    log(f"\nwarming page cache ({sum(b.stat().st_size for b in blobs) / 1e6:.0f} MB of blobs)")
-    warm(blobs)
+    tools = [[dirge, "--help"], [sys.executable, "-c", "import dirge, dirge.cli"], ["tar", "--version"],
+             ["umoci", "--version"], ["sh", "-c", "true"]]
+    if drop and os.geteuid() != 0:
+        log("WARNING: not root; cannot drop caches between runs (expect noisy numbers)")
+        drop = False
+    log(f"\nbefore each run: rm -rf dest; sync; {'drop caches; ' if drop else ''}"
+        f"warm page cache ({sum(b.stat().st_size for b in blobs) / 1e6:.0f} MB of blobs + tools)")
     times: dict[str, list[float]] = {k: [] for k in cmds}
+    cpu: dict[str, list[float]] = {k: [] for k in cmds}
     rss: dict[str, list[int]] = {k: [] for k in cmds}
     dests = {k: work / f"dest-{k.split()[0]}" for k in cmds}
     rss_file = work / "time-v.txt"
@@ -198,21 +227,26 @@ def bench(work: Path, layout: Path, blobs: list[Path], runs: int, keep: bool) ->
     for i in range(runs):  # interleave tools so drift affects all of them alike
         for name, mk in cmds.items():
             dest = dests[name]
-            secs, kib = timed(mk(dest), rss_file)
+            clear(dest)
+            if drop:
+                drop_caches()
+            warm(blobs, tools)
+            secs, cpus, kib = timed(mk(dest), rss_file)
             times[name].append(secs)
+            cpu[name].append(cpus)
             if kib is not None:
                 rss[name].append(kib)
-            log(f"  run {i + 1}/{runs}  {name:<17} {secs:7.2f} s  peak RSS {kib / 1024 if kib else 0:7.1f} MiB")
+            log(f"  run {i + 1}/{runs}  {name:<17} {secs:7.2f} s  cpu {cpus:6.2f} s  peak RSS {kib / 1024 if kib else 0:7.1f} MiB")
             if not (keep and i == runs - 1):
                 clear(dest)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     d, t, u = med["dirge unpack"], med["tar -xzf"], med["umoci raw unpack"]
     log(f"\nresults: median of {runs} runs, warm page cache, dest on {work}")
-    log(f"  {'tool':<18} {'median s':>9} {'min s':>8} {'max s':>8} {'peak RSS MiB':>13}")
+    log(f"  {'tool':<18} {'median s':>9} {'min s':>8} {'max s':>8} {'cpu s (med)':>12} {'peak RSS MiB':>13}")
     for k, v in times.items():
         peak = max(rss[k]) / 1024 if rss[k] else float("nan")
-        log(f"  {k:<18} {med[k]:9.2f} {min(v):8.2f} {max(v):8.2f} {peak:13.1f}")
+        log(f"  {k:<18} {med[k]:9.2f} {min(v):8.2f} {max(v):8.2f} {statistics.median(cpu[k]):12.2f} {peak:13.1f}")
     log(f"  dirge/tar   = {d / t:.3f}")
     log(f"  dirge/umoci = {d / u:.3f}")
     verdict = "HOLDS" if d <= TARGET * t else "DOES NOT HOLD"
@@ -222,9 +256,10 @@ def bench(work: Path, layout: Path, blobs: list[Path], runs: int, keep: bool) ->
     if keep:
         log(f"  kept last destinations: {', '.join(str(p) for p in dests.values())}")
     rss_file.unlink(missing_ok=True)
+    rss_file.with_suffix(".stderr").unlink(missing_ok=True)
 
 
-def profile(work: Path, layout: Path) -> None:
+def profile(work: Path, layout: Path, blobs: list[Path]) -> None:
     import cProfile
     import pstats
 
@@ -232,6 +267,8 @@ def profile(work: Path, layout: Path) -> None:
 
     dest = work / "dest-profile"
     clear(dest)
+    drop_caches()
+    warm(blobs)
     ref = f"oci:{layout}:{TAG}"
     log(f"\nprofiling dirge.unpack({ref!r}, {str(dest)!r}) in-process")
     prof = cProfile.Profile()
@@ -255,6 +292,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/dirge-bench"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the last destination of each tool")
+    ap.add_argument("--no-drop-caches", dest="drop", action="store_false",
+                    help="do not drop kernel caches before each run (they are re-warmed either way)")
     ap.add_argument("--profile", action="store_true",
                     help="instead of timing, run dirge.unpack once in-process under cProfile")
     args = ap.parse_args()
@@ -264,10 +303,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     layout, blobs = build_image(work)
     if args.profile:
-        warm(blobs)
-        profile(work, layout)
+        profile(work, layout, blobs)
     else:
-        bench(work, layout, blobs, args.runs, args.keep)
+        bench(work, layout, blobs, args.runs, args.keep, args.drop)
 
 
 if __name__ == "__main__":
