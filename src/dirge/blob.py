@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Iterator
-from typing import BinaryIO, Protocol
+from collections.abc import Callable, Iterator, Sized
+from typing import Any, BinaryIO, Protocol
 
 import zstandard
 from isal import igzip
@@ -21,7 +21,9 @@ from .errors import DirgeError, ImageError, IntegrityError
 from .reference import Digest
 
 CHUNK = 1 << 20
-_QUEUE_DEPTH = 8  # at most ~8 MiB of decompressed data in flight
+_QUEUE_DEPTH = 8  # batches in flight: at most ~8 MiB of decompressed data
+_BATCH_BYTES = CHUNK
+_BATCH_ITEMS = 2048
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -169,24 +171,27 @@ class _Stop(Exception):
 class LayerStream:
     """Decompressed layer bytes from a producer thread; ``close()`` joins it and raises what it found.
 
-    ``chunks()`` yields the uncompressed stream; call ``close()`` after consuming (it drains whatever the
-    consumer left, so the digest and diff_id always cover the whole blob).
+    ``items()`` yields the uncompressed chunks, or what ``transform`` (run on the producer thread) makes
+    of them; call ``close()`` after consuming (it drains whatever the consumer left, so the digest and
+    diff_id always cover the whole blob).
     """
 
-    def __init__(self, raw: BinaryIO, digest: Digest, size: int | None, diff_id: Digest | None, what: str) -> None:
+    def __init__(self, raw: BinaryIO, digest: Digest, size: int | None, diff_id: Digest | None, what: str,
+                 transform: Callable[[Iterator[bytes]], Iterator[Sized]] | None = None) -> None:
         self.what = what
+        self._transform = transform
         self.compression = "none"
         self.uncompressed_size = 0
         self._raw = raw
         self._reader = VerifyingReader(raw, digest, size, what)
         self._diff_id = diff_id
-        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(_QUEUE_DEPTH)
+        self._queue: queue.Queue[list[Sized] | BaseException | None] = queue.Queue(_QUEUE_DEPTH)
         self._stop = threading.Event()
         self._done = False
         self._thread = threading.Thread(target=self._produce, name=f"dirge-decompress {what}", daemon=True)
         self._thread.start()
 
-    def _put(self, item: bytes | BaseException | None) -> None:
+    def _put(self, item: list[Sized] | BaseException | None) -> None:
         while True:
             if self._stop.is_set():
                 raise _Stop
@@ -196,38 +201,57 @@ class LayerStream:
             except queue.Full:
                 continue
 
-    def _produce(self) -> None:
+    def _source(self) -> Iterator[bytes]:
+        """Decompressed chunks; at the end, the blob's size and digest and the diff_id are checked."""
+        self.compression = sniff_compression(self._reader.peek(4))
+        diff_hash = new_hash(self._diff_id) if self._diff_id else None
         try:
-            self.compression = sniff_compression(self._reader.peek(4))
-            source = _decompressed(self._reader, self.compression)
-            diff_hash = new_hash(self._diff_id) if self._diff_id else None
-            try:
-                for chunk in source:
-                    if diff_hash:
-                        diff_hash.update(chunk)
-                    self.uncompressed_size += len(chunk)
-                    self._put(chunk)
-            except (EOFError, OSError, zstandard.ZstdError) as exc:
-                # Check the blob itself first: a truncated or altered blob is an integrity failure.
-                self._reader.drain()
-                self._reader.verify()
-                raise ImageError(f"decompress {self.what} ({self.compression}): {exc or 'stream ended early'}") from exc
+            for chunk in _decompressed(self._reader, self.compression):
+                if diff_hash:
+                    diff_hash.update(chunk)
+                self.uncompressed_size += len(chunk)
+                yield chunk
+        except (EOFError, OSError, zstandard.ZstdError) as exc:
+            # Check the blob itself first: a truncated or altered blob is an integrity failure.
             self._reader.drain()
             self._reader.verify()
-            if diff_hash and self._diff_id:
-                actual = f"{self._diff_id.algorithm}:{diff_hash.hexdigest()}"
-                if actual != str(self._diff_id):
-                    raise IntegrityError(f"diff_id of {self.what}", str(self._diff_id), actual)
+            raise ImageError(f"decompress {self.what} ({self.compression}): {exc or 'stream ended early'}") from exc
+        self._reader.drain()
+        self._reader.verify()
+        if diff_hash and self._diff_id:
+            actual = f"{self._diff_id.algorithm}:{diff_hash.hexdigest()}"
+            if actual != str(self._diff_id):
+                raise IntegrityError(f"diff_id of {self.what}", str(self._diff_id), actual)
+
+    def _produce(self) -> None:
+        batch: list[Sized] = []
+        try:
+            source = self._source()
+            items: Iterator[Sized] = self._transform(source) if self._transform else source
+            size = 0
+            for item in items:  # batched: one queue operation per ~1 MiB, not per tar entry
+                batch.append(item)
+                size += len(item)
+                if size >= _BATCH_BYTES or len(batch) >= _BATCH_ITEMS:
+                    self._put(batch)
+                    batch, size = [], 0
+            for _ in source:  # what the transform left (tar padding) still counts for the digests
+                pass
+            if batch:
+                self._put(batch)
             self._put(None)
         except _Stop:
             pass
-        except BaseException as exc:  # handed to the consumer, raised there
+        except BaseException as exc:  # handed to the consumer, raised there after what came before it
             try:
+                if batch:
+                    self._put(batch)
                 self._put(exc)
             except _Stop:
                 pass
 
-    def chunks(self) -> Iterator[bytes]:
+    def items(self) -> Iterator[Any]:
+        """The stream's items (decompressed chunks, or what ``transform`` made of them), in order."""
         while not self._done:
             item = self._queue.get()
             if item is None:
@@ -238,13 +262,13 @@ class LayerStream:
                 if isinstance(item, DirgeError):
                     raise item
                 raise ImageError(f"read {self.what}: {item}") from item
-            yield item
+            yield from item
 
     def close(self, *, drain: bool = True) -> None:
         """Consume the rest (so verification covers the whole blob) and surface any error."""
         try:
             if drain:
-                for _ in self.chunks():
+                for _ in self.items():
                     pass
         finally:
             self._stop.set()

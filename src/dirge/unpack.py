@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .apply.fs import PrivilegedFS, Report, RootlessFS
 from .apply.layer import Applier, Limits
+from .apply.tar import EntryStream, tokens
 from .blob import LayerStream
 from .errors import DirgeError
 from .image import Platform
@@ -65,9 +66,9 @@ def apply_image(
             what = f"layer {i + 1}/{len(layers)} {desc.digest.short}"
             if progress:
                 progress(what, i, len(layers))
-            stream = LayerStream(source.open_blob(desc), desc.digest, desc.size, diff_id, what)
+            stream = LayerStream(source.open_blob(desc), desc.digest, desc.size, diff_id, what, transform=tokens)
             try:
-                applier.apply_layer(stream.chunks())
+                applier.apply_layer(EntryStream(stream.items()))
                 stream.close()
             except DirgeError as exc:
                 stream.close(drain=False)

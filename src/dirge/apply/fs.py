@@ -85,6 +85,11 @@ class PrivilegedFS:
 
     def __init__(self, report: Report) -> None:
         self.report = report
+        self._ids = (os.geteuid(), os.getegid())
+
+    def needs_chown(self, uid: int, gid: int) -> bool:
+        """False when a new file already has these owners (the common root:root case saves a syscall)."""
+        return (uid, gid) != self._ids
 
     def chown_fd(self, fd: int, uid: int, gid: int, path: bytes) -> None:
         os.fchown(fd, uid, gid)
@@ -115,6 +120,9 @@ class RootlessFS(PrivilegedFS):
     """As an ordinary user: files are ours; intended owners go into ``user.rootlesscontainers``."""
 
     rootless = True
+
+    def needs_chown(self, uid: int, gid: int) -> bool:
+        return bool(uid or gid)
 
     def chown_fd(self, fd: int, uid: int, gid: int, path: bytes) -> None:
         if uid or gid:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ..errors import LimitExceeded, UnpackError, UnsafeLayer
 from .fs import PrivilegedFS, Report, proc_path
 from .root import Root, clean_path
-from .tar import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, ByteStream, Entry, TarReader
+from .tar import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, EntryStream
 
 OPAQUE = b".wh..wh..opq"
 WHITEOUT_PREFIX = b".wh."
@@ -68,18 +68,18 @@ class Applier:
         self._written: set[tuple[bytes, ...]] = set()
         self._touched: set[tuple[bytes, ...]] = set()  # ancestors of what this layer wrote
         self._stale = False  # a directory or symlink was removed: cached directory fds may lie
+        self._setgid_dirs: set[tuple[bytes, ...]] = set()  # new files there inherit the dir's group
+        self._umask = current_umask()
 
     def close(self) -> None:
         self.root.close()
 
     # -- layers ------------------------------------------------------------------------------
 
-    def apply_layer(self, chunks: Iterator[bytes]) -> None:
-        """Apply one uncompressed layer tar stream."""
+    def apply_layer(self, reader: EntryStream) -> None:
+        """Apply one layer's entries (``tar.tokens`` of the uncompressed stream)."""
         self._written = set()
         self._touched = set()
-        stream = ByteStream(chunks)
-        reader = TarReader(stream)
         for entry in reader:
             if self._stale or self.root.crowded:
                 self.root.forget()
@@ -90,8 +90,6 @@ class Applier:
                 raise UnpackError(f"write {_name(entry)}: {exc.strerror or exc}") from exc
             except (ValueError, OverflowError) as exc:  # values the kernel interfaces refuse
                 raise UnsafeLayer(_name(entry), str(exc)) from exc
-            reader.finish_entry()
-        stream.drain()
         self.root.forget()
         self.report.layers += 1
 
@@ -114,7 +112,7 @@ class Applier:
 
     # -- entries -----------------------------------------------------------------------------
 
-    def _apply_entry(self, reader: TarReader, entry: Entry) -> None:
+    def _apply_entry(self, reader: EntryStream, entry: Entry) -> None:
         parts = clean_path(entry.name)
         report, limits = self.report, self.limits
         report.entries += 1
@@ -229,12 +227,13 @@ class Applier:
     def _times(self, entry: Entry) -> tuple[int, int]:
         return (entry.atime_ns if entry.atime_ns is not None else entry.mtime_ns, entry.mtime_ns)
 
-    def _file(self, reader: TarReader, entry: Entry, parent: int, name: bytes, parts: tuple[bytes, ...]) -> None:
+    def _file(self, reader: EntryStream, entry: Entry, parent: int, name: bytes, parts: tuple[bytes, ...]) -> None:
+        mode = entry.mode
         try:
-            fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
+            fd = os.open(name, _FILE_FLAGS, mode & 0o777, dir_fd=parent)
         except FileExistsError:
             self._make_room(parent, name, keep_dir=False)
-            fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
+            fd = os.open(name, _FILE_FLAGS, mode & 0o777, dir_fd=parent)
         try:
             if entry.sparse is not None:
                 self._write_sparse(reader, entry, fd, parts)
@@ -243,14 +242,20 @@ class Applier:
                 for piece in reader.data(entry):
                     while piece:
                         piece = piece[write(fd, piece):]
-            self.fs.chown_fd(fd, entry.uid, entry.gid, _path(parts))
-            os.fchmod(fd, entry.mode)
-            self._set_xattrs(fd, entry, parts)
+            # Owner and mode calls only when the new inode lacks them (most files): two syscalls saved.
+            fs = self.fs
+            chown = fs.needs_chown(entry.uid, entry.gid) or (not fs.rootless and parts[:-1] in self._setgid_dirs)
+            if chown:
+                fs.chown_fd(fd, entry.uid, entry.gid, _path(parts))
+            if chown or mode & 0o7000 or mode & self._umask:
+                os.fchmod(fd, mode)
+            if entry.xattrs:
+                self._set_xattrs(fd, entry, parts)
             os.utime(fd, ns=self._times(entry))
         finally:
             os.close(fd)
 
-    def _write_sparse(self, reader: TarReader, entry: Entry, fd: int, parts: tuple[bytes, ...]) -> None:
+    def _write_sparse(self, reader: EntryStream, entry: Entry, fd: int, parts: tuple[bytes, ...]) -> None:
         regions = entry.sparse or []
         realsize = entry.file_size
         if sum(length for _, length in regions) != entry.size or any(
@@ -300,6 +305,10 @@ class Applier:
         else:
             self._dir_modes.pop(parts, None)
         os.fchmod(fd, mode)
+        if mode & stat.S_ISGID:
+            self._setgid_dirs.add(parts)
+        else:
+            self._setgid_dirs.discard(parts)
         self._set_xattrs(fd, entry, parts)
         self._dir_times[parts] = self._times(entry)
 
@@ -311,7 +320,6 @@ class Applier:
         except FileExistsError:
             self._make_room(parent, name, keep_dir=False)
             os.symlink(entry.linkname, name, dir_fd=parent)
-        self._stale = True  # a new symlink may now stand where a cached path used to lead
         self.fs.chown_at(parent, name, entry.uid, entry.gid, _path(parts), is_link=True)
         if entry.xattrs:
             self._set_xattrs(proc_path(parent, name), entry, parts)
@@ -372,6 +380,18 @@ class Applier:
     def _set_xattrs(self, target: int | bytes, entry: Entry, parts: tuple[bytes, ...]) -> None:
         for key, value in entry.xattrs.items():
             self.fs.set_xattr(target, key, value, _path(parts))
+
+
+def current_umask() -> int:
+    """Read without changing it (os.umask would briefly change it for every thread)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o777  # unknown: always chmod
 
 
 def _name(entry: Entry) -> str:

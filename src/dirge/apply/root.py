@@ -44,6 +44,9 @@ def clean_path(name: bytes) -> tuple[bytes, ...]:
     """Lexically clean a tar name as if it were rooted at ``/``: ``..`` can never climb above the root."""
     if b"\0" in name:
         raise UnsafeLayer(name.decode("utf-8", "replace"), "name contains a NUL byte")
+    if b"//" not in name and b"/." not in name and name[:1] not in (b"/", b".") and name:
+        # the common case (usr/share/doc/x): nothing to clean but a trailing slash
+        return tuple(name.rstrip(b"/").split(b"/"))
     parts: list[bytes] = []
     for part in name.split(b"/"):
         if part in (b"", b"."):

@@ -46,6 +46,9 @@ class Entry:
     sparse: list[tuple[int, int]] | None = None
     realsize: int | None = None
 
+    def __len__(self) -> int:  # what an entry weighs in the producer's batches: its header
+        return BLOCK
+
     @property
     def file_size(self) -> int:
         return self.realsize if self.realsize is not None else self.size
@@ -109,7 +112,7 @@ class ByteStream:
 
 
 def _parse_number(field_: bytes) -> int:
-    if field_ and field_[0] & 0x80:  # GNU base-256
+    if field_[0] & 0x80:  # GNU base-256
         value = field_[0] & 0x7F
         negative = bool(field_[0] & 0x40)
         for b in field_[1:]:
@@ -117,6 +120,10 @@ def _parse_number(field_: bytes) -> int:
         if negative:
             value -= 1 << (8 * len(field_) - 1)
         return value
+    try:  # the common case: octal digits, padded with spaces and NULs
+        return int(field_.rstrip(b"\0 ") or b"0", 8)
+    except ValueError:
+        pass
     text = field_.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
@@ -132,11 +139,11 @@ def _cstr(field_: bytes) -> bytes:
 
 def _checksum_ok(header: bytes) -> bool:
     stored = _parse_number(header[148:156])
-    blanked = header[:148] + b"        " + header[156:]
-    unsigned = sum(blanked)
+    field_sum = sum(header[148:156])
+    unsigned = sum(header) - field_sum + 8 * 32  # the checksum field counts as spaces
     if stored == unsigned:
         return True
-    signed = sum(b - 256 if b > 127 else b for b in blanked)
+    signed = unsigned - 256 * sum(1 for b in header if b > 127) + 256 * sum(1 for b in header[148:156] if b > 127)
     return stored == signed
 
 
@@ -444,3 +451,38 @@ class TarReader:
         entry.size -= consumed
         self._data_left = entry.size
         return regions
+
+
+Token = Entry | memoryview
+
+
+def tokens(chunks: Iterator[bytes]) -> Iterator[Token]:
+    """Flatten a tar stream to ``Entry, data, data, Entry, ...`` (run on the decompression thread, so
+    header parsing overlaps with the filesystem work of the applier)."""
+    reader = TarReader(ByteStream(chunks))
+    for entry in reader:
+        yield entry
+        yield from reader.data(entry)
+        reader.finish_entry()
+
+
+class EntryStream:
+    """The applier's side of ``tokens``: iterate entries; ``data(entry)`` yields the current one's bytes."""
+
+    def __init__(self, items: Iterator[Token]) -> None:
+        self._items = items
+        self._left = 0
+
+    def __iter__(self) -> Iterator[Entry]:
+        for item in self._items:  # data the applier did not read is skipped here
+            if isinstance(item, Entry):
+                self._left = item.size
+                yield item
+
+    def data(self, entry: Entry) -> Iterator[memoryview]:
+        while self._left > 0:
+            piece = next(self._items)
+            if isinstance(piece, Entry):
+                raise TarFormatError(f"tar stream out of step inside {entry.name!r}")
+            self._left -= len(piece)
+            yield piece
