@@ -168,27 +168,17 @@ class _Stop(Exception):
     pass
 
 
-class LayerStream:
-    """Decompressed layer bytes from a producer thread; ``close()`` joins it and raises what it found.
+class _Pipe:
+    """A generator run on its own thread; its items come out of ``items()`` in order, in batches
+    (one queue operation per ~1 MiB, not per tar entry). An error is raised to the consumer after
+    everything produced before it."""
 
-    ``items()`` yields the uncompressed chunks, or what ``transform`` (run on the producer thread) makes
-    of them; call ``close()`` after consuming (it drains whatever the consumer left, so the digest and
-    diff_id always cover the whole blob).
-    """
-
-    def __init__(self, raw: BinaryIO, digest: Digest, size: int | None, diff_id: Digest | None, what: str,
-                 transform: Callable[[Iterator[bytes]], Iterator[Sized]] | None = None) -> None:
+    def __init__(self, produce: Callable[[], Iterator[Sized]], name: str, what: str, stop: threading.Event) -> None:
         self.what = what
-        self._transform = transform
-        self.compression = "none"
-        self.uncompressed_size = 0
-        self._raw = raw
-        self._reader = VerifyingReader(raw, digest, size, what)
-        self._diff_id = diff_id
         self._queue: queue.Queue[list[Sized] | BaseException | None] = queue.Queue(_QUEUE_DEPTH)
-        self._stop = threading.Event()
+        self._stop = stop
         self._done = False
-        self._thread = threading.Thread(target=self._produce, name=f"dirge-decompress {what}", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
         self._thread.start()
 
     def _put(self, item: list[Sized] | BaseException | None) -> None:
@@ -201,48 +191,22 @@ class LayerStream:
             except queue.Full:
                 continue
 
-    def _source(self) -> Iterator[bytes]:
-        """Decompressed chunks; at the end, the blob's size and digest and the diff_id are checked."""
-        self.compression = sniff_compression(self._reader.peek(4))
-        diff_hash = new_hash(self._diff_id) if self._diff_id else None
-        try:
-            for chunk in _decompressed(self._reader, self.compression):
-                if diff_hash:
-                    diff_hash.update(chunk)
-                self.uncompressed_size += len(chunk)
-                yield chunk
-        except (EOFError, OSError, zstandard.ZstdError) as exc:
-            # Check the blob itself first: a truncated or altered blob is an integrity failure.
-            self._reader.drain()
-            self._reader.verify()
-            raise ImageError(f"decompress {self.what} ({self.compression}): {exc or 'stream ended early'}") from exc
-        self._reader.drain()
-        self._reader.verify()
-        if diff_hash and self._diff_id:
-            actual = f"{self._diff_id.algorithm}:{diff_hash.hexdigest()}"
-            if actual != str(self._diff_id):
-                raise IntegrityError(f"diff_id of {self.what}", str(self._diff_id), actual)
-
-    def _produce(self) -> None:
+    def _run(self, produce: Callable[[], Iterator[Sized]]) -> None:
         batch: list[Sized] = []
         try:
-            source = self._source()
-            items: Iterator[Sized] = self._transform(source) if self._transform else source
             size = 0
-            for item in items:  # batched: one queue operation per ~1 MiB, not per tar entry
+            for item in produce():
                 batch.append(item)
                 size += len(item)
                 if size >= _BATCH_BYTES or len(batch) >= _BATCH_ITEMS:
                     self._put(batch)
                     batch, size = [], 0
-            for _ in source:  # what the transform left (tar padding) still counts for the digests
-                pass
             if batch:
                 self._put(batch)
             self._put(None)
         except _Stop:
             pass
-        except BaseException as exc:  # handed to the consumer, raised there after what came before it
+        except BaseException as exc:
             try:
                 if batch:
                     self._put(batch)
@@ -251,7 +215,6 @@ class LayerStream:
                 pass
 
     def items(self) -> Iterator[Any]:
-        """The stream's items (decompressed chunks, or what ``transform`` made of them), in order."""
         while not self._done:
             item = self._queue.get()
             if item is None:
@@ -264,6 +227,69 @@ class LayerStream:
                 raise ImageError(f"read {self.what}: {item}") from item
             yield from item
 
+    def join(self) -> None:
+        self._thread.join()
+
+
+class LayerStream:
+    """A layer blob, verified and decompressed by a pipeline of threads; ``close()`` ends it and raises
+    what it found.
+
+    Thread 1 reads the blob (size and digest), and decompresses; thread 2 hashes the result for the
+    diff_id and runs ``transform`` (the tar parser); ``items()`` hands its output to the caller. zlib-ng
+    /ISA-L, zstd and hashlib release the GIL, so the stages overlap with the caller's filesystem work.
+    Call ``close()`` after consuming: it drains whatever the caller left, so the digest and diff_id
+    always cover the whole blob.
+    """
+
+    def __init__(self, raw: BinaryIO, digest: Digest, size: int | None, diff_id: Digest | None, what: str,
+                 transform: Callable[[Iterator[bytes]], Iterator[Sized]] | None = None) -> None:
+        self.what = what
+        self.compression = "none"
+        self.uncompressed_size = 0
+        self._raw = raw
+        self._reader = VerifyingReader(raw, digest, size, what)
+        self._diff_id = diff_id
+        self._transform = transform or (lambda chunks: chunks)
+        self._stop = threading.Event()
+        self._decompress = _Pipe(self._decompressed, f"dirge-decompress {what}", what, self._stop)
+        self._parse = _Pipe(self._parsed, f"dirge-parse {what}", what, self._stop)
+
+    def _decompressed(self) -> Iterator[bytes]:
+        """Decompressed chunks; at the end, the blob's size and digest are checked."""
+        self.compression = sniff_compression(self._reader.peek(4))
+        try:
+            yield from _decompressed(self._reader, self.compression)
+        except (EOFError, OSError, zstandard.ZstdError) as exc:
+            # Check the blob itself first: a truncated or altered blob is an integrity failure.
+            self._reader.drain()
+            self._reader.verify()
+            raise ImageError(f"decompress {self.what} ({self.compression}): {exc or 'stream ended early'}") from exc
+        self._reader.drain()
+        self._reader.verify()
+
+    def _hashed(self) -> Iterator[bytes]:
+        diff_hash = new_hash(self._diff_id) if self._diff_id else None
+        for chunk in self._decompress.items():
+            if diff_hash:
+                diff_hash.update(chunk)
+            self.uncompressed_size += len(chunk)
+            yield chunk
+        if diff_hash and self._diff_id:
+            actual = f"{self._diff_id.algorithm}:{diff_hash.hexdigest()}"
+            if actual != str(self._diff_id):
+                raise IntegrityError(f"diff_id of {self.what}", str(self._diff_id), actual)
+
+    def _parsed(self) -> Iterator[Sized]:
+        source = self._hashed()
+        yield from self._transform(source)
+        for _ in source:  # what the transform left (tar padding) still counts for the digests
+            pass
+
+    def items(self) -> Iterator[Any]:
+        """The stream's items (decompressed chunks, or what ``transform`` made of them), in order."""
+        return self._parse.items()
+
     def close(self, *, drain: bool = True) -> None:
         """Consume the rest (so verification covers the whole blob) and surface any error."""
         try:
@@ -272,5 +298,6 @@ class LayerStream:
                     pass
         finally:
             self._stop.set()
-            self._thread.join()
+            self._parse.join()
+            self._decompress.join()
             self._raw.close()

@@ -66,7 +66,9 @@ class Applier:
         self._dir_times: dict[tuple[bytes, ...], tuple[int, int]] = {}
         self._dir_modes: dict[tuple[bytes, ...], int] = {}  # rootless: modes applied only at the end
         self._written: set[tuple[bytes, ...]] = set()
-        self._touched: set[tuple[bytes, ...]] = set()  # ancestors of what this layer wrote
+        self._written_order: list[tuple[bytes, ...]] = []
+        self._touched: set[tuple[bytes, ...]] = set()  # ancestors of what this layer wrote (lazily)
+        self._touched_upto = 0
         self._stale = False  # a directory or symlink was removed: cached directory fds may lie
         self._setgid_dirs: set[tuple[bytes, ...]] = set()  # new files there inherit the dir's group
         self._umask = current_umask()
@@ -79,7 +81,9 @@ class Applier:
     def apply_layer(self, reader: EntryStream) -> None:
         """Apply one layer's entries (``tar.tokens`` of the uncompressed stream)."""
         self._written = set()
+        self._written_order = []
         self._touched = set()
+        self._touched_upto = 0
         for entry in reader:
             if self._stale or self.root.crowded:
                 self.root.forget()
@@ -113,7 +117,7 @@ class Applier:
     # -- entries -----------------------------------------------------------------------------
 
     def _apply_entry(self, reader: EntryStream, entry: Entry) -> None:
-        parts = clean_path(entry.name)
+        parts = entry.parts
         report, limits = self.report, self.limits
         report.entries += 1
         if report.entries > limits.max_entries:
@@ -150,15 +154,19 @@ class Applier:
             self._hardlink(entry, parent, base, parts)
         elif kind in (FIFO, CHR, BLK):
             self._special(entry, parent, base, parts)
-        self._mark_written(parts)
-
-    def _mark_written(self, parts: tuple[bytes, ...]) -> None:
         self._written.add(parts)
-        touched = self._touched
-        up = parts[:-1]
-        while up and up not in touched:
-            touched.add(up)
-            up = up[:-1]
+        self._written_order.append(parts)
+
+    def _touched_dirs(self) -> set[tuple[bytes, ...]]:
+        """Ancestors of everything this layer wrote; brought up to date only when a whiteout asks."""
+        touched, order = self._touched, self._written_order
+        for parts in order[self._touched_upto:]:
+            up = parts[:-1]
+            while up and up not in touched:
+                touched.add(up)
+                up = up[:-1]
+        self._touched_upto = len(order)
+        return touched
 
     def _make_room(self, parent: int, name: bytes, *, keep_dir: bool) -> bool:
         """Something exists at ``name``: remove it, unless both are directories. True if kept."""
@@ -197,7 +205,7 @@ class Applier:
     def _hide(self, parent: int, parts: tuple[bytes, ...]) -> None:
         """Hide lower-layer content at ``parts``; what this layer wrote stays."""
         name = parts[-1]
-        if parts in self._touched:
+        if parts in self._touched_dirs():
             try:
                 fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
             except (NotADirectoryError, FileNotFoundError, OSError):

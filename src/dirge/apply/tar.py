@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import ImageError
+from .root import clean_path
 
 BLOCK = 512
 # Go's archive/tar uses the same bound for PAX and GNU long-name headers.
@@ -45,9 +46,12 @@ class Entry:
     # For sparse files: the data regions (offset, length) and the logical size.
     sparse: list[tuple[int, int]] | None = None
     realsize: int | None = None
+    # Filled in by ``tokens`` on the parsing thread: the cleaned path, and small files' data.
+    parts: tuple[bytes, ...] = ()
+    inline: list[memoryview] | None = None
 
-    def __len__(self) -> int:  # what an entry weighs in the producer's batches: its header
-        return BLOCK
+    def __len__(self) -> int:  # what an entry weighs in the producer's batches
+        return BLOCK + (self.size if self.inline is not None else 0)
 
     @property
     def file_size(self) -> int:
@@ -454,6 +458,7 @@ class TarReader:
 
 
 Token = Entry | memoryview
+INLINE_BYTES = 64 << 10  # smaller files travel inside their Entry, not as separate tokens
 
 
 def tokens(chunks: Iterator[bytes]) -> Iterator[Token]:
@@ -461,8 +466,13 @@ def tokens(chunks: Iterator[bytes]) -> Iterator[Token]:
     header parsing overlaps with the filesystem work of the applier)."""
     reader = TarReader(ByteStream(chunks))
     for entry in reader:
-        yield entry
-        yield from reader.data(entry)
+        entry.parts = clean_path(entry.name)
+        if entry.size <= INLINE_BYTES:
+            entry.inline = list(reader.data(entry))
+            yield entry
+        else:
+            yield entry
+            yield from reader.data(entry)
         reader.finish_entry()
 
 
@@ -476,10 +486,13 @@ class EntryStream:
     def __iter__(self) -> Iterator[Entry]:
         for item in self._items:  # data the applier did not read is skipped here
             if isinstance(item, Entry):
-                self._left = item.size
+                self._left = 0 if item.inline is not None else item.size
                 yield item
 
     def data(self, entry: Entry) -> Iterator[memoryview]:
+        if entry.inline is not None:
+            yield from entry.inline
+            return
         while self._left > 0:
             piece = next(self._items)
             if isinstance(piece, Entry):
