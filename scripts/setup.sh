@@ -9,7 +9,7 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 apt_pkgs=(python3 python3-venv busybox-static)
-[ "$want_test" = 1 ] && apt_pkgs+=(umoci skopeo attr util-linux)
+[ "$want_test" = 1 ] && apt_pkgs+=(umoci skopeo attr util-linux tar xfsprogs btrfs-progs)
 
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -318,3 +318,13 @@ def test_cli_session_commands(tmp_path: Path, image: str) -> None:
     assert json.loads(run("session", "ls", "--json")) == []
     proc = subprocess.run(dirge + ["session", "rm", "f" * 32], env=env, capture_output=True, text=True)
     assert proc.returncode == 1 and "no such session" in proc.stderr
+
+
+def test_copy_keeps_holes(tmp_path: Path, make_image) -> None:
+    from images import gnu_tar
+
+    ref = make_image([gnu_tar(tmp_path, "posix")])
+    with prepare(ref, tmp_path / "cache", strategy="copy") as session:
+        st = os.stat(session.path / "sparse/holes.bin")
+        assert st.st_size == 2_000_003 and st.st_blocks * 512 < 200_000
+        assert not diff(snapshot(session.path), reference_tree(ref, tmp_path))
