@@ -73,6 +73,21 @@ def decode_rootless_owner(data: bytes) -> tuple[int, int]:
     return values[1], values[2]
 
 
+def try_set_xattr(target: int | str | bytes, key: str, value: bytes) -> OSError | None:
+    """Set an xattr on an fd, or on a path without following its last component. An xattr the
+    filesystem or our privilege refuses is returned, not raised (umoci's rule: skipped, not fatal)."""
+    try:
+        if isinstance(target, int):
+            os.setxattr(target, key, value)
+        else:
+            os.setxattr(target, key, value, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return exc
+        raise
+    return None
+
+
 def _proc_path(dir_fd: int, name: bytes) -> bytes:
     # The xattr calls have no *at form; the magic link pins the parent we already resolved.
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
@@ -103,17 +118,9 @@ class PrivilegedFS:
 
     def set_xattr(self, target: int | bytes, key: str, value: bytes, path: bytes) -> None:
         """``target`` is an fd, or a /proc path whose last component is not followed."""
-        try:
-            if isinstance(target, int):
-                os.setxattr(target, key, value)
-            else:
-                os.setxattr(target, key, value, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
-                # umoci's rule: an xattr the destination filesystem refuses is skipped, not fatal.
-                self.report.skip(path, f"xattr {key}: {exc.strerror}")
-            else:
-                raise
+        refused = try_set_xattr(target, key, value)
+        if refused is not None:
+            self.report.skip(path, f"xattr {key}: {refused.strerror}")
 
 
 class RootlessFS(PrivilegedFS):

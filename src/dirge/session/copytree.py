@@ -13,6 +13,8 @@ import os
 import stat
 from pathlib import Path
 
+from ..apply.fs import try_set_xattr
+
 FICLONE = 0x40049409
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -60,30 +62,31 @@ class TreeCopier:
                 finally:
                     os.close(s_fd)
                     os.close(d_fd)
+            elif self._linked(st, name, dst_fd, path):
+                continue
             elif stat.S_ISREG(mode):
-                if st.st_nlink > 1:
-                    first = self._links.get((st.st_dev, st.st_ino))
-                    if first is not None:
-                        os.link(first, name, src_dir_fd=self._dst_root, dst_dir_fd=dst_fd, follow_symlinks=False)
-                        continue
-                    self._links[(st.st_dev, st.st_ino)] = path
                 self._copy_file(src_fd, dst_fd, name, st)
             elif stat.S_ISLNK(mode):
                 os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
                 self._meta_at(src_fd, dst_fd, name, st, link=True)
             elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-                if st.st_nlink > 1:
-                    first = self._links.get((st.st_dev, st.st_ino))
-                    if first is not None:
-                        os.link(first, name, src_dir_fd=self._dst_root, dst_dir_fd=dst_fd, follow_symlinks=False)
-                        continue
-                    self._links[(st.st_dev, st.st_ino)] = path
                 if stat.S_ISFIFO(mode):
                     os.mkfifo(name, 0o600, dir_fd=dst_fd)
                 else:
                     os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst_fd)
                 self._meta_at(src_fd, dst_fd, name, st, link=False)
             # sockets are not image content: skipped
+
+    def _linked(self, st: os.stat_result, name: str, dst_fd: int, path: str) -> bool:
+        """Hardlinks stay hardlinks: link to the first copy of an inode (not directories or symlinks)."""
+        if st.st_nlink < 2 or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            return False
+        first = self._links.get((st.st_dev, st.st_ino))
+        if first is None:
+            self._links[(st.st_dev, st.st_ino)] = path
+            return False
+        os.link(first, name, src_dir_fd=self._dst_root, dst_dir_fd=dst_fd, follow_symlinks=False)
+        return True
 
     def _copy_file(self, src_dir: int, dst_dir: int, name: str, st: os.stat_result) -> None:
         src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
@@ -103,7 +106,7 @@ class TreeCopier:
             os.fchown(dst_fd, st.st_uid, st.st_gid)
         os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
         for key in os.listxattr(src_fd):
-            _set_xattr(dst_fd, key, os.getxattr(src_fd, key))
+            try_set_xattr(dst_fd, key, os.getxattr(src_fd, key))
         os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def _meta_at(self, src_dir: int, dst_dir: int, name: str, st: os.stat_result, *, link: bool) -> None:
@@ -113,19 +116,8 @@ class TreeCopier:
             os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst_dir)  # a node we just made, not a symlink
         src_path = _proc(src_dir, name)
         for key in os.listxattr(src_path, follow_symlinks=False):
-            _set_xattr(_proc(dst_dir, name), key, os.getxattr(src_path, key, follow_symlinks=False))
+            try_set_xattr(_proc(dst_dir, name), key, os.getxattr(src_path, key, follow_symlinks=False))
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
-
-
-def _set_xattr(target: int | str, key: str, value: bytes) -> None:
-    try:
-        if isinstance(target, int):
-            os.setxattr(target, key, value)
-        else:
-            os.setxattr(target, key, value, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
-            raise
 
 
 def copy_data(src: int, dst: int, size: int, *, reflink: bool) -> None:
