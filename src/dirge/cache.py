@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .apply.layer import Limits
 from .blob import read_verified
@@ -34,6 +34,9 @@ from .lock import FileLock
 from .reference import Digest, parse_digest
 from .resolve import BlobSource, ResolvedImage
 from .unpack import ProgressFn, apply_image, open_image, remove_tree
+
+if TYPE_CHECKING:
+    from .sources.auth import Credentials
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -175,14 +178,22 @@ class Cache:
         limits: Limits = Limits(),
         lock_timeout: float = 600.0,
         progress: ProgressFn | None = None,
+        pull: str = "missing",
+        creds: "Credentials | None" = None,
     ) -> Base:
         """The unpacked base of ``image``, built under the key's lock if no complete one exists."""
         if rootless is None:
             rootless = os.geteuid() != 0
-        source, resolved = open_image(image, platform)
+        source, resolved = open_image(image, platform, cache=self, pull=pull, creds=creds)
+        try:
+            return self._ensure_base(image, source, resolved, rootless, limits, lock_timeout, progress)
+        finally:
+            source.close()
+
+    def _ensure_base(self, image: str, source: BlobSource, resolved: ResolvedImage, rootless: bool,
+                     limits: Limits, lock_timeout: float, progress: ProgressFn | None) -> Base:
         self.put_blob(resolved.manifest_digest, resolved.manifest.raw)
         self.put_blob(resolved.manifest.config.digest, resolved.config.raw)
-        self.record_ref(image, resolved.manifest_digest)
         key = self.base_key(resolved.manifest_digest, rootless)
         base = self.load_base(key)
         if base:

@@ -18,6 +18,7 @@ from .image import parse_platform
 
 if TYPE_CHECKING:
     from .session import Sessions, SessionInfo
+    from .sources.auth import Credentials
 
 
 def _limits(values: tuple[str, ...]) -> Limits:
@@ -42,21 +43,64 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _creds(value: str | None) -> "Credentials | None":
+    from .sources.auth import Credentials
+
+    return Credentials.parse(value) if value else None
+
+
+pull_option = click.option("--pull", type=click.Choice(["always", "missing", "never"]), default="missing",
+                           show_default=True, help="Registry images: when to ask the registry.")
+creds_option = click.option("--creds", metavar="USER:PASSWORD",
+                            help="Registry credentials (default: docker/podman auth files and helpers).")
+
+
+@cli.command("pull")
+@click.argument("image")
+@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
+@click.option("--pull", "policy", type=click.Choice(["always", "missing", "never"]), default="always",
+              show_default=True)
+@creds_option
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="DIRGE_CACHE_DIR")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, cache_dir: Path | None,
+             as_json: bool) -> None:
+    """Download IMAGE's manifest, config and layers into the cache; print the manifest digest."""
+    from .cache import Cache
+    from .unpack import pull_image
+
+    resolved = pull_image(image, parse_platform(platform) if platform else None, cache=Cache(cache_dir),
+                          pull=policy, creds=_creds(creds))
+    if as_json:
+        click.echo(json.dumps({"image": image, "digest": str(resolved.manifest_digest),
+                               "platform": str(resolved.platform) if resolved.platform else None,
+                               "layers": [str(d.digest) for d in resolved.manifest.layers]}, indent=2))
+    else:
+        click.echo(str(resolved.manifest_digest))
+
+
 @cli.command("unpack")
 @click.argument("image")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
+@pull_option
+@creds_option
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="DIRGE_CACHE_DIR",
+              help="Where registry blobs are kept.")
 @click.option("--rootless", is_flag=True, help="Unpack as an unprivileged user would (automatic when not root).")
 @click.option("--limit", "limits", multiple=True, metavar="NAME=N",
               help="Override a safety limit: max_total_bytes, max_entries, max_depth, max_file_bytes.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def unpack_cmd(image: str, dest: Path, platform: str | None, rootless: bool, limits: tuple[str, ...],
-               as_json: bool) -> None:
-    """Write the flattened rootfs of IMAGE (e.g. oci:PATH[:TAG]) into DEST (absent or empty)."""
+def unpack_cmd(image: str, dest: Path, platform: str | None, pull: str, creds: str | None, cache_dir: Path | None,
+               rootless: bool, limits: tuple[str, ...], as_json: bool) -> None:
+    """Write the flattened rootfs of IMAGE (oci:PATH[:TAG] or a registry ref) into DEST (absent or empty)."""
+    from .cache import Cache
     from .unpack import unpack
 
+    cache = Cache(cache_dir) if "/" in image and not image.startswith("oci:") else None
     result = unpack(image, dest, platform=parse_platform(platform) if platform else None,
-                    rootless=True if rootless else None, limits=_limits(limits))
+                    rootless=True if rootless else None, limits=_limits(limits), cache=cache, pull=pull,
+                    creds=_creds(creds))
     summary: dict[str, Any] = {
         "image": image,
         "digest": str(result.image.manifest_digest),
@@ -116,14 +160,16 @@ def session_group() -> None:
               help="How to make the session (default: the fastest available).")
 @click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
 @click.option("--owner-pid", type=int, help="Process whose exit makes the session prunable (default: the caller).")
+@pull_option
+@creds_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the path.")
 def session_create(image: str, cache_dir: Path | None, strategy: str | None, platform: str | None,
-                   owner_pid: int | None, as_json: bool) -> None:
+                   owner_pid: int | None, pull: str, creds: str | None, as_json: bool) -> None:
     """Make a new session rootfs of IMAGE and print its path."""
     from .rootfs import prepare
 
     prepared = prepare(image, cache_dir, strategy=strategy, owner_pid=owner_pid or os.getppid(),
-                       platform=parse_platform(platform) if platform else None)
+                       platform=parse_platform(platform) if platform else None, pull=pull, creds=_creds(creds))
     prepared.detach()
     if as_json:
         click.echo(json.dumps({**dataclasses.asdict(prepared.info), "path": str(prepared.path),

@@ -12,6 +12,10 @@ Messages are lowercase verb phrases joined level by level, e.g.
     ├── UnsafeLayer               a layer entry that would escape or damage the destination
     ├── LimitExceeded             a layer beyond a configured limit (bytes, entries, depth, file size)
     ├── UnpackError               an OS-level failure while writing the rootfs
+    ├── RegistryError             a registry said no (status, error codes, whether a retry may help)
+    │   ├── AuthError             401/403: missing or wrong credentials
+    │   ├── NotFound              404: no such repository, tag, manifest or blob
+    │   └── RateLimited           429 after every retry
     ├── LockTimeout               another process holds a cache lock for too long (names its pid)
     └── SessionError              a session or snapshot that cannot be made, found or removed
 """
@@ -80,3 +84,24 @@ class LockTimeout(DirgeError):
 
 class SessionError(DirgeError):
     """A session or snapshot that cannot be created, found or removed."""
+
+
+class RegistryError(DirgeError):
+    def __init__(self, message: str, *, status: int | None = None, codes: tuple[str, ...] = (),
+                 retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.codes = codes
+        self.retryable = retryable
+
+
+class AuthError(RegistryError):
+    pass
+
+
+class NotFound(RegistryError):
+    pass
+
+
+class RateLimited(RegistryError):
+    pass

@@ -31,6 +31,8 @@ class BlobSource(Protocol):
 
     def open_blob(self, desc: Descriptor) -> BinaryIO: ...
 
+    def close(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class ResolvedImage:

@@ -18,6 +18,7 @@ from .errors import SessionError
 from .image import Platform
 from .reference import canonicalize_image_ref, local_variant_name
 from .session import Sessions, SessionInfo, backends
+from .sources.auth import Credentials
 from .session.customize import FileSpec, add_user, write_files, write_krun_config
 from .unpack import ProgressFn, remove_tree
 
@@ -84,12 +85,14 @@ def prepare(
     limits: Limits = Limits(),
     lock_timeout: float = 600.0,
     progress: ProgressFn | None = None,
+    pull: str = "missing",
+    creds: Credentials | None = None,
 ) -> PreparedRootfs:
     """Resolve ``image``, make sure its base is cached (unpacking under a lock), and return a new session."""
     cache = Cache(cache_dir)
     ref = canonicalize_image_ref(image)
     base = cache.ensure_base(ref, platform=platform, rootless=rootless, limits=limits,
-                             lock_timeout=lock_timeout, progress=progress)
+                             lock_timeout=lock_timeout, progress=progress, pull=pull, creds=creds)
     sessions = Sessions(cache)
     info = sessions.create(base, ref, strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
     prepared = PreparedRootfs(info, sessions.session_dir(info.id), base.config, base.created)

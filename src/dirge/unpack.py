@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .apply.fs import PrivilegedFS, Report, RootlessFS
 from .apply.layer import Applier, Limits
@@ -15,9 +16,13 @@ from .apply.tar import EntryStream, tokens
 from .blob import LayerStream
 from .errors import DirgeError
 from .image import Platform
-from .reference import LayoutReference, parse_reference
+from .reference import LayoutReference, RegistryReference, parse_reference
 from .resolve import BlobSource, ResolvedImage, resolve_manifest
 from .sources.layout import LayoutSource
+
+if TYPE_CHECKING:
+    from .cache import Cache
+    from .sources.auth import Credentials
 
 
 def add_context(exc: DirgeError, context: str) -> DirgeError:
@@ -35,16 +40,64 @@ class UnpackResult:
 ProgressFn = Callable[[str, int, int], None]  # (what, layer index, layer count)
 
 
-def open_image(image: str, platform: Platform | None = None) -> tuple[BlobSource, ResolvedImage]:
-    """Resolve ``image`` to one manifest and config, from the source its reference names."""
+PULL_POLICIES = ("always", "missing", "never")
+
+
+def open_image(
+    image: str,
+    platform: Platform | None = None,
+    *,
+    cache: "Cache | None" = None,
+    pull: str = "missing",
+    creds: "Credentials | None" = None,
+) -> tuple[BlobSource, ResolvedImage]:
+    """Resolve ``image`` to one manifest and config, from the source its reference names.
+
+    Registry images keep their blobs in ``cache`` (the default cache if None). The caller closes the source.
+    """
+    if pull not in PULL_POLICIES:
+        raise DirgeError(f"--pull must be one of {', '.join(PULL_POLICIES)}, not {pull!r}")
     ref = parse_reference(image)
     if isinstance(ref, LayoutReference):
         source = LayoutSource(ref.path)
-        return source, resolve_manifest(source, source.select(ref), str(ref), platform)
+        start = source.select(ref)
+        if cache is not None:
+            cache.record_ref(str(ref), start.digest)
+        return source, resolve_manifest(source, start, str(ref), platform)
+    if isinstance(ref, RegistryReference):
+        from .cache import Cache
+        from .sources.registry import RegistryClient, RegistrySource, start_descriptor
+
+        cache = cache or Cache()
+        client = RegistryClient(ref.registry, creds=creds) if pull != "never" else None
+        try:
+            start = start_descriptor(ref, cache, client, pull)
+        except BaseException:
+            if client:
+                client.close()
+            raise
+        registry_source = RegistrySource(client or RegistryClient(ref.registry, creds=creds), ref, cache)
+        try:
+            return registry_source, resolve_manifest(registry_source, start, str(ref), platform)
+        except BaseException:
+            registry_source.close()
+            raise
     raise DirgeError(
-        f"open {image}: only oci:PATH[:TAG] images can be unpacked in this version "
-        "(registry pulls and local variants are not implemented yet)"
+        f"open {image}: local variants (images/NAME/Dockerfile, local://) are not implemented yet; "
+        "use oci:PATH[:TAG] or a registry reference"
     )
+
+
+def pull_image(image: str, platform: Platform | None = None, *, cache: "Cache | None" = None,
+               pull: str = "always", creds: "Credentials | None" = None) -> ResolvedImage:
+    """Make sure the manifest, config and every layer blob of ``image`` are in the cache."""
+    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds)
+    try:
+        for desc in resolved.manifest.layers:
+            source.open_blob(desc).close()
+    finally:
+        source.close()
+    return resolved
 
 
 def apply_image(
@@ -58,6 +111,9 @@ def apply_image(
 ) -> Report:
     """Apply every layer of ``resolved`` onto the existing directory ``dest``."""
     report = Report()
+    prefetch = getattr(source, "prefetch", None)
+    if prefetch is not None:  # registries: download later layers while earlier ones are applied
+        prefetch(resolved.manifest.layers)
     fs = RootlessFS(report) if rootless else PrivilegedFS(report)
     applier = Applier(dest, fs, limits)
     layers = resolved.manifest.layers
@@ -90,6 +146,9 @@ def unpack(
     rootless: bool | None = None,
     limits: Limits = Limits(),
     progress: ProgressFn | None = None,
+    cache: "Cache | None" = None,
+    pull: str = "missing",
+    creds: "Credentials | None" = None,
 ) -> UnpackResult:
     """Write the flattened rootfs of ``image`` into ``dest`` (absent or empty), all or nothing."""
     dest = Path(dest)
@@ -97,9 +156,13 @@ def unpack(
         rootless = os.geteuid() != 0
     if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
         raise DirgeError(f"unpack {image}: destination {dest} exists and is not an empty directory")
-    source, resolved = open_image(image, platform)  # its errors name the ref already
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".dirge-staging", dir=dest.parent))
+    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds)  # errors name the ref
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".dirge-staging", dir=dest.parent))
+    except BaseException:
+        source.close()
+        raise
     try:
         staging.chmod(0o755)
         report = apply_image(source, resolved, staging, rootless=rootless, limits=limits, progress=progress)
@@ -112,6 +175,8 @@ def unpack(
     except BaseException:
         remove_tree(staging)
         raise
+    finally:
+        source.close()
     return UnpackResult(resolved, report)
 
 

@@ -46,6 +46,9 @@ class LayoutSource:
         if not isinstance(version, str) or not version.startswith("1."):
             raise ImageError(f"open {marker}: unsupported imageLayoutVersion {version!r}")
 
+    def close(self) -> None:
+        pass
+
     def open_blob(self, desc: Descriptor) -> BinaryIO:
         blob = self.path / "blobs" / desc.digest.algorithm / desc.digest.hex
         try:

@@ -1,0 +1,432 @@
+"""An OCI distribution-spec client over httpx: ping, auth challenges, manifests, blobs.
+
+- Endpoints: configured mirrors first, then the origin (Docker Hub's API host for docker.io).
+- Scheme: HTTPS; loopback registries (127.0.0.0/8, localhost, ::1) and ones configured insecure fall
+  back to plain HTTP when the TLS handshake fails, as Docker does. Never silently elsewhere.
+- Trust: the system store (honouring $SSL_CERT_FILE) plus ``certs.d/<host[:port]>/*.crt``.
+- Auth: the first 401 says how (Bearer realm/service/scope, or Basic); tokens are cached per scope and
+  refreshed on a later 401. Credentials: see ``auth``; never in messages.
+- Retries with exponential backoff and jitter on 429 (Retry-After honoured), 5xx, resets and timeouts;
+  blob downloads resume with Range, are hashed while streaming to a temp file, and are published into
+  the cache only when size and digest match.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import ipaddress
+import json
+import os
+import random
+import re
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+import httpx
+
+from ..cache import Cache
+from ..config import Config, load_config
+from ..errors import AuthError, IntegrityError, NotFound, RateLimited, RegistryError
+from ..image import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, Descriptor
+from ..image import MAX_MANIFEST_BYTES
+from ..reference import Digest, RegistryReference, parse_digest
+from .auth import Credentials, find_credentials
+
+ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
+DOCKER_HUB_API = "registry-1.docker.io"
+CERTS_DIRS = ("/etc/docker/certs.d", "/etc/containers/certs.d")
+_CHUNK = 1 << 20
+_RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+
+
+def retry_base() -> float:
+    return float(os.environ.get("DIRGE_RETRY_BASE", "0.5"))
+
+
+def is_loopback(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:host.index("]")]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    params = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+    return scheme.lower(), params
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return min(float(value), 60.0)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, min(parsed.timestamp() - time.time(), 60.0)) if parsed else None
+
+
+def _error_codes(response: httpx.Response) -> tuple[tuple[str, ...], str]:
+    try:
+        body = json.loads(response.read()[:65536])
+        errors = body.get("errors") or []
+        codes = tuple(str(e.get("code", "")) for e in errors if isinstance(e, dict))
+        message = "; ".join(str(e.get("message", "")) for e in errors if isinstance(e, dict) and e.get("message"))
+        return codes, message
+    except (ValueError, AttributeError, httpx.HTTPError):
+        return (), ""
+
+
+def ssl_context(host: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()  # system trust; OpenSSL reads $SSL_CERT_FILE / $SSL_CERT_DIR
+    dirs = os.environ.get("DIRGE_CERTS_DIRS")
+    for base in (dirs.split(":") if dirs else CERTS_DIRS):
+        folder = Path(base) / host
+        if folder.is_dir():
+            for cert in sorted(folder.glob("*.crt")):
+                ctx.load_verify_locations(cafile=str(cert))
+    return ctx
+
+
+class Endpoint:
+    """One base URL (origin or mirror) with its HTTP client and auth state."""
+
+    def __init__(self, url: str, host: str, creds: Credentials | None, timeout: float, fallback_http: bool) -> None:
+        self.url = url.rstrip("/")
+        self.host = host
+        self.creds = creds
+        self.fallback_http = fallback_http
+        verify: ssl.SSLContext | bool = ssl_context(host) if self.url.startswith("https://") else True
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)), verify=verify,
+                                   follow_redirects=True)  # httpx drops Authorization on cross-origin redirects
+        self._tokens: dict[str, str] = {}
+        self._basic = False
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _auth_headers(self, scope: str) -> dict[str, str]:
+        if scope in self._tokens:
+            return {"Authorization": f"Bearer {self._tokens[scope]}"}
+        if self._basic and self.creds:
+            pair = f"{self.creds.username}:{self.creds.password}".encode()
+            return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+        return {}
+
+    def _authenticate(self, response: httpx.Response, scope: str, what: str) -> None:
+        scheme, params = _parse_challenge(response.headers.get("WWW-Authenticate", ""))
+        if scheme == "basic":
+            if not self.creds:
+                raise AuthError(f"{what}: {self.host} needs credentials (docker login, --creds, or an auth file)",
+                                status=401)
+            self._basic = True
+            return
+        if scheme != "bearer" or "realm" in params and not params["realm"]:
+            raise AuthError(f"{what}: {self.host} answered 401 without a usable challenge", status=401)
+        query = {"service": params.get("service", "")}
+        query["scope"] = params.get("scope") or scope
+        auth = httpx.BasicAuth(self.creds.username, self.creds.password) if self.creds else None
+        try:
+            token_response = self.client.get(params["realm"], params=query, auth=auth)
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"{what}: token request to {params['realm']} failed: {exc}", retryable=True) from None
+        if token_response.status_code in (401, 403):
+            raise AuthError(f"{what}: {self.host} refused the credentials"
+                            + (f" for user {self.creds.username!r}" if self.creds else " (anonymous)"),
+                            status=token_response.status_code)
+        if token_response.status_code != 200:
+            raise RegistryError(f"{what}: token endpoint answered {token_response.status_code}",
+                                status=token_response.status_code, retryable=token_response.status_code >= 500)
+        try:
+            body = token_response.json()
+            token = body.get("token") or body.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise AuthError(f"{what}: the token endpoint of {self.host} returned no token", status=200)
+        self._tokens[scope] = token
+
+    def request(self, method: str, path: str, scope: str, what: str, headers: dict[str, str] | None = None,
+                stream: bool = False) -> httpx.Response:
+        """One request with auth; retried by the caller. 401 → authenticate once → retry."""
+        for attempt in range(2):
+            hdrs = {**(headers or {}), **self._auth_headers(scope)}
+            req = self.client.build_request(method, self.url + path, headers=hdrs)
+            response = self.client.send(req, stream=stream)
+            if response.status_code != 401 or attempt == 1:
+                return response
+            response.read()
+            response.close()
+            self._tokens.pop(scope, None)  # expired token: fetch a fresh one
+            self._authenticate(response, scope, what)
+        raise AssertionError("unreachable")
+
+
+class RegistryClient:
+    """A client for one registry (and its mirrors), for one repository at a time."""
+
+    def __init__(self, registry: str, *, creds: Credentials | None = None, config: Config | None = None,
+                 timeout: float = 60.0, attempts: int = 5) -> None:
+        self.registry = registry
+        self.config = config or load_config()
+        self.creds = creds if creds is not None else find_credentials(registry)
+        self.attempts = attempts
+        reg_config = self.config.registry(registry)
+        fallback = is_loopback(registry) or reg_config.insecure
+        origin_host = DOCKER_HUB_API if registry == "docker.io" else registry
+        self.endpoints = [Endpoint(m, m.split("://", 1)[-1], None, timeout, False) for m in reg_config.mirrors]
+        self.endpoints.append(Endpoint(f"https://{origin_host}", registry, self.creds, timeout, fallback))
+
+    def close(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.close()
+
+    # -- the retry loop -----------------------------------------------------------------------
+
+    def _call(self, endpoint: Endpoint, method: str, path: str, scope: str, what: str,
+              headers: dict[str, str] | None = None, stream: bool = False) -> httpx.Response:
+        delay = retry_base()
+        last: Exception | None = None
+        for attempt in range(self.attempts):
+            try:
+                response = endpoint.request(method, path, scope, what, headers, stream)
+            except (httpx.ConnectError, httpx.ProtocolError) as exc:
+                if endpoint.fallback_http and endpoint.url.startswith("https://") and _looks_like_plain_http(exc):
+                    endpoint.url = "http://" + endpoint.url[len("https://"):]
+                    continue
+                last = exc
+            except httpx.TransportError as exc:
+                last = exc
+            else:
+                if response.status_code not in _RETRYABLE_STATUS:
+                    return response
+                wait = _retry_after(response)
+                response.read()
+                response.close()
+                last = RegistryError(f"{what}: {endpoint.host} answered {response.status_code}",
+                                     status=response.status_code, retryable=True)
+                if response.status_code == 429 and attempt == self.attempts - 1:
+                    raise RateLimited(f"{what}: rate limited by {endpoint.host} (429) after {self.attempts} tries; "
+                                      "wait and retry, or log in for a higher limit", status=429)
+                if wait is not None:
+                    time.sleep(wait)
+                    continue
+            if attempt < self.attempts - 1:
+                time.sleep(delay * (0.5 + random.random()))
+                delay *= 2
+        if isinstance(last, RegistryError):
+            raise last
+        raise RegistryError(f"{what}: cannot reach {endpoint.url}: {last}", retryable=True) from last
+
+    def _raise_for(self, response: httpx.Response, what: str, endpoint: Endpoint) -> None:
+        status = response.status_code
+        codes, message = _error_codes(response)
+        detail = f" ({message})" if message else ""
+        if status == 401:
+            raise AuthError(f"{what}: unauthorized at {endpoint.host}{detail}; check credentials", status=status,
+                            codes=codes)
+        if status == 403:
+            raise AuthError(f"{what}: access denied by {endpoint.host}{detail}", status=status, codes=codes)
+        if status == 404:
+            kind = (codes[0].lower().replace("_", " ") if codes else "not found")
+            raise NotFound(f"{kind}: {what}", status=status, codes=codes)
+        raise RegistryError(f"{what}: {endpoint.host} answered {status}{detail}", status=status, codes=codes)
+
+    def _each_endpoint(self) -> Iterator[Endpoint]:
+        yield from self.endpoints
+
+    # -- manifests ----------------------------------------------------------------------------
+
+    def fetch_manifest(self, ref: RegistryReference, reference: str) -> tuple[bytes, str, Digest]:
+        """GET a manifest or index by tag or digest; returns (raw bytes, media type, digest)."""
+        what = f"{ref}" if reference == (ref.tag or "") else f"{ref.registry}/{ref.repository}@{reference}"
+        scope = f"repository:{ref.repository}:pull"
+        errors: list[Exception] = []
+        for endpoint in self._each_endpoint():
+            try:
+                response = self._call(endpoint, "GET", f"/v2/{ref.repository}/manifests/{reference}", scope, what,
+                                      headers={"Accept": ACCEPT})
+                if response.status_code != 200:
+                    self._raise_for(response, what, endpoint)
+                raw = response.content
+                if len(raw) > MAX_MANIFEST_BYTES:
+                    raise RegistryError(f"{what}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+                media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+                digest = Digest("sha256", hashlib.sha256(raw).hexdigest())
+                if reference.startswith("sha") and reference != str(digest):
+                    expected = parse_digest(reference)
+                    actual = Digest(expected.algorithm, hashlib.new(expected.algorithm, raw).hexdigest())
+                    if actual != expected:
+                        raise IntegrityError(f"manifest of {what}", reference, str(actual))
+                    digest = expected
+                header = response.headers.get("Docker-Content-Digest")
+                if header and not reference.startswith("sha") and header != str(digest):
+                    raise IntegrityError(f"manifest of {what} (Docker-Content-Digest)", header, str(digest))
+                if media_type not in INDEX_TYPES + MANIFEST_TYPES:
+                    media_type = _media_type_of(raw) or media_type
+                return raw, media_type, digest
+            except (RegistryError, IntegrityError) as exc:
+                if endpoint is self.endpoints[-1]:
+                    raise
+                errors.append(exc)  # a mirror failed: fall back to the next endpoint
+        raise AssertionError("unreachable")
+
+    # -- blobs --------------------------------------------------------------------------------
+
+    def download_blob(self, ref: RegistryReference, desc: Descriptor, cache: Cache) -> Path:
+        """Stream a blob into the cache (temp file → digest check → rename); resumes with Range."""
+        final = cache.blob_path(desc.digest)
+        if final.exists():
+            return final
+        what = f"blob {desc.digest.short} of {ref.registry}/{ref.repository}"
+        scope = f"repository:{ref.repository}:pull"
+        for endpoint in self._each_endpoint():
+            try:
+                return self._download_from(endpoint, ref, desc, cache, what, scope)
+            except (RegistryError, IntegrityError):
+                if endpoint is self.endpoints[-1]:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _download_from(self, endpoint: Endpoint, ref: RegistryReference, desc: Descriptor, cache: Cache,
+                       what: str, scope: str) -> Path:
+        final = cache.blob_path(desc.digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".tmp-{desc.digest.hex[:16]}-")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                hasher = hashlib.new(desc.digest.algorithm)
+                written = 0
+                resets = 0
+                while True:
+                    headers = {"Range": f"bytes={written}-"} if written else {}
+                    response = self._call(endpoint, "GET", f"/v2/{ref.repository}/blobs/{desc.digest}", scope,
+                                          what, headers=headers, stream=True)
+                    try:
+                        if response.status_code not in (200, 206):
+                            response.read()
+                            self._raise_for(response, what, endpoint)
+                        if written and response.status_code == 200:  # no Range support: start again
+                            out.seek(0)
+                            out.truncate()
+                            hasher, written = hashlib.new(desc.digest.algorithm), 0
+                        for chunk in response.iter_raw(_CHUNK):
+                            written += len(chunk)
+                            if written > desc.size:
+                                raise IntegrityError(f"size of {what}", f"{desc.size} bytes",
+                                                     f"more than {desc.size} bytes")
+                            hasher.update(chunk)
+                            out.write(chunk)
+                        if written == desc.size:
+                            break
+                    except (httpx.TransportError, httpx.StreamError) as exc:
+                        resets += 1
+                        if resets >= self.attempts:
+                            raise RegistryError(f"{what}: download kept failing ({exc})", retryable=True) from None
+                        time.sleep(retry_base() * resets)
+                        continue
+                    finally:
+                        response.close()
+                    if written < desc.size:  # the server ended the body early: resume
+                        resets += 1
+                        if resets >= self.attempts:
+                            raise IntegrityError(f"size of {what}", f"{desc.size} bytes", f"{written} bytes")
+                actual = f"{desc.digest.algorithm}:{hasher.hexdigest()}"
+                if actual != str(desc.digest):
+                    raise IntegrityError(f"digest of {what}", str(desc.digest), actual)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, final)
+            return final
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _looks_like_plain_http(exc: Exception) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("WRONG_VERSION_NUMBER", "wrong version number", "record layer failure",
+                                   "UNEXPECTED_EOF", "EOF occurred", "http request", "Connection reset"))
+
+
+def _media_type_of(raw: bytes) -> str | None:
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(obj, dict):
+        if isinstance(obj.get("mediaType"), str):
+            return obj["mediaType"]
+        if "manifests" in obj:
+            return OCI_INDEX
+        if "config" in obj:
+            return OCI_MANIFEST
+    return None
+
+
+class RegistrySource:
+    """A ``BlobSource`` over a registry, storing every blob in the cache (verified) before use.
+
+    ``prefetch`` starts bounded parallel downloads of the layers, so applying layer N overlaps with
+    downloading the later ones.
+    """
+
+    def __init__(self, client: RegistryClient, ref: RegistryReference, cache: Cache, parallel: int = 3) -> None:
+        self.client = client
+        self.ref = ref
+        self.cache = cache
+        self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="dirge-pull")
+        self._futures: dict[Digest, Future[Path]] = {}
+
+    def close(self) -> None:
+        for future in self._futures.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        self.client.close()
+
+    def prefetch(self, descs: list[Descriptor]) -> None:
+        for desc in descs:
+            if desc.digest not in self._futures:
+                self._futures[desc.digest] = self._pool.submit(self.client.download_blob, self.ref, desc, self.cache)
+
+    def open_blob(self, desc: Descriptor) -> BinaryIO:
+        if desc.media_type in INDEX_TYPES + MANIFEST_TYPES:
+            path = self.cache.blob_path(desc.digest)
+            if not path.exists():
+                raw, _, _ = self.client.fetch_manifest(self.ref, str(desc.digest))
+                self.cache.put_blob(desc.digest, raw)
+            return open(path, "rb")
+        future = self._futures.get(desc.digest)
+        path = future.result() if future is not None else self.client.download_blob(self.ref, desc, self.cache)
+        return open(path, "rb")
+
+
+def start_descriptor(ref: RegistryReference, cache: Cache, client: RegistryClient | None, pull: str) -> Descriptor:
+    """The top manifest or index of ``ref``, honouring the pull policy (always | missing | never)."""
+    digest = ref.digest
+    if digest is None and pull != "always":
+        digest = cache.lookup_ref(str(ref))
+    if digest is not None and pull != "always":
+        raw = cache.get_blob(digest, None, MAX_MANIFEST_BYTES)
+        if raw is not None:
+            return Descriptor(_media_type_of(raw) or OCI_MANIFEST, digest, len(raw))
+    if pull == "never" or client is None:
+        raise NotFound(f"{ref} is not in the cache and --pull never forbids the network; pull it first")
+    raw, media_type, fetched = client.fetch_manifest(ref, str(ref.digest) if ref.digest else ref.tag or "latest")
+    cache.put_blob(fetched, raw)
+    if ref.digest is None:
+        cache.record_ref(str(ref), fetched)
+    return Descriptor(media_type, fetched, len(raw))
