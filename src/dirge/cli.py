@@ -37,10 +37,21 @@ def _limits(values: tuple[str, ...]) -> Limits:
 
 @click.group()
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """Turn OCI container images into root filesystems for microVM sandboxes."""
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "quiet": quiet}
+
+
+def _progress() -> Any:
+    """A rich display on a terminal (unless --quiet), else a do-nothing context."""
+    from contextlib import nullcontext
+
+    from .progress import TerminalProgress
+
+    quiet = bool(click.get_current_context().find_root().obj.get("quiet"))
+    return TerminalProgress() if TerminalProgress.wanted(quiet) else nullcontext(None)
 
 
 def _creds(value: str | None) -> "Credentials | None":
@@ -69,8 +80,9 @@ def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, c
     from .cache import Cache
     from .unpack import pull_image
 
-    resolved = pull_image(image, parse_platform(platform) if platform else None, cache=Cache(cache_dir),
-                          pull=policy, creds=_creds(creds))
+    with _progress() as progress:
+        resolved = pull_image(image, parse_platform(platform) if platform else None, cache=Cache(cache_dir),
+                              pull=policy, creds=_creds(creds), on_bytes=progress.download if progress else None)
     if as_json:
         click.echo(json.dumps({"image": image, "digest": str(resolved.manifest_digest),
                                "platform": str(resolved.platform) if resolved.platform else None,
@@ -98,9 +110,11 @@ def unpack_cmd(image: str, dest: Path, platform: str | None, pull: str, creds: s
     from .unpack import unpack
 
     cache = Cache(cache_dir) if "/" in image and not image.startswith("oci:") else None
-    result = unpack(image, dest, platform=parse_platform(platform) if platform else None,
-                    rootless=True if rootless else None, limits=_limits(limits), cache=cache, pull=pull,
-                    creds=_creds(creds))
+    with _progress() as progress:
+        result = unpack(image, dest, platform=parse_platform(platform) if platform else None,
+                        rootless=True if rootless else None, limits=_limits(limits), cache=cache, pull=pull,
+                        creds=_creds(creds), on_bytes=progress.download if progress else None,
+                        progress=progress.apply if progress else None)
     summary: dict[str, Any] = {
         "image": image,
         "digest": str(result.image.manifest_digest),

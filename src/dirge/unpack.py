@@ -15,7 +15,7 @@ from .apply.layer import Applier, Limits
 from .apply.tar import EntryStream, tokens
 from .blob import LayerStream
 from .errors import DirgeError
-from .image import Platform
+from .image import Descriptor, Platform
 from .reference import LayoutReference, RegistryReference, parse_reference
 from .resolve import BlobSource, ResolvedImage, resolve_manifest
 from .sources.layout import LayoutSource
@@ -50,6 +50,7 @@ def open_image(
     cache: "Cache | None" = None,
     pull: str = "missing",
     creds: "Credentials | None" = None,
+    on_bytes: "Callable[[Descriptor, int], None] | None" = None,
 ) -> tuple[BlobSource, ResolvedImage]:
     """Resolve ``image`` to one manifest and config, from the source its reference names.
 
@@ -70,6 +71,8 @@ def open_image(
 
         cache = cache or Cache()
         client = RegistryClient(ref.registry, creds=creds) if pull != "never" else None
+        if client is not None:
+            client.on_bytes = on_bytes
         try:
             start = start_descriptor(ref, cache, client, pull)
         except BaseException:
@@ -89,10 +92,14 @@ def open_image(
 
 
 def pull_image(image: str, platform: Platform | None = None, *, cache: "Cache | None" = None,
-               pull: str = "always", creds: "Credentials | None" = None) -> ResolvedImage:
+               pull: str = "always", creds: "Credentials | None" = None,
+               on_bytes: "Callable[[Descriptor, int], None] | None" = None) -> ResolvedImage:
     """Make sure the manifest, config and every layer blob of ``image`` are in the cache."""
-    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds)
+    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes)
     try:
+        prefetch = getattr(source, "prefetch", None)
+        if prefetch is not None:
+            prefetch(resolved.manifest.layers)
         for desc in resolved.manifest.layers:
             source.open_blob(desc).close()
     finally:
@@ -149,6 +156,7 @@ def unpack(
     cache: "Cache | None" = None,
     pull: str = "missing",
     creds: "Credentials | None" = None,
+    on_bytes: "Callable[[Descriptor, int], None] | None" = None,
 ) -> UnpackResult:
     """Write the flattened rootfs of ``image`` into ``dest`` (absent or empty), all or nothing."""
     dest = Path(dest)
@@ -156,7 +164,7 @@ def unpack(
         rootless = os.geteuid() != 0
     if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
         raise DirgeError(f"unpack {image}: destination {dest} exists and is not an empty directory")
-    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds)  # errors name the ref
+    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".dirge-staging", dir=dest.parent))

@@ -25,7 +25,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -184,6 +184,7 @@ class RegistryClient:
         self.config = config or load_config()
         self.creds = creds if creds is not None else find_credentials(registry)
         self.attempts = attempts
+        self.on_bytes: Callable[[Descriptor, int], None] | None = None  # download progress (bytes so far)
         reg_config = self.config.registry(registry)
         fallback = is_loopback(registry) or reg_config.insecure
         origin_host = DOCKER_HUB_API if registry == "docker.io" else registry
@@ -331,6 +332,8 @@ class RegistryClient:
                                                      f"more than {desc.size} bytes")
                             hasher.update(chunk)
                             out.write(chunk)
+                            if self.on_bytes:
+                                self.on_bytes(desc, written)
                         if written == desc.size:
                             break
                     except (httpx.TransportError, httpx.StreamError) as exc:
