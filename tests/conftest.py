@@ -61,3 +61,103 @@ def loop_fs(tmp_path: Path):
     for mnt, device in reversed(attached):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
         subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+# -- real registries on loopback (helpers in tests/registry.py) ----------------------------------------------------
+
+from registry import FaultProxy, Registry, TLSFiles, make_tls_files  # noqa: E402
+
+REGISTRY_USER, REGISTRY_PASSWORD = "alice", "s3cret"
+
+
+@pytest.fixture(scope="session")
+def registry_tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A test CA and a server certificate for 127.0.0.1/localhost (made once per session with openssl)."""
+    return make_tls_files(tmp_path_factory.mktemp("registry-tls"))
+
+
+def _run_registry(tmp_path_factory: pytest.TempPathFactory, name: str, **kwargs):
+    reg = Registry(tmp_path_factory.mktemp(name), **kwargs)
+    try:
+        yield reg.start()
+    finally:
+        reg.stop()
+
+
+@pytest.fixture
+def registry(tmp_path_factory: pytest.TempPathFactory):
+    """A plain-HTTP, no-auth docker-registry on 127.0.0.1 (``.host``, ``.url``, ``.stop()``), stopped after the test."""
+    yield from _run_registry(tmp_path_factory, "registry")
+
+
+@pytest.fixture(scope="module")
+def module_registry(tmp_path_factory: pytest.TempPathFactory):
+    """Like ``registry``, shared by the tests of one module."""
+    yield from _run_registry(tmp_path_factory, "registry")
+
+
+@pytest.fixture
+def tls_registry(tmp_path_factory: pytest.TempPathFactory, registry_tls_files: TLSFiles):
+    """HTTPS + htpasswd basic auth (``.ca_cert``, ``.cert_dir``, ``.username``, ``.password``, ``.host``, ``.url``)."""
+    yield from _run_registry(tmp_path_factory, "tls-registry", tls=registry_tls_files,
+                             auth=(REGISTRY_USER, REGISTRY_PASSWORD))
+
+
+@pytest.fixture(scope="module")
+def module_tls_registry(tmp_path_factory: pytest.TempPathFactory, registry_tls_files: TLSFiles):
+    """Like ``tls_registry``, shared by the tests of one module."""
+    yield from _run_registry(tmp_path_factory, "tls-registry", tls=registry_tls_files,
+                             auth=(REGISTRY_USER, REGISTRY_PASSWORD))
+
+
+@pytest.fixture
+def mirror_registry(tmp_path_factory: pytest.TempPathFactory):
+    """``mirror_registry(upstream, *, username=None, password=None, upstream_ca=None) -> Registry``.
+
+    A plain-HTTP pull-through cache (``proxy: remoteurl``) of ``upstream``, a URL or a ``Registry`` (then its CA is
+    trusted). docker-registry 2.8 hands ``username``/``password`` only to a *bearer* token realm of the upstream,
+    never to HTTP basic auth: put a ``fault_proxy(reg, bearer=True, bearer_creds=...)`` in between for that.
+    """
+    started: list[Registry] = []
+
+    def make(upstream: "str | Registry", *, username: str | None = None, password: str | None = None,
+             upstream_ca: str | None = None) -> Registry:
+        if isinstance(upstream, Registry):
+            if upstream.auth:
+                raise ValueError("docker-registry 2.8 cannot mirror an upstream with basic auth; "
+                                 "mirror a fault_proxy(upstream, bearer=True, bearer_creds=...) instead")
+            upstream_ca = upstream_ca or upstream.ca_cert
+            upstream = upstream.url
+        reg = Registry(tmp_path_factory.mktemp("mirror"), proxy_remote=upstream, proxy_ca=upstream_ca,
+                       proxy_auth=(username, password or "") if username is not None else None)
+        started.append(reg)
+        return reg.start()
+
+    try:
+        yield make
+    finally:
+        for reg in reversed(started):
+            reg.stop()
+
+
+@pytest.fixture
+def fault_proxy():
+    """``fault_proxy(upstream, *, bearer=False, bearer_creds=None, allow_anonymous=None, upstream_ca=None)``.
+
+    Returns a started ``FaultProxy`` in front of ``upstream`` (URL or ``Registry``); all are stopped after the test.
+    """
+    started: list[FaultProxy] = []
+
+    def make(upstream: "str | Registry", **kwargs) -> FaultProxy:
+        if isinstance(upstream, Registry):
+            kwargs.setdefault("upstream_ca", upstream.ca_cert)
+            upstream = upstream.url
+        proxy = FaultProxy(upstream, **kwargs)
+        started.append(proxy)
+        return proxy.start()
+
+    try:
+        yield make
+    finally:
+        for proxy in reversed(started):
+            proxy.stop()

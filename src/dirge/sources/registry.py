@@ -325,7 +325,7 @@ class RegistryClient:
                             out.seek(0)
                             out.truncate()
                             hasher, written = hashlib.new(desc.digest.algorithm), 0
-                        for chunk in response.iter_raw(_CHUNK):
+                        for chunk in response.iter_raw():  # as received: a reset keeps what arrived
                             written += len(chunk)
                             if written > desc.size:
                                 raise IntegrityError(f"size of {what}", f"{desc.size} bytes",

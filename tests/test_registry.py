@@ -1,0 +1,179 @@
+"""dirge's registry client against real docker-registry instances on loopback (fixtures in registry.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dirge import unpack
+from dirge.cache import Cache
+from dirge.errors import AuthError, IntegrityError, NotFound
+from dirge.image import Platform
+from dirge.layerbuild import LayerBuilder
+from dirge.sources.layout import LayoutWriter
+from dirge.unpack import pull_image
+from images import layered
+from registry import push_layout
+from treecmp import diff, snapshot
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DIRGE_RETRY_BASE", "0.01")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
+    monkeypatch.setenv("DIRGE_REGISTRIES_CONFIG", str(tmp_path / "no-registries.toml"))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+def layout_with(tmp_path: Path, layers: list[bytes], **kwargs) -> Path:
+    layout = tmp_path / "layout"
+    LayoutWriter(layout).add_image(layers, tag="t", **kwargs)
+    return layout
+
+
+def expected_tree(tmp_path: Path, layout: Path) -> dict:
+    dest = tmp_path / "expected"
+    unpack(f"oci:{layout}:t", dest)
+    return snapshot(dest)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_pull_and_unpack(registry, tmp_path: Path, compression: str) -> None:
+    layout = layout_with(tmp_path, layered(), compression=compression)
+    digest = push_layout(layout, "t", f"{registry.host}/team/app:1")
+    cache = Cache(tmp_path / "cache")
+    resolved = pull_image(f"{registry.host}/team/app:1", cache=cache)
+    assert str(resolved.manifest_digest) == digest
+    dest = tmp_path / "rootfs"
+    unpack(f"{registry.host}/team/app:1", dest, cache=cache, pull="never")  # offline from the cache
+    assert not diff(snapshot(dest), expected_tree(tmp_path, layout))
+    by_digest = tmp_path / "by-digest"
+    unpack(f"{registry.host}/team/app@{digest}", by_digest, cache=Cache(tmp_path / "cache2"))
+    assert (by_digest / "etc/passwd").exists()
+
+
+def test_docker_schema2_and_multi_arch(registry, tmp_path: Path) -> None:
+    layout = layout_with(tmp_path, [LayerBuilder().file("kind", b"v2s2").build()])
+    push_layout(layout, "t", f"{registry.host}/d/v2s2:1", format="v2s2")
+    unpack(f"{registry.host}/d/v2s2:1", tmp_path / "v2", cache=Cache(tmp_path / "c1"))
+    assert (tmp_path / "v2/kind").read_bytes() == b"v2s2"
+
+    multi = tmp_path / "multi"
+    w = LayoutWriter(multi)
+    amd = w.add_image([LayerBuilder().file("arch", b"amd64").build()], platform=Platform("linux", "amd64"))
+    arm = w.add_image([LayerBuilder().file("arch", b"arm64").build()], platform=Platform("linux", "arm64"))
+    index = w.add_json({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": [amd, arm]}, "application/vnd.oci.image.index.v1+json")
+    w.tag(index, "t")
+    push_layout(multi, "t", f"{registry.host}/d/multi:1", all_platforms=True)
+    cache = Cache(tmp_path / "c2")
+    unpack(f"{registry.host}/d/multi:1", tmp_path / "arm", cache=cache, platform=Platform("linux", "arm64"))
+    assert (tmp_path / "arm/arch").read_bytes() == b"arm64"
+    unpack(f"{registry.host}/d/multi:1", tmp_path / "amd", cache=cache, platform=Platform("linux", "amd64"))
+    assert (tmp_path / "amd/arch").read_bytes() == b"amd64"
+
+
+def test_not_found_is_clear(registry, tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match=rf"manifest unknown: {registry.host}/library-x/nope:1"):
+        pull_image(f"{registry.host}/library-x/nope:1", cache=Cache(tmp_path / "cache"))
+    with pytest.raises(NotFound, match="--pull never"):
+        pull_image(f"{registry.host}/library-x/nope:1", cache=Cache(tmp_path / "cache"), pull="never")
+
+
+def _docker_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: dict) -> None:
+    d = tmp_path / "docker"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("DOCKER_CONFIG", str(d))
+
+
+def test_tls_basic_auth_from_config_json(tls_registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    layout = layout_with(tmp_path, [LayerBuilder().file("secret", b"tls").build()])
+    ref = f"{tls_registry.host}/private/app:1"
+    push_layout(layout, "t", ref, tls_verify=True, creds=f"{tls_registry.username}:{tls_registry.password}",
+                cert_dir=tls_registry.cert_dir)
+    certs = tmp_path / "certs.d"
+    (certs / tls_registry.host).mkdir(parents=True)
+    (certs / tls_registry.host / "ca.crt").write_bytes(Path(tls_registry.ca_cert).read_bytes())
+    monkeypatch.setenv("DIRGE_CERTS_DIRS", str(certs))
+    auth = base64.b64encode(f"{tls_registry.username}:{tls_registry.password}".encode()).decode()
+    _docker_config(tmp_path, monkeypatch, {"auths": {tls_registry.host: {"auth": auth}}})
+    unpack(ref, tmp_path / "r1", cache=Cache(tmp_path / "c1"))
+    assert (tmp_path / "r1/secret").read_bytes() == b"tls"
+
+    # the same through a credential helper script, CA from SSL_CERT_FILE instead of certs.d
+    helper_dir = tmp_path / "bin"
+    helper_dir.mkdir()
+    helper = helper_dir / "docker-credential-testhelper"
+    helper.write_text(f"#!/bin/sh\nread server\necho '{{\"Username\": \"{tls_registry.username}\", "
+                      f"\"Secret\": \"{tls_registry.password}\"}}'\n")
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{helper_dir}:{os.environ['PATH']}")
+    _docker_config(tmp_path, monkeypatch, {"credHelpers": {tls_registry.host: "testhelper"}})
+    monkeypatch.setenv("DIRGE_CERTS_DIRS", str(tmp_path / "none"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.ca_cert))
+    unpack(ref, tmp_path / "r2", cache=Cache(tmp_path / "c2"))
+    assert (tmp_path / "r2/secret").read_bytes() == b"tls"
+
+    _docker_config(tmp_path, monkeypatch, {"auths": {tls_registry.host: {"auth": base64.b64encode(
+        b"alice:wrong-password").decode()}}})
+    with pytest.raises(AuthError) as info:
+        pull_image(ref, cache=Cache(tmp_path / "c3"))
+    assert "wrong-password" not in str(info.value) and tls_registry.host in str(info.value)
+
+
+def test_bearer_token_flow(registry, fault_proxy, tmp_path: Path) -> None:
+    layout = layout_with(tmp_path, [LayerBuilder().file("b", b"bearer").build()])
+    push_layout(layout, "t", f"{registry.host}/tok/app:1")
+    proxy = fault_proxy(registry, bearer=True, bearer_creds=("bob", "pw"))
+    from dirge.sources.auth import Credentials
+
+    unpack(f"{proxy.host}/tok/app:1", tmp_path / "r", cache=Cache(tmp_path / "c"), creds=Credentials("bob", "pw"))
+    assert (tmp_path / "r/b").read_bytes() == b"bearer"
+    assert any("repository:tok/app:pull" in " ".join(t.scopes) for t in proxy.token_requests)
+    with pytest.raises(AuthError, match="refused the credentials for user 'bob'"):
+        pull_image(f"{proxy.host}/tok/app:1", cache=Cache(tmp_path / "c2"), creds=Credentials("bob", "bad"))
+
+
+def test_faults_retried_resumed_or_rejected(registry, fault_proxy, tmp_path: Path) -> None:
+    big = os.urandom(3 << 20)
+    layout = layout_with(tmp_path, [LayerBuilder().file("big", big).build()])
+    push_layout(layout, "t", f"{registry.host}/f/app:1")
+    proxy = fault_proxy(registry)
+    proxy.fail(r"/manifests/", "status", status=429, retry_after="0")
+    proxy.fail(r"/blobs/", "status", times=2, status=500)
+    proxy.fail(r"/blobs/sha256", "reset_mid_body", method="GET")
+    unpack(f"{proxy.host}/f/app:1", tmp_path / "ok", cache=Cache(tmp_path / "c1"))
+    assert (tmp_path / "ok/big").read_bytes() == big
+    statuses = [s for _, _, s in proxy.requests]
+    assert 429 in statuses and 500 in statuses and 206 in statuses, proxy.requests  # retried, resumed
+
+    proxy.clear_faults()
+    proxy.fail(r"/blobs/sha256", "corrupt_body", times=100, method="GET")
+    cache = Cache(tmp_path / "c2")
+    with pytest.raises(IntegrityError, match="digest of blob"):
+        unpack(f"{proxy.host}/f/app:1", tmp_path / "bad", cache=cache)
+    assert not (tmp_path / "bad").exists()
+    blobs = [p.name for p in (cache.root / "blobs" / "sha256").iterdir()]
+    assert not [b for b in blobs if b.startswith(".tmp")], "a rejected blob left a temp file"
+
+
+def test_mirror_first_then_origin(registry, mirror_registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = layout_with(tmp_path, [LayerBuilder().file("m", b"mirrored").build()])
+    push_layout(layout, "t", f"{registry.host}/m/app:1")
+    mirror = mirror_registry(registry)
+    config = tmp_path / "registries.toml"
+    config.write_text(f'[registries."{registry.host}"]\nmirrors = ["{mirror.url}"]\n')
+    monkeypatch.setenv("DIRGE_REGISTRIES_CONFIG", str(config))
+    unpack(f"{registry.host}/m/app:1", tmp_path / "via-mirror", cache=Cache(tmp_path / "c1"))
+    assert (tmp_path / "via-mirror/m").read_bytes() == b"mirrored"
+    assert "/v2/m/app/manifests/1" in mirror.logs(), "the pull did not go through the mirror"
+    mirror.stop()  # the mirror is down: the origin serves
+    unpack(f"{registry.host}/m/app:1", tmp_path / "via-origin", cache=Cache(tmp_path / "c2"))
+    assert (tmp_path / "via-origin/m").read_bytes() == b"mirrored"
