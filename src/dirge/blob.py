@@ -246,7 +246,6 @@ class LayerStream:
                  transform: Callable[[Iterator[bytes]], Iterator[Sized]] | None = None) -> None:
         self.what = what
         self.compression = "none"
-        self.uncompressed_size = 0
         self._raw = raw
         self._reader = VerifyingReader(raw, digest, size, what)
         self._diff_id = diff_id
@@ -273,7 +272,6 @@ class LayerStream:
         for chunk in self._decompress.items():
             if diff_hash:
                 diff_hash.update(chunk)
-            self.uncompressed_size += len(chunk)
             yield chunk
         if diff_hash and self._diff_id:
             actual = f"{self._diff_id.algorithm}:{diff_hash.hexdigest()}"

@@ -130,7 +130,7 @@ class Cache:
             return None
         try:
             return read_verified(f, digest, size, f"cached blob {digest.short}", limit)
-        except (IntegrityError, DirgeError):
+        except DirgeError:  # IntegrityError included
             path.unlink(missing_ok=True)
             return None
 
@@ -227,14 +227,6 @@ class Cache:
         except BaseException:
             remove_tree(staging)
             raise
-
-    def remove_base(self, key: str) -> None:
-        with FileLock(self.root / "locks" / f"{key}.lock"):
-            path = self.root / "bases" / key
-            if path.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.root / "staging"))
-                os.rename(path, trash / "old")
-                remove_tree(trash)
 
     def bases(self) -> list[Path]:
         return sorted(p for p in (self.root / "bases").iterdir() if p.is_dir())

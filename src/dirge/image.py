@@ -11,9 +11,8 @@ import platform as _platform
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ImageError
+from .errors import ImageError, InvalidReference
 from .reference import Digest, parse_digest
-from .errors import InvalidReference
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -110,10 +110,6 @@ class ByteStream:
                 raise TarFormatError(f"tar stream truncated at byte {self.offset}")
             n -= len(piece)
 
-    def drain(self) -> None:
-        while self.read_up_to(1 << 20):
-            pass
-
 
 def _parse_number(field_: bytes) -> int:
     if field_[0] & 0x80:  # GNU base-256

@@ -25,7 +25,7 @@ from ..image import (
     host_platform,
     parse_index,
 )
-from ..reference import Digest, LayoutReference
+from ..reference import LayoutReference
 
 REF_NAME = "org.opencontainers.image.ref.name"
 
@@ -156,6 +156,3 @@ class LayoutWriter:
         tmp.write_text(data)
         os.replace(tmp, self.path / "index.json")
 
-
-def digest_of(data: bytes) -> Digest:
-    return Digest("sha256", hashlib.sha256(data).hexdigest())

@@ -25,10 +25,10 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import httpx
 
@@ -40,6 +40,7 @@ from ..image import MAX_MANIFEST_BYTES
 from ..reference import Digest, RegistryReference, parse_digest
 from .auth import Credentials, find_credentials
 
+T = TypeVar("T")
 ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 DOCKER_HUB_API = "registry-1.docker.io"
 CERTS_DIRS = ("/etc/docker/certs.d", "/etc/containers/certs.d")
@@ -246,8 +247,14 @@ class RegistryClient:
             raise NotFound(f"{kind}: {what}", status=status, codes=codes)
         raise RegistryError(f"{what}: {endpoint.host} answered {status}{detail}", status=status, codes=codes)
 
-    def _each_endpoint(self) -> Iterator[Endpoint]:
-        yield from self.endpoints
+    def _first_that_works(self, attempt: Callable[[Endpoint], T]) -> T:
+        """Mirrors in order, then the origin; a failing mirror falls through, the origin's error is raised."""
+        for endpoint in self.endpoints[:-1]:
+            try:
+                return attempt(endpoint)
+            except (RegistryError, IntegrityError):
+                continue
+        return attempt(self.endpoints[-1])
 
     # -- manifests ----------------------------------------------------------------------------
 
@@ -255,35 +262,31 @@ class RegistryClient:
         """GET a manifest or index by tag or digest; returns (raw bytes, media type, digest)."""
         what = f"{ref}" if reference == (ref.tag or "") else f"{ref.registry}/{ref.repository}@{reference}"
         scope = f"repository:{ref.repository}:pull"
-        errors: list[Exception] = []
-        for endpoint in self._each_endpoint():
-            try:
-                response = self._call(endpoint, "GET", f"/v2/{ref.repository}/manifests/{reference}", scope, what,
-                                      headers={"Accept": ACCEPT})
-                if response.status_code != 200:
-                    self._raise_for(response, what, endpoint)
-                raw = response.content
-                if len(raw) > MAX_MANIFEST_BYTES:
-                    raise RegistryError(f"{what}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
-                media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-                digest = Digest("sha256", hashlib.sha256(raw).hexdigest())
-                if reference.startswith("sha") and reference != str(digest):
-                    expected = parse_digest(reference)
-                    actual = Digest(expected.algorithm, hashlib.new(expected.algorithm, raw).hexdigest())
-                    if actual != expected:
-                        raise IntegrityError(f"manifest of {what}", reference, str(actual))
-                    digest = expected
-                header = response.headers.get("Docker-Content-Digest")
-                if header and not reference.startswith("sha") and header != str(digest):
-                    raise IntegrityError(f"manifest of {what} (Docker-Content-Digest)", header, str(digest))
-                if media_type not in INDEX_TYPES + MANIFEST_TYPES:
-                    media_type = _media_type_of(raw) or media_type
-                return raw, media_type, digest
-            except (RegistryError, IntegrityError) as exc:
-                if endpoint is self.endpoints[-1]:
-                    raise
-                errors.append(exc)  # a mirror failed: fall back to the next endpoint
-        raise AssertionError("unreachable")
+        return self._first_that_works(lambda endpoint: self._manifest_from(endpoint, ref, reference, what, scope))
+
+    def _manifest_from(self, endpoint: Endpoint, ref: RegistryReference, reference: str, what: str,
+                       scope: str) -> tuple[bytes, str, Digest]:
+        response = self._call(endpoint, "GET", f"/v2/{ref.repository}/manifests/{reference}", scope, what,
+                              headers={"Accept": ACCEPT})
+        if response.status_code != 200:
+            self._raise_for(response, what, endpoint)
+        raw = response.content
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise RegistryError(f"{what}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        digest = Digest("sha256", hashlib.sha256(raw).hexdigest())
+        if reference.startswith("sha") and reference != str(digest):
+            expected = parse_digest(reference)
+            actual = Digest(expected.algorithm, hashlib.new(expected.algorithm, raw).hexdigest())
+            if actual != expected:
+                raise IntegrityError(f"manifest of {what}", reference, str(actual))
+            digest = expected
+        header = response.headers.get("Docker-Content-Digest")
+        if header and not reference.startswith("sha") and header != str(digest):
+            raise IntegrityError(f"manifest of {what} (Docker-Content-Digest)", header, str(digest))
+        if media_type not in INDEX_TYPES + MANIFEST_TYPES:
+            media_type = _media_type_of(raw) or media_type
+        return raw, media_type, digest
 
     # -- blobs --------------------------------------------------------------------------------
 
@@ -294,13 +297,7 @@ class RegistryClient:
             return final
         what = f"blob {desc.digest.short} of {ref.registry}/{ref.repository}"
         scope = f"repository:{ref.repository}:pull"
-        for endpoint in self._each_endpoint():
-            try:
-                return self._download_from(endpoint, ref, desc, cache, what, scope)
-            except (RegistryError, IntegrityError):
-                if endpoint is self.endpoints[-1]:
-                    raise
-        raise AssertionError("unreachable")
+        return self._first_that_works(lambda endpoint: self._download_from(endpoint, ref, desc, cache, what, scope))
 
     def _download_from(self, endpoint: Endpoint, ref: RegistryReference, desc: Descriptor, cache: Cache,
                        what: str, scope: str) -> Path:
