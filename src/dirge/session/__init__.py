@@ -68,12 +68,12 @@ class Sessions:
         return self.session_dir(session_id) / "rootfs"
 
     def choose(self, base_rootfs: Path, strategy: str | None) -> str:
-        usable = backends.available(base_rootfs, self.dir)
         if strategy is None:
-            return usable[0]
+            return next(backends.usable(base_rootfs, self.dir))
         if strategy not in backends.STRATEGIES:
             raise SessionError(f"unknown session strategy {strategy!r}; choose one of {', '.join(backends.STRATEGIES)}")
-        if strategy not in usable:
+        if strategy not in backends.usable(base_rootfs, self.dir):
+            usable = backends.available(base_rootfs, self.dir)
             raise SessionError(f"session strategy {strategy!r} is not available here (available: {', '.join(usable)})")
         return strategy
 

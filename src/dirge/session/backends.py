@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import SessionError
@@ -63,17 +64,20 @@ def reflink_works(directory: Path) -> bool:
                 return False
 
 
-def available(base_rootfs: Path, work_dir: Path) -> list[str]:
-    """Strategies usable for this base on this machine, fastest first."""
-    out = []
+def usable(base_rootfs: Path, work_dir: Path) -> Iterator[str]:
+    """Strategies usable for this base on this machine, fastest first, probed lazily: the common
+    case (overlay as root) never pays for the reflink probe's scratch files."""
     if os.geteuid() == 0 and _overlay_supported() and fs_type(work_dir) != OVERLAY_MAGIC:
-        out.append("overlay")
+        yield "overlay"
     if is_subvolume(base_rootfs) and shutil.which("btrfs"):
-        out.append("btrfs")
+        yield "btrfs"
     if reflink_works(work_dir):
-        out.append("reflink")
-    out.append("copy")
-    return out
+        yield "reflink"
+    yield "copy"
+
+
+def available(base_rootfs: Path, work_dir: Path) -> list[str]:
+    return list(usable(base_rootfs, work_dir))
 
 
 def mount_overlay(lowers: list[Path], upper: Path, work: Path, target: Path) -> None:
