@@ -465,7 +465,7 @@ def sha256_digest(data: bytes) -> str:
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
                "transfer-encoding", "upgrade", "expect", "proxy-connection"}
-_FAULT_KINDS = {"status", "reset_mid_body", "corrupt_body", "no_range", "close"}
+_FAULT_KINDS = {"status", "reset_mid_body", "stall_mid_body", "corrupt_body", "no_range", "close"}
 _REPO_PATH = re.compile(r"^/v2/(?P<name>.+?)/(?:manifests|blobs|tags|referrers)/")
 
 
@@ -540,6 +540,8 @@ class FaultProxy:
       ``Retry-After`` header, ``headers={...}`` more headers, ``body=b"..."`` a body (default: a registry error JSON).
     * ``"reset_mid_body"``: upstream's status and headers (full Content-Length), then the first
       ``after_bytes`` (default half) of the body, then an RST (SO_LINGER 0).
+    * ``"stall_mid_body"``: the first ``after_bytes`` (default half) of the body, then a wait until the
+      ``threading.Event`` ``kw["release"]`` is set (at most 60 s), then the rest.
     * ``"corrupt_body"``: upstream's answer with the byte at ``offset`` (default the middle) XOR 0xFF; same length.
     * ``"no_range"``: drop ``Range``/``If-Range`` before forwarding, so upstream answers 200 with the whole body.
     * ``"close"``: reset the connection without answering at all.
@@ -898,8 +900,14 @@ class FaultProxy:
         kind = fault.kind if fault is not None else None
         cut = int(fault.kw.get("after_bytes", length // 2)) if kind == "reset_mid_body" else None
         flip = int(fault.kw.get("offset", length // 2)) if kind == "corrupt_body" else None
+        stall = int(fault.kw.get("after_bytes", length // 2)) if kind == "stall_mid_body" else None
         sent = 0
         for chunk in chunks:
+            if stall is not None and sent + len(chunk) >= stall:
+                h.wfile.write(chunk[: stall - sent])
+                h.wfile.flush()
+                fault.kw["release"].wait(60)
+                chunk, sent, stall = chunk[stall - sent:], stall, None
             if flip is not None and sent <= flip < sent + len(chunk):
                 i = flip - sent
                 chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1:]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -162,6 +165,47 @@ def test_faults_retried_resumed_or_rejected(registry, fault_proxy, tmp_path: Pat
     assert not (tmp_path / "bad").exists()
     blobs = [p.name for p in (cache.root / "blobs" / "sha256").iterdir()]
     assert not [b for b in blobs if b.startswith(".tmp")], "a rejected blob left a temp file"
+
+
+def test_layer_applied_while_it_downloads(registry, fault_proxy, tmp_path: Path) -> None:
+    # The first file arrives, then the server stalls: it must already be written while the blob is
+    # still incomplete and unpublished (unpack of a layer overlaps its download).
+    tail = os.urandom(4 << 20)  # incompressible: the stall lands inside it, after a few MiB of batches
+    layout = layout_with(tmp_path, [LayerBuilder().file("first", b"early").file("pad", os.urandom(3 << 20))
+                                    .file("tail", tail).build()])
+    push_layout(layout, "t", f"{registry.host}/s/app:1")
+    proxy = fault_proxy(registry)
+    release = threading.Event()
+    proxy.fail(r"/blobs/sha256", "stall_mid_body", method="GET", after_bytes=(5 << 20), release=release)
+    cache = Cache(tmp_path / "c")
+    done: list[BaseException | None] = []
+    worker = threading.Thread(target=lambda: done.append(_call(unpack, f"{proxy.host}/s/app:1", tmp_path / "out",
+                                                                 cache=cache)))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        early = []
+        while time.monotonic() < deadline and not early:
+            early = list(tmp_path.glob(".out.*.dirge-staging/first"))
+            worker.join(0.02)
+        assert early and early[0].read_bytes() == b"early", "the layer's first file waited for the whole blob"
+        blobs = cache.root / "blobs" / "sha256"
+        assert [p for p in blobs.iterdir() if p.name.startswith(".tmp")], "no download in progress"
+        assert not [p for p in blobs.iterdir() if not p.name.startswith(".tmp") and p.stat().st_size > (5 << 20)]
+    finally:
+        release.set()
+        worker.join(60)
+    assert done == [None]
+    assert (tmp_path / "out/tail").read_bytes() == tail
+    assert not [p for p in (cache.root / "blobs" / "sha256").iterdir() if p.name.startswith(".tmp")]
+
+
+def _call(fn: Callable[..., object], *args: object, **kw: object) -> BaseException | None:
+    try:
+        fn(*args, **kw)
+    except BaseException as exc:  # reported to the test thread
+        return exc
+    return None
 
 
 def test_mirror_first_then_origin(registry, mirror_registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -109,7 +109,7 @@ def unpack_cmd(image: str, dest: Path, platform: str | None, pull: str, creds: s
     from .cache import Cache
     from .unpack import unpack
 
-    cache = Cache(cache_dir) if "/" in image and not image.startswith("oci:") else None
+    cache = None if image.startswith("oci:") else Cache(cache_dir)
     with _progress() as progress:
         result = unpack(image, dest, platform=parse_platform(platform) if platform else None,
                         rootless=True if rootless else None, limits=_limits(limits), cache=cache, pull=pull,
@@ -149,6 +149,50 @@ def demo_cmd(workdir: Path) -> None:
 cache_dir_option = click.option(
     "--cache-dir", type=click.Path(path_type=Path), envvar="DIRGE_CACHE_DIR",
     help="Cache directory (default $DIRGE_CACHE_DIR, else $XDG_CACHE_HOME/dirge or ~/.cache/dirge).")
+
+
+def _build_args(values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: use KEY=VALUE", param_hint="--build-arg")
+        out[key] = value
+    return out
+
+
+@cli.command("build")
+@click.argument("name")
+@click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="Passed to the Dockerfile.")
+@click.option("--no-cache", is_flag=True, help="Rebuild even if current, without buildah's layer cache.")
+@cache_dir_option
+def build_cmd(name: str, build_args: tuple[str, ...], no_cache: bool, cache_dir: Path | None) -> None:
+    """Build local variant NAME (images/NAME/Dockerfile) with buildah unless it is current."""
+    from .cache import Cache
+    from .variants import build_guest_image
+
+    quiet = bool(click.get_current_context().find_root().obj.get("quiet"))
+    result = build_guest_image(name, cache_root=Cache(cache_dir).root, build_args=_build_args(build_args),
+                               no_cache=no_cache, output=None if quiet else sys.stderr)
+    state = "built" if result.built else "current, not rebuilt"
+    click.echo(f"{result.variant.tag} {result.image.id[:12]} ({state})")
+
+
+@cli.command("variants")
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
+    """List local variants: where each comes from and whether its image is built and current."""
+    from .cache import Cache
+    from .variants import list_variants, variant_status
+
+    root = Cache(cache_dir).root
+    items = [{"name": v.name, "origin": v.origin, "path": str(v.path), "status": variant_status(v, root)}
+             for v in list_variants()]
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+    for item in [] if as_json else items:
+        click.echo(f"{item['name']:12} {item['status']:10} {item['origin']}  {item['path']}")
 
 
 def _sessions(cache_dir: Path | None) -> "Sessions":

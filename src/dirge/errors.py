@@ -16,6 +16,7 @@ Messages are lowercase verb phrases joined level by level, e.g.
     │   ├── AuthError             401/403: missing or wrong credentials
     │   ├── NotFound              404: no such repository, tag, manifest or blob
     │   └── RateLimited           429 after every retry
+    ├── BuildError                a local variant or buildah image that cannot be found, built or exported
     ├── LockTimeout               another process holds a cache lock for too long (names its pid)
     └── SessionError              a session or snapshot that cannot be made, found or removed
 """
@@ -70,6 +71,10 @@ class LimitExceeded(DirgeError):
 
 class UnpackError(DirgeError):
     """An operating-system error while writing the rootfs."""
+
+
+class BuildError(DirgeError):
+    pass
 
 
 class LockTimeout(DirgeError):

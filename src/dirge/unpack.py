@@ -54,7 +54,8 @@ def open_image(
 ) -> tuple[BlobSource, ResolvedImage]:
     """Resolve ``image`` to one manifest and config, from the source its reference names.
 
-    Registry images keep their blobs in ``cache`` (the default cache if None). The caller closes the source.
+    Registry images keep their blobs in ``cache`` (the default cache if None); local variants are built
+    (if missing or stale) and exported there too. The caller closes the source.
     """
     if pull not in PULL_POLICIES:
         raise DirgeError(f"--pull must be one of {', '.join(PULL_POLICIES)}, not {pull!r}")
@@ -85,10 +86,17 @@ def open_image(
         except BaseException:
             registry_source.close()
             raise
-    raise DirgeError(
-        f"open {image}: local variants (images/NAME/Dockerfile, local://) are not implemented yet; "
-        "use oci:PATH[:TAG] or a registry reference"
-    )
+    from .cache import Cache
+    from .sources.buildah import open_local
+
+    cache = cache or Cache()
+    local_source, start = open_local(ref, cache.root)
+    try:
+        cache.record_ref(str(ref), start.digest)
+        return local_source, resolve_manifest(local_source, start, str(ref), platform)
+    except BaseException:
+        local_source.close()
+        raise
 
 
 def pull_image(image: str, platform: Platform | None = None, *, cache: "Cache | None" = None,
@@ -97,11 +105,13 @@ def pull_image(image: str, platform: Platform | None = None, *, cache: "Cache | 
     """Make sure the manifest, config and every layer blob of ``image`` are in the cache."""
     source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes)
     try:
-        prefetch = getattr(source, "prefetch", None)
-        if prefetch is not None:
+        prefetch, wait = getattr(source, "prefetch", None), getattr(source, "wait", None)
+        if prefetch is not None and wait is not None:
             prefetch(resolved.manifest.layers)
-        for desc in resolved.manifest.layers:
-            source.open_blob(desc).close()
+            wait()
+        else:
+            for desc in resolved.manifest.layers:
+                source.open_blob(desc).close()
     finally:
         source.close()
     return resolved

@@ -22,7 +22,6 @@ import os
 import random
 import re
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -34,17 +33,17 @@ import httpx
 
 from ..cache import Cache
 from ..config import Config, load_config
-from ..errors import AuthError, IntegrityError, NotFound, RateLimited, RegistryError
+from ..errors import AuthError, DirgeError, IntegrityError, NotFound, RateLimited, RegistryError
 from ..image import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, Descriptor
 from ..image import MAX_MANIFEST_BYTES
 from ..reference import Digest, RegistryReference, parse_digest
 from .auth import Credentials, find_credentials
+from .partial import PartialBlob
 
 T = TypeVar("T")
 ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 DOCKER_HUB_API = "registry-1.docker.io"
 CERTS_DIRS = ("/etc/docker/certs.d", "/etc/containers/certs.d")
-_CHUNK = 1 << 20
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
 
@@ -290,70 +289,60 @@ class RegistryClient:
 
     # -- blobs --------------------------------------------------------------------------------
 
-    def download_blob(self, ref: RegistryReference, desc: Descriptor, cache: Cache) -> Path:
-        """Stream a blob into the cache (temp file → digest check → rename); resumes with Range."""
+    def download_blob(self, ref: RegistryReference, desc: Descriptor, cache: Cache,
+                      partial: PartialBlob | None = None) -> Path:
+        """Stream a blob into the cache (temp file → size and digest check → rename); resumes with Range.
+
+        Pass ``partial`` to read the blob while it downloads (see ``PartialBlob``).
+        """
         final = cache.blob_path(desc.digest)
-        if final.exists():
+        if final.exists() and partial is None:
             return final
         what = f"blob {desc.digest.short} of {ref.registry}/{ref.repository}"
+        partial = partial or PartialBlob(final, desc, what)
         scope = f"repository:{ref.repository}:pull"
-        return self._first_that_works(lambda endpoint: self._download_from(endpoint, ref, desc, cache, what, scope))
-
-    def _download_from(self, endpoint: Endpoint, ref: RegistryReference, desc: Descriptor, cache: Cache,
-                       what: str, scope: str) -> Path:
-        final = cache.blob_path(desc.digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".tmp-{desc.digest.hex[:16]}-")
-        tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as out:
-                hasher = hashlib.new(desc.digest.algorithm)
-                written = 0
-                resets = 0
-                while True:
-                    headers = {"Range": f"bytes={written}-"} if written else {}
-                    response = self._call(endpoint, "GET", f"/v2/{ref.repository}/blobs/{desc.digest}", scope,
-                                          what, headers=headers, stream=True)
-                    try:
-                        if response.status_code not in (200, 206):
-                            response.read()
-                            self._raise_for(response, what, endpoint)
-                        if written and response.status_code == 200:  # no Range support: start again
-                            out.seek(0)
-                            out.truncate()
-                            hasher, written = hashlib.new(desc.digest.algorithm), 0
-                        for chunk in response.iter_raw():  # as received: a reset keeps what arrived
-                            written += len(chunk)
-                            if written > desc.size:
-                                raise IntegrityError(f"size of {what}", f"{desc.size} bytes",
-                                                     f"more than {desc.size} bytes")
-                            hasher.update(chunk)
-                            out.write(chunk)
-                            if self.on_bytes:
-                                self.on_bytes(desc, written)
-                        if written == desc.size:
-                            break
-                    except (httpx.TransportError, httpx.StreamError) as exc:
-                        resets += 1
-                        if resets >= self.attempts:
-                            raise RegistryError(f"{what}: download kept failing ({exc})", retryable=True) from None
-                        time.sleep(retry_base() * resets)
-                        continue
-                    finally:
-                        response.close()
-                    if written < desc.size:  # the server ended the body early: resume
-                        resets += 1
-                        if resets >= self.attempts:
-                            raise IntegrityError(f"size of {what}", f"{desc.size} bytes", f"{written} bytes")
-                actual = f"{desc.digest.algorithm}:{hasher.hexdigest()}"
-                if actual != str(desc.digest):
-                    raise IntegrityError(f"digest of {what}", str(desc.digest), actual)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, final)
-            return final
-        finally:
-            tmp.unlink(missing_ok=True)
+            self._first_that_works(lambda endpoint: self._download_from(endpoint, ref, partial, scope))
+            return partial.publish()
+        except BaseException as exc:
+            partial.fail(exc)
+            raise
+
+    def _download_from(self, endpoint: Endpoint, ref: RegistryReference, partial: PartialBlob, scope: str) -> None:
+        desc, what = partial.desc, partial.what
+        resets = 0
+        try:
+            while True:
+                headers = {"Range": f"bytes={partial.written}-"} if partial.written else {}
+                response = self._call(endpoint, "GET", f"/v2/{ref.repository}/blobs/{desc.digest}", scope,
+                                      what, headers=headers, stream=True)
+                try:
+                    if response.status_code not in (200, 206):
+                        response.read()
+                        self._raise_for(response, what, endpoint)
+                    if partial.written and response.status_code == 200:  # no Range support: start again
+                        partial.restart()
+                    for chunk in response.iter_raw():  # as received: a reset keeps what arrived
+                        partial.append(chunk)
+                        if self.on_bytes:
+                            self.on_bytes(desc, partial.written)
+                    if partial.written == desc.size:
+                        partial.verify()
+                        return
+                except (httpx.TransportError, httpx.StreamError) as exc:
+                    resets += 1
+                    if resets >= self.attempts:
+                        raise RegistryError(f"{what}: download kept failing ({exc})", retryable=True) from None
+                    time.sleep(retry_base() * resets)
+                    continue
+                finally:
+                    response.close()
+                resets += 1  # the server ended the body early: resume
+                if resets >= self.attempts:
+                    raise IntegrityError(f"size of {what}", f"{desc.size} bytes", f"{partial.written} bytes")
+        except IntegrityError:
+            partial.restart()  # wrong bytes from this endpoint: the next one starts from zero
+            raise
 
 
 def _looks_like_plain_http(exc: Exception) -> bool:
@@ -378,10 +367,10 @@ def _media_type_of(raw: bytes) -> str | None:
 
 
 class RegistrySource:
-    """A ``BlobSource`` over a registry, storing every blob in the cache (verified) before use.
+    """A ``BlobSource`` over a registry, storing every blob in the cache (verified).
 
-    ``prefetch`` starts bounded parallel downloads of the layers, so applying layer N overlaps with
-    downloading the later ones.
+    ``prefetch`` starts bounded parallel downloads of the layers; ``open_blob`` on a layer still
+    downloading reads it as it arrives, so applying layer N overlaps with downloading it and the later ones.
     """
 
     def __init__(self, client: RegistryClient, ref: RegistryReference, cache: Cache, parallel: int = 3) -> None:
@@ -389,29 +378,40 @@ class RegistrySource:
         self.ref = ref
         self.cache = cache
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="dirge-pull")
-        self._futures: dict[Digest, Future[Path]] = {}
+        self._downloads: dict[Digest, tuple[Future[Path], PartialBlob]] = {}
 
     def close(self) -> None:
-        for future in self._futures.values():
-            future.cancel()
+        for future, partial in self._downloads.values():
+            if future.cancel():
+                partial.fail(DirgeError(f"{partial.what}: download cancelled"))
+            partial.abandon()
         self._pool.shutdown(wait=True)
         self.client.close()
 
     def prefetch(self, descs: list[Descriptor]) -> None:
         for desc in descs:
-            if desc.digest not in self._futures:
-                self._futures[desc.digest] = self._pool.submit(self.client.download_blob, self.ref, desc, self.cache)
+            if desc.digest in self._downloads or self.cache.blob_path(desc.digest).exists():
+                continue
+            what = f"blob {desc.digest.short} of {self.ref.registry}/{self.ref.repository}"
+            partial = PartialBlob(self.cache.blob_path(desc.digest), desc, what)
+            future = self._pool.submit(self.client.download_blob, self.ref, desc, self.cache, partial)
+            self._downloads[desc.digest] = (future, partial)
 
     def open_blob(self, desc: Descriptor) -> BinaryIO:
+        path = self.cache.blob_path(desc.digest)
         if desc.media_type in INDEX_TYPES + MANIFEST_TYPES:
-            path = self.cache.blob_path(desc.digest)
             if not path.exists():
                 raw, _, _ = self.client.fetch_manifest(self.ref, str(desc.digest))
                 self.cache.put_blob(desc.digest, raw)
             return open(path, "rb")
-        future = self._futures.get(desc.digest)
-        path = future.result() if future is not None else self.client.download_blob(self.ref, desc, self.cache)
-        return open(path, "rb")
+        if desc.digest in self._downloads:
+            return self._downloads[desc.digest][1].reader()  # type: ignore[return-value]
+        return open(self.client.download_blob(self.ref, desc, self.cache), "rb")
+
+    def wait(self) -> None:
+        """Block until every prefetched download is published (or raise the first failure)."""
+        for future, _ in self._downloads.values():
+            future.result()
 
 
 def start_descriptor(ref: RegistryReference, cache: Cache, client: RegistryClient | None, pull: str) -> Descriptor:

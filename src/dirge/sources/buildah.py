@@ -1,0 +1,135 @@
+"""Images in buildah's local storage (``local://NAME[:TAG]``), exported as OCI layouts into the cache.
+
+dirge keeps its own buildah storage, ``CACHE/buildah`` with the vfs driver (it works everywhere, on any
+filesystem, without fuse-overlayfs), unless ``$DIRGE_BUILDAH_ROOT`` (and ``$DIRGE_BUILDAH_DRIVER``) name
+another. An image is exported once per image ID with ``buildah push --disable-compression ID oci:DIR``
+into ``CACHE/exports/<id>`` (temp dir + rename, under a lock), then read like any OCI layout: the same
+verified, whiteout-honouring applier as every other source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import BuildError
+from ..image import Descriptor
+from ..lock import FileLock
+from ..reference import LayoutReference, LocalReference
+from .layout import LayoutSource
+
+INSTALL_HINT = "install buildah (Debian/Ubuntu: apt-get install buildah; Fedora: dnf install buildah)"
+_IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
+_OUTPUT_TAIL = 25  # lines of buildah's output kept in an error message
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    id: str
+    labels: dict[str, str]
+    names: list[str]
+
+
+class Buildah:
+    """The buildah command line over one storage (root, runroot, driver)."""
+
+    def __init__(self, cache_root: Path) -> None:
+        root = os.environ.get("DIRGE_BUILDAH_ROOT")
+        self.root = Path(root) if root else cache_root / "buildah" / "storage"
+        self.runroot = cache_root / "buildah" / "run" if not root else None
+        self.driver = os.environ.get("DIRGE_BUILDAH_DRIVER", "vfs")
+
+    def command(self, *args: str) -> list[str]:
+        exe = shutil.which("buildah")
+        if exe is None:
+            raise BuildError(f"buildah is not installed; {INSTALL_HINT}")
+        out = [exe, "--root", str(self.root), "--storage-driver", self.driver]
+        if self.runroot is not None:
+            out += ["--runroot", str(self.runroot)]
+        return out + list(args)
+
+    def run(self, *args: str, what: str, output: IO[str] | None = None) -> str:
+        """Run buildah; its output goes to ``output`` if given, else is kept for the error message."""
+        cmd = self.command(*args)
+        if output is not None:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=output, text=True)
+            if proc.returncode != 0:
+                raise BuildError(f"{what}: buildah {args[0]} failed (exit {proc.returncode}); its output is above")
+            return ""
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-_OUTPUT_TAIL:])
+            raise BuildError(f"{what}: buildah {args[0]} failed (exit {proc.returncode}): {tail}")
+        return proc.stdout
+
+    def inspect(self, name: str) -> LocalImage | None:
+        """The image ``name`` (or ID) in this storage, or None."""
+        cmd = self.command("inspect", "--type", "image", name)
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return None
+        try:
+            info: dict[str, Any] = json.loads(proc.stdout)
+            image_id = info["FromImageID"]
+            labels = ((info.get("OCIv1") or {}).get("config") or {}).get("Labels") or {}
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise BuildError(f"inspect local image {name}: unexpected buildah output ({exc})") from None
+        if not isinstance(image_id, str) or not _IMAGE_ID.match(image_id):
+            raise BuildError(f"inspect local image {name}: unexpected image ID {image_id!r}")
+        return LocalImage(image_id, dict(labels), list(info.get("FromImage", "").split(",")))
+
+    def remove(self, image_id: str) -> None:
+        subprocess.run(self.command("rmi", image_id), stdin=subprocess.DEVNULL, capture_output=True)
+
+
+def export_image(buildah: Buildah, image: LocalImage, cache_root: Path, what: str) -> Path:
+    """The OCI layout of ``image`` under the cache, exported once per image ID."""
+    exports = cache_root / "exports"
+    exports.mkdir(parents=True, exist_ok=True)
+    final = exports / image.id
+    if (final / "index.json").exists():
+        return final
+    with FileLock(cache_root / "locks" / f"export-{image.id}.lock"):
+        if (final / "index.json").exists():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{image.id[:16]}-", dir=exports))
+        try:
+            # Uncompressed: the export never leaves this machine, and the applier then skips gunzip.
+            buildah.run("push", "--quiet", "--disable-compression", image.id, f"oci:{tmp / 'layout'}:latest",
+                        what=f"export {what}")
+            os.rename(tmp / "layout", final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def remove_export(cache_root: Path, image_id: str) -> None:
+    if _IMAGE_ID.match(image_id):
+        shutil.rmtree(cache_root / "exports" / image_id, ignore_errors=True)
+
+
+def open_local(ref: LocalReference, cache_root: Path) -> tuple[LayoutSource, Descriptor]:
+    """A source and start descriptor for ``local://NAME``; variants are built first if needed."""
+    buildah = Buildah(cache_root)
+    if ref.variant is not None:
+        from ..variants import build_guest_image
+
+        image = build_guest_image(ref.variant, cache_root=cache_root).image
+    else:
+        found = buildah.inspect(ref.name)
+        if found is None:
+            raise BuildError(
+                f"open {ref}: no image {ref.name!r} in buildah storage {buildah.root}; build it there "
+                f"(buildah --root {buildah.root} --storage-driver {buildah.driver} bud -t {ref.name} DIR) "
+                "or point $DIRGE_BUILDAH_ROOT at the storage that has it")
+        image = found
+    layout = export_image(buildah, image, cache_root, str(ref))
+    source = LayoutSource(layout)
+    return source, source.select(LayoutReference(str(layout), "latest"))
