@@ -176,7 +176,10 @@ def test_layer_applied_while_it_downloads(registry, fault_proxy, tmp_path: Path)
     push_layout(layout, "t", f"{registry.host}/s/app:1")
     proxy = fault_proxy(registry)
     release = threading.Event()
-    proxy.fail(r"/blobs/sha256", "stall_mid_body", method="GET", after_bytes=(5 << 20), release=release)
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
+    layer = manifest["layers"][0]["digest"]
+    proxy.fail(f"/blobs/{layer}", "stall_mid_body", method="GET", after_bytes=(5 << 20), release=release)
     cache = Cache(tmp_path / "c")
     done: list[BaseException | None] = []
     worker = threading.Thread(target=lambda: done.append(_call(unpack, f"{proxy.host}/s/app:1", tmp_path / "out",

@@ -27,7 +27,7 @@ from .layout import LayoutSource
 
 INSTALL_HINT = "install buildah (Debian/Ubuntu: apt-get install buildah; Fedora: dnf install buildah)"
 _IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
-_OUTPUT_TAIL = 25  # lines of buildah's output kept in an error message
+_OUTPUT_TAIL = 6  # lines of buildah's output kept in an error message
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ class Buildah:
             return ""
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if proc.returncode != 0:
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-_OUTPUT_TAIL:])
+            lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+            tail = " | ".join(lines[-_OUTPUT_TAIL:])  # one line: the CLI prints errors as one
             raise BuildError(f"{what}: buildah {args[0]} failed (exit {proc.returncode}): {tail}")
         return proc.stdout
 

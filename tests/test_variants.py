@@ -1,0 +1,292 @@
+"""Local variants (images/NAME/Dockerfile) built with a real buildah (vfs, chroot isolation), FROM images
+in a loopback docker-registry; exported as OCI layouts and applied like every other source."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dirge.cache import Cache
+from dirge.cli import main
+from dirge.errors import BuildError
+from dirge.layerbuild import LayerBuilder
+from dirge.reference import RegistryReference
+from dirge.rootfs import prepare
+from dirge.sources.layout import LayoutWriter
+from dirge.unpack import unpack
+from dirge.variants import build_guest_image, dockerfile_bases, find_variant, list_variants
+from registry import push_layout
+
+BUSYBOX = Path("/bin/busybox")
+APPLETS = ("sh", "rm", "mkdir", "echo", "chown", "cat", "ls", "touch", "chmod")
+
+TEST_DOCKERFILE = """\
+# a busybox guest: add a user, delete a file of the base, replace a directory of the base
+FROM {base}
+RUN echo "tester:x:1234:1234::/home/tester:/bin/sh" >> /etc/passwd && mkdir -p /home/tester && chown 1234:1234 /home/tester
+RUN rm /etc/motd
+RUN rm -rf /opt/data && mkdir -p /opt/data && echo new > /opt/data/new.txt && chown 1234:1234 /opt/data/new.txt
+COPY hello.txt /etc/hello.txt
+"""
+
+
+@pytest.fixture(scope="module")
+def busybox_base(module_registry, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A busybox image with files the variant deletes and replaces, in the module's loopback registry."""
+    if not BUSYBOX.exists():
+        pytest.skip("needs /bin/busybox (apt-get install busybox-static)")
+    base = LayerBuilder()
+    for d in ("bin", "etc", "home", "opt", "opt/data", "tmp"):
+        base.dir(d)
+    base.file("bin/busybox", BUSYBOX.read_bytes(), mode=0o755)
+    for applet in APPLETS:
+        base.symlink(f"bin/{applet}", "busybox")
+    base.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    base.file("etc/group", b"root:x:0:\n")
+    base.file("etc/motd", b"from the base\n")
+    base.file("opt/data/old.txt", b"old\n", uid=7, gid=7)
+    layout = tmp_path_factory.mktemp("busybox") / "layout"
+    LayoutWriter(layout).add_image([base.build()], tag="1")
+    ref = f"{module_registry.host}/base/busybox:1"
+    push_layout(layout, "1", ref)
+    return ref
+
+
+@pytest.fixture
+def buildah_env(module_registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Variants under tmp/images, buildah's calls logged (a wrapper in front of the real one), the loopback
+    registry marked insecure for buildah, and docker.io mapped to it. Returns the log path."""
+    images = tmp_path / "images"
+    images.mkdir()
+    monkeypatch.setenv("DIRGE_IMAGES_PATH", str(images))
+    conf = tmp_path / "registries.conf"
+    conf.write_text(f'[[registry]]\nlocation = "{module_registry.host}"\ninsecure = true\n\n'
+                    f'[[registry]]\nprefix = "docker.io"\nlocation = "{module_registry.host}"\ninsecure = true\n')
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+    log = tmp_path / "buildah.log"
+    real = shutil.which("buildah")
+    if real is None or os.geteuid() != 0:
+        pytest.skip("needs root and buildah (installed by scripts/setup.sh --test)")
+    wrapper = tmp_path / "bin" / "buildah"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    return log
+
+
+def builds(log: Path) -> int:
+    return sum(" bud " in f" {line} " for line in log.read_text().splitlines()) if log.exists() else 0
+
+
+def write_variant(tmp_path: Path, name: str, base: str, extra: str = "") -> Path:
+    d = tmp_path / "images" / name
+    d.mkdir(parents=True)
+    (d / "Dockerfile").write_text(TEST_DOCKERFILE.format(base=base) + extra)
+    (d / "hello.txt").write_text("hello\n")
+    return d
+
+
+def test_variant_prepared_with_deletions_replacements_and_owners(busybox_base, buildah_env, tmp_path) -> None:
+    write_variant(tmp_path, "testvm", busybox_base)
+    cache_dir = tmp_path / "cache"
+    with prepare("testvm", cache_dir, strategy="copy") as prepared:
+        root = prepared.path
+        assert not (root / "etc/motd").exists() and not (root / "etc/motd").is_symlink()
+        assert sorted(os.listdir(root / "opt/data")) == ["new.txt"]
+        assert (root / "opt/data/new.txt").read_text() == "new\n"
+        assert (root / "opt/data/new.txt").stat().st_uid == 1234
+        assert "tester:x:1234:1234:" in (root / "etc/passwd").read_text()
+        home = (root / "home/tester").stat()
+        assert (home.st_uid, home.st_gid) == (1234, 1234)
+        assert (root / "etc/hello.txt").read_text() == "hello\n"
+        assert os.readlink(root / "bin/sh") == "busybox"
+    assert builds(buildah_env) == 1
+    # The same image by its local:// name (already in dirge's buildah storage): no build, same tree.
+    unpack("local://dirge-microvm:testvm", tmp_path / "again", cache=Cache(cache_dir))
+    assert sorted(os.listdir(tmp_path / "again/opt/data")) == ["new.txt"]
+    assert builds(buildah_env) == 1
+
+
+def test_edit_rebuilds_exactly_once(busybox_base, buildah_env, tmp_path: Path) -> None:
+    d = write_variant(tmp_path, "editvm", busybox_base)
+    cache_dir = tmp_path / "cache"
+    first = build_guest_image("editvm", cache_root=cache_dir)
+    assert first.built and builds(buildah_env) == 1
+    assert not build_guest_image("editvm", cache_root=cache_dir).built  # unchanged: not rebuilt
+    with prepare("editvm", cache_dir, strategy="copy") as p:
+        assert not (p.path / "etc/edited").exists()
+    assert builds(buildah_env) == 1
+
+    (d / "Dockerfile").write_text((d / "Dockerfile").read_text() + "RUN echo edited > /etc/edited\n")
+    with prepare("editvm", cache_dir, strategy="copy") as p:
+        assert (p.path / "etc/edited").read_text() == "edited\n"
+    assert builds(buildah_env) == 2
+    with prepare("editvm", cache_dir, strategy="copy") as p:
+        assert (p.path / "etc/edited").exists()
+    assert builds(buildah_env) == 2
+
+    (d / "hello.txt").write_text("changed context\n")  # a context file counts too
+    with prepare("editvm", cache_dir, strategy="copy") as p:
+        assert (p.path / "etc/hello.txt").read_text() == "changed context\n"
+    assert builds(buildah_env) == 3
+    exports = [e.name for e in (cache_dir / "exports").iterdir() if not e.name.startswith(".")]
+    assert len(exports) == 1, "stale exports of replaced images are removed"
+
+
+def test_concurrent_prepares_build_once(busybox_base, buildah_env, tmp_path: Path) -> None:
+    write_variant(tmp_path, "concvm", busybox_base)
+    cache_dir = tmp_path / "cache"
+    script = ("import sys; from dirge.rootfs import prepare; p = prepare('concvm', sys.argv[1], strategy='copy');"
+              "p.detach(); print(p.path)")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(cache_dir)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    paths = [Path(out.strip()) for out, _ in outs]
+    assert paths[0] != paths[1]
+    for path in paths:
+        assert (path / "opt/data/new.txt").read_text() == "new\n"
+    assert builds(buildah_env) == 1
+
+
+def test_build_args_pass_through_and_cli(busybox_base, buildah_env, tmp_path: Path, capsys) -> None:
+    write_variant(tmp_path, "argvm", busybox_base, 'ARG GREETING=hi\nRUN echo "$GREETING" > /etc/greeting\n')
+    cache_dir = tmp_path / "cache"
+    assert main(["-q", "build", "argvm", "--build-arg", "GREETING=bonjour", "--cache-dir", str(cache_dir)]) == 0
+    assert "(built)" in capsys.readouterr().out
+    assert main(["-q", "build", "argvm", "--build-arg", "GREETING=bonjour", "--cache-dir", str(cache_dir)]) == 0
+    assert "(current, not rebuilt)" in capsys.readouterr().out
+    with prepare("argvm", cache_dir, strategy="copy") as p:  # any args accepted: the built image is used
+        assert (p.path / "etc/greeting").read_text() == "bonjour\n"
+    assert builds(buildah_env) == 1
+    assert main(["-q", "build", "argvm", "--no-cache", "--cache-dir", str(cache_dir)]) == 0  # forced
+    assert "(built)" in capsys.readouterr().out and builds(buildah_env) == 2
+    with prepare("argvm", cache_dir, strategy="copy") as p:
+        assert (p.path / "etc/greeting").read_text() == "hi\n"  # no --build-arg this time: the default
+    assert main(["variants", "--json", "--cache-dir", str(cache_dir)]) == 0
+    listed = {v["name"]: v for v in json.loads(capsys.readouterr().out)}
+    assert listed["argvm"]["status"] == "current" and listed["argvm"]["origin"] == str(tmp_path / "images")
+    assert listed["debian"]["origin"] == "built-in" and listed["debian"]["status"] == "not built"
+
+
+def test_local_ref_to_an_image_in_buildah_storage(busybox_base, buildah_env, tmp_path: Path) -> None:
+    from dirge.sources.buildah import Buildah
+
+    cache = Cache(tmp_path / "cache")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Containerfile").write_text(f"FROM {busybox_base}\nRUN rm -rf /opt/data\n")
+    subprocess.run(Buildah(cache.root).command("bud", "--quiet", "--isolation", "chroot", "-t", "mine:1",
+                                               "-f", str(ctx / "Containerfile"), str(ctx)), check=True,
+                   capture_output=True)
+    unpack("local://mine:1", tmp_path / "out", cache=cache)
+    assert not (tmp_path / "out/opt/data").exists() and (tmp_path / "out/bin/busybox").is_file()
+    with pytest.raises(BuildError, match=r"no image .nothere:1. in buildah storage .* \$DIRGE_BUILDAH_ROOT"):
+        unpack("local://nothere:1", tmp_path / "none", cache=cache)
+
+
+def test_unknown_variant_error_lists_known_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("DIRGE_IMAGES_PATH", str(tmp_path))
+    monkeypatch.setenv("DIRGE_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["session", "create", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "no Dockerfile found for variant 'nope'" in err
+    assert "known variants: alpine, debian, dev" in err and "full reference such as docker.io/" in err
+
+
+def test_missing_buildah_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no buildah here
+    with pytest.raises(BuildError, match="buildah is not installed; install buildah .*apt-get install buildah"):
+        build_guest_image("debian", cache_root=tmp_path / "cache")
+
+
+def test_user_variants_win_over_built_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    for d in (first / "debian", second / "debian", second / "extra"):
+        d.mkdir(parents=True)
+        (d / "Dockerfile").write_text("FROM scratch\n")
+    monkeypatch.setenv("DIRGE_IMAGES_PATH", f"{first}:{second}")
+    assert find_variant("debian").path == first / "debian"
+    assert find_variant("extra").origin == str(second)
+    assert find_variant("alpine").origin == "built-in"
+    names = [v.name for v in list_variants()]
+    assert names == sorted(set(names)) and {"alpine", "debian", "dev", "extra"} <= set(names)
+    monkeypatch.setenv("DIRGE_IMAGES_PATH", "")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    (tmp_path / "cfg/dirge/images/alpine").mkdir(parents=True)
+    (tmp_path / "cfg/dirge/images/alpine/Dockerfile").write_text("FROM scratch\n")
+    assert find_variant("alpine").path == tmp_path / "cfg/dirge/images/alpine"
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("debian", [RegistryReference("docker.io", "library/debian", "bookworm-slim")]),
+    ("alpine", [RegistryReference("docker.io", "library/alpine", "3.21")]),
+    ("dev", [RegistryReference("docker.io", "library/debian", "bookworm-slim")]),
+])
+def test_shipped_variants_parse_and_resolve_their_from(name: str, expected, monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    monkeypatch.setenv("DIRGE_IMAGES_PATH", "")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    variant = find_variant(name)
+    assert variant.origin == "built-in"
+    text = variant.dockerfile.read_text()
+    for need in ("openssh-server", "sandbox", "/var/empty"):
+        assert need in text, f"{name}: the guest needs {need}"
+    assert dockerfile_bases(variant.dockerfile) == expected
+
+
+def test_dockerfile_from_parsing(tmp_path: Path) -> None:
+    df = tmp_path / "Dockerfile"
+    df.write_text("# syntax=docker/dockerfile:1\nARG REG=127.0.0.1:5000\nARG TAG\n"
+                  "FROM --platform=linux/amd64 ${REG}/tools/build:${TAG:-9} AS build\n"
+                  "RUN make \\\n  # a comment inside\n  all\n"
+                  "FROM build AS again\nFROM scratch\nFROM busybox\n")
+    assert dockerfile_bases(df) == [RegistryReference("127.0.0.1:5000", "tools/build", "9"),
+                                    RegistryReference("docker.io", "library/busybox", "latest")]
+    assert dockerfile_bases(df, {"TAG": "2"})[0].tag == "2"
+
+
+@pytest.fixture(scope="module")
+def bookworm_base(module_registry, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Debian bookworm minbase made offline-from-registries with mmdebstrap (Debian's apt mirror is
+    reachable), pushed to the loopback registry as library/debian:bookworm-slim."""
+    if shutil.which("mmdebstrap") is None or os.geteuid() != 0:
+        pytest.skip("needs root and mmdebstrap (installed by scripts/setup.sh --test)")
+    work = tmp_path_factory.mktemp("bookworm")
+    tar = work / "bookworm.tar"
+    proc = subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--format=tar", "bookworm", str(tar)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"mmdebstrap failed: {proc.stderr[-2000:]}"
+    LayoutWriter(work / "layout").add_image([tar.read_bytes()], tag="bookworm-slim")
+    tar.unlink()
+    ref = f"{module_registry.host}/library/debian:bookworm-slim"
+    push_layout(work / "layout", "bookworm-slim", ref)
+    return ref
+
+
+def test_shipped_debian_variant_builds_for_real(bookworm_base, buildah_env, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shipped Dockerfile, unchanged: FROM docker.io/library/debian:bookworm-slim reaches the loopback
+    # registry through registries.conf (as a site mirror would), and its RUN apt-get steps really run.
+    monkeypatch.setenv("DIRGE_IMAGES_PATH", "")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-config"))
+    cache_dir = tmp_path / "cache"
+    with prepare("debian", cache_dir, strategy="copy") as prepared:
+        root = prepared.path
+        sshd = (root / "usr/sbin/sshd").stat()
+        assert sshd.st_mode & 0o111 and sshd.st_uid == 0
+        assert (root / "var/empty").is_dir() and (root / "bin/mount").exists() and (root / "bin/sh").exists()
+        assert "sandbox:x:1000:1000:" in (root / "etc/passwd").read_text()
+        assert not list((root / "etc/ssh").glob("ssh_host_*_key")), "host keys are per session, not per image"
+        ident = subprocess.run(["chroot", str(root), "id", "sandbox"], capture_output=True, text=True)
+        assert ident.stdout.startswith("uid=1000(sandbox) gid=1000(sandbox)"), ident
+        assert prepared.info.image == "local://dirge-microvm:debian"
+    assert builds(buildah_env) == 1
