@@ -1,11 +1,12 @@
 """The cache: content-addressed blobs, ref → digest records, and unpacked bases keyed by manifest digest.
 
     CACHE/
-      blobs/sha256/<hex>          verified blobs (manifests and configs now; registry layers later)
+      blobs/sha256/<hex>          verified blobs (manifests, configs, registry layers)
       refs/<sha256 of ref>.json   {"ref", "digest", "time"}: what a ref resolved to last
       bases/<hex>-<mode>/         published bases: rootfs/ + image.json  (mode: root | rootless)
       staging/<hex>-<mode>.<rnd>/ bases being built; removed by the next builder of that key
-      locks/<hex>-<mode>.lock     flock per base key
+      locks/<hex>-<mode>.lock     flock per base key (and per variant build, per buildah export)
+      buildah/, exports/<id>/     local variants: buildah storage and OCI exports (sources/buildah.py)
       sessions/, snapshots/       see session/
 
 No name under the cache is ever derived from ref text: refs are hashed, bases are named by digest.

@@ -129,7 +129,7 @@ def apply_image(
     """Apply every layer of ``resolved`` onto the existing directory ``dest``."""
     report = Report()
     prefetch = getattr(source, "prefetch", None)
-    if prefetch is not None:  # registries: download later layers while earlier ones are applied
+    if prefetch is not None:  # registries: every layer downloads (in parallel) while it is applied
         prefetch(resolved.manifest.layers)
     fs = RootlessFS(report) if rootless else PrivilegedFS(report)
     applier = Applier(dest, fs, limits)

@@ -1,1 +1,2 @@
-"""Where images come from: OCI image layouts (``layout``); registries and buildah come later."""
+"""Where images come from: OCI image layouts (``layout``), registries (``registry``, ``auth``,
+``partial``) and buildah storage (``buildah``)."""
