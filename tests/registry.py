@@ -543,6 +543,7 @@ class FaultProxy:
     * ``"stall_mid_body"``: the first ``after_bytes`` (default half) of the body, then a wait until the
       ``threading.Event`` ``kw["release"]`` is set (at most 60 s), then the rest.
     * ``"corrupt_body"``: upstream's answer with the byte at ``offset`` (default the middle) XOR 0xFF; same length.
+      With ``release=Event``, it also stalls after ``after_bytes`` like ``stall_mid_body``.
     * ``"no_range"``: drop ``Range``/``If-Range`` before forwarding, so upstream answers 200 with the whole body.
     * ``"close"``: reset the connection without answering at all.
 
@@ -600,6 +601,8 @@ class FaultProxy:
     def fail(self, path_regex: str, kind: str, times: int = 1, *, method: str | None = None, **kw: Any) -> "FaultProxy":
         if kind not in _FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; one of {sorted(_FAULT_KINDS)}")
+        if kind == "stall_mid_body" and not isinstance(kw.get("release"), threading.Event):
+            raise ValueError("stall_mid_body needs release=threading.Event()")
         with self._lock:
             self._faults.append(Fault(re.compile(path_regex), kind, times, method.upper() if method else None, kw))
         return self
@@ -900,7 +903,8 @@ class FaultProxy:
         kind = fault.kind if fault is not None else None
         cut = int(fault.kw.get("after_bytes", length // 2)) if kind == "reset_mid_body" else None
         flip = int(fault.kw.get("offset", length // 2)) if kind == "corrupt_body" else None
-        stall = int(fault.kw.get("after_bytes", length // 2)) if kind == "stall_mid_body" else None
+        stall = (int(fault.kw.get("after_bytes", length // 2))
+                 if kind == "stall_mid_body" or (kind == "corrupt_body" and "release" in fault.kw) else None)
         sent = 0
         for chunk in chunks:
             if stall is not None and sent + len(chunk) >= stall:

@@ -16,6 +16,7 @@ from dirge.cache import Cache
 from dirge.errors import AuthError, IntegrityError, NotFound
 from dirge.image import Platform
 from dirge.layerbuild import LayerBuilder
+from dirge.reference import parse_digest
 from dirge.sources.layout import LayoutWriter
 from dirge.unpack import pull_image
 from images import layered
@@ -167,40 +168,26 @@ def test_faults_retried_resumed_or_rejected(registry, fault_proxy, tmp_path: Pat
     assert not [b for b in blobs if b.startswith(".tmp")], "a rejected blob left a temp file"
 
 
-def test_layer_applied_while_it_downloads(registry, fault_proxy, tmp_path: Path) -> None:
-    # The first file arrives, then the server stalls: it must already be written while the blob is
-    # still incomplete and unpublished (unpack of a layer overlaps its download).
-    tail = os.urandom(4 << 20)  # incompressible: the stall lands inside it, after a few MiB of batches
+def streaming_image(tmp_path: Path, registry, repo: str) -> tuple[Path, str, bytes]:
+    """A one-layer image whose first file comes early and whose 4 MiB random tail comes late; returns
+    (layout, layer digest, tail). Incompressible, so a fault after 5 MiB lands inside the tail."""
+    tail = os.urandom(4 << 20)
     layout = layout_with(tmp_path, [LayerBuilder().file("first", b"early").file("pad", os.urandom(3 << 20))
                                     .file("tail", tail).build()])
-    push_layout(layout, "t", f"{registry.host}/s/app:1")
-    proxy = fault_proxy(registry)
-    release = threading.Event()
+    push_layout(layout, "t", f"{registry.host}/{repo}:1")
     index = json.loads((layout / "index.json").read_text())
     manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
-    layer = manifest["layers"][0]["digest"]
-    proxy.fail(f"/blobs/{layer}", "stall_mid_body", method="GET", after_bytes=(5 << 20), release=release)
-    cache = Cache(tmp_path / "c")
-    done: list[BaseException | None] = []
-    worker = threading.Thread(target=lambda: done.append(_call(unpack, f"{proxy.host}/s/app:1", tmp_path / "out",
-                                                                 cache=cache)))
-    worker.start()
-    try:
-        deadline = time.monotonic() + 30
-        early = []
-        while time.monotonic() < deadline and not early:
-            early = list(tmp_path.glob(".out.*.dirge-staging/first"))
-            worker.join(0.02)
-        assert early and early[0].read_bytes() == b"early", "the layer's first file waited for the whole blob"
-        blobs = cache.root / "blobs" / "sha256"
-        assert [p for p in blobs.iterdir() if p.name.startswith(".tmp")], "no download in progress"
-        assert not [p for p in blobs.iterdir() if not p.name.startswith(".tmp") and p.stat().st_size > (5 << 20)]
-    finally:
-        release.set()
-        worker.join(60)
-    assert done == [None]
-    assert (tmp_path / "out/tail").read_bytes() == tail
-    assert not [p for p in (cache.root / "blobs" / "sha256").iterdir() if p.name.startswith(".tmp")]
+    return layout, manifest["layers"][0]["digest"], tail
+
+
+def wait_for_early_file(tmp_path: Path, worker: threading.Thread) -> Path | None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        early = list(tmp_path.glob(".out.*.dirge-staging/first"))
+        if early:
+            return early[0]
+        worker.join(0.02)
+    return None
 
 
 def _call(fn: Callable[..., object], *args: object, **kw: object) -> BaseException | None:
@@ -209,6 +196,109 @@ def _call(fn: Callable[..., object], *args: object, **kw: object) -> BaseExcepti
     except BaseException as exc:  # reported to the test thread
         return exc
     return None
+
+
+def no_temp_files(cache: Cache) -> bool:
+    return not [p for p in (cache.root / "blobs" / "sha256").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_layer_applied_while_it_downloads(registry, fault_proxy, tmp_path: Path) -> None:
+    # The first file arrives, then the server stalls: it must already be written while the blob is
+    # still incomplete and unpublished (unpack of a layer overlaps its download).
+    _, layer, tail = streaming_image(tmp_path, registry, "s/app")
+    proxy = fault_proxy(registry)
+    release = threading.Event()
+    proxy.fail(f"/blobs/{layer}", "stall_mid_body", method="GET", after_bytes=(5 << 20), release=release)
+    cache = Cache(tmp_path / "c")
+    done: list[BaseException | None] = []
+    worker = threading.Thread(target=lambda: done.append(_call(unpack, f"{proxy.host}/s/app:1", tmp_path / "out",
+                                                                 cache=cache)))
+    worker.start()
+    try:
+        early = wait_for_early_file(tmp_path, worker)
+        assert early and early.read_bytes() == b"early", "the layer's first file waited for the whole blob"
+        assert not no_temp_files(cache), "no download in progress"
+        assert not cache.blob_path(parse_digest(layer)).exists(), "published before it was complete"
+    finally:
+        release.set()
+        worker.join(60)
+    assert done == [None]
+    assert (tmp_path / "out/tail").read_bytes() == tail
+    assert no_temp_files(cache)
+
+
+def test_wrong_bytes_from_a_mirror_while_streaming(registry, fault_proxy, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The mirror's blob is applied as it arrives, then turns out wrong: the origin's copy is used and
+    # the image is applied again from scratch; the result is exact and the bad bytes never published.
+    _, layer, tail = streaming_image(tmp_path, registry, "w/app")
+    bad_mirror = fault_proxy(registry)
+    release = threading.Event()
+    bad_mirror.fail(f"/blobs/{layer}", "corrupt_body", method="GET", offset=(7 << 20) + 100,
+                    after_bytes=(5 << 20), release=release)
+    config = tmp_path / "registries.toml"
+    config.write_text(f'[registries."{registry.host}"]\nmirrors = ["{bad_mirror.url}"]\n')
+    monkeypatch.setenv("DIRGE_REGISTRIES_CONFIG", str(config))
+    cache = Cache(tmp_path / "c")
+    done: list[BaseException | None] = []
+    worker = threading.Thread(target=lambda: done.append(_call(unpack, f"{registry.host}/w/app:1",
+                                                                 tmp_path / "out", cache=cache)))
+    worker.start()
+    try:
+        assert wait_for_early_file(tmp_path, worker), "the mirror's bytes were not being applied"
+    finally:
+        release.set()
+        worker.join(60)
+    assert done == [None]
+    assert [k for _, _, k in bad_mirror.faults_fired] == ["corrupt_body"]
+    assert (tmp_path / "out/tail").read_bytes() == tail and (tmp_path / "out/first").read_bytes() == b"early"
+    assert no_temp_files(cache)
+
+
+def test_close_stops_a_stalled_download(registry, fault_proxy, tmp_path: Path) -> None:
+    from dirge.errors import DirgeError
+    from dirge.unpack import open_image
+
+    _, layer, _ = streaming_image(tmp_path, registry, "c/app")
+    proxy = fault_proxy(registry)
+    release = threading.Event()  # set only after the test: the server would stall for 60 s
+    proxy.fail(f"/blobs/{layer}", "stall_mid_body", method="GET", after_bytes=(1 << 20), release=release)
+    cache = Cache(tmp_path / "c")
+    try:
+        source, resolved = open_image(f"{proxy.host}/c/app:1", cache=cache)
+        source.prefetch(resolved.manifest.layers)  # type: ignore[attr-defined]
+        reader = source.open_blob(resolved.manifest.layers[0])
+        assert reader.read(1 << 16)  # bytes before the stall
+        started = time.monotonic()
+        source.close()
+        assert time.monotonic() - started < 20, "close() waited for the stalled download"
+        with pytest.raises(DirgeError, match="abandoned|cancelled|reading stopped"):
+            while reader.read(1 << 20):
+                pass
+        reader.close()
+        source.close()  # idempotent
+        assert no_temp_files(cache)
+        assert not cache.blob_path(parse_digest(layer)).exists()
+    finally:
+        release.set()
+
+
+def test_orphaned_temp_files_are_swept(registry, tmp_path: Path) -> None:
+    import fcntl
+
+    layout = layout_with(tmp_path, [LayerBuilder().file("x", b"x").build()])
+    push_layout(layout, "t", f"{registry.host}/o/app:1")
+    cache = Cache(tmp_path / "c")
+    blobs = cache.root / "blobs" / "sha256"
+    orphan, fresh, live = blobs / ".tmp-dead-1", blobs / ".tmp-new-2", blobs / ".tmp-live-3"
+    for f in (orphan, fresh, live):
+        f.write_bytes(b"partial")
+    for f in (orphan, live):
+        os.utime(f, (time.time() - 3600, time.time() - 3600))
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process's download in progress
+        unpack(f"{registry.host}/o/app:1", tmp_path / "out", cache=cache)
+    assert not orphan.exists() and fresh.exists() and live.exists()
 
 
 def test_mirror_first_then_origin(registry, mirror_registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -296,6 +296,9 @@ class LayerStream:
                     pass
         finally:
             self._stop.set()
+            interrupt = getattr(self._raw, "interrupt", None)
+            if interrupt is not None:  # a reader of a download in progress may be blocked waiting for bytes
+                interrupt()
             self._parse.join()
             self._decompress.join()
             self._raw.close()

@@ -19,6 +19,7 @@ from .image import Descriptor, Platform
 from .reference import LayoutReference, RegistryReference, parse_reference
 from .resolve import BlobSource, ResolvedImage, resolve_manifest
 from .sources.layout import LayoutSource
+from .sources.partial import StreamRestarted
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -127,10 +128,28 @@ def apply_image(
     progress: ProgressFn | None = None,
 ) -> Report:
     """Apply every layer of ``resolved`` onto the existing directory ``dest``."""
-    report = Report()
     prefetch = getattr(source, "prefetch", None)
     if prefetch is not None:  # registries: every layer downloads (in parallel) while it is applied
         prefetch(resolved.manifest.layers)
+    for attempt in range(_RESTARTS + 1):
+        try:
+            return _apply_layers(source, resolved, dest, rootless, limits, progress)
+        except StreamRestarted:
+            # A mirror sent wrong bytes that were already applied; the download goes on from the
+            # origin, so start again on an empty directory.
+            if attempt == _RESTARTS:
+                raise
+            for child in os.scandir(dest):
+                remove_tree(Path(child.path))
+    raise AssertionError("unreachable")
+
+
+_RESTARTS = 2
+
+
+def _apply_layers(source: BlobSource, resolved: ResolvedImage, dest: str | os.PathLike[str], rootless: bool,
+                  limits: Limits, progress: ProgressFn | None) -> Report:
+    report = Report()
     fs = RootlessFS(report) if rootless else PrivilegedFS(report)
     applier = Applier(dest, fs, limits)
     layers = resolved.manifest.layers
@@ -143,6 +162,9 @@ def apply_image(
             try:
                 applier.apply_layer(EntryStream(stream.items()))
                 stream.close()
+            except StreamRestarted:
+                stream.close(drain=False)
+                raise
             except DirgeError as exc:
                 stream.close(drain=False)
                 raise add_context(exc, f"apply {what}") from exc.__cause__

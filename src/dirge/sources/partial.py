@@ -4,22 +4,50 @@ The download thread appends to a temp file beside the blob's final path and publ
 after its size and digest match. Readers follow the writer with ``pread``: the applier can start on a
 layer as soon as its first bytes arrive instead of after the whole blob. A reader gets exactly the bytes
 the writer got, and the layer pipeline verifies them itself, so nothing unverified reaches the cache or a
-published rootfs. A restart from byte 0 (a server without Range, a mirror falling back to the origin)
-rewrites the same content-addressed bytes, so a reader's position stays valid; different bytes fail the
-reader's own digest check.
+published rootfs.
+
+Restarts from byte 0: a server without Range support sends the same content-addressed bytes again, so
+readers keep their place. After wrong bytes (a bad mirror, before falling back to the origin) the blob
+starts a new *generation*: a reader that already consumed bytes of the old one raises ``StreamRestarted``
+and the caller applies the image again from scratch (``unpack.apply_image``).
+
+Each temp file is ``flock``-ed by its download, so ``sweep_orphans`` can tell the ones left by a killed
+process (lock free) from live downloads of other processes sharing the cache.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import DirgeError, IntegrityError
 from ..image import Descriptor
+
+TMP_PREFIX = ".tmp-"
+
+
+class StreamRestarted(IntegrityError):
+    """A blob being read while it downloads was restarted after wrong bytes: read it again from the start."""
+
+    def __init__(self, what: str) -> None:
+        DirgeError.__init__(self, f"{what}: a source sent wrong bytes while the layer was being applied")
+
+
+def clone_error(error: BaseException, what: str) -> DirgeError:
+    """A fresh exception per raising thread (messages get context prepended in place), same class."""
+    if isinstance(error, DirgeError):
+        copy = type(error).__new__(type(error))
+        copy.args = error.args
+        copy.__dict__.update(error.__dict__)
+        return copy
+    return DirgeError(f"{what}: download failed ({error})")
 
 
 class PartialBlob:
@@ -30,23 +58,43 @@ class PartialBlob:
         self.final = final
         self.desc = desc
         self.what = what
-        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".tmp-{desc.digest.hex[:16]}-")
+        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f"{TMP_PREFIX}{desc.digest.hex[:16]}-")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file: cannot be held by anyone else
         self._fd = fd  # O_RDWR: readers pread from duplicates of it, also after the rename
         self._tmp = Path(name)
         self._hash = hashlib.new(desc.digest.algorithm)
         self._cond = threading.Condition()
         self.written = 0
+        self.generation = 0
         self._done = False
         self._error: BaseException | None = None
-        self._abandoned = False
+        self.abandoned = threading.Event()
+        self._interrupt: Callable[[], None] | None = None
+
+    # -- writer side ------------------------------------------------------------------------------
+
+    def on_abandon(self, interrupt: Callable[[], None] | None) -> None:
+        """What ``abandon`` calls to unblock the writer (e.g. shut the socket it is reading)."""
+        self._interrupt = interrupt
+        if interrupt is not None and self.abandoned.is_set():
+            interrupt()
 
     def abandon(self) -> None:
-        """Ask the writer to stop at its next chunk (the source is closing)."""
-        self._abandoned = True
+        """Stop the download soon: the writer's next chunk, sleep or blocking read fails."""
+        self.abandoned.set()
+        interrupt = self._interrupt
+        if interrupt is not None:
+            try:
+                interrupt()
+            except OSError:
+                pass
+
+    def check_abandoned(self) -> None:
+        if self.abandoned.is_set():
+            raise DirgeError(f"{self.what}: download abandoned")
 
     def append(self, chunk: bytes) -> None:
-        if self._abandoned:
-            raise DirgeError(f"{self.what}: download abandoned")
+        self.check_abandoned()
         if self.written + len(chunk) > self.desc.size:
             raise IntegrityError(f"size of {self.what}", f"{self.desc.size} bytes", f"more than {self.desc.size} bytes")
         view = memoryview(chunk)
@@ -57,11 +105,14 @@ class PartialBlob:
             self.written += len(chunk)
             self._cond.notify_all()
 
-    def restart(self) -> None:
+    def restart(self, *, wrong_bytes: bool) -> None:
         with self._cond:
             os.ftruncate(self._fd, 0)
             self._hash = hashlib.new(self.desc.digest.algorithm)
             self.written = 0
+            if wrong_bytes:
+                self.generation += 1
+                self._cond.notify_all()
 
     def verify(self) -> None:
         if self.written != self.desc.size:
@@ -78,56 +129,84 @@ class PartialBlob:
         with self._cond:
             self._done = True
             self._cond.notify_all()
-        os.close(self._fd)
+        self._close()
         return self.final
 
     def fail(self, error: BaseException) -> None:
+        """End the download with ``error`` (readers raise it); the temp file goes. Idempotent."""
         with self._cond:
+            if self._done or self._error is not None:
+                return
             self._error = error
             self._cond.notify_all()
         self._tmp.unlink(missing_ok=True)
-        os.close(self._fd)
+        self._close()
+
+    def _close(self) -> None:
+        with self._cond:  # readers dup the fd under this lock: never close it under them
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    # -- reader side ------------------------------------------------------------------------------
 
     def reader(self) -> "BinaryIO | PartialReader":
-        with self._cond:  # the writer closes its fd only after marking the end under this lock
+        with self._cond:
             if self._error is not None:
-                raise self._error
+                raise clone_error(self._error, self.what)
             if self._done:
                 return open(self.final, "rb")
-            return PartialReader(self, os.dup(self._fd))
+            return PartialReader(self, os.dup(self._fd), self.generation)
 
-    def _wait(self, position: int) -> int:
-        """Block until bytes past ``position`` exist (returns how many) or the download ended (0)."""
+    def _wait(self, reader: "PartialReader") -> int:
+        """Block until bytes past the reader's position exist (returns how many) or the download ended (0)."""
+        position = reader.position
         with self._cond:
-            while self.written <= position and not self._done and self._error is None:
+            while True:
+                if reader.interrupted:
+                    raise DirgeError(f"{self.what}: reading stopped")
+                if self._error is not None:
+                    raise clone_error(self._error, self.what)
+                if self.generation != reader.generation:
+                    if position:
+                        raise StreamRestarted(self.what)
+                    reader.generation = self.generation
+                if self.written > position or self._done:
+                    return max(0, self.written - position)
                 self._cond.wait()
-            if self._error is not None:
-                if isinstance(self._error, DirgeError):
-                    raise self._error
-                raise DirgeError(f"{self.what}: download failed ({self._error})")
-            return max(0, self.written - position)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
 
 class PartialReader:
     """A file-like reader of a ``PartialBlob`` that blocks for bytes not yet downloaded."""
 
-    def __init__(self, blob: PartialBlob, fd: int) -> None:
+    def __init__(self, blob: PartialBlob, fd: int, generation: int) -> None:
         self._blob = blob
         self._fd = fd
-        self._pos = 0
+        self.position = 0
+        self.generation = generation
+        self.interrupted = False
 
     def read(self, n: int = -1) -> bytes:
         while True:
-            available = self._blob._wait(self._pos)
+            available = self._blob._wait(self)
             if not available:
                 return b""
-            data = os.pread(self._fd, available if n < 0 else min(n, available), self._pos)
+            data = os.pread(self._fd, available if n < 0 else min(n, available), self.position)
             if data:  # empty only if a restart truncated the file under us: wait for the rewrite
-                self._pos += len(data)
+                self.position += len(data)
                 return data
 
     def readable(self) -> bool:
         return True
+
+    def interrupt(self) -> None:
+        """Make a ``read`` blocked in another thread (or the next one) raise: the consumer is gone."""
+        self.interrupted = True
+        self._blob._wake()
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -139,3 +218,27 @@ class PartialReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def sweep_orphans(directory: Path, min_age: float = 300.0) -> None:
+    """Remove temp files whose download died with its process (flock free, untouched for ``min_age`` s:
+    a file just made by ``mkstemp`` is not locked yet)."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(TMP_PREFIX)]
+    except FileNotFoundError:
+        return
+    now = time.time()
+    for name in names:
+        try:
+            fd = os.open(directory / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if now - os.fstat(fd).st_mtime < min_age:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live download
+        finally:
+            os.close(fd)
+        (directory / name).unlink(missing_ok=True)

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import socket
 import ssl
 import threading
 import time
@@ -39,7 +40,7 @@ from ..image import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, O
 from ..image import MAX_MANIFEST_BYTES
 from ..reference import Digest, RegistryReference, parse_digest
 from .auth import Credentials, find_credentials
-from .partial import PartialBlob
+from .partial import PartialBlob, sweep_orphans
 
 T = TypeVar("T")
 ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
@@ -205,7 +206,8 @@ class RegistryClient:
     # -- the retry loop -----------------------------------------------------------------------
 
     def _call(self, endpoint: Endpoint, method: str, path: str, scope: str, what: str,
-              headers: dict[str, str] | None = None, stream: bool = False) -> httpx.Response:
+              headers: dict[str, str] | None = None, stream: bool = False,
+              stop: threading.Event | None = None) -> httpx.Response:
         delay = retry_base()
         last: Exception | None = None
         for attempt in range(self.attempts):
@@ -230,10 +232,10 @@ class RegistryClient:
                     raise RateLimited(f"{what}: rate limited by {endpoint.host} (429) after {self.attempts} tries; "
                                       "wait and retry, or log in for a higher limit", status=429)
                 if wait is not None:
-                    time.sleep(wait)
+                    _pause(wait, stop, what)
                     continue
             if attempt < self.attempts - 1:
-                time.sleep(delay * (0.5 + random.random()))
+                _pause(delay * (0.5 + random.random()), stop, what)
                 delay *= 2
         if isinstance(last, RegistryError):
             raise last
@@ -316,19 +318,20 @@ class RegistryClient:
             raise
 
     def _download_from(self, endpoint: Endpoint, ref: RegistryReference, partial: PartialBlob, scope: str) -> None:
-        desc, what = partial.desc, partial.what
+        desc, what, stop = partial.desc, partial.what, partial.abandoned
         resets = 0
         try:
             while True:
                 headers = {"Range": f"bytes={partial.written}-"} if partial.written else {}
                 response = self._call(endpoint, "GET", f"/v2/{ref.repository}/blobs/{desc.digest}", scope,
-                                      what, headers=headers, stream=True)
+                                      what, headers=headers, stream=True, stop=stop)
+                partial.on_abandon(lambda: _shutdown(response))
                 try:
                     if response.status_code not in (200, 206):
                         response.read()
                         self._raise_for(response, what, endpoint)
                     if partial.written and response.status_code == 200:  # no Range support: start again
-                        partial.restart()
+                        partial.restart(wrong_bytes=False)
                     for chunk in response.iter_raw():  # as received: a reset keeps what arrived
                         partial.append(chunk)
                         if self.on_bytes:
@@ -337,19 +340,37 @@ class RegistryClient:
                         partial.verify()
                         return
                 except (httpx.TransportError, httpx.StreamError) as exc:
+                    partial.check_abandoned()
                     resets += 1
                     if resets >= self.attempts:
                         raise RegistryError(f"{what}: download kept failing ({exc})", retryable=True) from None
-                    time.sleep(retry_base() * resets)
+                    _pause(retry_base() * resets, stop, what)
                     continue
                 finally:
+                    partial.on_abandon(None)
                     response.close()
                 resets += 1  # the server ended the body early: resume
                 if resets >= self.attempts:
                     raise IntegrityError(f"size of {what}", f"{desc.size} bytes", f"{partial.written} bytes")
         except IntegrityError:
-            partial.restart()  # wrong bytes from this endpoint: the next one starts from zero
+            partial.restart(wrong_bytes=True)  # this endpoint sent wrong bytes: the next one starts from zero
             raise
+
+
+def _pause(seconds: float, stop: threading.Event | None, what: str) -> None:
+    """Back off before a retry; an abandoned download stops waiting at once."""
+    if stop is None:
+        time.sleep(seconds)
+    elif stop.wait(seconds):
+        raise DirgeError(f"{what}: download abandoned")
+
+
+def _shutdown(response: httpx.Response) -> None:
+    """Unblock a read in progress on the response's socket from another thread (close alone does not)."""
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if sock is not None:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _looks_like_plain_http(exc: Exception) -> bool:
@@ -386,22 +407,31 @@ class RegistrySource:
         self.cache = cache
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="dirge-pull")
         self._downloads: dict[Digest, tuple[Future[Path], PartialBlob]] = {}
+        self._swept = False
 
     def close(self) -> None:
+        """Stop downloads still running (their temp files go) and wait for the threads. Idempotent."""
         for future, partial in self._downloads.values():
+            partial.abandon()
             if future.cancel():
                 partial.fail(DirgeError(f"{partial.what}: download cancelled"))
-            partial.abandon()
         self._pool.shutdown(wait=True)
         self.client.close()
 
     def prefetch(self, descs: list[Descriptor]) -> None:
+        if not self._swept:
+            sweep_orphans(self.cache.root / "blobs" / "sha256")
+            self._swept = True
         for desc in descs:
             if desc.digest in self._downloads or self.cache.blob_path(desc.digest).exists():
                 continue
             what = f"blob {desc.digest.short} of {self.ref.registry}/{self.ref.repository}"
             partial = PartialBlob(self.cache.blob_path(desc.digest), desc, what)
-            future = self._pool.submit(self.client.download_blob, self.ref, desc, self.cache, partial)
+            try:
+                future = self._pool.submit(self.client.download_blob, self.ref, desc, self.cache, partial)
+            except BaseException as exc:
+                partial.fail(exc)
+                raise
             self._downloads[desc.digest] = (future, partial)
 
     def open_blob(self, desc: Descriptor) -> BinaryIO:
