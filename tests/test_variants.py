@@ -65,6 +65,7 @@ def buildah_env(module_registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     images = tmp_path / "images"
     images.mkdir()
     monkeypatch.setenv("DIRGE_IMAGES_PATH", str(images))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # the user's own variants stay out
     conf = tmp_path / "registries.conf"
     conf.write_text(f'[[registry]]\nlocation = "{module_registry.host}"\ninsecure = true\n\n'
                     f'[[registry]]\nprefix = "docker.io"\nlocation = "{module_registry.host}"\ninsecure = true\n')
@@ -136,8 +137,8 @@ def test_edit_rebuilds_exactly_once(busybox_base, buildah_env, tmp_path: Path) -
     with prepare("editvm", cache_dir, strategy="copy") as p:
         assert (p.path / "etc/hello.txt").read_text() == "changed context\n"
     assert builds(buildah_env) == 3
-    exports = [e.name for e in (cache_dir / "exports").iterdir() if not e.name.startswith(".")]
-    assert len(exports) == 1, "stale exports of replaced images are removed"
+    exports = [e.name for e in (cache_dir / "exports").iterdir()]
+    assert len(exports) == 1, f"stale exports of replaced images are removed, temp dirs too: {exports}"
 
 
 def test_concurrent_prepares_build_once(busybox_base, buildah_env, tmp_path: Path) -> None:
@@ -147,7 +148,12 @@ def test_concurrent_prepares_build_once(busybox_base, buildah_env, tmp_path: Pat
               "p.detach(); print(p.path)")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(cache_dir)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
     assert [p.returncode for p in procs] == [0, 0], outs
     paths = [Path(out.strip()) for out, _ in outs]
     assert paths[0] != paths[1]
@@ -194,6 +200,7 @@ def test_local_ref_to_an_image_in_buildah_storage(busybox_base, buildah_env, tmp
 
 def test_unknown_variant_error_lists_known_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setenv("DIRGE_IMAGES_PATH", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("DIRGE_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["session", "create", "nope"]) == 1
     err = capsys.readouterr().err
@@ -252,6 +259,16 @@ def test_dockerfile_from_parsing(tmp_path: Path) -> None:
     assert dockerfile_bases(df) == [RegistryReference("127.0.0.1:5000", "tools/build", "9"),
                                     RegistryReference("docker.io", "library/busybox", "latest")]
     assert dockerfile_bases(df, {"TAG": "2"})[0].tag == "2"
+    df.write_text('ARG A=one B="two"\nFROM reg.example:5000/x/${A}:${B} \\\n\n  AS s\nFROM s\n')
+    assert dockerfile_bases(df) == [RegistryReference("reg.example:5000", "x/one", "two")]
+
+
+def test_cache_path_with_a_colon_is_refused_before_buildah_runs(tmp_path: Path) -> None:
+    from dirge.sources.buildah import Buildah, LocalImage, export_image
+
+    root = tmp_path / "a:b"
+    with pytest.raises(BuildError, match="contains ':'.*use a cache directory without ':'"):
+        export_image(Buildah(root), LocalImage("0" * 64, {}, []), root, "local://x")
 
 
 @pytest.fixture(scope="module")

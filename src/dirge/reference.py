@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .errors import InvalidReference
 
 LOCAL_PREFIX = "local://"
+_LOCAL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/:@-]*$")
 VARIANT_PREFIX = "local://dirge-microvm:"
 DOCKER_HUB = "docker.io"
 
@@ -125,8 +126,9 @@ def parse_reference(raw: str) -> Reference:
     canonical = canonicalize_image_ref(raw)
     if canonical.startswith(LOCAL_PREFIX):
         name = canonical[len(LOCAL_PREFIX):]
-        if not name or "\0" in name:
-            raise InvalidReference(raw, "local://NAME[:TAG] needs a name")
+        if not name or not _LOCAL_NAME.match(name):
+            raise InvalidReference(raw, "local://NAME[:TAG] needs a name of letters, digits and ._-/:@, "
+                                        "not starting with '-'")
         return LocalReference(name)
     if "://" in canonical:
         raise InvalidReference(raw, "unknown transport; use oci:PATH, docker://REF, local://NAME or a registry ref")

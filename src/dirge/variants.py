@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import IO
 from .errors import BuildError
 from .lock import FileLock
 from .reference import VARIANT_PREFIX, Reference, parse_reference
-from .sources.buildah import Buildah, LocalImage, remove_export
+from .sources.buildah import Buildah, LocalImage, retire_image
 
 HASH_LABEL = "dev.dirge.variant-hash"
 ARGS_LABEL = "dev.dirge.build-args"
@@ -93,9 +94,17 @@ def find_variant(name: str) -> Variant:
 
 def variant_hash(variant: Variant) -> str:
     """A digest of the variant directory: paths, modes, contents, symlink targets (never followed)."""
+    try:
+        return _hash_tree(variant.path)
+    except OSError as exc:
+        raise BuildError(f"read variant '{variant.name}' at {exc.filename or variant.path}: "
+                         f"{exc.strerror or exc}; make its files readable") from exc
+
+
+def _hash_tree(root: Path) -> str:
     h = hashlib.sha256(_HASH_VERSION)
-    for path in sorted(_walk(variant.path)):
-        rel = path.relative_to(variant.path).as_posix().encode()
+    for path in sorted(_walk(root)):
+        rel = path.relative_to(root).as_posix().encode()
         st = path.lstat()
         h.update(b"%s\0%o\0" % (rel, st.st_mode))
         if stat.S_ISLNK(st.st_mode):
@@ -134,9 +143,9 @@ def dockerfile_bases(dockerfile: Path, build_args: Mapping[str, str] | None = No
     seen_from = False
     for instruction, rest in _instructions(dockerfile.read_text()):
         if instruction == "ARG" and not seen_from:  # only ARGs before the first FROM apply to FROM
-            name, _, default = rest.partition("=")
-            name = name.strip()
-            args[name] = (build_args or {}).get(name, default.strip().strip('"'))
+            for pair in shlex.split(rest):
+                name, _, default = pair.partition("=")
+                args[name] = (build_args or {}).get(name, default)
         elif instruction == "FROM":
             seen_from = True
             words = [w for w in rest.split() if not w.startswith("--")]
@@ -159,8 +168,8 @@ def _instructions(text: str) -> Iterable[tuple[str, str]]:
     pending = ""
     for line in text.splitlines():
         stripped = line.strip()
-        if stripped.startswith("#"):  # comments (and parser directives) may sit inside continuations
-            continue
+        if stripped.startswith("#") or (pending and not stripped):  # comments and blank lines inside
+            continue                                                   # continuations do not end them
         if stripped.endswith("\\"):
             pending += stripped[:-1] + " "
             continue
@@ -221,11 +230,11 @@ def build_guest_image(
         if output is None:
             args.append("--quiet")
         buildah.run(*args, str(variant.path), what=f"build variant '{name}' from {variant.dockerfile}",
+                    hint=f"fix the Dockerfile or its FROM image; `dirge build {name}` shows the whole build",
                     output=output)
         built = buildah.inspect(variant.tag)
         if built is None:
             raise BuildError(f"build variant '{name}': buildah reported success but {variant.tag} is missing")
         if image is not None and image.id != built.id:  # the old image is unreachable now: free its space
-            buildah.remove(image.id)
-            remove_export(cache_root, image.id)
+            retire_image(buildah, cache_root, image.id)
         return BuildResult(variant, built, built=True)

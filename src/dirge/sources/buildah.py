@@ -41,6 +41,7 @@ class Buildah:
     """The buildah command line over one storage (root, runroot, driver)."""
 
     def __init__(self, cache_root: Path) -> None:
+        self.cache_root = cache_root
         root = os.environ.get("DIRGE_BUILDAH_ROOT")
         self.root = Path(root) if root else cache_root / "buildah" / "storage"
         self.runroot = cache_root / "buildah" / "run" if not root else None
@@ -55,65 +56,98 @@ class Buildah:
             out += ["--runroot", str(self.runroot)]
         return out + list(args)
 
-    def run(self, *args: str, what: str, output: IO[str] | None = None) -> str:
-        """Run buildah; its output goes to ``output`` if given, else is kept for the error message."""
-        cmd = self.command(*args)
-        if output is not None:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=output, text=True)
-            if proc.returncode != 0:
-                raise BuildError(f"{what}: buildah {args[0]} failed (exit {proc.returncode}); its output is above")
-            return ""
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    def _run(self, cmd: list[str], *, capture: bool, output: IO[str] | None = None) -> subprocess.CompletedProcess[Any]:
+        # buildah stages layers in $TMPDIR (default /var/tmp): keep that inside the cache too.
+        tmp = self.cache_root / "buildah" / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "TMPDIR": str(tmp)}
+        if capture:
+            return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                                  env=env)
+        return subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=env)
+
+    def run(self, *args: str, what: str, hint: str, output: IO[str] | None = None) -> None:
+        """Run buildah; its output goes to ``output`` if given, else its tail goes into the error."""
+        proc = self._run(self.command(*args), capture=output is None, output=output)
         if proc.returncode != 0:
-            lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-            tail = " | ".join(lines[-_OUTPUT_TAIL:])  # one line: the CLI prints errors as one
-            raise BuildError(f"{what}: buildah {args[0]} failed (exit {proc.returncode}): {tail}")
-        return proc.stdout
+            said = "its output is above" if output is not None else _tail(proc)
+            raise BuildError(f"{what}: buildah {args[0]} failed (exit {proc.returncode}): {said}; {hint}")
 
     def inspect(self, name: str) -> LocalImage | None:
-        """The image ``name`` (or ID) in this storage, or None."""
-        cmd = self.command("inspect", "--type", "image", name)
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        """The image ``name`` (or ID) in this storage, or None if buildah does not know it."""
+        proc = self._run(self.command("inspect", "--type", "image", name), capture=True)
         if proc.returncode != 0:
-            return None
+            if "image not known" in proc.stderr or "no such image" in proc.stderr.lower():
+                return None
+            raise BuildError(f"inspect local image {name} in {self.root}: {_tail(proc)}; check the storage "
+                             "($DIRGE_BUILDAH_ROOT, $DIRGE_BUILDAH_DRIVER must match how it was made)")
         try:
             info: dict[str, Any] = json.loads(proc.stdout)
             image_id = info["FromImageID"]
             labels = ((info.get("OCIv1") or {}).get("config") or {}).get("Labels") or {}
-        except (ValueError, KeyError, AttributeError) as exc:
+            names = str(info.get("FromImage") or "").split(",")
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
             raise BuildError(f"inspect local image {name}: unexpected buildah output ({exc})") from None
         if not isinstance(image_id, str) or not _IMAGE_ID.match(image_id):
             raise BuildError(f"inspect local image {name}: unexpected image ID {image_id!r}")
-        return LocalImage(image_id, dict(labels), list(info.get("FromImage", "").split(",")))
+        return LocalImage(image_id, {str(k): str(v) for k, v in dict(labels).items()}, names)
 
     def remove(self, image_id: str) -> None:
-        subprocess.run(self.command("rmi", image_id), stdin=subprocess.DEVNULL, capture_output=True)
+        self._run(self.command("rmi", image_id), capture=True)
+
+
+def _tail(proc: subprocess.CompletedProcess[Any]) -> str:
+    """The last lines buildah printed, as one line (the CLI prints an error as one line)."""
+    lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    return " | ".join(lines[-_OUTPUT_TAIL:]) or "no output"
 
 
 def export_image(buildah: Buildah, image: LocalImage, cache_root: Path, what: str) -> Path:
     """The OCI layout of ``image`` under the cache, exported once per image ID."""
     exports = cache_root / "exports"
     exports.mkdir(parents=True, exist_ok=True)
+    if ":" in str(exports):  # containers/image splits oci:PATH:TAG at the first colon
+        raise BuildError(f"export {what}: the cache path {cache_root} contains ':', which buildah's oci: "
+                         "transport cannot name; use a cache directory without ':' (--cache-dir)")
     final = exports / image.id
     if (final / "index.json").exists():
         return final
-    with FileLock(cache_root / "locks" / f"export-{image.id}.lock"):
+    with FileLock(_export_lock(cache_root, image.id)):
         if (final / "index.json").exists():
             return final
+        _discard(final)  # a half-removed export
+        for leftover in [*exports.glob(f".{image.id[:16]}-*"), *exports.glob(f".trash-{image.id}-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)  # from a killed export: we hold the lock
         tmp = Path(tempfile.mkdtemp(prefix=f".{image.id[:16]}-", dir=exports))
         try:
             # Uncompressed: the export never leaves this machine, and the applier then skips gunzip.
             buildah.run("push", "--quiet", "--disable-compression", image.id, f"oci:{tmp / 'layout'}:latest",
-                        what=f"export {what}")
+                        what=f"export {what}", hint=f"check free space under {cache_root}")
             os.rename(tmp / "layout", final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def remove_export(cache_root: Path, image_id: str) -> None:
+def retire_image(buildah: Buildah, cache_root: Path, image_id: str) -> None:
+    """Remove a replaced image and its export, under its export lock so no export is cut in half."""
     if _IMAGE_ID.match(image_id):
-        shutil.rmtree(cache_root / "exports" / image_id, ignore_errors=True)
+        with FileLock(_export_lock(cache_root, image_id)):
+            buildah.remove(image_id)
+            _discard(cache_root / "exports" / image_id)
+
+
+def _export_lock(cache_root: Path, image_id: str) -> Path:
+    return cache_root / "locks" / f"export-{image_id}.lock"
+
+
+def _discard(path: Path) -> None:
+    """Rename away first, so no reader ever sees a half-deleted layout under the real name."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def open_local(ref: LocalReference, cache_root: Path) -> tuple[LayoutSource, Descriptor]:
