@@ -157,7 +157,7 @@ def _zstd_chunks(reader: VerifyingReader) -> Iterator[bytes]:
 
 def _decompressed(reader: VerifyingReader, compression: str) -> Iterator[bytes]:
     if compression == "gzip":
-        gz = igzip.GzipFile(fileobj=reader, mode="rb")  # type: ignore[arg-type]
+        gz = igzip.GzipFile(fileobj=reader, mode="rb")  # type: ignore[no-untyped-call]
         return iter(lambda: gz.read(CHUNK), b"")
     if compression == "zstd":
         return _zstd_chunks(reader)

@@ -8,6 +8,7 @@ recorded skips.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ class Report:
     layers: int = 0
     skipped: list[str] = field(default_factory=list)
 
-    def skip(self, path: bytes, why: str) -> None:
+    def skip(self, path: builtins.bytes, why: str) -> None:  # (the field above shadows bytes)
         self.skipped.append(f"{path.decode('utf-8', 'replace')}: {why}")
 
 

@@ -18,6 +18,7 @@ unlinked outside the root, whatever symlinks or hardlinks the image holds.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
@@ -100,9 +101,9 @@ class Applier:
     def finish(self) -> None:
         """Directory modes (rootless) and times, after every layer: children change a directory's mtime."""
         for parts, mode in self._dir_modes.items():
-            self._fixup(parts, lambda fd, m=mode: os.fchmod(fd, m))
-        for parts, (atime, mtime) in self._dir_times.items():
-            self._fixup(parts, lambda fd, a=atime, m=mtime: os.utime(fd, ns=(a, m)))
+            self._fixup(parts, functools.partial(_fchmod, mode=mode))
+        for parts, times in self._dir_times.items():
+            self._fixup(parts, functools.partial(_futime, times=times))
 
     def _fixup(self, parts: tuple[bytes, ...], action: Callable[[int], None]) -> None:
         try:
@@ -388,6 +389,14 @@ class Applier:
     def _set_xattrs(self, target: int | bytes, entry: Entry, parts: tuple[bytes, ...]) -> None:
         for key, value in entry.xattrs.items():
             self.fs.set_xattr(target, key, value, _path(parts))
+
+
+def _fchmod(fd: int, mode: int) -> None:
+    os.fchmod(fd, mode)
+
+
+def _futime(fd: int, times: tuple[int, int]) -> None:
+    os.utime(fd, ns=times)
 
 
 def current_umask() -> int:

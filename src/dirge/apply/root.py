@@ -37,7 +37,7 @@ def openat2(dir_fd: int, path: bytes, flags: int, resolve: int) -> int:
         if err == errno.ENOSYS:
             raise UnpackError("openat2 is not available: dirge needs Linux 5.6 or newer")
         raise OSError(err, os.strerror(err), path)
-    return fd
+    return int(fd)
 
 
 def clean_path(name: bytes) -> tuple[bytes, ...]:

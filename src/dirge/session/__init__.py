@@ -11,6 +11,7 @@ session from the base plus the snapshot.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import re
@@ -80,13 +81,13 @@ class Sessions:
     def create(self, base: Base, image: str, *, strategy: str | None = None, owner_pid: int | None = None,
                snapshot: str | None = None) -> SessionInfo:
         lowers = [base.rootfs]
-        snap_meta = None
+        snap_meta: dict[str, str] | None = None
         if snapshot is not None:
             snap_meta = self.snapshot_meta(snapshot)
             if snap_meta["base"] != base.key:
                 raise SessionError(f"restore snapshot {snapshot}: it belongs to another base ({snap_meta['base']})")
         chosen = self.choose(base.rootfs, strategy)
-        if snap_meta is not None:
+        if snap_meta is not None and snapshot is not None:
             if snap_meta["kind"] == "upper":
                 if chosen != "overlay":
                     raise SessionError(f"restore snapshot {snapshot}: an overlay snapshot needs the overlay strategy")
@@ -129,7 +130,7 @@ class Sessions:
     def remove(self, session_id: str) -> None:
         backends.destroy(self.session_dir(session_id))
 
-    def prune(self) -> list[str]:
+    def prune(self) -> builtins.list[str]:  # (the method list() shadows the builtin here)
         """Remove sessions whose creating process has exited; return their ids."""
         gone = [s.id for s in self.list() if not s.alive()]
         for session_id in gone:
@@ -145,7 +146,8 @@ class Sessions:
 
     def snapshot_meta(self, name: str) -> dict[str, str]:
         try:
-            return json.loads((self._snapshot_dir(name) / "snapshot.json").read_text())
+            meta: dict[str, str] = json.loads((self._snapshot_dir(name) / "snapshot.json").read_text())
+            return meta
         except FileNotFoundError:
             raise SessionError(f"snapshot {name}: no such snapshot") from None
 
@@ -174,7 +176,7 @@ class Sessions:
             raise
         return final
 
-    def snapshot_list(self) -> list[dict[str, str]]:
+    def snapshot_list(self) -> builtins.list[dict[str, str]]:
         out = []
         for p in sorted(self.snapshots.iterdir()):
             if not p.name.startswith("."):

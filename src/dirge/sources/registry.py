@@ -386,7 +386,7 @@ def _media_type_of(raw: bytes) -> str | None:
         return None
     if isinstance(obj, dict):
         if isinstance(obj.get("mediaType"), str):
-            return obj["mediaType"]
+            return str(obj["mediaType"])
         if "manifests" in obj:
             return OCI_INDEX
         if "config" in obj:
