@@ -230,7 +230,8 @@ def build_guest_image(
         if output is None:
             args.append("--quiet")
         buildah.run(*args, str(variant.path), what=f"build variant '{name}' from {variant.dockerfile}",
-                    hint=f"fix the Dockerfile or its FROM image; `dirge build {name}` shows the whole build",
+                    hint="fix the Dockerfile or its FROM image" + (
+                        "" if output is not None else f"; `dirge build {name}` shows the whole build"),
                     output=output)
         built = buildah.inspect(variant.tag)
         if built is None:
