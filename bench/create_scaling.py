@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,14 +53,16 @@ def timed(procs: list[list[str]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/dirge-bench/create"))
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/dirge-bench"),
+                        help="the trees are made in a fresh temporary directory under it, removed at exit")
     parser.add_argument("--files", type=int, default=40_000)
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("root only (drops the kernel caches between runs)")
-    work = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    # Only ever delete what this run made: a directory of its own, never WORKDIR's other contents.
+    work = Path(tempfile.mkdtemp(prefix="create-scaling.", dir=args.workdir))
     try:
         for run in range(1, args.runs + 1):
             settle(work)

@@ -301,6 +301,30 @@ def test_orphaned_temp_files_are_swept(registry, tmp_path: Path) -> None:
     assert not orphan.exists() and fresh.exists() and live.exists()
 
 
+def test_full_cache_disk_is_one_clear_error(registry, tmp_path: Path, capsys) -> None:
+    """A cache on a filesystem that fills up mid-download: one line naming the blob, the cause and what
+    to do, no traceback, and no temp file left behind."""
+    import subprocess
+
+    from dirge.cli import main
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs as the cache")
+    layout = layout_with(tmp_path, [LayerBuilder().file("big", os.urandom(2 << 20)).build()])
+    push_layout(layout, "t", f"{registry.host}/full/app:1")
+    cache_dir = tmp_path / "small-cache"
+    cache_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(cache_dir)], check=True)
+    try:
+        assert main(["pull", f"{registry.host}/full/app:1", "--cache-dir", str(cache_dir)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err, err
+        assert "No space left on device" in err and "free space" in err and str(cache_dir) in err, err
+        assert not list((cache_dir / "blobs" / "sha256").glob(".tmp-*"))
+    finally:
+        subprocess.run(["umount", str(cache_dir)], check=True)
+
+
 def test_mirror_first_then_origin(registry, mirror_registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     layout = layout_with(tmp_path, [LayerBuilder().file("m", b"mirrored").build()])
     push_layout(layout, "t", f"{registry.host}/m/app:1")

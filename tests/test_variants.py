@@ -209,10 +209,16 @@ def test_unknown_variant_error_lists_known_ones(tmp_path: Path, monkeypatch: pyt
     assert "known variants: alpine, debian, dev" in err and "full reference such as docker.io/" in err
 
 
-def test_missing_buildah_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_buildah_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no buildah here
     with pytest.raises(BuildError, match="buildah is not installed; install buildah .*apt-get install buildah"):
         build_guest_image("debian", cache_root=tmp_path / "cache")
+    # Listing still works: the variants are known, their build state is not.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("DIRGE_IMAGES_PATH", raising=False)
+    assert main(["variants", "--json", "--cache-dir", str(tmp_path / "cache")]) == 0
+    listed = {v["name"]: v["status"] for v in json.loads(capsys.readouterr().out)}
+    assert listed == {"alpine": "unknown", "debian": "unknown", "dev": "unknown"}
 
 
 def test_user_variants_win_over_built_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -266,9 +272,18 @@ def test_dockerfile_from_parsing(tmp_path: Path) -> None:
 def test_cache_path_with_a_colon_is_refused_before_buildah_runs(tmp_path: Path) -> None:
     from dirge.sources.buildah import Buildah, LocalImage, export_image
 
+    from dirge.reference import LocalReference, parse_reference
+    from dirge.sources.buildah import open_local
+
     root = tmp_path / "a:b"
     with pytest.raises(BuildError, match="contains ':'.*use a cache directory without ':'"):
         export_image(Buildah(root), LocalImage("0" * 64, {}, []), root, "local://x")
+    # A variant is refused before its build, not after minutes of it: buildah never ran.
+    ref = parse_reference("debian")
+    assert isinstance(ref, LocalReference)
+    with pytest.raises(BuildError, match="contains ':'"):
+        open_local(ref, root)
+    assert not (root / "buildah").exists() and not (root / "locks").exists()
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,8 @@ def _build_args(values: tuple[str, ...]) -> dict[str, str]:
 @cli.command("build")
 @click.argument("name")
 @click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="Passed to the Dockerfile.")
-@click.option("--no-cache", is_flag=True, help="Rebuild even if current, without buildah's layer cache.")
+@click.option("--no-cache", is_flag=True, help="Rebuild even if current, without buildah's layer cache; pulls the FROM images again "
+              "(their registry must be reachable).")
 @cache_dir_option
 def build_cmd(name: str, build_args: tuple[str, ...], no_cache: bool, cache_dir: Path | None) -> None:
     """Build local variant NAME (images/NAME/Dockerfile) with buildah unless it is current."""
@@ -182,7 +183,9 @@ def build_cmd(name: str, build_args: tuple[str, ...], no_cache: bool, cache_dir:
 @cache_dir_option
 @click.option("--json", "as_json", is_flag=True)
 def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
-    """List local variants: where each comes from and whether its image is built and current."""
+    """List local variants: where each comes from and whether its image is built and current.
+
+    Status is current, stale (inputs changed since the build), not built, or unknown (no buildah)."""
     from .cache import Cache
     from .variants import list_variants, variant_status
 
@@ -338,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("dirge: interrupted", err=True)
         return 130
+    except OSError as exc:  # not wrapped with context on its way up: still say what and where
+        if debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"dirge: error: {where}{exc.strerror or exc}; check permissions and free space "
+                   "(rerun with --debug for a traceback)", err=True)
+        return 1
     except Exception as exc:  # a bug: still one line, with the way to see more
         if debug:
             traceback.print_exc()

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import shlex
+import shutil
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -75,15 +76,26 @@ def list_variants() -> list[Variant]:
         except OSError:
             continue
         for entry in entries:
-            if _NAME.match(entry.name) and (entry / "Dockerfile").is_file() and entry.name not in found:
+            if _NAME.match(entry.name) and entry.name not in found and _has_dockerfile(entry, strict=False):
                 found[entry.name] = Variant(entry.name, entry, origin)
     return sorted(found.values(), key=lambda v: v.name)
+
+
+def _has_dockerfile(directory: Path, *, strict: bool) -> bool:
+    """Whether directory/Dockerfile is a file; an unreadable one is an error when ``strict``, else absent."""
+    try:
+        return (directory / "Dockerfile").is_file()
+    except OSError as exc:  # is_file() lets EACCES through
+        if not strict:
+            return False
+        raise BuildError(f"read variant at {directory}: {exc.strerror or exc}; make it readable or remove "
+                         "it from the variant search path") from exc
 
 
 def find_variant(name: str) -> Variant:
     if _NAME.match(name):
         for directory, origin in search_dirs():
-            if (directory / name / "Dockerfile").is_file():
+            if _has_dockerfile(directory / name, strict=True):
                 return Variant(name, directory / name, origin)
     known = ", ".join(v.name for v in list_variants()) or "none"
     where = ", ".join(str(d) for d, _ in search_dirs())
@@ -141,7 +153,12 @@ def dockerfile_bases(dockerfile: Path, build_args: Mapping[str, str] | None = No
     stages: set[str] = set()
     bases: list[Reference] = []
     seen_from = False
-    for instruction, rest in _instructions(dockerfile.read_text()):
+    try:
+        text = dockerfile.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BuildError(f"read {dockerfile}: {getattr(exc, 'strerror', None) or exc}; make it a readable "
+                         "UTF-8 file") from exc
+    for instruction, rest in _instructions(text):
         if instruction == "ARG" and not seen_from:  # only ARGs before the first FROM apply to FROM
             for pair in shlex.split(rest):
                 name, _, default = pair.partition("=")
@@ -184,7 +201,9 @@ def _instructions(text: str) -> Iterable[tuple[str, str]]:
 
 
 def variant_status(variant: Variant, cache_root: Path, build_args: Mapping[str, str] | None = None) -> str:
-    """"current", "stale" (built from other inputs) or "not built"."""
+    """"current", "stale" (built from other inputs), "not built", or "unknown" (buildah is not installed)."""
+    if shutil.which("buildah") is None:
+        return "unknown"
     image = Buildah(cache_root).inspect(variant.tag)
     if image is None:
         return "not built"

@@ -59,12 +59,16 @@ class Buildah:
     def _run(self, cmd: list[str], *, capture: bool, output: IO[str] | None = None) -> subprocess.CompletedProcess[Any]:
         # buildah stages layers in $TMPDIR (default /var/tmp): keep that inside the cache too.
         tmp = self.cache_root / "buildah" / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "TMPDIR": str(tmp)}
-        if capture:
-            return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-                                  env=env)
-        return subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=env)
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "TMPDIR": str(tmp)}
+            if capture:
+                return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                      errors="replace", env=env)
+            return subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=env)
+        except OSError as exc:
+            raise BuildError(f"run buildah: {exc.filename or tmp}: {exc.strerror or exc}; check that "
+                             f"{self.cache_root} is writable and {cmd[0]} can run") from exc
 
     def run(self, *args: str, what: str, hint: str, output: IO[str] | None = None) -> None:
         """Run buildah; its output goes to ``output`` if given, else its tail goes into the error."""
@@ -104,12 +108,25 @@ def _tail(proc: subprocess.CompletedProcess[Any]) -> str:
 
 def export_image(buildah: Buildah, image: LocalImage, cache_root: Path, what: str) -> Path:
     """The OCI layout of ``image`` under the cache, exported once per image ID."""
+    check_export_path(cache_root, what)
     exports = cache_root / "exports"
-    exports.mkdir(parents=True, exist_ok=True)
-    if ":" in str(exports):  # containers/image splits oci:PATH:TAG at the first colon
+    final = exports / image.id
+    try:
+        return _export(buildah, image, cache_root, exports, final, what)
+    except OSError as exc:
+        raise BuildError(f"export {what} to {exc.filename or exports}: {exc.strerror or exc}; "
+                         f"check permissions and free space under {cache_root}") from exc
+
+
+def check_export_path(cache_root: Path, what: str) -> None:
+    """Refuse a cache path buildah cannot export to, before any build spends minutes on it."""
+    if ":" in str(cache_root):  # containers/image splits oci:PATH:TAG at the first colon
         raise BuildError(f"export {what}: the cache path {cache_root} contains ':', which buildah's oci: "
                          "transport cannot name; use a cache directory without ':' (--cache-dir)")
-    final = exports / image.id
+
+
+def _export(buildah: Buildah, image: LocalImage, cache_root: Path, exports: Path, final: Path, what: str) -> Path:
+    exports.mkdir(parents=True, exist_ok=True)
     if (final / "index.json").exists():
         return final
     with FileLock(_export_lock(cache_root, image.id)):
@@ -152,6 +169,7 @@ def _discard(path: Path) -> None:
 
 def open_local(ref: LocalReference, cache_root: Path) -> tuple[LayoutSource, Descriptor]:
     """A source and start descriptor for ``local://NAME``; variants are built first if needed."""
+    check_export_path(cache_root, str(ref))
     buildah = Buildah(cache_root)
     if ref.variant is not None:
         from ..variants import build_guest_image

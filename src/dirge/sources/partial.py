@@ -54,11 +54,14 @@ class PartialBlob:
     """The temp file of one download; ``append``/``restart``/``publish``/``fail`` from the writer thread."""
 
     def __init__(self, final: Path, desc: Descriptor, what: str) -> None:
-        final.parent.mkdir(parents=True, exist_ok=True)
         self.final = final
         self.desc = desc
         self.what = what
-        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f"{TMP_PREFIX}{desc.digest.hex[:16]}-")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=final.parent, prefix=f"{TMP_PREFIX}{desc.digest.hex[:16]}-")
+        except OSError as exc:
+            raise self._cache_error(exc) from exc
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file: cannot be held by anyone else
         self._fd = fd  # O_RDWR: readers pread from duplicates of it, also after the rename
         self._tmp = Path(name)
@@ -76,17 +79,20 @@ class PartialBlob:
     def on_abandon(self, interrupt: Callable[[], None] | None) -> None:
         """What ``abandon`` calls to unblock the writer (e.g. shut the socket it is reading)."""
         self._interrupt = interrupt
-        if interrupt is not None and self.abandoned.is_set():
-            interrupt()
+        if self.abandoned.is_set():
+            self._call_interrupt()
 
     def abandon(self) -> None:
         """Stop the download soon: the writer's next chunk, sleep or blocking read fails."""
         self.abandoned.set()
+        self._call_interrupt()
+
+    def _call_interrupt(self) -> None:
         interrupt = self._interrupt
         if interrupt is not None:
             try:
                 interrupt()
-            except OSError:
+            except OSError:  # the socket is already closed: nothing left to unblock
                 pass
 
     def check_abandoned(self) -> None:
@@ -98,8 +104,11 @@ class PartialBlob:
         if self.written + len(chunk) > self.desc.size:
             raise IntegrityError(f"size of {self.what}", f"{self.desc.size} bytes", f"more than {self.desc.size} bytes")
         view = memoryview(chunk)
-        while view:
-            view = view[os.pwrite(self._fd, view, self.written + len(chunk) - len(view)):]
+        try:
+            while view:
+                view = view[os.pwrite(self._fd, view, self.written + len(chunk) - len(view)):]
+        except OSError as exc:
+            raise self._cache_error(exc) from exc
         self._hash.update(chunk)
         with self._cond:
             self.written += len(chunk)
@@ -124,8 +133,11 @@ class PartialBlob:
     def publish(self) -> Path:
         """Check size and digest, make it durable, rename it into place; readers keep reading."""
         self.verify()
-        os.fsync(self._fd)
-        os.replace(self._tmp, self.final)
+        try:
+            os.fsync(self._fd)
+            os.replace(self._tmp, self.final)
+        except OSError as exc:
+            raise self._cache_error(exc) from exc
         with self._cond:
             self._done = True
             self._cond.notify_all()
@@ -141,6 +153,10 @@ class PartialBlob:
             self._cond.notify_all()
         self._tmp.unlink(missing_ok=True)
         self._close()
+
+    def _cache_error(self, exc: OSError) -> DirgeError:
+        return DirgeError(f"{self.what}: write {exc.filename or getattr(self, '_tmp', self.final)}: "
+                          f"{exc.strerror or exc}; free space or fix permissions under {self.final.parent}")
 
     def _close(self) -> None:
         with self._cond:  # readers dup the fd under this lock: never close it under them
@@ -225,7 +241,7 @@ def sweep_orphans(directory: Path, min_age: float = 300.0) -> None:
     a file just made by ``mkstemp`` is not locked yet)."""
     try:
         names = [n for n in os.listdir(directory) if n.startswith(TMP_PREFIX)]
-    except FileNotFoundError:
+    except OSError:  # best effort: no directory yet, or one we cannot read
         return
     now = time.time()
     for name in names:
@@ -241,4 +257,7 @@ def sweep_orphans(directory: Path, min_age: float = 300.0) -> None:
             continue  # a live download
         finally:
             os.close(fd)
-        (directory / name).unlink(missing_ok=True)
+        try:
+            (directory / name).unlink(missing_ok=True)
+        except OSError:
+            pass
