@@ -194,6 +194,27 @@ def test_local_ref_to_an_image_in_buildah_storage(busybox_base, buildah_env, tmp
                    capture_output=True)
     unpack("local://mine:1", tmp_path / "out", cache=cache)
     assert not (tmp_path / "out/opt/data").exists() and (tmp_path / "out/bin/busybox").is_file()
+
+    # A rebuild cannot pull an export from under a reader: readers share its lock, retiring waits.
+    from dirge.errors import LockTimeout
+    from dirge.reference import LocalReference
+    from dirge.sources.buildah import open_local, retire_image
+
+    buildah = Buildah(cache.root)
+    image = buildah.inspect("mine:1")
+    assert image is not None
+    export = cache.root / "exports" / image.id
+    reader, _ = open_local(LocalReference("mine:1"), cache.root)
+    try:
+        second, _ = open_local(LocalReference("mine:1"), cache.root)  # readers do not block each other
+        second.close()
+        with pytest.raises(LockTimeout, match="held by another process"):
+            retire_image(buildah, cache.root, image.id, timeout=0.2)
+        assert (export / "index.json").is_file() and buildah.inspect(image.id) is not None
+    finally:
+        reader.close()
+    retire_image(buildah, cache.root, image.id, timeout=0.2)  # the last reader is gone
+    assert not export.exists() and buildah.inspect(image.id) is None
     with pytest.raises(BuildError, match=r"no image .nothere:1. in buildah storage .* \$DIRGE_BUILDAH_ROOT"):
         unpack("local://nothere:1", tmp_path / "none", cache=cache)
 

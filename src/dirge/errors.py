@@ -80,7 +80,8 @@ class BuildError(DirgeError):
 class LockTimeout(DirgeError):
     def __init__(self, path: str, timeout: float, holder: str) -> None:
         super().__init__(
-            f"wait for lock {path}: still held by pid {holder} after {timeout:g}s; "
+            f"wait for lock {path}: still held by {'pid ' + holder if holder.isdigit() else holder} "
+            f"after {timeout:g}s; "
             "wait for that process or stop it, then retry"
         )
         self.path = path

@@ -15,11 +15,13 @@ _POLL = 0.05
 
 
 class FileLock:
-    """An exclusive lock; the holder's pid is written into the file for error messages."""
+    """An exclusive lock (the holder's pid is written into the file for error messages), or with
+    ``shared`` one of many readers' locks that keep an exclusive holder out."""
 
-    def __init__(self, path: Path, timeout: float = 600.0) -> None:
+    def __init__(self, path: Path, timeout: float = 600.0, *, shared: bool = False) -> None:
         self.path = path
         self.timeout = timeout
+        self.shared = shared
         self._fd: int | None = None
 
     def __enter__(self) -> "FileLock":
@@ -35,22 +37,24 @@ class FileLock:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
                     os.close(fd)
                     raise LockTimeout(str(self.path), self.timeout, holder) from None
                 time.sleep(_POLL)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if not self.shared:  # readers leave the file alone: there may be many of them
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
             # The file stays: unlinking a lock file races with waiters that opened the old inode.
-            os.ftruncate(self._fd, 0)
+            if not self.shared:
+                os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

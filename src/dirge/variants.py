@@ -256,5 +256,5 @@ def build_guest_image(
         if built is None:
             raise BuildError(f"build variant '{name}': buildah reported success but {variant.tag} is missing")
         if image is not None and image.id != built.id:  # the old image is unreachable now: free its space
-            retire_image(buildah, cache_root, image.id)
+            retire_image(buildah, cache_root, image.id, lock_timeout)
         return BuildResult(variant, built, built=True)

@@ -4,7 +4,8 @@ dirge keeps its own buildah storage, ``CACHE/buildah`` with the vfs driver (it w
 filesystem, without fuse-overlayfs), unless ``$DIRGE_BUILDAH_ROOT`` (and ``$DIRGE_BUILDAH_DRIVER``) name
 another. An image is exported once per image ID with ``buildah push --disable-compression ID oci:DIR``
 into ``CACHE/exports/<id>`` (temp dir + rename, under a lock), then read like any OCI layout: the same
-verified, whiteout-honouring applier as every other source.
+verified, whiteout-honouring applier as every other source. Readers hold the export's lock shared until
+they close, so a rebuild retires the old image and export only after the last reader is done.
 """
 
 from __future__ import annotations
@@ -146,10 +147,11 @@ def _export(buildah: Buildah, image: LocalImage, cache_root: Path, exports: Path
     return final
 
 
-def retire_image(buildah: Buildah, cache_root: Path, image_id: str) -> None:
-    """Remove a replaced image and its export, under its export lock so no export is cut in half."""
+def retire_image(buildah: Buildah, cache_root: Path, image_id: str, timeout: float = 3600.0) -> None:
+    """Remove a replaced image and its export, under its export lock: no export is cut in half, and
+    none is removed while an ``ExportSource`` still reads it (it holds the lock shared)."""
     if _IMAGE_ID.match(image_id):
-        with FileLock(_export_lock(cache_root, image_id)):
+        with FileLock(_export_lock(cache_root, image_id), timeout):
             buildah.remove(image_id)
             _discard(cache_root / "exports" / image_id)
 
@@ -165,6 +167,32 @@ def _discard(path: Path) -> None:
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+class ExportSource(LayoutSource):
+    """An exported layout, read under a shared export lock so a rebuild cannot remove it mid-read."""
+
+    def __init__(self, path: Path, lock: FileLock) -> None:
+        self._lock = lock
+        try:
+            super().__init__(path)
+        except BaseException:
+            lock.release()
+            raise
+
+    def close(self) -> None:
+        self._lock.release()
+
+
+def _open_export(buildah: Buildah, image: LocalImage, cache_root: Path, what: str) -> ExportSource:
+    layout = export_image(buildah, image, cache_root, what)
+    lock = FileLock(_export_lock(cache_root, image.id), shared=True)
+    lock.acquire()
+    if not (layout / "index.json").exists():  # retired by a rebuild between the export and the lock
+        lock.release()
+        raise BuildError(f"open {what}: its image {image.id[:12]} was replaced by a rebuild while being "
+                         "opened; run the command again to use the new one")
+    return ExportSource(layout, lock)
 
 
 def open_local(ref: LocalReference, cache_root: Path) -> tuple[LayoutSource, Descriptor]:
@@ -183,6 +211,9 @@ def open_local(ref: LocalReference, cache_root: Path) -> tuple[LayoutSource, Des
                 f"(buildah --root {buildah.root} --storage-driver {buildah.driver} bud -t {ref.name} DIR) "
                 "or point $DIRGE_BUILDAH_ROOT at the storage that has it")
         image = found
-    layout = export_image(buildah, image, cache_root, str(ref))
-    source = LayoutSource(layout)
-    return source, source.select(LayoutReference(str(layout), "latest"))
+    source = _open_export(buildah, image, cache_root, str(ref))
+    try:
+        return source, source.select(LayoutReference(str(source.path), "latest"))
+    except BaseException:
+        source.close()
+        raise
