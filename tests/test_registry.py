@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -172,7 +173,8 @@ def streaming_image(tmp_path: Path, registry, repo: str) -> tuple[Path, str, byt
     """A one-layer image whose first file comes early and whose 4 MiB random tail comes late; returns
     (layout, layer digest, tail). Incompressible, so a fault after 5 MiB lands inside the tail."""
     tail = os.urandom(4 << 20)
-    layout = layout_with(tmp_path, [LayerBuilder().file("first", b"early").file("pad", os.urandom(3 << 20))
+    layout = layout_with(tmp_path, [LayerBuilder().file("first", b"early").symlink("link", "first")
+                                    .file("pad", os.urandom(3 << 20))
                                     .file("tail", tail).build()])
     push_layout(layout, "t", f"{registry.host}/{repo}:1")
     index = json.loads((layout / "index.json").read_text())
@@ -253,6 +255,10 @@ def test_wrong_bytes_from_a_mirror_while_streaming(registry, fault_proxy, tmp_pa
     assert [k for _, _, k in bad_mirror.faults_fired] == ["corrupt_body"]
     assert (tmp_path / "out/tail").read_bytes() == tail and (tmp_path / "out/first").read_bytes() == b"early"
     assert no_temp_files(cache)
+    # Emptying the destination for the second apply left the root's mode alone (top-level files and a
+    # symlink are unlinked, not made removable by chmod-ing their parent).
+    assert (tmp_path / "out/link").readlink() == Path("first")
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
 
 
 def test_close_stops_a_stalled_download(registry, fault_proxy, tmp_path: Path) -> None:

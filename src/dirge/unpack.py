@@ -139,8 +139,9 @@ def apply_image(
             # origin, so start again on an empty directory.
             if attempt == _RESTARTS:
                 raise
-            for child in os.scandir(dest):
-                remove_tree(Path(child.path))
+            with os.scandir(dest) as children:
+                for child in list(children):
+                    remove_tree(Path(child.path))
     raise AssertionError("unreachable")
 
 
@@ -221,7 +222,13 @@ def unpack(
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a tree we wrote, even where rootless modes left directories unwritable."""
+    """Remove a tree we wrote, even where rootless modes left directories unwritable.
+
+    Anything but a real directory is unlinked directly: never a reason to touch its parent's mode."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+        return
+
     def onerror(func: object, p: str, exc_info: object) -> None:
         parent = os.path.dirname(p)
         try:
