@@ -543,7 +543,8 @@ class FaultProxy:
     * ``"stall_mid_body"``: the first ``after_bytes`` (default half) of the body, then a wait until the
       ``threading.Event`` ``kw["release"]`` is set (at most 60 s), then the rest.
     * ``"corrupt_body"``: upstream's answer with the byte at ``offset`` (default the middle) XOR 0xFF; same length.
-      With ``release=Event``, it also stalls after ``after_bytes`` like ``stall_mid_body``.
+      With ``release=Event``, it also stalls after ``after_bytes`` like ``stall_mid_body``; with
+      ``reset_after=N`` it resets the connection after N bytes like ``reset_mid_body``.
     * ``"no_range"``: drop ``Range``/``If-Range`` before forwarding, so upstream answers 200 with the whole body.
     * ``"close"``: reset the connection without answering at all.
 
@@ -901,7 +902,8 @@ class FaultProxy:
             return
         assert length is not None
         kind = fault.kind if fault is not None else None
-        cut = int(fault.kw.get("after_bytes", length // 2)) if kind == "reset_mid_body" else None
+        cut = (int(fault.kw.get("after_bytes", length // 2)) if kind == "reset_mid_body"
+               else int(fault.kw["reset_after"]) if kind == "corrupt_body" and "reset_after" in fault.kw else None)
         flip = int(fault.kw.get("offset", length // 2)) if kind == "corrupt_body" else None
         stall = (int(fault.kw.get("after_bytes", length // 2))
                  if kind == "stall_mid_body" or (kind == "corrupt_body" and "release" in fault.kw) else None)

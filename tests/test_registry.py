@@ -261,6 +261,25 @@ def test_wrong_bytes_from_a_mirror_while_streaming(registry, fault_proxy, tmp_pa
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
 
 
+def test_mirror_failing_after_wrong_bytes_origin_starts_over(registry, fault_proxy, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The mirror sends a wrong byte, resets, then fails every resume: the origin must not build on the
+    # mirror's prefix (that would end in a digest mismatch) but fetch the blob again from byte 0.
+    _, layer, tail = streaming_image(tmp_path, registry, "f/app")
+    mirror = fault_proxy(registry)
+    mirror.fail(f"/blobs/{layer}", "corrupt_body", method="GET", offset=1 << 20, reset_after=2 << 20)
+    mirror.fail(f"/blobs/{layer}", "status", times=100, method="GET", status=500)
+    config = tmp_path / "registries.toml"
+    config.write_text(f'[registries."{registry.host}"]\nmirrors = ["{mirror.url}"]\n')
+    monkeypatch.setenv("DIRGE_REGISTRIES_CONFIG", str(config))
+    cache = Cache(tmp_path / "c")
+    unpack(f"{registry.host}/f/app:1", tmp_path / "out", cache=cache)
+    assert (tmp_path / "out/tail").read_bytes() == tail and (tmp_path / "out/first").read_bytes() == b"early"
+    kinds = [k for _, _, k in mirror.faults_fired]
+    assert kinds[0] == "corrupt_body" and "status" in kinds
+    assert no_temp_files(cache)
+
+
 def test_close_stops_a_stalled_download(registry, fault_proxy, tmp_path: Path) -> None:
     from dirge.errors import DirgeError
     from dirge.unpack import open_image

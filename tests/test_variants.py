@@ -140,6 +140,27 @@ def test_edit_rebuilds_exactly_once(busybox_base, buildah_env, tmp_path: Path) -
     exports = [e.name for e in (cache_dir / "exports").iterdir()]
     assert len(exports) == 1, f"stale exports of replaced images are removed, temp dirs too: {exports}"
 
+    # Rebuilt while the current export is being read: the build succeeds and the old image stays
+    # while it is read; the next build frees it.
+    from dirge.reference import LocalReference
+    from dirge.sources.buildah import Buildah, open_local
+
+    buildah = Buildah(cache_dir)
+    held = buildah.inspect("dirge-microvm:editvm")
+    assert held is not None
+    reader, _ = open_local(LocalReference("dirge-microvm:editvm"), cache_dir)
+    try:
+        (d / "hello.txt").write_text("again\n")
+        assert build_guest_image("editvm", cache_root=cache_dir).built
+        assert buildah.inspect(held.id) is not None and (cache_dir / "exports" / held.id / "index.json").is_file()
+    finally:
+        reader.close()
+    (d / "hello.txt").write_text("once more\n")
+    newest = build_guest_image("editvm", cache_root=cache_dir)
+    assert builds(buildah_env) == 5
+    assert buildah.inspect(held.id) is None and not (cache_dir / "exports" / held.id).exists()
+    assert buildah.labelled("dev.dirge.variant", "editvm") == [newest.image.id]
+
 
 def test_concurrent_prepares_build_once(busybox_base, buildah_env, tmp_path: Path) -> None:
     write_variant(tmp_path, "concvm", busybox_base)
@@ -180,6 +201,8 @@ def test_build_args_pass_through_and_cli(busybox_base, buildah_env, tmp_path: Pa
     listed = {v["name"]: v for v in json.loads(capsys.readouterr().out)}
     assert listed["argvm"]["status"] == "current" and listed["argvm"]["origin"] == str(tmp_path / "images")
     assert listed["debian"]["origin"] == "built-in" and listed["debian"]["status"] == "not built"
+    assert listed["debian"]["from"] == ["docker.io/library/debian:bookworm-slim"]
+    assert listed["argvm"]["from"] == [busybox_base]
 
 
 def test_local_ref_to_an_image_in_buildah_storage(busybox_base, buildah_env, tmp_path: Path) -> None:
@@ -217,6 +240,16 @@ def test_local_ref_to_an_image_in_buildah_storage(busybox_base, buildah_env, tmp
     assert not export.exists() and buildah.inspect(image.id) is None
     with pytest.raises(BuildError, match=r"no image .nothere:1. in buildah storage .* \$DIRGE_BUILDAH_ROOT"):
         unpack("local://nothere:1", tmp_path / "none", cache=cache)
+
+
+def test_export_of_an_image_removed_meanwhile_says_so(buildah_env, tmp_path: Path) -> None:
+    # What a prepare sees when a concurrent rebuild removed the image it had just looked up.
+    from dirge.sources.buildah import Buildah, LocalImage, export_image
+
+    root = tmp_path / "cache"
+    with pytest.raises(BuildError, match="replaced by a rebuild meanwhile; run the command again"):
+        export_image(Buildah(root), LocalImage("ab" * 32, {}, []), root, "local://gone")
+    assert [p.name for p in (root / "exports").iterdir()] == []
 
 
 def test_unknown_variant_error_lists_known_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -288,6 +321,12 @@ def test_dockerfile_from_parsing(tmp_path: Path) -> None:
     assert dockerfile_bases(df, {"TAG": "2"})[0].tag == "2"
     df.write_text('ARG A=one B="two"\nFROM reg.example:5000/x/${A}:${B} \\\n\n  AS s\nFROM s\n')
     assert dockerfile_bases(df) == [RegistryReference("reg.example:5000", "x/one", "two")]
+    df.write_text("ARG MSG=it's\nFROM busybox\n")
+    with pytest.raises(BuildError, match=f"parse {df}: ARG .*fix the quoting"):
+        dockerfile_bases(df)
+    df.write_text("ARG REG\nFROM ${REG}/x:1\n")
+    with pytest.raises(BuildError, match=rf"parse {df}: FROM \$\{{REG\}}/x:1: .*set the ARG"):
+        dockerfile_bases(df)
 
 
 def test_cache_path_with_a_colon_is_refused_before_buildah_runs(tmp_path: Path) -> None:

@@ -187,11 +187,11 @@ def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
 
     Status is current, stale (inputs changed since the build), not built, or unknown (no buildah)."""
     from .cache import Cache
-    from .variants import list_variants, variant_status
+    from .variants import list_variants, variant_bases, variant_status
 
     root = Cache(cache_dir).root
-    items = [{"name": v.name, "origin": v.origin, "path": str(v.path), "status": variant_status(v, root)}
-             for v in list_variants()]
+    items = [{"name": v.name, "origin": v.origin, "path": str(v.path), "status": variant_status(v, root),
+              "from": variant_bases(v)} for v in list_variants()]
     if as_json:
         click.echo(json.dumps(items, indent=2))
     for item in [] if as_json else items:

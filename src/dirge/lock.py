@@ -34,6 +34,14 @@ class FileLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self._lock(fd)
+        except BaseException:
+            os.close(fd)  # also drops the lock if it was taken
+            raise
+        self._fd = fd
+
+    def _lock(self, fd: int) -> None:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -42,13 +50,11 @@ class FileLock:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-                    os.close(fd)
                     raise LockTimeout(str(self.path), self.timeout, holder) from None
                 time.sleep(_POLL)
         if not self.shared:  # readers leave the file alone: there may be many of them
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:

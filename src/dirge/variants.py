@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import BuildError
+from .errors import BuildError, DirgeError, InvalidReference
 from .lock import FileLock
 from .reference import VARIANT_PREFIX, Reference, parse_reference
 from .sources.buildah import Buildah, LocalImage, retire_image
@@ -142,7 +142,10 @@ def is_current(image: LocalImage | None, variant: Variant, build_args: Mapping[s
 
 
 def _walk(root: Path) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
+    def fail(exc: OSError) -> None:  # an unreadable directory must not drop out of the hash silently
+        raise exc
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
         for name in dirnames + filenames:
             yield Path(dirpath) / name
 
@@ -160,7 +163,11 @@ def dockerfile_bases(dockerfile: Path, build_args: Mapping[str, str] | None = No
                          "UTF-8 file") from exc
     for instruction, rest in _instructions(text):
         if instruction == "ARG" and not seen_from:  # only ARGs before the first FROM apply to FROM
-            for pair in shlex.split(rest):
+            try:
+                pairs = shlex.split(rest)
+            except ValueError as exc:
+                raise BuildError(f"parse {dockerfile}: ARG {rest}: {exc}; fix the quoting") from None
+            for pair in pairs:
                 name, _, default = pair.partition("=")
                 args[name] = (build_args or {}).get(name, default)
         elif instruction == "FROM":
@@ -174,10 +181,22 @@ def dockerfile_bases(dockerfile: Path, build_args: Mapping[str, str] | None = No
                 stages.add(words[2].lower())
             if image.lower() in stages or image == "scratch":
                 continue
-            bases.append(parse_reference(image if "/" in image else f"docker.io/library/{image}"))
+            try:
+                bases.append(parse_reference(image if "/" in image else f"docker.io/library/{image}"))
+            except InvalidReference as exc:
+                raise BuildError(f"parse {dockerfile}: FROM {words[0]}: {exc}; set the ARG it uses or fix "
+                                 "the name") from None
     if not bases and not seen_from:
         raise BuildError(f"parse {dockerfile}: no FROM instruction")
     return bases
+
+
+def variant_bases(variant: Variant) -> list[str]:
+    """The images a variant builds FROM, for listings; a Dockerfile that does not parse gives its error."""
+    try:
+        return [str(ref) for ref in dockerfile_bases(variant.dockerfile)]
+    except BuildError as exc:
+        return [f"? ({exc})"]
 
 
 def _instructions(text: str) -> Iterable[tuple[str, str]]:
@@ -255,6 +274,19 @@ def build_guest_image(
         built = buildah.inspect(variant.tag)
         if built is None:
             raise BuildError(f"build variant '{name}': buildah reported success but {variant.tag} is missing")
-        if image is not None and image.id != built.id:  # the old image is unreachable now: free its space
-            retire_image(buildah, cache_root, image.id, lock_timeout)
+        retire_old_images(buildah, cache_root, variant, keep=built.id)
         return BuildResult(variant, built, built=True)
+
+
+def retire_old_images(buildah: Buildah, cache_root: Path, variant: Variant, keep: str) -> None:
+    """Free the space of this variant's replaced images and their exports, best effort: one still being
+    read (its export lock is held) or failing to go is left for the next build to retry."""
+    try:
+        old = [i for i in buildah.labelled(VARIANT_LABEL, variant.name) if i != keep]
+    except (BuildError, OSError):
+        return
+    for image_id in old:
+        try:
+            retire_image(buildah, cache_root, image_id, timeout=0)
+        except (DirgeError, OSError):
+            continue

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ..cache import syncfs
 from ..errors import BuildError
 from ..image import Descriptor
 from ..lock import FileLock
@@ -100,6 +101,19 @@ class Buildah:
     def remove(self, image_id: str) -> None:
         self._run(self.command("rmi", image_id), capture=True)
 
+    def labelled(self, key: str, value: str) -> list[str]:
+        """IDs of the images in this storage whose label ``key`` is ``value``."""
+        proc = self._run(self.command("images", "--json", "--no-trunc", "--filter", f"label={key}={value}"),
+                         capture=True)
+        if proc.returncode != 0:
+            raise BuildError(f"list images labelled {key}={value} in {self.root}: {_tail(proc)}")
+        try:
+            found = json.loads(proc.stdout or "[]") or []
+            ids = [str(item["id"]).removeprefix("sha256:") for item in found]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BuildError(f"list images in {self.root}: unexpected buildah output ({exc})") from None
+        return [i for i in ids if _IMAGE_ID.match(i)]
+
 
 def _tail(proc: subprocess.CompletedProcess[Any]) -> str:
     """The last lines buildah printed, as one line (the CLI prints an error as one line)."""
@@ -134,13 +148,22 @@ def _export(buildah: Buildah, image: LocalImage, cache_root: Path, exports: Path
         if (final / "index.json").exists():
             return final
         _discard(final)  # a half-removed export
-        for leftover in [*exports.glob(f".{image.id[:16]}-*"), *exports.glob(f".trash-{image.id}-*")]:
-            shutil.rmtree(leftover, ignore_errors=True)  # from a killed export: we hold the lock
+        # Left by a killed export of this image (we hold its lock), or by any killed retire (nobody
+        # reads a trash directory; a live one being deleted at the same time is harmless).
+        for leftover in [*exports.glob(f".{image.id[:16]}-*"), *exports.glob(".trash-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{image.id[:16]}-", dir=exports))
         try:
             # Uncompressed: the export never leaves this machine, and the applier then skips gunzip.
-            buildah.run("push", "--quiet", "--disable-compression", image.id, f"oci:{tmp / 'layout'}:latest",
-                        what=f"export {what}", hint=f"check free space under {cache_root}")
+            try:
+                buildah.run("push", "--quiet", "--disable-compression", image.id,
+                            f"oci:{tmp / 'layout'}:latest", what=f"export {what}",
+                            hint=f"check free space under {cache_root}")
+            except BuildError:
+                if buildah.inspect(image.id) is None:  # removed by a concurrent rebuild, not a disk problem
+                    raise _replaced(f"export {what}", image) from None
+                raise
+            syncfs(tmp)  # durable before it is named: a crash must not leave a complete-looking torn export
             os.rename(tmp / "layout", final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -190,9 +213,13 @@ def _open_export(buildah: Buildah, image: LocalImage, cache_root: Path, what: st
     lock.acquire()
     if not (layout / "index.json").exists():  # retired by a rebuild between the export and the lock
         lock.release()
-        raise BuildError(f"open {what}: its image {image.id[:12]} was replaced by a rebuild while being "
-                         "opened; run the command again to use the new one")
+        raise _replaced(f"open {what}", image)
     return ExportSource(layout, lock)
+
+
+def _replaced(what: str, image: LocalImage) -> BuildError:
+    return BuildError(f"{what}: its image {image.id[:12]} was replaced by a rebuild meanwhile; run the "
+                      "command again to use the new one")
 
 
 def open_local(ref: LocalReference, cache_root: Path) -> tuple[LayoutSource, Descriptor]:

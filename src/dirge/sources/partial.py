@@ -62,7 +62,12 @@ class PartialBlob:
             fd, name = tempfile.mkstemp(dir=final.parent, prefix=f"{TMP_PREFIX}{desc.digest.hex[:16]}-")
         except OSError as exc:
             raise self._cache_error(exc) from exc
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file: cannot be held by anyone else
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file: cannot be held by anyone else
+        except OSError as exc:  # e.g. ENOLCK on a network filesystem
+            os.close(fd)
+            Path(name).unlink(missing_ok=True)
+            raise self._cache_error(exc) from exc
         self._fd = fd  # O_RDWR: readers pread from duplicates of it, also after the rename
         self._tmp = Path(name)
         self._hash = hashlib.new(desc.digest.algorithm)
@@ -253,8 +258,8 @@ def sweep_orphans(directory: Path, min_age: float = 300.0) -> None:
             if now - os.fstat(fd).st_mtime < min_age:
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a live download
+        except OSError:
+            continue  # a live download (or no flock here: then keep it, we cannot tell)
         finally:
             os.close(fd)
         try:

@@ -310,8 +310,22 @@ class RegistryClient:
         what = f"blob {desc.digest.short} of {ref.registry}/{ref.repository}"
         partial = partial or PartialBlob(final, desc, what)
         scope = f"repository:{ref.repository}:pull"
+        inherited = False  # the origin resumed bytes a failing mirror sent
+
+        def attempt(endpoint: Endpoint) -> None:
+            nonlocal inherited
+            inherited = endpoint is self.endpoints[-1] and len(self.endpoints) > 1 and partial.written > 0
+            self._download_from(endpoint, ref, partial, scope)
+
         try:
-            self._first_that_works(lambda endpoint: self._download_from(endpoint, ref, partial, scope))
+            try:
+                self._first_that_works(attempt)
+            except IntegrityError:
+                if not inherited:
+                    raise
+                # The mirror's part was wrong, not the origin's: the origin once more, from byte 0
+                # (_download_from restarted the blob: readers of the bad bytes start over).
+                self._download_from(self.endpoints[-1], ref, partial, scope)
             return partial.publish()
         except BaseException as exc:
             partial.fail(exc)
