@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import pytest
 
 from dirge import unpack
 from dirge.cache import Cache
+from dirge.cli import main
 from dirge.errors import AuthError, IntegrityError, NotFound
 from dirge.image import Platform
 from dirge.layerbuild import LayerBuilder
@@ -329,10 +331,6 @@ def test_orphaned_temp_files_are_swept(registry, tmp_path: Path) -> None:
 def test_full_cache_disk_is_one_clear_error(registry, tmp_path: Path, capsys) -> None:
     """A cache on a filesystem that fills up mid-download: one line naming the blob, the cause and what
     to do, no traceback, and no temp file left behind."""
-    import subprocess
-
-    from dirge.cli import main
-
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs as the cache")
     layout = layout_with(tmp_path, [LayerBuilder().file("big", os.urandom(2 << 20)).build()])

@@ -14,10 +14,11 @@ import pytest
 
 from dirge.cache import Cache
 from dirge.cli import main
-from dirge.errors import BuildError
+from dirge.errors import BuildError, LockTimeout
 from dirge.layerbuild import LayerBuilder
-from dirge.reference import RegistryReference
+from dirge.reference import LocalReference, RegistryReference, parse_reference
 from dirge.rootfs import prepare
+from dirge.sources.buildah import Buildah, LocalImage, export_image, open_local, retire_image
 from dirge.sources.layout import LayoutWriter
 from dirge.unpack import unpack
 from dirge.variants import build_guest_image, dockerfile_bases, find_variant, list_variants
@@ -142,9 +143,6 @@ def test_edit_rebuilds_exactly_once(busybox_base, buildah_env, tmp_path: Path) -
 
     # Rebuilt while the current export is being read: the build succeeds and the old image stays
     # while it is read; the next build frees it.
-    from dirge.reference import LocalReference
-    from dirge.sources.buildah import Buildah, open_local
-
     buildah = Buildah(cache_dir)
     held = buildah.inspect("dirge-microvm:editvm")
     assert held is not None
@@ -206,8 +204,6 @@ def test_build_args_pass_through_and_cli(busybox_base, buildah_env, tmp_path: Pa
 
 
 def test_local_ref_to_an_image_in_buildah_storage(busybox_base, buildah_env, tmp_path: Path) -> None:
-    from dirge.sources.buildah import Buildah
-
     cache = Cache(tmp_path / "cache")
     ctx = tmp_path / "ctx"
     ctx.mkdir()
@@ -219,10 +215,6 @@ def test_local_ref_to_an_image_in_buildah_storage(busybox_base, buildah_env, tmp
     assert not (tmp_path / "out/opt/data").exists() and (tmp_path / "out/bin/busybox").is_file()
 
     # A rebuild cannot pull an export from under a reader: readers share its lock, retiring waits.
-    from dirge.errors import LockTimeout
-    from dirge.reference import LocalReference
-    from dirge.sources.buildah import open_local, retire_image
-
     buildah = Buildah(cache.root)
     image = buildah.inspect("mine:1")
     assert image is not None
@@ -244,8 +236,6 @@ def test_local_ref_to_an_image_in_buildah_storage(busybox_base, buildah_env, tmp
 
 def test_export_of_an_image_removed_meanwhile_says_so(buildah_env, tmp_path: Path) -> None:
     # What a prepare sees when a concurrent rebuild removed the image it had just looked up.
-    from dirge.sources.buildah import Buildah, LocalImage, export_image
-
     root = tmp_path / "cache"
     with pytest.raises(BuildError, match="replaced by a rebuild meanwhile; run the command again"):
         export_image(Buildah(root), LocalImage("ab" * 32, {}, []), root, "local://gone")
@@ -330,11 +320,6 @@ def test_dockerfile_from_parsing(tmp_path: Path) -> None:
 
 
 def test_cache_path_with_a_colon_is_refused_before_buildah_runs(tmp_path: Path) -> None:
-    from dirge.sources.buildah import Buildah, LocalImage, export_image
-
-    from dirge.reference import LocalReference, parse_reference
-    from dirge.sources.buildah import open_local
-
     root = tmp_path / "a:b"
     with pytest.raises(BuildError, match="contains ':'.*use a cache directory without ':'"):
         export_image(Buildah(root), LocalImage("0" * 64, {}, []), root, "local://x")

@@ -124,12 +124,10 @@ def _tail(proc: subprocess.CompletedProcess[Any]) -> str:
 def export_image(buildah: Buildah, image: LocalImage, cache_root: Path, what: str) -> Path:
     """The OCI layout of ``image`` under the cache, exported once per image ID."""
     check_export_path(cache_root, what)
-    exports = cache_root / "exports"
-    final = exports / image.id
     try:
-        return _export(buildah, image, cache_root, exports, final, what)
+        return _export(buildah, image, cache_root, what)
     except OSError as exc:
-        raise BuildError(f"export {what} to {exc.filename or exports}: {exc.strerror or exc}; "
+        raise BuildError(f"export {what} to {exc.filename or cache_root / 'exports'}: {exc.strerror or exc}; "
                          f"check permissions and free space under {cache_root}") from exc
 
 
@@ -140,7 +138,9 @@ def check_export_path(cache_root: Path, what: str) -> None:
                          "transport cannot name; use a cache directory without ':' (--cache-dir)")
 
 
-def _export(buildah: Buildah, image: LocalImage, cache_root: Path, exports: Path, final: Path, what: str) -> Path:
+def _export(buildah: Buildah, image: LocalImage, cache_root: Path, what: str) -> Path:
+    exports = cache_root / "exports"
+    final = exports / image.id
     exports.mkdir(parents=True, exist_ok=True)
     if (final / "index.json").exists():
         return final
