@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from dirge.sources.layout import LayoutWriter  # noqa: E402
 
+pytest_plugins = ["ci_skips"]
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, device nodes, setpriv)")
 
 

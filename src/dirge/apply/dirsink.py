@@ -1,0 +1,243 @@
+"""The directory sink: the merge engine's decisions made real in a destination directory, by fd.
+
+Parents are opened inside the root (``Root.dir``: ``openat2(RESOLVE_IN_ROOT)``); the last component is
+never followed: creation uses ``O_EXCL``/``mkdirat``/``symlinkat``/``linkat`` on the parent's fd,
+metadata the new fd or ``AT_SYMLINK_NOFOLLOW``. So nothing is ever written, chmod-ed, chown-ed,
+utime-d or unlinked outside the root, whatever symlinks or hardlinks the image holds, even if the
+tree and the disk disagreed.
+
+Metadata order: data, owner, mode (chown clears setuid), xattrs (chown and writes clear
+``security.capability``), times; directory modes (rootless) and times last, after every layer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+
+from .fs import PrivilegedFS, proc_path
+from .root import Root
+from .tar import Entry, EntryStream
+from .tree import Node, Parts, walk
+from . import tree
+
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class DirSink:
+    """Writes the merged image into the existing directory ``dest``."""
+
+    def __init__(self, dest: str | os.PathLike[str], fs: PrivilegedFS, max_depth: int = 256) -> None:
+        self.root = Root(dest, max_depth)
+        self.fs = fs
+        self._umask = current_umask()
+
+    def close(self) -> None:
+        if self.root.fd >= 0:
+            self.root.close()
+            self.root.fd = -1
+
+    def _parent(self, parts: Parts) -> int:
+        if self.root.crowded:  # never between two lookups of one call: their fds must stay open
+            self.root.forget()
+        fd = self.root.dir(parts[:-1], create=True)
+        assert fd is not None
+        return fd
+
+    def _clear(self, parent: int, name: bytes) -> None:
+        """Something the tree did not expect is in the way (never, unless the disk changed under us)."""
+        st = os.lstat(name, dir_fd=parent)
+        self._remove_at(parent, name, st.st_mode)
+
+    def _remove_at(self, parent: int, name: bytes, mode: int) -> None:
+        if stat.S_ISDIR(mode):
+            shutil.rmtree(os.fsdecode(name), dir_fd=parent)
+            self.root.forget()  # cached fds may name removed directories
+        else:
+            os.unlink(name, dir_fd=parent)
+
+    # -- the Sink protocol -------------------------------------------------------------------
+
+    def remove(self, parts: Parts, node: Node) -> None:
+        parent = self._parent(parts)
+        try:
+            st = os.lstat(parts[-1], dir_fd=parent)
+        except FileNotFoundError:
+            return
+        self._remove_at(parent, parts[-1], st.st_mode)
+
+    def release(self, node: Node) -> None:
+        pass  # the unlink freed the data
+
+    def file(self, parts: Parts, parent_node: Node, node: Node, entry: Entry, stream: EntryStream) -> None:
+        parent, name, mode = self._parent(parts), parts[-1], node.mode
+        try:
+            fd = os.open(name, _FILE_FLAGS, mode & 0o777, dir_fd=parent)
+        except FileExistsError:
+            self._clear(parent, name)
+            parent = self._parent(parts)
+            fd = os.open(name, _FILE_FLAGS, mode & 0o777, dir_fd=parent)
+        try:
+            if entry.sparse is not None:
+                _write_sparse(stream, entry, fd)
+            else:
+                write = os.write
+                for piece in stream.data(entry):
+                    while piece:
+                        piece = piece[write(fd, piece):]
+            # Owner and mode calls only when the new inode lacks them (most files): two syscalls saved.
+            fs = self.fs
+            chown = fs.needs_chown(node.uid, node.gid) or (not fs.rootless and bool(parent_node.mode & stat.S_ISGID))
+            if chown:
+                fs.chown_fd(fd, node.uid, node.gid, _path(parts))
+            if chown or mode & 0o7000 or mode & self._umask:
+                os.fchmod(fd, mode)
+            if node.xattrs:
+                self._set_xattrs(fd, node, parts)
+            os.utime(fd, ns=_times(node))
+        finally:
+            os.close(fd)
+
+    def directory(self, parts: Parts, parent_node: Node | None, node: Node, *, existing: bool) -> None:
+        if not parts:
+            self._dir_metadata(self.root.fd, node, parts, existing=True)
+            return
+        parent, name = self._parent(parts), parts[-1]
+        if not existing:
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent)
+            except FileExistsError:
+                self._clear(parent, name)
+                parent = self._parent(parts)
+                os.mkdir(name, 0o700, dir_fd=parent)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        try:
+            self._dir_metadata(fd, node, parts, existing=existing)
+        finally:
+            os.close(fd)
+
+    def _dir_metadata(self, fd: int, node: Node, parts: Parts, *, existing: bool) -> None:
+        if existing:  # a directory entry over a directory replaces its xattrs (umoci: clear, then set)
+            for key in os.listxattr(fd):
+                if key not in node.xattrs and not key.startswith("security.selinux"):
+                    try:
+                        os.removexattr(fd, key)
+                    except OSError:
+                        pass
+        self.fs.chown_fd(fd, node.uid, node.gid, _path(parts))
+        # Rootless: we must keep working inside it; the image's mode is applied in finish().
+        os.fchmod(fd, node.mode | 0o700 if self.fs.rootless else node.mode)
+        self._set_xattrs(fd, node, parts)
+
+    def symlink(self, parts: Parts, parent_node: Node, node: Node) -> None:
+        parent, name = self._parent(parts), parts[-1]
+        try:
+            os.symlink(node.target, name, dir_fd=parent)
+        except FileExistsError:
+            self._clear(parent, name)
+            parent = self._parent(parts)
+            os.symlink(node.target, name, dir_fd=parent)
+        self.fs.chown_at(parent, name, node.uid, node.gid, _path(parts), is_link=True)
+        if node.xattrs:
+            self._set_xattrs(proc_path(parent, name), node, parts)
+        os.utime(name, ns=_times(node), dir_fd=parent, follow_symlinks=False)
+
+    def hardlink(self, parts: Parts, target: Parts, node: Node) -> None:
+        parent = self._parent(parts)
+        target_parent = self.root.dir(target[:-1], create=False)
+        if target_parent is None:
+            raise FileNotFoundError(2, "hardlink target's directory is gone", b"/".join(target))
+        try:
+            os.link(target[-1], parts[-1], src_dir_fd=target_parent, dst_dir_fd=parent, follow_symlinks=False)
+        except FileExistsError:
+            self._clear(parent, parts[-1])
+            self.hardlink(parts, target, node)
+
+    def special(self, parts: Parts, parent_node: Node, node: Node) -> bool:
+        parent, name = self._parent(parts), parts[-1]
+
+        def create() -> bool:
+            if node.kind == tree.FIFO:
+                os.mkfifo(name, 0o600, dir_fd=parent)
+                return True
+            return self.fs.mknod(parent, name, node.kind | 0o600, node.rdev, _path(parts))
+
+        try:
+            created = create()
+        except FileExistsError:
+            self._clear(parent, name)
+            parent = self._parent(parts)
+            created = create()
+        if not created:
+            return False
+        self.fs.chown_at(parent, name, node.uid, node.gid, _path(parts), is_link=False)
+        # Not a symlink (we just made it), so the follow-by-default chmod acts on the node itself.
+        os.chmod(name, node.mode, dir_fd=parent)
+        if node.xattrs:
+            self._set_xattrs(proc_path(parent, name), node, parts)
+        os.utime(name, ns=_times(node), dir_fd=parent, follow_symlinks=False)
+        return True
+
+    def finish(self, root: Node) -> None:
+        """Directory modes (rootless) and times, children before parents: a parent whose final mode
+        denies us entry is set after everything below it."""
+        self.root.forget()
+        for parts, node in reversed(walk(root)):
+            if node.children is None:
+                continue
+            fix_mode = self.fs.rootless and node.mode & 0o700 != 0o700
+            if node.mtime_ns is None and not fix_mode:
+                continue  # made as a parent: the image gave it no metadata
+            try:
+                fd = self.root.open_nofollow(parts, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                if fix_mode:
+                    os.fchmod(fd, node.mode)
+                if node.mtime_ns is not None:
+                    os.utime(fd, ns=_times(node))
+            finally:
+                os.close(fd)
+
+    def _set_xattrs(self, target: int | bytes, node: Node, parts: Parts) -> None:
+        for key, value in node.xattrs.items():
+            self.fs.set_xattr(target, key, value, _path(parts))
+
+
+def _write_sparse(stream: EntryStream, entry: Entry, fd: int) -> None:
+    regions = entry.sparse or []  # checked against the stored size by the engine
+    index, done = 0, 0  # current region, bytes written into it
+    for piece in stream.data(entry):
+        while piece:
+            while regions[index][1] == done:
+                index, done = index + 1, 0
+            off, length = regions[index]
+            take = min(len(piece), length - done)
+            written = os.pwrite(fd, piece[:take], off + done)
+            done += written
+            piece = piece[written:]
+    os.ftruncate(fd, entry.file_size)
+
+
+def _times(node: Node) -> tuple[int, int]:
+    mtime = node.mtime_ns or 0
+    return (node.atime_ns if node.atime_ns is not None else mtime, mtime)
+
+
+def current_umask() -> int:
+    """Read without changing it (os.umask would briefly change it for every thread)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o777  # unknown: always chmod
+
+
+def _path(parts: Parts) -> bytes:
+    return b"/".join(parts)
