@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .apply.fs import PrivilegedFS, Report, RootlessFS
+from .apply.dirsink import DirSink
 from .apply.layer import Applier, Limits
 from .apply.tar import EntryStream, tokens
+from .apply.tree import Sink
 from .blob import LayerStream
 from .errors import DirgeError
 from .image import Descriptor, Platform
@@ -118,6 +120,9 @@ def pull_image(image: str, platform: Platform | None = None, *, cache: "Cache | 
     return resolved
 
 
+SinkFactory = Callable[[Report], Sink]
+
+
 def apply_image(
     source: BlobSource,
     resolved: ResolvedImage,
@@ -128,31 +133,44 @@ def apply_image(
     progress: ProgressFn | None = None,
 ) -> Report:
     """Apply every layer of ``resolved`` onto the existing directory ``dest``."""
+
+    def make_sink(report: Report) -> Sink:
+        return DirSink(dest, RootlessFS(report) if rootless else PrivilegedFS(report), limits.max_depth)
+
+    def reset() -> None:
+        with os.scandir(dest) as children:
+            for child in list(children):
+                remove_tree(Path(child.path))
+
+    return apply_layers(source, resolved, make_sink, reset, limits=limits, progress=progress)
+
+
+def apply_layers(source: BlobSource, resolved: ResolvedImage, make_sink: SinkFactory, reset: Callable[[], None],
+                 *, limits: Limits = Limits(), progress: ProgressFn | None = None) -> Report:
+    """Merge every layer of ``resolved`` through a new sink from ``make_sink``; ``reset`` undoes a
+    sink's partial output before a restart."""
     prefetch = getattr(source, "prefetch", None)
     if prefetch is not None:  # registries: every layer downloads (in parallel) while it is applied
         prefetch(resolved.manifest.layers)
     for attempt in range(_RESTARTS + 1):
         try:
-            return _apply_layers(source, resolved, dest, rootless, limits, progress)
+            return _apply_layers(source, resolved, make_sink, limits, progress)
         except StreamRestarted:
             # A mirror sent wrong bytes that were already applied; the download goes on from the
-            # origin, so start again on an empty directory.
+            # origin, so start again from nothing.
             if attempt == _RESTARTS:
                 raise
-            with os.scandir(dest) as children:
-                for child in list(children):
-                    remove_tree(Path(child.path))
+            reset()
     raise AssertionError("unreachable")
 
 
 _RESTARTS = 2
 
 
-def _apply_layers(source: BlobSource, resolved: ResolvedImage, dest: str | os.PathLike[str], rootless: bool,
+def _apply_layers(source: BlobSource, resolved: ResolvedImage, make_sink: SinkFactory,
                   limits: Limits, progress: ProgressFn | None) -> Report:
     report = Report()
-    fs = RootlessFS(report) if rootless else PrivilegedFS(report)
-    applier = Applier(dest, fs, limits)
+    applier = Applier(make_sink(report), report, limits)
     layers = resolved.manifest.layers
     try:
         for i, (desc, diff_id) in enumerate(zip(layers, resolved.config.diff_ids)):
