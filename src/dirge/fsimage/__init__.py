@@ -1,0 +1,1 @@
+"""Writers of whole-image formats: erofs images, flattened tars; mounting erofs images."""
