@@ -67,6 +67,11 @@ def test_layer_rules_hold(tmp_path: Path, make_image) -> None:
     ref = make_image(layered() + metadata())
     dest = tmp_path / "rootfs"
     unpack(ref, dest)
+    check_layer_rules(dest)
+
+
+def check_layer_rules(dest: Path) -> None:
+    """What ``layered() + metadata()`` must give, in any rootfs (tree or mounted image)."""
     assert not (dest / "etc/hosts").exists() and (dest / "etc/passwd").exists()
     assert not (dest / "var/lib/gone").exists() and (dest / "var/lib").is_dir()
     assert sorted(os.listdir(dest / "opq")) == ["new-after", "new-before"]

@@ -172,7 +172,7 @@ def write_erofs(source: BlobSource, resolved: ResolvedImage, path: Path, *, limi
     uuid, build_time_ns = erofs_identity(resolved)
 
     def make_sink(report: Report) -> Sink:
-        return ErofsSink(path, uuid=uuid, build_time_ns=build_time_ns)
+        return ErofsSink(path, uuid=uuid, build_time_ns=build_time_ns, report=report)
 
     def reset() -> None:
         path.unlink(missing_ok=True)

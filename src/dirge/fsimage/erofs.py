@@ -1,0 +1,834 @@
+"""An uncompressed erofs image written straight from the merge engine: a ``Sink`` (``apply/tree.py``).
+
+Layout (4 KiB blocks; B = the data end after compaction)::
+
+    block 0        superblock at byte 1024 (the rest zero)
+    1 .. B-1       file data, whole blocks, appended in entry order as the layers stream by
+    B .. M-1       data placed at finish: directory blocks, long symlinks, relocated files
+    M .. X-1       metadata (meta_blkaddr = M): extended inodes, each followed by its xattrs and its
+                   inline tail (FLAT_INLINE) or chunk block map (CHUNK_BASED); root at nid 1
+    X ..           shared xattrs (xattr_blkaddr = X)
+
+File data is written once, sequentially, while the layer streams: the whole blocks go to the image,
+the tail (``size % 4096``) to a spool temp file, to be packed after its inode at finish (erofs'
+tail-packing). A tail that could not share one block with its inode and xattrs is padded to a block
+in the data area instead (FLAT_PLAIN); sharing xattrs only shrinks an inode, so that decision holds.
+Sparse entries become chunk-based files whose hole chunks map to ``EROFS_NULL_ADDR`` (chunk size
+chosen per file to minimise data + map), or flat ones when holes would save nothing.
+
+Dead data (a file a later layer removed or replaced) must not stay in the image: ``release`` punches
+its blocks out at once (disk space), and ``finish`` keeps only what the final tree reaches, sliding
+live data down over the dead extents, so the image holds no stale bytes and no gaps.
+
+Per regular file the writer keeps ~17 bytes in arrays plus the int index it stores in
+``node.data``; everything else is derived from the tree at finish.
+
+An xattr erofs cannot name (``system.*`` other than the POSIX ACLs, ``lustre.*``, an empty suffix, a
+value over 64 KiB) is skipped and recorded, as a filesystem refusing it is for the directory sink
+(umoci's rule): ``skipped`` lists them, and ``report.skip`` is told if a report was given.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import os
+import stat
+import tempfile
+from array import array
+from typing import TYPE_CHECKING, Protocol
+
+from . import erofs_format as fmt
+from ..apply import tree
+from ..errors import ImageError
+from ..apply.tree import Node, Parts
+
+if TYPE_CHECKING:
+    from ..apply.tar import Entry, EntryStream
+
+BLKSZ = fmt.BLKSZ
+_BITS = fmt.BLKSZBITS
+_MASK = BLKSZ - 1
+_INODE = fmt.INODE_EXTENDED.size
+_SLOT = fmt.ISLOTSIZE
+_FLUSH = 1 << 20  # buffered bytes before a write
+_DIRECT = 256 << 10  # a piece this big skips the buffer (one copy less)
+_MOVE = 1 << 20  # compaction: bytes per read/write when the gap is small
+
+_FTYPES = {tree.REG: fmt.FT_REG_FILE, tree.DIR: fmt.FT_DIR, tree.LNK: fmt.FT_SYMLINK, tree.CHR: fmt.FT_CHRDEV,
+           tree.BLK: fmt.FT_BLKDEV, tree.FIFO: fmt.FT_FIFO, tree.SOCK: fmt.FT_SOCK}
+_XATTR_NAMESPACES = (("user.", fmt.XATTR_INDEX_USER), ("trusted.", fmt.XATTR_INDEX_TRUSTED),
+                     ("security.", fmt.XATTR_INDEX_SECURITY))
+_XATTR_WHOLE = {"system.posix_acl_access": fmt.XATTR_INDEX_POSIX_ACL_ACCESS,
+                "system.posix_acl_default": fmt.XATTR_INDEX_POSIX_ACL_DEFAULT}
+
+XattrKey = tuple[int, bytes, bytes]  # (name index, name suffix, value)
+
+
+class Skips(Protocol):
+    """Where skipped xattrs are recorded (``apply.fs.Report`` is one)."""
+
+    def skip(self, path: bytes, why: str) -> None: ...
+
+
+class ErofsError(ImageError, ValueError):
+    """The tree holds something an erofs image cannot represent (or a caller broke the Sink contract)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"write erofs image: {what}")
+
+
+def xattr_key(name: str, value: bytes) -> XattrKey | str:
+    """The on-disk (index, suffix, value) of an xattr, or why erofs cannot store it."""
+    index = _XATTR_WHOLE.get(name)
+    if index is not None:
+        suffix = b""
+    else:
+        for prefix, index in _XATTR_NAMESPACES:
+            if name.startswith(prefix):
+                suffix = name[len(prefix):].encode("utf-8", "surrogateescape")
+                if not suffix:
+                    return "empty name after the namespace prefix"
+                break
+        else:
+            return "namespace not representable in erofs (user., trusted., security., POSIX ACLs only)"
+    if len(suffix) > fmt.XATTR_NAME_MAX:
+        return "name too long for erofs"
+    if len(value) > fmt.XATTR_VALUE_MAX:
+        return f"value of {len(value)} bytes exceeds erofs' {fmt.XATTR_VALUE_MAX}"
+    return (index, suffix, value)
+
+
+def _inline_bound(xattrs: dict[str, bytes]) -> int:
+    """The xattr ibody size with every xattr inline: an upper bound (a shared one takes 4 bytes)."""
+    size = 0
+    for name, value in xattrs.items():
+        key = xattr_key(name, value)
+        if not isinstance(key, str):
+            size += fmt.xattr_entry_size(len(key[1]), len(value))
+    return fmt.XATTR_IBODY_HEADER.size + size if size else 0
+
+
+def _xattr_entry(key: XattrKey) -> bytes:
+    index, suffix, value = key
+    raw = fmt.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+    return raw + bytes(-len(raw) % fmt.XATTR_ALIGN)
+
+
+def _chunk_plan(size: int, regions: list[tuple[int, int]]) -> int | None:
+    """Chunk bits (chunk = 4 KiB << bits) minimising stored data + block map for a sparse file;
+    None when a flat layout is no bigger (the holes would save nothing)."""
+    spans = sorted((off, off + length) for off, length in regions if length)
+    best: int | None = None
+    best_cost = (size + _MASK) & ~_MASK
+    for bits in range(fmt.CHUNK_FORMAT_BLKBITS_MASK + 1):
+        csize = BLKSZ << bits
+        nchunks = -(-size // csize)
+        stored, last = 0, -1
+        for a, b in spans:
+            first, end = max(a // csize, last + 1), (b - 1) // csize
+            if end >= first:
+                stored += (end - first + 1) * csize
+                if end == nchunks - 1:  # the last chunk is stored only up to the file's end
+                    stored -= csize - (((size - end * csize) + _MASK) & ~_MASK)
+                last = end
+        cost = stored + fmt.BLOCK_MAP_ENTRY.size * nchunks
+        if cost < best_cost:
+            best, best_cost = bits, cost
+        if csize >= size:
+            break
+    return best
+
+
+def _dir_blocks(names: list[bytes]) -> list[int]:
+    """Where each directory block starts in ``names`` (mkfs.erofs' rule: a block takes entries
+    while their dirents and names fit)."""
+    starts, used = [0], 0
+    for i, name in enumerate(names):
+        need = fmt.DIRENT.size + len(name)
+        if used + need > BLKSZ:
+            starts.append(i)
+            used = 0
+        used += need
+    return starts
+
+
+def _dir_size(names: list[bytes], starts: list[int]) -> int:
+    last = names[starts[-1]:]
+    return (len(starts) - 1) * BLKSZ + fmt.DIRENT.size * len(last) + sum(map(len, last))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Free the disk blocks of dead data now (best effort: compaction removes it from the image anyway)."""
+    if _fallocate is not None and length:
+        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+class _Out:
+    """Sequential buffered writes from ``pos`` on."""
+
+    def __init__(self, fd: int, pos: int) -> None:
+        self.fd, self.pos, self.buf = fd, pos, bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.buf += data
+        if len(self.buf) >= _FLUSH:
+            self.flush()
+
+    def zeros(self, n: int) -> None:
+        if n:
+            self.write(bytes(n))
+
+    def flush(self) -> None:
+        _pwrite_all(self.fd, self.buf, self.pos)
+        self.pos += len(self.buf)
+        self.buf.clear()
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
+
+
+class ErofsSink:
+    """Writes the merged image as an uncompressed erofs image at ``path`` (created or truncated).
+
+    ``uuid`` (16 bytes) and ``build_time_ns`` go into the superblock; the build time also stands
+    for inodes that never had one (``mtime_ns`` None). The same calls give the same bytes. After
+    an exception only ``close()`` is meaningful (the caller discards ``path``)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, uuid: bytes, build_time_ns: int, volume_name: bytes = b"",
+                 report: Skips | None = None) -> None:
+        if len(uuid) != 16:
+            raise ValueError("erofs uuid must be 16 bytes")
+        if len(volume_name) > 16:
+            raise ValueError("erofs volume name is at most 16 bytes")
+        self.uuid, self.build_time_ns, self.volume_name = bytes(uuid), build_time_ns, bytes(volume_name)
+        self.report = report
+        self.skipped: list[str] = []  # "path: xattr NAME: why" for xattrs erofs cannot hold
+        self._fd = -1
+        self._spool_fd = -1
+        self._map: mmap.mmap | None = None
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # The tails' spool: anonymous, next to the image (same filesystem, gone on any exit).
+        self._spool_fd = _anonymous_file(os.path.dirname(os.path.abspath(path)))
+        # Per regular file (the index is node.data): first block, blocks in the data area, tail
+        # offset in the spool (-1: none), released. Parallel arrays: a few bytes per file.
+        self._start = array("I")
+        self._nblk = array("I")
+        self._tail = array("q")
+        self._released = bytearray()
+        self._chunks: dict[int, tuple[int, array[int]]] = {}  # sparse files: chunk bits, block per chunk (-1 hole)
+        self._end = 1  # next free block of the data area (block 0: superblock)
+        self._dbuf = bytearray()  # data for the image from block self._wpos on
+        self._wpos = BLKSZ
+        self._sbuf = bytearray()  # tails not yet in the spool
+        self._spooled = 0  # spool size, buffer included
+        self._finished = False
+
+    # -- the Sink protocol -------------------------------------------------------------------
+
+    def remove(self, parts: Parts, node: Node) -> None:
+        pass  # the tree is the directory: nothing to undo here
+
+    def directory(self, parts: Parts, parent: Node | None, node: Node, *, existing: bool) -> None:
+        pass
+
+    def symlink(self, parts: Parts, parent: Node, node: Node) -> None:
+        pass
+
+    def hardlink(self, parts: Parts, target: Parts, node: Node) -> None:
+        pass
+
+    def special(self, parts: Parts, parent: Node, node: Node) -> bool:
+        return True  # devices, FIFOs and sockets are inodes like any other here
+
+    def release(self, node: Node) -> None:
+        index = node.data
+        if not isinstance(index, int) or self._released[index]:
+            return
+        self._released[index] = 1
+        if self._dbuf:  # its blocks may still be buffered
+            self._flush_data()
+        _punch(self._fd, self._start[index] << _BITS, self._nblk[index] << _BITS)
+
+    def file(self, parts: Parts, parent: Node, node: Node, entry: Entry, stream: EntryStream) -> None:
+        if entry.sparse is not None and node.size:
+            self._sparse(node, entry, stream)
+            return
+        size = entry.size
+        if size != node.size:
+            raise ErofsError(f"{_show(parts)}: {size} bytes stored for a {node.size}-byte file")
+        tail = size & _MASK
+        # A tail that may not fit in its inode's block goes to the data area, padded (FLAT_PLAIN).
+        if tail and node.xattrs and _INODE + _inline_bound(node.xattrs) + tail > BLKSZ:
+            tail = 0
+        full = size - tail  # bytes for the data area
+        dbuf, sbuf = self._dbuf, self._sbuf
+        left, got = full, 0
+        for piece in stream.data(entry):
+            n = len(piece)
+            got += n
+            if left >= n:
+                left -= n
+                if n >= _DIRECT:
+                    self._flush_data()
+                    _pwrite_all(self._fd, piece, self._wpos)
+                    self._wpos += n
+                    continue
+                dbuf += piece
+            elif left:
+                dbuf += piece[:left]
+                sbuf += piece[left:]
+                left = 0
+            else:
+                sbuf += piece
+            if len(dbuf) >= _FLUSH:
+                self._flush_data()
+        if got != size:
+            raise ErofsError(f"{_show(parts)}: {got} bytes of data for a {size}-byte file")
+        if full & _MASK:
+            dbuf += bytes(BLKSZ - (full & _MASK))
+        index = len(self._start)
+        nblk = (full + _MASK) >> _BITS
+        self._start.append(self._end)
+        self._nblk.append(nblk)
+        self._released.append(0)
+        self._end += nblk
+        if tail:
+            self._tail.append(self._spooled)
+            self._spooled += tail
+            if len(sbuf) >= _FLUSH:
+                self._flush_spool()
+        else:
+            self._tail.append(-1)
+        node.data = index
+
+    def _sparse(self, node: Node, entry: Entry, stream: EntryStream) -> None:
+        """A sparse entry: chunk-based with hole chunks unmapped, or flat; the data is pwritten to its
+        place (never-written bytes of the data area are holes of the image file, read as zeros)."""
+        size, regions = node.size, entry.sparse or []
+        if sum(length for _, length in regions) != entry.size or any(
+                off < 0 or length < 0 or off + length > size for off, length in regions):
+            raise ErofsError(f"{_text(entry.name)}: sparse map does not match the stored data")
+        self._flush_data()
+        bits = _chunk_plan(size, regions)
+        base = self._end << _BITS
+        index = len(self._start)
+        if bits is None:  # flat: every block stored, the tail padded
+            nblk = (size + _MASK) >> _BITS
+
+            def where(off: int) -> int:
+                return base + off
+        else:
+            cbits = _BITS + bits
+            nchunks = (size + (1 << cbits) - 1) >> cbits
+            blocks = array("q", [-1]) * nchunks
+            for off, length in regions:
+                if length:
+                    for c in range(off >> cbits, ((off + length - 1) >> cbits) + 1):
+                        blocks[c] = 0
+            nblk = 0
+            for c in range(nchunks):
+                if blocks[c] == 0:
+                    blocks[c] = nblk
+                    nblk += min(1 << bits, (size - (c << cbits) + _MASK) >> _BITS)
+            self._chunks[index] = (bits, blocks)
+            cmask = (1 << cbits) - 1
+
+            def where(off: int) -> int:
+                return base + (blocks[off >> cbits] << _BITS) + (off & cmask)
+
+        pieces = iter(stream.data(entry))
+        piece = memoryview(b"")
+        for off, length in regions:
+            while length:
+                if not piece:
+                    try:
+                        piece = memoryview(next(pieces)).cast("B")
+                    except StopIteration:
+                        raise ErofsError(f"{_text(entry.name)}: sparse file data ends early") from None
+                take = min(length, len(piece))
+                _pwrite_all(self._fd, piece[:take], where(off))
+                piece, off, length = piece[take:], off + take, length - take
+        if piece or next(pieces, None) is not None:
+            raise ErofsError(f"{_text(entry.name)}: sparse file has more data than its map")
+        self._start.append(self._end)
+        self._nblk.append(nblk)
+        self._tail.append(-1)
+        self._released.append(0)
+        self._end += nblk
+        self._wpos = self._end << _BITS
+        node.data = index
+
+    def _flush_data(self) -> None:
+        if self._dbuf:
+            _pwrite_all(self._fd, self._dbuf, self._wpos)
+            self._wpos += len(self._dbuf)
+            self._dbuf.clear()
+
+    def _flush_spool(self) -> None:
+        if self._sbuf:
+            _pwrite_all(self._spool_fd, self._sbuf, self._spooled - len(self._sbuf))
+            self._sbuf.clear()
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        for name in ("_spool_fd", "_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
+
+    # -- finish: the metadata ------------------------------------------------------------------
+
+    def finish(self, root: Node) -> None:
+        if self._finished:
+            raise RuntimeError("ErofsSink.finish called twice")
+        self._finished = True
+        self._flush_data()
+        self._flush_spool()
+        os.ftruncate(self._fd, self._end << _BITS)  # trailing holes of sparse data read as zeros
+        if self._spooled:
+            self._map = mmap.mmap(self._spool_fd, self._spooled, prot=mmap.PROT_READ)
+        _Image(self, root).write()
+
+    def _compact(self, live: bytearray) -> None:
+        """Slide the live extents down over the dead ones (in allocation order = position order)."""
+        start, nblk = self._start, self._nblk
+        shift, i, n = 0, 0, len(start)
+        while i < n:
+            if not live[i]:
+                shift += nblk[i]
+                i += 1
+                continue
+            j, blocks = i, 0
+            while j < n and live[j]:  # a run of live extents moves in one go
+                blocks += nblk[j]
+                start[j] -= shift
+                j += 1
+            if shift and blocks:
+                self._move(start[i] + shift, start[i], blocks)
+            i = j
+        self._end -= shift
+
+    def _move(self, src: int, dst: int, blocks: int) -> None:
+        fd, gap = self._fd, (src - dst) << _BITS
+        src, dst, left = src << _BITS, dst << _BITS, blocks << _BITS
+        while left:
+            if gap >= _MOVE:  # ranges of one file must not overlap for copy_file_range
+                n = os.copy_file_range(fd, fd, min(left, gap), src, dst)
+                if n <= 0:
+                    raise OSError(f"copy_file_range returned {n} while compacting the image")
+            else:
+                data = os.pread(fd, min(left, _MOVE), src)
+                if not data:
+                    raise OSError("short read while compacting the image")
+                _pwrite_all(fd, data, dst)
+                n = len(data)
+            src, dst, left = src + n, dst + n, left - n
+
+    def _relocate(self, index: int, size: int) -> int:
+        """Copy a file's data to the end with its tail padded into the data area (FLAT_PLAIN): for a
+        file whose xattrs grew after ``file()`` so that its tail no longer fits its inode's block."""
+        assert self._map is not None
+        new = len(self._start)
+        nblk = self._nblk[index]
+        self._start.append(self._end)
+        self._nblk.append(nblk + 1)
+        self._tail.append(-1)
+        self._released.append(0)
+        old = self._start[index] << _BITS
+        pos = self._end << _BITS
+        left = nblk << _BITS
+        while left:
+            data = os.pread(self._fd, min(left, _MOVE), old)
+            _pwrite_all(self._fd, data, pos)
+            old, pos, left = old + len(data), pos + len(data), left - len(data)
+        tail_at, tail = self._tail[index], size & _MASK
+        _pwrite_all(self._fd, self._map[tail_at:tail_at + tail] + bytes(BLKSZ - tail), pos)
+        self._end += nblk + 1
+        return new
+
+
+def _anonymous_file(directory: str) -> int:
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".erofs-spool-")
+        os.unlink(name)
+        return fd
+
+
+def _show(parts: Parts) -> str:
+    return "/" + b"/".join(parts).decode("utf-8", "replace")
+
+
+def _text(path: bytes) -> str:
+    return path.decode("utf-8", "replace")
+
+
+class _Image:
+    """The finish pass: inode numbering, xattrs, layouts, placement, then the bytes."""
+
+    def __init__(self, sink: ErofsSink, root: Node) -> None:
+        self.sink = sink
+        self.root = root
+        self.nodes: list[Node] = []
+        self.ino_of: dict[Node, int] = {}
+        self.nlink = array("I")
+        self.parent = array("q")
+        self.names: dict[int, list[bytes]] = {}  # directories: names with "." and "..", sorted
+        self.xattrs: dict[int, bytes] = {}  # the xattr ibody of inodes that have one
+        self.layout = bytearray()
+        self.iu = array("I")  # i_u: raw_blkaddr, rdev or chunk format
+        self.isize = array("q")  # i_size
+        self.item = array("I")  # bytes in the metadata area: inode, xattrs, inline tail or block map
+        self.blocks: list[tuple[int, int, int]] = []  # placed at finish: (ino, first block, count)
+        self.nid = array("q")  # slot of each inode in the metadata area (nid)
+        self.paths: dict[int, bytes] = {0: b"/"}  # directories' paths, for skip reports and errors
+        self.shared_blob = b""  # the shared xattr area
+        self.meta_start = 0  # first block of the metadata area
+        self.chunked = False
+
+    def write(self) -> None:
+        sink = self.sink
+        live = self._walk()
+        self._xattr_ibodies()
+        self._relocations(live)
+        sink._compact(live)
+        self._layouts()
+        meta, meta_blocks = self._place()
+        xattr_blk = meta + meta_blocks
+        fd = sink._fd
+        out = _Out(fd, sink._end << _BITS)
+        self._write_blocks(out)
+        assert out.pos + len(out.buf) == meta << _BITS
+        self._write_meta(out, meta_blocks)
+        shared_end = self._write_shared(out)
+        out.flush()
+        total = xattr_blk + shared_end
+        os.ftruncate(fd, total << _BITS)
+        secs, nsec = divmod(sink.build_time_ns, 1_000_000_000)
+        incompat = fmt.FEATURE_INCOMPAT_CHUNKED_FILE if self.chunked else 0
+        sb = fmt.SUPER_BLOCK.pack(
+            fmt.SUPER_MAGIC, 0, 0, fmt.BLKSZBITS, 0, self.nid[0], len(self.nodes), secs, nsec, total, meta,
+            xattr_blk if self.shared_blob else 0, sink.uuid, sink.volume_name, incompat, 0, 0, 0, 0, 0, 0, 0, 0)
+        _pwrite_all(fd, bytes(fmt.SUPER_OFFSET) + sb + bytes(BLKSZ - fmt.SUPER_OFFSET - len(sb)), 0)
+
+    def _walk(self) -> bytearray:
+        """Number the inodes (parents first, names in byte order), count links, find live data."""
+        sink = self.sink
+        live = bytearray(len(sink._start))
+        root = self.root
+        if root.children is None:
+            raise ErofsError("the root is not a directory")
+        nodes, ino_of, nlink, parent, names_of = self.nodes, self.ino_of, self.nlink, self.parent, self.names
+        nodes.append(root)
+        ino_of[root] = 0
+        nlink.append(2)
+        parent.append(0)
+        stack = [0]
+        while stack:
+            ino = stack.pop()
+            node = nodes[ino]
+            children = node.children
+            assert children is not None
+            names = sorted(children)
+            subdirs: list[int] = []
+            for name in names:
+                if not name or len(name) > fmt.NAME_LEN or b"/" in name or b"\0" in name or name in (b".", b".."):
+                    raise ErofsError(f"{_text(self.paths[ino])}: name {name[:40]!r} cannot be a directory entry")
+                child = children[name]
+                cino = ino_of.get(child)
+                if cino is None:
+                    cino = len(nodes)
+                    nodes.append(child)
+                    ino_of[child] = cino
+                    nlink.append(1)
+                    parent.append(ino)
+                    if child.children is not None:
+                        subdirs.append(cino)
+                        self.paths[cino] = self.paths[ino].rstrip(b"/") + b"/" + name
+                    elif child.kind == tree.REG and isinstance(child.data, int):
+                        if sink._released[child.data]:
+                            raise ErofsError(f"{_text(self.paths[ino])}/{_text(name)}: "
+                                             "data released but still in the tree")
+                        live[child.data] = 1
+                elif child.children is not None:
+                    raise ErofsError(f"directory {_text(name)} appears twice in the tree")
+                else:
+                    nlink[cino] += 1
+            nlink[ino] = 2 + len(subdirs)
+            bisect.insort(names, b".")
+            bisect.insort(names, b"..")
+            names_of[ino] = names
+            stack.extend(reversed(subdirs))
+        return live
+
+    def _path(self, ino: int) -> bytes:
+        if ino in self.paths:
+            return self.paths[ino]
+        pino = self.parent[ino]
+        children = self.nodes[pino].children
+        assert children is not None
+        node = self.nodes[ino]
+        name = next(n for n, c in children.items() if c is node)
+        return self.paths[pino].rstrip(b"/") + b"/" + name
+
+    def _xattr_ibodies(self) -> None:
+        """Inline and shared xattrs: a (name, value) several inodes hold is stored once when that is
+        smaller (h_shared_count caps an inode at 255 shared ones)."""
+        keys: dict[int, list[XattrKey]] = {}
+        uses: dict[XattrKey, int] = {}
+        sink = self.sink
+        for ino, node in enumerate(self.nodes):
+            if not node.xattrs:
+                continue
+            mine: list[XattrKey] = []
+            for name, value in node.xattrs.items():
+                key = xattr_key(name, value)
+                if isinstance(key, str):
+                    path = self._path(ino)
+                    sink.skipped.append(f"{path.decode('utf-8', 'replace')}: xattr {name}: {key}")
+                    if sink.report is not None:
+                        sink.report.skip(path, f"xattr {name} not stored: {key}")
+                    continue
+                mine.append(key)
+                uses[key] = uses.get(key, 0) + 1
+            if mine:
+                mine.sort()
+                keys[ino] = mine
+        shared: dict[XattrKey, int] = {}
+        blob = bytearray()
+        for key in sorted(k for k, n in uses.items()
+                          if n > 1 and fmt.xattr_entry_size(len(k[1]), len(k[2])) * (n - 1) > 4 * n):
+            shared[key] = len(blob) // 4
+            blob += _xattr_entry(key)
+        self.shared_blob = bytes(blob)
+        for ino, mine in keys.items():
+            ids: list[int] = []
+            inline = bytearray()
+            for key in mine:
+                sid = shared.get(key)
+                if sid is not None and len(ids) < fmt.XATTR_SHARED_MAX:
+                    ids.append(sid)
+                else:
+                    inline += _xattr_entry(key)
+            body = fmt.XATTR_IBODY_HEADER.pack(0, len(ids)) + b"".join(
+                fmt.XATTR_SHARED_ID.pack(i) for i in ids) + inline
+            if 1 + (len(body) - fmt.XATTR_IBODY_HEADER.size) // 4 > fmt.XATTR_ICOUNT_MAX:
+                raise ErofsError(f"{_text(self._path(ino))}: xattrs too large for an erofs inode")
+            self.xattrs[ino] = body
+
+    def _relocations(self, live: bytearray) -> None:
+        """Files whose tail no longer fits their inode's block get their data moved (rare: xattrs
+        changed after the data was written)."""
+        sink = self.sink
+        for ino, node in enumerate(self.nodes):
+            index = node.data
+            if node.kind != tree.REG or not isinstance(index, int) or sink._tail[index] < 0:
+                continue
+            if _INODE + len(self.xattrs.get(ino, b"")) + (node.size & _MASK) > BLKSZ:
+                new = sink._relocate(index, node.size)
+                live[index] = 0
+                live.append(1)
+                node.data = new
+
+    def _layouts(self) -> None:
+        sink = self.sink
+        end = sink._end
+        append_layout, iu, isize, item = self.layout.append, self.iu.append, self.isize.append, self.item.append
+        for ino, node in enumerate(self.nodes):
+            head = _INODE + len(self.xattrs.get(ino, b""))
+            kind = node.kind
+            if kind == tree.REG:
+                index = node.data
+                size = node.size
+                isize(size)
+                if not isinstance(index, int):
+                    if size:
+                        raise ErofsError(f"{_text(self._path(ino))}: a {size}-byte file without data")
+                    append_layout(fmt.INODE_FLAT_PLAIN)
+                    iu(0)
+                    item(head)
+                    continue
+                chunks = sink._chunks.get(index)
+                if chunks is not None:
+                    self.chunked = True
+                    append_layout(fmt.INODE_CHUNK_BASED)
+                    iu(chunks[0])  # block map (4-byte entries), chunk bits
+                    item(head + fmt.BLOCK_MAP_ENTRY.size * len(chunks[1]))
+                    continue
+                nblk = sink._nblk[index]
+                blk = sink._start[index] if nblk else (0 if not size else fmt.NULL_ADDR)
+                if sink._tail[index] >= 0:
+                    append_layout(fmt.INODE_FLAT_INLINE)
+                    item(head + (size & _MASK))
+                else:
+                    append_layout(fmt.INODE_FLAT_PLAIN)
+                    item(head)
+                iu(blk)
+            elif kind == tree.DIR or kind == tree.LNK:
+                if kind == tree.DIR:
+                    names = self.names[ino]
+                    size = _dir_size(names, _dir_blocks(names))
+                else:
+                    size = len(node.target)
+                isize(size)
+                tail = size & _MASK
+                # The root sits at slot 1 of its block: its tail has one slot less.
+                if tail and head + tail <= (BLKSZ - _SLOT if ino == 0 else BLKSZ):
+                    append_layout(fmt.INODE_FLAT_INLINE)
+                    nblk = size >> _BITS
+                    item(head + tail)
+                else:
+                    append_layout(fmt.INODE_FLAT_PLAIN)
+                    nblk = (size + _MASK) >> _BITS
+                    item(head)
+                if nblk:
+                    self.blocks.append((ino, end, nblk))
+                    iu(end)
+                    end += nblk
+                else:
+                    iu(fmt.NULL_ADDR if size else 0)
+            elif kind in (tree.CHR, tree.BLK, tree.FIFO, tree.SOCK):
+                isize(0)
+                append_layout(fmt.INODE_FLAT_PLAIN)
+                rdev = node.rdev if kind in (tree.CHR, tree.BLK) else 0
+                iu(fmt.encode_dev(os.major(rdev), os.minor(rdev)) & 0xFFFFFFFF)
+                item(head)
+            else:
+                raise ErofsError(f"{_text(self._path(ino))}: unknown file type {kind:o}")
+        self.meta_start = end
+
+    def _place(self) -> tuple[int, int]:
+        """Best-fit placement of the metadata items on 32-byte slots; one that fits a block never
+        crosses a block boundary (inline tails must not), bigger ones start a block. The root comes
+        first, at nid 1 (root_nid is 16 bits; nid 0 would be inode number 0, which tools skip)."""
+        nslots = BLKSZ // _SLOT
+        buckets: list[list[int]] = [[] for _ in range(nslots + 1)]  # blocks by their free slots (at the end)
+        nonempty = 0  # bit n set: buckets[n] has a block
+        offsets, item = self.nid, self.item
+        offsets.extend([0] * len(self.nodes))
+        blocks = 0
+        for ino in range(len(self.nodes)):
+            need = (item[ino] + _SLOT - 1) // _SLOT
+            if ino and need <= nslots:
+                mask = nonempty >> need
+                if mask:  # the fullest block that still takes it
+                    have = need + (mask & -mask).bit_length() - 1
+                    bucket = buckets[have]
+                    blk = bucket.pop()
+                    if not bucket:
+                        nonempty &= ~(1 << have)
+                    offsets[ino] = blk * nslots + nslots - have
+                    free = have - need
+                    if free:
+                        buckets[free].append(blk)
+                        nonempty |= 1 << free
+                    continue
+            first = 1 if ino == 0 else 0  # the root: slot 1 of block 0 (slot 0 stays unused)
+            offsets[ino] = blocks * nslots + first
+            span = -(-(first + need) // nslots)
+            blocks += span
+            free = span * nslots - first - need
+            if free:
+                buckets[free].append(blocks - 1)
+                nonempty |= 1 << free
+        return self.meta_start, blocks
+
+    def _dirents(self, ino: int, lo: int, hi: int) -> bytes:
+        names = self.names[ino][lo:hi]
+        node = self.nodes[ino]
+        children = node.children
+        assert children is not None
+        heads, nameoff = [], fmt.DIRENT.size * len(names)
+        ino_of, nid, nodes = self.ino_of, self.nid, self.nodes
+        for name in names:
+            if name == b".":
+                cino = ino
+            elif name == b"..":
+                cino = self.parent[ino]
+            else:
+                cino = ino_of[children[name]]
+            heads.append(fmt.DIRENT.pack(nid[cino], nameoff, _FTYPES[nodes[cino].kind]))
+            nameoff += len(name)
+        return b"".join(heads) + b"".join(names)
+
+    def _write_blocks(self, out: _Out) -> None:
+        """Directory blocks and long symlinks, in the data area after the files."""
+        for ino, _blk, nblk in self.blocks:
+            node = self.nodes[ino]
+            if node.kind == tree.DIR:
+                names = self.names[ino]
+                starts = _dir_blocks(names) + [len(names)]
+                for b in range(nblk):
+                    data = self._dirents(ino, starts[b], starts[b + 1])
+                    out.write(data)
+                    out.zeros(BLKSZ - len(data))
+            else:
+                data = node.target[:nblk << _BITS]
+                out.write(data)
+                out.zeros((nblk << _BITS) - len(data))
+
+    def _write_meta(self, out: _Out, meta_blocks: int) -> None:
+        sink = self.sink
+        base = out.pos + len(out.buf)
+        order = sorted(range(len(self.nodes)), key=self.nid.__getitem__)
+        pack = fmt.INODE_EXTENDED.pack
+        build = sink.build_time_ns
+        nodes, xattrs, layout, iu, isize, nlink = self.nodes, self.xattrs, self.layout, self.iu, self.isize, self.nlink
+        spool = sink._map
+        for ino in order:
+            pos = base + (self.nid[ino] << fmt.ISLOTBITS)
+            out.zeros(pos - out.pos - len(out.buf))
+            node = nodes[ino]
+            body = xattrs.get(ino, b"")
+            mtime = node.mtime_ns if node.mtime_ns is not None else build
+            secs, nsec = divmod(mtime, 1_000_000_000)
+            if not (0 <= node.uid <= 0xFFFFFFFF and 0 <= node.gid <= 0xFFFFFFFF):
+                raise ErofsError(f"{_text(self._path(ino))}: owner {node.uid}:{node.gid} out of erofs' 32-bit range")
+            icount = 1 + (len(body) - fmt.XATTR_IBODY_HEADER.size) // 4 if body else 0
+            out.write(pack(fmt.i_format(layout[ino]), icount, node.kind | (node.mode & 0o7777), 0, isize[ino], iu[ino],
+                           (ino + 1) & 0xFFFFFFFF, node.uid, node.gid, secs, nsec, nlink[ino]))
+            out.write(body)
+            kind, lay = node.kind, layout[ino]
+            if lay == fmt.INODE_FLAT_INLINE:
+                size = isize[ino]
+                if kind == tree.REG:
+                    assert spool is not None and isinstance(node.data, int)
+                    at = sink._tail[node.data]
+                    out.write(spool[at:at + (size & _MASK)])
+                elif kind == tree.LNK:
+                    out.write(node.target[size & ~_MASK:])
+                else:
+                    names = self.names[ino]
+                    starts = _dir_blocks(names)
+                    out.write(self._dirents(ino, starts[-1], len(names)))
+            elif lay == fmt.INODE_CHUNK_BASED:
+                assert isinstance(node.data, int)
+                start = sink._start[node.data]
+                out.write(b"".join(fmt.BLOCK_MAP_ENTRY.pack(fmt.NULL_ADDR if b < 0 else start + b)
+                                   for b in sink._chunks[node.data][1]))
+        out.zeros(base + (meta_blocks << _BITS) - out.pos - len(out.buf))
+
+    def _write_shared(self, out: _Out) -> int:
+        blob = self.shared_blob
+        if not blob:
+            return 0
+        out.write(blob)
+        out.zeros(-len(blob) % BLKSZ)
+        return (len(blob) + _MASK) >> _BITS
