@@ -34,6 +34,8 @@ OPAQUE = b".wh..wh..opq"
 WHITEOUT_PREFIX = b".wh."
 _AUFS_META_PREFIX = b".wh..wh."
 _MAX_LINK_HOPS = 40
+_NAME_MAX = 255  # Linux's limits, for a path component and a whole path (with its NUL)
+_PATH_MAX = 4096
 _KINDS = {REG: tree.REG, DIR: tree.DIR, SYMLINK: tree.LNK, FIFO: tree.FIFO, CHR: tree.CHR, BLK: tree.BLK}
 
 
@@ -61,7 +63,10 @@ def _display(parts: Parts) -> str:
 
 
 def _cost(name: bytes, node: Node) -> int:
-    return NODE_BYTES + len(name) + len(node.target) + sum(len(k) + len(v) for k, v in node.xattrs.items())
+    cost = NODE_BYTES + len(name) + len(node.target)
+    if node.xattrs:
+        cost += sum(len(k) + len(v) for k, v in node.xattrs.items())
+    return cost
 
 
 class Applier:
@@ -76,6 +81,9 @@ class Applier:
         self._layer = -1
         self._written: set[Parts] = set()  # canonical paths this layer wrote (whiteouts spare them)
         self._tree_bytes = 0
+        # The last parent resolved with create (tar entries come directory by directory); dropped
+        # whenever a directory or symlink leaves the tree, the only changes that can make it wrong.
+        self._last: tuple[Parts, Parts, list[Node], int] | None = None
 
     def close(self) -> None:
         self.sink.close()
@@ -130,9 +138,17 @@ class Applier:
         if name.startswith(WHITEOUT_PREFIX):
             self._whiteout(parts)
             return
-        resolved = self._resolve_dir(parts[:-1], create=True)
-        assert resolved is not None
-        dir_parts, chain = resolved
+        last = self._last
+        if last is not None and last[0] == parts[:-1]:
+            dir_parts, chain, dir_len = last[1], last[2], last[3]
+        else:
+            resolved = self._resolve_dir(parts[:-1], create=True)
+            assert resolved is not None
+            dir_parts, chain = resolved
+            dir_len = len(b"/".join(dir_parts))
+            self._last = (parts[:-1], dir_parts, chain, dir_len)
+        if dir_len + 1 + len(name) >= _PATH_MAX:  # what the kernel refuses, refused for every sink alike
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         parent = chain[-1]
         where = dir_parts + (name,)
         if kind == LINK:
@@ -188,6 +204,8 @@ class Applier:
 
     def _insert(self, parent: Node, name: bytes, node: Node) -> None:
         assert parent.children is not None
+        if len(name) > _NAME_MAX:
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         self._tree_bytes += _cost(name, node)
         if self._tree_bytes > self.limits.max_tree_bytes:
             raise LimitExceeded("max_tree_bytes", self._tree_bytes, self.limits.max_tree_bytes)
@@ -198,6 +216,8 @@ class Applier:
         """Remove the name ``parts`` (with everything below it) from the tree and the sink."""
         assert parent.children is not None
         del parent.children[parts[-1]]
+        if node.kind in (tree.DIR, tree.LNK):
+            self._last = None
         self.sink.remove(parts, node)
         stack = [(parts[-1], node)]
         while stack:  # iterative: a hostile tree can be deep
