@@ -27,7 +27,7 @@ from ..errors import LimitExceeded, UnpackError, UnsafeLayer
 from .fs import Report
 from .root import clean_path
 from .tar import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, EntryStream
-from .tree import NODE_BYTES, Node, Parts, Sink
+from .tree import NO_XATTRS, NODE_BYTES, Node, Parts, Sink
 from . import tree
 
 OPAQUE = b".wh..wh..opq"
@@ -200,7 +200,7 @@ class Applier:
         node.mode = entry.mode & 0o7777
         node.uid, node.gid = entry.uid, entry.gid
         node.mtime_ns, node.atime_ns = entry.mtime_ns, entry.atime_ns
-        node.xattrs = dict(entry.xattrs)
+        node.xattrs = entry.xattrs or NO_XATTRS  # the entry is dropped after this: no copy
 
     def _insert(self, parent: Node, name: bytes, node: Node) -> None:
         assert parent.children is not None

@@ -34,6 +34,7 @@ import bisect
 import ctypes
 import mmap
 import os
+from collections.abc import Mapping
 import stat
 import tempfile
 from array import array
@@ -100,7 +101,7 @@ def xattr_key(name: str, value: bytes) -> XattrKey | str:
     return (index, suffix, value)
 
 
-def _inline_bound(xattrs: dict[str, bytes]) -> int:
+def _inline_bound(xattrs: Mapping[str, bytes]) -> int:
     """The xattr ibody size with every xattr inline: an upper bound (a shared one takes 4 bytes)."""
     size = 0
     for name, value in xattrs.items():
