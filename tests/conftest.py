@@ -23,6 +23,20 @@ def needs_tool(*tools: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (installed by scripts/setup.sh --test)")
 
 
+@pytest.fixture(autouse=True)
+def _unmount_leftovers(request: pytest.FixtureRequest):
+    """Erofs bases stay mounted in their cache (that is the design): unmount whatever a test left under
+    its tmp_path, so no mount outlives the test, even a failed one."""
+    where = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if where is None or os.geteuid() != 0:
+        return
+    from dirge.fsimage.mount import mounts_under, unmount
+
+    for point in mounts_under(where):
+        unmount(point)
+
+
 @pytest.fixture
 def make_image(tmp_path: Path):
     """``make_image([layer_tar, ...], **add_image_kwargs) -> "oci:PATH:TAG"`` in a fresh layout."""
