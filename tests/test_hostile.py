@@ -587,8 +587,40 @@ def _param(case: Case) -> Any:
 # -- the test ----------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def via(tmp_path_factory: pytest.TempPathFactory):
+    """``via(fmt)(ref, dest, limits) -> verb``: the tree applier (``unpack``), or the erofs writer
+    (``export`` to an image outside the watched tree, then mounted read-only at ``dest``)."""
+    mounted: list[Path] = []
+
+    def make(fmt: str) -> Callable[[str, Path, Limits], str]:
+        def tree(ref: str, dest: Path, limits: Limits) -> str:
+            unpack(ref, dest, limits=limits)
+            return "unpack"
+
+        def erofs(ref: str, dest: Path, limits: Limits) -> str:
+            from dirge.export import export
+            from dirge.fsimage.mount import mount_erofs
+
+            image = tmp_path_factory.mktemp("erofs") / "rootfs.erofs"
+            export(ref, image, format="erofs", limits=limits)
+            dest.mkdir()
+            mount_erofs(image, dest)
+            mounted.append(dest)
+            return "export"
+
+        return tree if fmt == "tree" else erofs
+
+    yield make
+    from dirge.fsimage.mount import unmount
+
+    for dest in reversed(mounted):
+        unmount(dest)
+
+
+@pytest.mark.parametrize("fmt", ["tree", "erofs"])
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
-def test_hostile_layer(case: Case, tmp_path: Path, make_image) -> None:
+def test_hostile_layer(case: Case, fmt: str, tmp_path: Path, make_image, via) -> None:
     sentinel, victim = tmp_path / "sentinel", tmp_path / "victim"
     make_sentinel(sentinel)
     make_victim(victim)
@@ -598,7 +630,7 @@ def test_hostile_layer(case: Case, tmp_path: Path, make_image) -> None:
     before, host_before = snapshot(tmp_path, exclude=ctx.dest, volatile=sentinel), host_state()
     raised: Exception | None = None
     try:
-        unpack(ref, ctx.dest, limits=case.limits)
+        via(fmt)(ref, ctx.dest, case.limits)
     except Exception as exc:  # noqa: BLE001 - the class is asserted below, after containment
         raised = exc
     try:
@@ -619,7 +651,8 @@ def test_hostile_layer(case: Case, tmp_path: Path, make_image) -> None:
             fragments = (case.fragment,) if isinstance(case.fragment, str) else case.fragment
             if fragments:
                 assert any(f in str(raised) for f in fragments), f"{fragments} not in {str(raised)!r}"
-            assert str(raised).startswith(f"unpack {ref}: "), str(raised)
+            verb = "unpack" if fmt == "tree" else "export"
+            assert str(raised).startswith(f"{verb} {ref}: "), str(raised)
             assert not os.path.lexists(ctx.dest), "a failed unpack left its destination behind"
         else:
             assert raised is None, f"expected a contained success, got {raised!r}"

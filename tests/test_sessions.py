@@ -328,3 +328,67 @@ def test_copy_keeps_holes(tmp_path: Path, make_image) -> None:
         st = os.stat(session.path / "sparse/holes.bin")
         assert st.st_size == 2_000_003 and st.st_blocks * 512 < 200_000
         assert not diff(snapshot(session.path), reference_tree(ref, tmp_path))
+
+
+def test_base_format_is_recorded_and_old_tree_bases_are_still_read(tmp_path: Path, image: str) -> None:
+    cache = Cache(tmp_path / "cache")
+    rootless = os.geteuid() != 0
+    with prepare(image, cache.root, strategy="copy", base_format="auto") as s:
+        assert s.base_format == "tree"
+        key = Cache.base_key(parse(s.digest), rootless)
+        assert key.endswith("-tree") and json.loads((cache.root / "bases" / key / "image.json").read_text())["format"] == "tree"
+        base = cache.load_base(key)
+        assert base is not None and base.format == "tree"
+    # A cache written before bases had formats: the key has no format and image.json no "format".
+    legacy = cache.root / "bases" / Cache.legacy_base_key(parse(s.digest), rootless)
+    os.rename(cache.root / "bases" / key, legacy)
+    meta = json.loads((legacy / "image.json").read_text())
+    del meta["format"]
+    (legacy / "image.json").write_text(json.dumps(meta))
+    with prepare(image, cache.root, strategy="copy", base_format="tree") as old:
+        assert not old.base_created and old.base_format == "tree" and old.info.base == legacy.name
+        assert not diff(snapshot(old.path), reference_tree(image, tmp_path))
+    assert os.listdir(cache.root / "bases") == [legacy.name]
+
+
+def test_base_format_choice_is_checked(tmp_path: Path, image: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dirge.errors import DirgeError
+
+    with pytest.raises(DirgeError, match="base format 'squashfs'"):
+        prepare(image, tmp_path / "cache", base_format="squashfs")
+    monkeypatch.setenv("DIRGE_BASE_FORMAT", "bogus")
+    with pytest.raises(DirgeError, match=r"\$DIRGE_BASE_FORMAT"):
+        prepare(image, tmp_path / "cache")
+    monkeypatch.setenv("DIRGE_BASE_FORMAT", "tree")
+    with prepare(image, tmp_path / "cache", strategy="copy") as s:
+        assert s.base_format == "tree"
+
+
+def test_strategies_are_one_protocol(tmp_path: Path, image: str) -> None:
+    from dirge.session.backends import STRATEGIES, Strategy
+
+    assert list(STRATEGIES) == ["overlay", "btrfs", "reflink", "copy"]  # fastest first
+    assert all(isinstance(s, Strategy) and s.name == name for name, s in STRATEGIES.items())
+    cache = tmp_path / "cache"
+    with prepare(image, cache, strategy="copy") as s:
+        recorded = json.loads((s.path.parent / "session.json").read_text())
+        assert recorded["strategy"] == "copy" and set(recorded) == {
+            "id", "image", "digest", "strategy", "base", "pid", "pid_start", "created", "snapshot"}
+        with pytest.raises(SessionError, match="unknown session strategy 'zfs'"):
+            prepare(image, cache, strategy="zfs")
+    # A session whose record is unreadable (killed while it was created) is still removable.
+    broken = prepare(image, cache, strategy="copy")
+    broken.detach()
+    (broken.path.parent / "session.json").write_text("{")
+    cleanup(broken.path)
+    assert not broken.path.parent.exists()
+
+
+def test_cli_session_create_reports_the_base_format(tmp_path: Path, image: str) -> None:
+    env = {**os.environ, "DIRGE_CACHE_DIR": str(tmp_path / "cache"), "DIRGE_BASE_FORMAT": "tree"}
+    proc = subprocess.run([str(Path(PY).parent / "dirge"), "session", "create", image, "--json", "--strategy",
+                           "copy", "--base-format", "auto"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    created = json.loads(proc.stdout)
+    assert created["base_format"] == "tree" and created["strategy"] == "copy"
+    Sessions(Cache(tmp_path / "cache")).remove(created["id"])

@@ -1,11 +1,16 @@
-"""The cache: content-addressed blobs, ref → digest records, and unpacked bases keyed by manifest digest.
+"""The cache, a store only: content-addressed blobs, ref → digest records, base directories keyed by
+manifest digest, staging directories and locks. It knows nothing of how an image is resolved or a base
+is built (that is ``bases.py``, above both this and the applier), so it imports no source, no
+pipeline and no session.
 
     CACHE/
       blobs/sha256/<hex>          verified blobs (manifests, configs, registry layers)
       refs/<sha256 of ref>.json   {"ref", "digest", "time"}: what a ref resolved to last
-      bases/<hex>-<mode>/         published bases: rootfs/ + image.json  (mode: root | rootless)
-      staging/<hex>-<mode>.<rnd>/ bases being built; removed by the next builder of that key
-      locks/<hex>-<mode>.lock     flock per base key (and per variant build, per buildah export)
+      bases/<key>/                published bases: image.json + rootfs/ (tree) or rootfs.erofs (erofs)
+                                  key: <hex>-<root|rootless>-<format>; <hex>-<root|rootless> is a tree
+                                  base of an older dirge, still read
+      staging/<key>.<rnd>/        bases being built; removed by the next builder of that key
+      locks/<key>.lock            flock per base key (and per variant build, per buildah export)
       buildah/, exports/<id>/     local variants: buildah storage and OCI exports (sources/buildah.py)
       sessions/, snapshots/       see session/
 
@@ -15,31 +20,24 @@ A base is published by one rename after its tree has been synced, so it is compl
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
-import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .apply.layer import Limits
 from .blob import read_verified
 from .errors import DirgeError, IntegrityError
-from .image import Platform
+from .fsutil import fsync_dir, remove_tree, syncfs
 from .lock import FileLock
 from .reference import Digest, parse_digest
-from .resolve import BlobSource, ResolvedImage
-from .unpack import ProgressFn, apply_image, open_image, remove_tree
 
-if TYPE_CHECKING:
-    from .sources.auth import Credentials
+__all__ = ["BASE_FORMATS", "Base", "Cache", "default_cache_dir", "fsync_dir", "syncfs"]
 
-_libc = ctypes.CDLL(None, use_errno=True)
+BASE_FORMATS = ("tree", "erofs")  # what a base directory can hold
 
 
 def default_cache_dir() -> Path:
@@ -50,36 +48,6 @@ def default_cache_dir() -> Path:
     return Path(xdg) / "dirge" if xdg else Path.home() / ".cache" / "dirge"
 
 
-def syncfs(path: Path) -> None:
-    """Flush the filesystem holding ``path`` (one call instead of an fsync per file)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_base_dir(path: Path) -> None:
-    """A btrfs subvolume where the cache is on btrfs (so sessions can be snapshots), else a directory."""
-    from .session.backends import BTRFS_MAGIC, fs_type
-
-    if fs_type(path.parent) == BTRFS_MAGIC and shutil.which("btrfs"):
-        if subprocess.run(["btrfs", "subvolume", "create", str(path)], capture_output=True).returncode == 0:
-            path.chmod(0o755)
-            return
-    path.mkdir(mode=0o755)
-
-
 @dataclass(frozen=True)
 class Base:
     key: str
@@ -87,10 +55,17 @@ class Base:
     digest: Digest
     config: dict[str, Any]
     created: bool  # True if this call unpacked it
+    format: str = "tree"  # one of BASE_FORMATS: "tree" (a directory) or "erofs" (an image mounted there)
 
     @property
     def rootfs(self) -> Path:
+        """The tree sessions are made from (for an erofs base, where its image is mounted read-only)."""
         return self.path / "rootfs"
+
+    @property
+    def image_file(self) -> Path:
+        """The filesystem image of a non-tree base (``rootfs.<format>``)."""
+        return self.path / f"rootfs.{self.format}"
 
 
 class Cache:
@@ -155,7 +130,12 @@ class Cache:
     # -- bases ------------------------------------------------------------------------------
 
     @staticmethod
-    def base_key(digest: Digest, rootless: bool) -> str:
+    def base_key(digest: Digest, rootless: bool, format: str = "tree") -> str:
+        return f"{digest.hex}-{'rootless' if rootless else 'root'}-{format}"
+
+    @staticmethod
+    def legacy_base_key(digest: Digest, rootless: bool) -> str:
+        """The key of a tree base written before bases had formats."""
         return f"{digest.hex}-{'rootless' if rootless else 'root'}"
 
     def load_base(self, key: str, created: bool = False) -> Base | None:
@@ -168,66 +148,45 @@ class Cache:
             digest = parse_digest(meta["digest"])
         except (OSError, ValueError, KeyError, DirgeError):
             return None
-        return Base(key, path, digest, meta.get("config", {}), created)
+        fmt = meta.get("format") or "tree"  # an older dirge's image.json has none: it only made trees
+        if fmt not in BASE_FORMATS:
+            return None
+        return Base(key, path, digest, meta.get("config", {}), created, fmt)
 
-    def ensure_base(
-        self,
-        image: str,
-        *,
-        platform: Platform | None = None,
-        rootless: bool | None = None,
-        limits: Limits = Limits(),
-        lock_timeout: float = 600.0,
-        progress: ProgressFn | None = None,
-        pull: str = "missing",
-        creds: "Credentials | None" = None,
-    ) -> Base:
-        """The unpacked base of ``image``, built under the key's lock if no complete one exists."""
-        if rootless is None:
-            rootless = os.geteuid() != 0
-        source, resolved = open_image(image, platform, cache=self, pull=pull, creds=creds)
-        try:
-            return self._ensure_base(image, source, resolved, rootless, limits, lock_timeout, progress)
-        finally:
-            source.close()
-
-    def _ensure_base(self, image: str, source: BlobSource, resolved: ResolvedImage, rootless: bool,
-                     limits: Limits, lock_timeout: float, progress: ProgressFn | None) -> Base:
-        self.put_blob(resolved.manifest_digest, resolved.manifest.raw)
-        self.put_blob(resolved.manifest.config.digest, resolved.config.raw)
-        key = self.base_key(resolved.manifest_digest, rootless)
-        base = self.load_base(key)
-        if base:
-            return base
-        with FileLock(self.root / "locks" / f"{key}.lock", lock_timeout):
+    def find_base(self, digest: Digest, rootless: bool, format: str) -> Base | None:
+        """The published base of ``digest`` in this mode and format, under its key or, for a tree, under
+        the key an older dirge gave it (so existing caches keep their bases)."""
+        keys = [self.base_key(digest, rootless, format)]
+        if format == "tree":
+            keys.append(self.legacy_base_key(digest, rootless))
+        for key in keys:
             base = self.load_base(key)
-            if base:  # another process built it while we waited
+            if base is not None and base.format == format:
                 return base
-            self._build_base(key, source, resolved, image, rootless, limits, progress)
+        return None
+
+    def base_lock(self, key: str, timeout: float) -> FileLock:
+        """The lock that serialises building (and replacing) the base ``key``."""
+        return FileLock(self.root / "locks" / f"{key}.lock", timeout)
+
+    def new_staging(self, key: str) -> Path:
+        """A fresh staging directory for base ``key``. The caller holds the key's lock, so any other
+        staging directory of that key is a killed builder's and is removed first."""
+        staging_root = self.root / "staging"
+        for leftover in staging_root.glob(f"{key}.*"):
+            remove_tree(leftover)
+        return Path(tempfile.mkdtemp(prefix=f"{key}.", dir=staging_root))
+
+    def publish_base(self, staging: Path, key: str, meta: dict[str, Any]) -> Base:
+        """Write ``image.json``, make ``staging`` durable, then rename it to the base ``key``: a base is
+        complete or absent, never torn, even after a crash."""
+        (staging / "image.json").write_text(json.dumps(meta, indent=1))
+        syncfs(staging)
+        os.rename(staging, self.root / "bases" / key)
+        fsync_dir(self.root / "bases")
         base = self.load_base(key, created=True)
         assert base is not None
         return base
-
-    def _build_base(self, key: str, source: BlobSource, resolved: ResolvedImage, image: str, rootless: bool,
-                    limits: Limits, progress: ProgressFn | None) -> None:
-        staging_root = self.root / "staging"
-        for leftover in staging_root.glob(f"{key}.*"):  # from a run that was killed: we hold the lock
-            remove_tree(leftover)
-        staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=staging_root))
-        try:
-            rootfs = staging / "rootfs"
-            make_base_dir(rootfs)
-            apply_image(source, resolved, rootfs, rootless=rootless, limits=limits, progress=progress)
-            meta = {"image": image, "digest": str(resolved.manifest_digest), "rootless": rootless,
-                    "config": resolved.config.config,
-                    "platform": str(resolved.platform) if resolved.platform else None}
-            (staging / "image.json").write_text(json.dumps(meta, indent=1))
-            syncfs(staging)
-            os.rename(staging, self.root / "bases" / key)
-            fsync_dir(self.root / "bases")
-        except BaseException:
-            remove_tree(staging)
-            raise
 
     def bases(self) -> list[Path]:
         return sorted(p for p in (self.root / "bases").iterdir() if p.is_dir())

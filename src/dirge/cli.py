@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .apply.layer import Limits
+from .bases import FORMAT_CHOICES, FORMAT_ENV
 from .errors import DirgeError
 from .image import parse_platform
+from .session.backends import STRATEGIES
 
 if TYPE_CHECKING:
     from .session import Sessions, SessionInfo
@@ -217,24 +219,28 @@ def session_group() -> None:
 @session_group.command("create")
 @click.argument("image")
 @cache_dir_option
-@click.option("--strategy", type=click.Choice(["overlay", "btrfs", "reflink", "copy"]),
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)),
               help="How to make the session (default: the fastest available).")
+@click.option("--base-format", type=click.Choice(FORMAT_CHOICES), envvar=FORMAT_ENV,
+              help=f"What the cached base is built as (default: ${FORMAT_ENV}, else auto).")
 @click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
 @click.option("--owner-pid", type=int, help="Process whose exit makes the session prunable (default: the caller).")
 @pull_option
 @creds_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the path.")
-def session_create(image: str, cache_dir: Path | None, strategy: str | None, platform: str | None,
-                   owner_pid: int | None, pull: str, creds: str | None, as_json: bool) -> None:
+def session_create(image: str, cache_dir: Path | None, strategy: str | None, base_format: str | None,
+                   platform: str | None, owner_pid: int | None, pull: str, creds: str | None, as_json: bool) -> None:
     """Make a new session rootfs of IMAGE and print its path."""
     from .rootfs import prepare
 
-    prepared = prepare(image, cache_dir, strategy=strategy, owner_pid=owner_pid or os.getppid(),
+    prepared = prepare(image, cache_dir, strategy=strategy, base_format=base_format,
+                       owner_pid=owner_pid or os.getppid(),
                        platform=parse_platform(platform) if platform else None, pull=pull, creds=_creds(creds))
     prepared.detach()
     if as_json:
         click.echo(json.dumps({**dataclasses.asdict(prepared.info), "path": str(prepared.path),
-                               "base_created": prepared.base_created}, indent=2))
+                               "base_created": prepared.base_created, "base_format": prepared.base_format},
+                              indent=2))
     else:
         click.echo(prepared.path)
 

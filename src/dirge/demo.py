@@ -8,9 +8,10 @@ import subprocess
 from pathlib import Path
 
 from .errors import DirgeError
+from .fsutil import remove_tree
 from .layerbuild import LayerBuilder
 from .sources.layout import LayoutWriter
-from .unpack import UnpackResult, remove_tree, unpack
+from .unpack import UnpackResult, unpack
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 APPLETS = ("sh", "ls", "cat", "echo", "id", "stat", "test", "grep", "head", "uname", "ln", "rm", "mkdir")

@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from .apply.layer import Limits
+from .bases import ensure_base
 from .cache import Cache
 from .errors import SessionError
+from .fsutil import is_mountpoint, remove_tree, unmount
 from .image import Platform
 from .reference import canonicalize_image_ref, local_variant_name
 from .session import Sessions, SessionInfo, backends
 from .sources.auth import Credentials
 from .session.customize import FileSpec, add_user, write_files, write_krun_config
-from .unpack import ProgressFn, remove_tree
+from .unpack import ProgressFn
 
 __all__ = [
     "FileSpec",
@@ -38,12 +40,14 @@ __all__ = [
 class PreparedRootfs:
     """A session rootfs; removed (unmounted first) by ``close()``, on leaving ``with``, or when collected."""
 
-    def __init__(self, info: SessionInfo, session_dir: Path, config: dict[str, Any], base_created: bool) -> None:
+    def __init__(self, info: SessionInfo, session_dir: Path, config: dict[str, Any], base_created: bool,
+                 base_format: str = "tree") -> None:
         self.info = info
         self.path = session_dir / "rootfs"
         self.config = config
         self.base_created = base_created
-        self._finalizer = weakref.finalize(self, backends.destroy, session_dir)
+        self.base_format = base_format  # what the base is: "tree" or "erofs"
+        self._finalizer = weakref.finalize(self, backends.get(info.strategy).destroy, session_dir)
 
     id = property(lambda self: self.info.id)
     image = property(lambda self: self.info.image)
@@ -69,7 +73,8 @@ class PreparedRootfs:
         self.close()
 
     def __repr__(self) -> str:
-        return f"PreparedRootfs(id={self.id!r}, path={str(self.path)!r}, strategy={self.strategy!r})"
+        return (f"PreparedRootfs(id={self.id!r}, path={str(self.path)!r}, strategy={self.strategy!r}, "
+                f"base_format={self.base_format!r})")
 
 
 def prepare(
@@ -77,6 +82,7 @@ def prepare(
     cache_dir: str | os.PathLike[str] | None = None,
     *,
     strategy: str | None = None,
+    base_format: str | None = None,
     platform: Platform | None = None,
     rootless: bool | None = None,
     files: Mapping[str, FileSpec | bytes] | None = None,
@@ -88,14 +94,17 @@ def prepare(
     pull: str = "missing",
     creds: Credentials | None = None,
 ) -> PreparedRootfs:
-    """Resolve ``image``, make sure its base is cached (unpacking under a lock), and return a new session."""
+    """Resolve ``image``, make sure its base is cached (unpacking under a lock), and return a new session.
+
+    ``base_format`` is what the base is built as: "tree", "erofs" or "auto" (None: ``$DIRGE_BASE_FORMAT``,
+    else auto); ``strategy`` how the session is made from it (None: the fastest available)."""
     cache = Cache(cache_dir)
     ref = canonicalize_image_ref(image)
-    base = cache.ensure_base(ref, platform=platform, rootless=rootless, limits=limits,
-                             lock_timeout=lock_timeout, progress=progress, pull=pull, creds=creds)
+    base = ensure_base(ref, cache=cache, format=base_format, platform=platform, rootless=rootless, limits=limits,
+                       lock_timeout=lock_timeout, progress=progress, pull=pull, creds=creds)
     sessions = Sessions(cache)
     info = sessions.create(base, ref, strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
-    prepared = PreparedRootfs(info, sessions.session_dir(info.id), base.config, base.created)
+    prepared = PreparedRootfs(info, sessions.session_dir(info.id), base.config, base.created, base.format)
     try:
         if files:
             write_files(prepared.path, files)
@@ -116,7 +125,7 @@ def restore(snapshot: str, cache_dir: str | os.PathLike[str] | None = None, *, s
         raise SessionError(f"restore snapshot {snapshot}: its base {meta['base']} is no longer cached; "
                            f"prepare {meta['image']} again first")
     info = sessions.create(base, meta["image"], strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
-    return PreparedRootfs(info, sessions.session_dir(info.id), base.config, False)
+    return PreparedRootfs(info, sessions.session_dir(info.id), base.config, False, base.format)
 
 
 def cleanup(path: str | os.PathLike[str]) -> None:
@@ -124,8 +133,8 @@ def cleanup(path: str | os.PathLike[str]) -> None:
     path = Path(path)
     if (path.parent / "session.json").exists() and path.name == "rootfs":
         backends.destroy(path.parent)
-    elif backends.is_mountpoint(path):
-        backends.unmount(path)
+    elif is_mountpoint(path):
+        unmount(path)
         remove_tree(path)
     else:
         remove_tree(path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from .apply.tar import EntryStream, tokens
 from .apply.tree import Sink
 from .blob import LayerStream
 from .errors import DirgeError
+from .fsutil import remove_tree
 from .image import Descriptor, Platform
 from .reference import LayoutReference, RegistryReference, parse_reference
 from .resolve import BlobSource, ResolvedImage, resolve_manifest
@@ -29,6 +29,7 @@ from .sources.partial import StreamRestarted
 if TYPE_CHECKING:
     from .cache import Cache
     from .sources.auth import Credentials
+    from .sources.buildah import LocalImage
 
 
 def add_context(exc: DirgeError, context: str) -> DirgeError:
@@ -96,13 +97,21 @@ def open_image(
     from .sources.buildah import open_local
 
     cache = cache or Cache()
-    local_source, start = open_local(ref, cache.root)
+    local_source, start = open_local(ref, cache.root, build=_build_variant)
     try:
         cache.record_ref(str(ref), start.digest)
         return local_source, resolve_manifest(local_source, start, str(ref), platform)
     except BaseException:
         local_source.close()
         raise
+
+
+def _build_variant(name: str, cache_root: Path) -> LocalImage:
+    """The current image of local variant ``name``, built first if missing or stale (handed to the
+    buildah source, which does not import the variant builder above it)."""
+    from .variants import build_guest_image
+
+    return build_guest_image(name, cache_root=cache_root).image
 
 
 def pull_image(image: str, platform: Platform | None = None, *, cache: "Cache | None" = None,
@@ -272,27 +281,3 @@ def unpack(
     finally:
         source.close()
     return UnpackResult(resolved, report)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a tree we wrote, even where rootless modes left directories unwritable.
-
-    Anything but a real directory is unlinked directly: never a reason to touch its parent's mode."""
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        path.unlink()
-        return
-
-    def onerror(func: object, p: str, exc_info: object) -> None:
-        parent = os.path.dirname(p)
-        try:
-            os.chmod(parent, 0o700)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, 0o700)
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.unlink(p)
-        except OSError:
-            pass
-
-    if path.exists() or path.is_symlink():
-        shutil.rmtree(path, onerror=onerror)

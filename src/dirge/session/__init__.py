@@ -20,11 +20,11 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..cache import Base, Cache, fsync_dir
+from ..cache import Base, Cache
 from ..errors import SessionError
-from ..unpack import remove_tree
+from ..fsutil import fsync_dir, remove_tree
 from . import backends
-from .copytree import copy_tree
+from .backends import Strategy
 
 _SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -68,44 +68,42 @@ class Sessions:
     def rootfs(self, session_id: str) -> Path:
         return self.session_dir(session_id) / "rootfs"
 
-    def choose(self, base_rootfs: Path, strategy: str | None) -> str:
+    def choose(self, base_rootfs: Path, strategy: str | None) -> Strategy:
+        """The named strategy if it works here, else (None) the fastest that does."""
         if strategy is None:
             return next(backends.usable(base_rootfs, self.dir))
-        if strategy not in backends.STRATEGIES:
-            raise SessionError(f"unknown session strategy {strategy!r}; choose one of {', '.join(backends.STRATEGIES)}")
-        if strategy not in backends.usable(base_rootfs, self.dir):
+        wanted = backends.get(strategy)
+        if not wanted.probe(base_rootfs, self.dir):
             usable = backends.available(base_rootfs, self.dir)
             raise SessionError(f"session strategy {strategy!r} is not available here (available: {', '.join(usable)})")
-        return strategy
+        return wanted
+
+    def strategy(self, info: SessionInfo) -> Strategy:
+        """The strategy a session was made with (recorded by name in its session.json)."""
+        return backends.get(info.strategy)
 
     def create(self, base: Base, image: str, *, strategy: str | None = None, owner_pid: int | None = None,
                snapshot: str | None = None) -> SessionInfo:
-        lowers = [base.rootfs]
-        snap_meta: dict[str, str] | None = None
+        restoring: tuple[str, Path] | None = None  # (kind, directory) of the snapshot to start from
         if snapshot is not None:
             snap_meta = self.snapshot_meta(snapshot)
             if snap_meta["base"] != base.key:
                 raise SessionError(f"restore snapshot {snapshot}: it belongs to another base ({snap_meta['base']})")
+            restoring = snap_meta["kind"], self._snapshot_dir(snapshot)
         chosen = self.choose(base.rootfs, strategy)
-        if snap_meta is not None and snapshot is not None:
-            if snap_meta["kind"] == "upper":
-                if chosen != "overlay":
-                    raise SessionError(f"restore snapshot {snapshot}: an overlay snapshot needs the overlay strategy")
-                lowers = [self.snapshots / snapshot / "upper", base.rootfs]
-            else:
-                lowers = [self.snapshots / snapshot / "tree"]
-                if chosen in ("overlay", "btrfs"):
-                    chosen = "reflink" if "reflink" in backends.available(lowers[0], self.dir) else "copy"
+        lowers = [base.rootfs]
+        if restoring is not None:
+            chosen, lowers = chosen.restore(*restoring, base.rootfs, self.dir)
         pid = owner_pid or os.getpid()
-        info = SessionInfo(uuid.uuid4().hex, image, str(base.digest), chosen, base.key, pid,
+        info = SessionInfo(uuid.uuid4().hex, image, str(base.digest), chosen.name, base.key, pid,
                            process_start_time(pid), time.time(), snapshot)
         sdir = self.dir / info.id
         sdir.mkdir(mode=0o755)
         try:
             (sdir / "session.json").write_text(json.dumps(asdict(info), indent=1))
-            backends.create(chosen, lowers, sdir)
+            chosen.create(lowers, sdir)
         except BaseException:
-            backends.destroy(sdir)
+            chosen.destroy(sdir)
             raise
         return info
 
@@ -152,7 +150,7 @@ class Sessions:
             raise SessionError(f"snapshot {name}: no such snapshot") from None
 
     def snapshot_save(self, session_id: str, name: str) -> Path:
-        """Record a session's changes: the overlay upper layer, or the whole tree for the other strategies."""
+        """Record a session's state as its strategy saves it (the overlay upper layer, else the whole tree)."""
         final = self._snapshot_dir(name)
         info = self.get(session_id)
         if final.exists():
@@ -161,11 +159,7 @@ class Sessions:
         staging = self.snapshots / f".{name}.{uuid.uuid4().hex}"
         staging.mkdir()
         try:
-            if info.strategy == "overlay" and not info.snapshot:
-                kind, src = "upper", sdir / "upper"
-            else:  # a copy, or an overlay over an older snapshot: keep the whole merged tree
-                kind, src = "tree", sdir / "rootfs"
-            copy_tree(src, staging / kind, reflink=True)
+            kind = self.strategy(info).snapshot(sdir, info, staging)
             meta = {"name": name, "kind": kind, "base": info.base, "image": info.image, "digest": info.digest,
                     "session": session_id, "created": time.time()}
             (staging / "snapshot.json").write_text(json.dumps(meta, indent=1))

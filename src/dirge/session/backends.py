@@ -1,41 +1,176 @@
-"""How a session rootfs is made from a base, fastest first:
+"""Session strategies: how a session rootfs is made from a base, fastest first.
 
 overlay  an overlayfs mount (base as lowerdir, per-session upper/work); O(1), needs root
 btrfs    a snapshot of the base subvolume; O(1), needs the cache on btrfs
 reflink  a per-file FICLONE copy of the tree; metadata work only, needs xfs/btrfs
 copy     a full-fidelity copy (copy_file_range, holes kept); works anywhere
+
+Each is a ``Strategy``: it says whether it works here (``probe``), makes and removes a session
+(``create``, ``destroy``), saves a session's state (``snapshot``) and says how a saved state becomes a
+new session (``restore``). A session's strategy is chosen once, by ``Sessions.create``, and recorded by
+name in session.json; everything after looks it up in ``STRATEGIES`` instead of comparing names.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
+import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import SessionError
+from ..fsutil import BTRFS_MAGIC, OVERLAY_MAGIC, fs_type, is_mountpoint, is_subvolume, mount, remove_tree, unmount
 from .copytree import FICLONE, copy_tree
 
-STRATEGIES = ("overlay", "btrfs", "reflink", "copy")
-BTRFS_MAGIC = 0x9123683E
-OVERLAY_MAGIC = 0x794C7630
-_MNT_DETACH = 2
+if TYPE_CHECKING:
+    from . import SessionInfo
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+__all__ = ["BTRFS_MAGIC", "STRATEGIES", "Strategy", "available", "destroy", "for_session", "fs_type",
+           "is_mountpoint", "is_subvolume", "unmount", "usable"]
+
+# Snapshot kinds, as recorded in snapshot.json: the overlay upper layer (changes only, restored
+# stacked above the base), or the whole merged tree (restored by copying it).
+UPPER, TREE = "upper", "tree"
 
 
-def fs_type(path: Path) -> int:
-    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first word
-    if _libc.statfs(os.fsencode(path), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+class Strategy(ABC):
+    """One way of making session rootfs; instances are stateless (one per name, in ``STRATEGIES``)."""
+
+    name: ClassVar[str]
+    stacks: ClassVar[bool] = False  # takes several lowers, the top first (else exactly one tree)
+
+    @abstractmethod
+    def probe(self, base_rootfs: Path, work_dir: Path) -> bool:
+        """Whether sessions of ``base_rootfs`` can be made this way under ``work_dir``."""
+
+    @abstractmethod
+    def make(self, lowers: list[Path], rootfs: Path, session_dir: Path) -> None:
+        """Make ``rootfs`` (absent) from ``lowers`` (the top first)."""
+
+    def create(self, lowers: list[Path], session_dir: Path) -> Path:
+        """Make ``session_dir/rootfs`` from ``lowers`` (the top first; only overlay takes more than one)."""
+        if len(lowers) != 1 and not self.stacks:
+            raise SessionError(f"strategy {self.name} takes one source tree, not {len(lowers)}")
+        rootfs = session_dir / "rootfs"
+        self.make(lowers, rootfs, session_dir)
+        return rootfs
+
+    def destroy(self, session_dir: Path) -> None:
+        """Remove a session directory; missing is fine. Whatever is mounted on the rootfs (this
+        strategy's overlay or a caller's bind mount) is unmounted first: never delete through a mount."""
+        rootfs = session_dir / "rootfs"
+        if is_mountpoint(rootfs):
+            unmount(rootfs)
+            if is_mountpoint(rootfs):
+                raise SessionError(f"remove session {session_dir.name}: {rootfs} is still mounted; unmount it first")
+        if session_dir.exists():
+            remove_tree(session_dir)
+
+    def snapshot(self, session_dir: Path, info: "SessionInfo", dest: Path) -> str:
+        """Save the session's state into ``dest`` (a new directory); return the snapshot's kind."""
+        copy_tree(session_dir / "rootfs", dest / TREE, reflink=True)
+        return TREE
+
+    def restore(self, kind: str, snapshot_dir: Path, base_rootfs: Path,
+                work_dir: Path) -> tuple["Strategy", list[Path]]:
+        """How a snapshot of ``kind`` becomes a session when this strategy is chosen: the strategy
+        that makes it (this one, or another when this one cannot) and its lowers (the top first)."""
+        if kind != TREE:
+            raise SessionError(f"restore snapshot {snapshot_dir.name}: an overlay snapshot needs the overlay strategy")
+        return self, [snapshot_dir / TREE]
+
+    def __repr__(self) -> str:
+        return f"<session strategy {self.name}>"
+
+
+def _tree_copier(tree: Path, work_dir: Path) -> Strategy:
+    """The strategy for a plain saved tree: reflink where it works, else a copy."""
+    return REFLINK if REFLINK.probe(tree, work_dir) else COPY
+
+
+class Overlay(Strategy):
+    name = "overlay"
+    stacks = True
+
+    def probe(self, base_rootfs: Path, work_dir: Path) -> bool:
+        # overlayfs cannot take its upper dir on overlayfs (a cache inside a container's rootfs).
+        return os.geteuid() == 0 and _overlay_supported() and fs_type(work_dir) != OVERLAY_MAGIC
+
+    def make(self, lowers: list[Path], rootfs: Path, session_dir: Path) -> None:
+        upper, work = session_dir / "upper", session_dir / "work"
+        upper.mkdir()
+        work.mkdir()
+        rootfs.mkdir()
+        # userxattr is only needed (and only accepted) inside a user namespace; as real root it is not.
+        options = f"lowerdir={':'.join(str(p) for p in lowers)},upperdir={upper},workdir={work}"
+        mount("overlay", rootfs, "overlay", options)
+
+    def snapshot(self, session_dir: Path, info: "SessionInfo", dest: Path) -> str:
+        if info.snapshot:  # over an older snapshot's upper: its own upper alone is not the whole state
+            return super().snapshot(session_dir, info, dest)
+        copy_tree(session_dir / "upper", dest / UPPER, reflink=True)
+        return UPPER
+
+    def restore(self, kind: str, snapshot_dir: Path, base_rootfs: Path,
+                work_dir: Path) -> tuple[Strategy, list[Path]]:
+        if kind == UPPER:
+            return self, [snapshot_dir / UPPER, base_rootfs]
+        # A saved tree is copied rather than mounted, so a session never depends on a snapshot directory
+        # that ``snapshot delete`` may remove.
+        return _tree_copier(snapshot_dir / TREE, work_dir).restore(kind, snapshot_dir, base_rootfs, work_dir)
+
+
+class Btrfs(Strategy):
+    name = "btrfs"
+
+    def probe(self, base_rootfs: Path, work_dir: Path) -> bool:
+        return is_subvolume(base_rootfs) and shutil.which("btrfs") is not None
+
+    def make(self, lowers: list[Path], rootfs: Path, session_dir: Path) -> None:
+        proc = subprocess.run(["btrfs", "subvolume", "snapshot", str(lowers[0]), str(rootfs)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SessionError(f"btrfs snapshot of {lowers[0]}: {proc.stderr.strip()}")
+
+    def destroy(self, session_dir: Path) -> None:
+        rootfs = session_dir / "rootfs"
+        if rootfs.exists() and is_subvolume(rootfs) and shutil.which("btrfs"):
+            subprocess.run(["btrfs", "subvolume", "delete", str(rootfs)], capture_output=True)
+        super().destroy(session_dir)
+
+    def restore(self, kind: str, snapshot_dir: Path, base_rootfs: Path,
+                work_dir: Path) -> tuple[Strategy, list[Path]]:
+        # A saved tree is a plain directory, not a subvolume: it cannot be snapshotted.
+        return _tree_copier(snapshot_dir / TREE, work_dir).restore(kind, snapshot_dir, base_rootfs, work_dir)
+
+
+class Reflink(Strategy):
+    name = "reflink"
+
+    def probe(self, base_rootfs: Path, work_dir: Path) -> bool:
+        return reflink_works(work_dir)
+
+    def make(self, lowers: list[Path], rootfs: Path, session_dir: Path) -> None:
+        copy_tree(lowers[0], rootfs, reflink=True)
+
+
+class Copy(Strategy):
+    name = "copy"
+
+    def probe(self, base_rootfs: Path, work_dir: Path) -> bool:
+        return True
+
+    def make(self, lowers: list[Path], rootfs: Path, session_dir: Path) -> None:
+        copy_tree(lowers[0], rootfs, reflink=False)
+
+
+OVERLAY, BTRFS, REFLINK, COPY = Overlay(), Btrfs(), Reflink(), Copy()
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (OVERLAY, BTRFS, REFLINK, COPY)}  # fastest first
 
 
 def _overlay_supported() -> bool:
@@ -43,10 +178,6 @@ def _overlay_supported() -> bool:
         return "overlay" in Path("/proc/filesystems").read_text()
     except OSError:
         return False
-
-
-def is_subvolume(path: Path) -> bool:
-    return fs_type(path) == BTRFS_MAGIC and os.stat(path).st_ino == 256
 
 
 def reflink_works(directory: Path) -> bool:
@@ -64,86 +195,32 @@ def reflink_works(directory: Path) -> bool:
                 return False
 
 
-def usable(base_rootfs: Path, work_dir: Path) -> Iterator[str]:
+def get(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise SessionError(f"unknown session strategy {name!r}; choose one of {', '.join(STRATEGIES)}") from None
+
+
+def usable(base_rootfs: Path, work_dir: Path) -> Iterator[Strategy]:
     """Strategies usable for this base on this machine, fastest first, probed lazily: the common
     case (overlay as root) never pays for the reflink probe's scratch files."""
-    if os.geteuid() == 0 and _overlay_supported() and fs_type(work_dir) != OVERLAY_MAGIC:
-        yield "overlay"
-    if is_subvolume(base_rootfs) and shutil.which("btrfs"):
-        yield "btrfs"
-    if reflink_works(work_dir):
-        yield "reflink"
-    yield "copy"
+    return (s for s in STRATEGIES.values() if s.probe(base_rootfs, work_dir))
 
 
 def available(base_rootfs: Path, work_dir: Path) -> list[str]:
-    return list(usable(base_rootfs, work_dir))
+    return [s.name for s in usable(base_rootfs, work_dir)]
 
 
-def mount_overlay(lowers: list[Path], upper: Path, work: Path, target: Path) -> None:
-    # userxattr is only needed (and only accepted) inside a user namespace; as real root it is not.
-    options = f"lowerdir={':'.join(str(p) for p in lowers)},upperdir={upper},workdir={work}"
-    if _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, options.encode()) != 0:
-        err = ctypes.get_errno()
-        raise SessionError(f"mount overlay on {target}: {os.strerror(err)}")
-
-
-def is_mountpoint(path: Path) -> bool:
-    """From the mount table: st_dev tests mistake btrfs subvolumes for mounts."""
-    want = os.path.realpath(path)
+def for_session(session_dir: Path) -> Strategy | None:
+    """The strategy recorded in ``session_dir/session.json``, or None if it cannot be read."""
     try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return os.path.ismount(path)
-    for line in lines:
-        mount_point = line.split(" ")[4]
-        decoded = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mount_point)
-        if decoded == want:
-            return True
-    return False
-
-
-def unmount(target: Path) -> None:
-    if _libc.umount2(os.fsencode(target), 0) != 0:
-        err = ctypes.get_errno()
-        if err == errno.EBUSY:
-            _libc.umount2(os.fsencode(target), _MNT_DETACH)
-        elif err not in (errno.EINVAL, errno.ENOENT):
-            raise SessionError(f"unmount {target}: {os.strerror(err)}")
-
-
-def create(strategy: str, lowers: list[Path], session_dir: Path) -> Path:
-    """Make ``session_dir/rootfs`` from ``lowers`` (the top first; only overlay takes more than one)."""
-    rootfs = session_dir / "rootfs"
-    if strategy == "overlay":
-        (session_dir / "upper").mkdir()
-        (session_dir / "work").mkdir()
-        rootfs.mkdir()
-        mount_overlay(lowers, session_dir / "upper", session_dir / "work", rootfs)
-    elif len(lowers) != 1:
-        raise SessionError(f"strategy {strategy} takes one source tree, not {len(lowers)}")
-    elif strategy == "btrfs":
-        proc = subprocess.run(["btrfs", "subvolume", "snapshot", str(lowers[0]), str(rootfs)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SessionError(f"btrfs snapshot of {lowers[0]}: {proc.stderr.strip()}")
-    elif strategy in ("reflink", "copy"):
-        copy_tree(lowers[0], rootfs, reflink=strategy == "reflink")
-    else:
-        raise SessionError(f"unknown session strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    return rootfs
+        return STRATEGIES.get(json.loads((session_dir / "session.json").read_text())["strategy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def destroy(session_dir: Path) -> None:
-    """Unmount (if mounted) and remove a session directory; missing is fine."""
-    rootfs = session_dir / "rootfs"
-    if is_mountpoint(rootfs):
-        unmount(rootfs)
-        if is_mountpoint(rootfs):
-            raise SessionError(f"remove session {session_dir.name}: {rootfs} is still mounted; unmount it first")
-    if rootfs.exists() and is_subvolume(rootfs) and shutil.which("btrfs"):
-        subprocess.run(["btrfs", "subvolume", "delete", str(rootfs)], capture_output=True)
-    if session_dir.exists():
-        from ..unpack import remove_tree
-
-        remove_tree(session_dir)
+    """Remove a session directory by its recorded strategy; missing is fine. A session whose record is
+    unreadable (a crash while it was created) gets every strategy's undoing (btrfs' includes the base's)."""
+    (for_session(session_dir) or BTRFS).destroy(session_dir)

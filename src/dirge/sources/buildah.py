@@ -16,12 +16,13 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..cache import syncfs
 from ..errors import BuildError
+from ..fsutil import syncfs
 from ..image import Descriptor
 from ..lock import FileLock
 from ..reference import LayoutReference, LocalReference
@@ -222,14 +223,18 @@ def _replaced(what: str, image: LocalImage) -> BuildError:
                       "command again to use the new one")
 
 
-def open_local(ref: LocalReference, cache_root: Path) -> tuple[LayoutSource, Descriptor]:
-    """A source and start descriptor for ``local://NAME``; variants are built first if needed."""
+VariantBuilder = Callable[[str, Path], LocalImage]  # (variant name, cache root) → its current image
+
+
+def open_local(ref: LocalReference, cache_root: Path, *,
+               build: VariantBuilder | None = None) -> tuple[LayoutSource, Descriptor]:
+    """A source and start descriptor for ``local://NAME``. A variant's image comes from ``build``
+    (which builds it if missing or stale): the variant builder sits above this module and is handed
+    in, so sources never import it. Without ``build``, a variant is read as it is in the storage."""
     check_export_path(cache_root, str(ref))
     buildah = Buildah(cache_root)
-    if ref.variant is not None:
-        from ..variants import build_guest_image
-
-        image = build_guest_image(ref.variant, cache_root=cache_root).image
+    if ref.variant is not None and build is not None:
+        image = build(ref.variant, cache_root)
     else:
         found = buildah.inspect(ref.name)
         if found is None:

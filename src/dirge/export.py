@@ -1,0 +1,170 @@
+"""``dirge export``: an image as one artifact for a VM or another tool.
+
+    erofs  the flattened image as an erofs image file: a read-only root disk for block-device VMs
+           (with an overlay in the guest); from the cached erofs base when there is one (reflink, else
+           a copy), else written straight from the layers; byte-identical either way
+    tar    a flattened tar (``mke2fs -d``, ``docker import``), written from the image's cached base
+           (built first when missing)
+    dir    a directory tree, as ``dirge unpack`` writes it
+
+``OUT`` is written as a temp file beside it, synced, then renamed over it: readers see the old file or
+the whole new one, never a part.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .apply.layer import Limits
+from .errors import DirgeError
+from .image import Platform
+from .unpack import ProgressFn, add_context, open_image, unpack, write_erofs
+
+if TYPE_CHECKING:
+    from .cache import Cache
+    from .sources.auth import Credentials
+
+FORMATS = ("erofs", "tar", "dir")
+_FICLONE = 0x40049409
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    format: str
+    size: int  # bytes of OUT (a directory: its files' bytes)
+    digest: str  # the image's manifest digest
+    sha256: str | None  # of OUT; None for a directory
+    from_cache: bool  # copied from a cached base rather than written from the layers
+
+
+def export(
+    image: str,
+    out: str | os.PathLike[str],
+    *,
+    format: str = "erofs",
+    platform: Platform | None = None,
+    cache: "Cache | None" = None,
+    pull: str = "missing",
+    creds: "Credentials | None" = None,
+    limits: Limits = Limits(),
+    progress: ProgressFn | None = None,
+) -> ExportResult:
+    """Write ``image`` to ``out`` as ``format`` (``erofs``, ``tar`` or ``dir``)."""
+    out = Path(out)
+    if format not in FORMATS:
+        raise DirgeError(f"export {image}: unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    try:
+        if format == "dir":
+            result = unpack(image, out, platform=platform, limits=limits, progress=progress, cache=cache,
+                            pull=pull, creds=creds)
+            size = sum(e.stat(follow_symlinks=False).st_size for e in _scan(out))
+            return ExportResult(out, format, size, str(result.image.manifest_digest), None, False)
+        if out.is_dir() and not out.is_symlink():
+            raise DirgeError(f"{out} is a directory; give a file path for --format {format}")
+        if format == "erofs":
+            return _export_erofs(image, out, platform, cache, pull, creds, limits, progress)
+        return _export_tar(image, out, platform, cache, pull, creds, limits, progress)
+    except DirgeError as exc:
+        raise add_context(exc, f"export {image}") from exc.__cause__
+
+
+def _export_erofs(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: str,
+                  creds: "Credentials | None", limits: Limits, progress: ProgressFn | None) -> ExportResult:
+    from .bases import cached_erofs_image
+
+    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds)
+    try:
+        cached = cached_erofs_image(cache, resolved.manifest_digest)
+        with _replacing(out) as tmp:
+            if cached is not None:
+                clone_file(cached, tmp)
+            else:
+                write_erofs(source, resolved, tmp, limits=limits, progress=progress)
+    finally:
+        source.close()
+    return _file_result(out, "erofs", str(resolved.manifest_digest), cached is not None)
+
+
+def _export_tar(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: str,
+                creds: "Credentials | None", limits: Limits, progress: ProgressFn | None) -> ExportResult:
+    from .bases import base_rootfs, ensure_base
+    from .fsimage.tarball import write_tar
+
+    base = ensure_base(image, cache=cache, platform=platform, limits=limits, progress=progress, pull=pull,
+                       creds=creds)
+    with base_rootfs(base) as rootfs, _replacing(out) as tmp:
+        with open(tmp, "wb") as f:
+            write_tar(rootfs, f)
+    return _file_result(out, "tar", str(base.digest), True)
+
+
+def _file_result(out: Path, format: str, digest: str, from_cache: bool) -> ExportResult:
+    h = hashlib.sha256()
+    with open(out, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return ExportResult(out, format, out.stat().st_size, digest, h.hexdigest(), from_cache)
+
+
+@contextmanager
+def _replacing(out: Path) -> Iterator[Path]:
+    """A temp path beside ``out``; renamed onto ``out`` (after an fsync) when the block succeeds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".dirge-tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DirgeError(f"write {out}: {exc.strerror or exc}; free space or fix permissions there") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def clone_file(src: Path, dst: Path) -> str:
+    """Copy ``src`` onto ``dst``: a reflink where the filesystem shares blocks (xfs, btrfs), else
+    ``copy_file_range`` (in-kernel; holes are not kept, erofs images have none). Returns how."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+            return "reflink"
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+                raise
+        left = os.fstat(fin.fileno()).st_size
+        while left > 0:
+            n = os.copy_file_range(fin.fileno(), fout.fileno(), min(left, 1 << 30))
+            if n == 0:
+                break
+            left -= n
+    return "copy"
+
+
+def _scan(root: Path) -> Iterator[os.DirEntry[str]]:
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                yield entry
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+

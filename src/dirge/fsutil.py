@@ -1,0 +1,110 @@
+"""Filesystem helpers shared by the store, the pipeline and sessions.
+
+The lowest layer of dirge: it imports nothing of dirge but ``errors``, so any module may use it without
+creating an import cycle.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .errors import SessionError
+
+BTRFS_MAGIC = 0x9123683E
+OVERLAY_MAGIC = 0x794C7630
+_MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a tree we wrote, even where rootless modes left directories unwritable.
+
+    Anything but a real directory is unlinked directly: never a reason to touch its parent's mode."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+        return
+
+    def onerror(func: object, p: str, exc_info: object) -> None:
+        parent = os.path.dirname(p)
+        try:
+            os.chmod(parent, 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
+        except OSError:
+            pass
+
+    if path.exists() or path.is_symlink():
+        shutil.rmtree(path, onerror=onerror)
+
+
+def syncfs(path: Path) -> None:
+    """Flush the filesystem holding ``path`` (one call instead of an fsync per file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fs_type(path: Path) -> int:
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first word
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def is_subvolume(path: Path) -> bool:
+    return fs_type(path) == BTRFS_MAGIC and os.stat(path).st_ino == 256
+
+
+def mount(source: str, target: Path, fstype: str, options: str, flags: int = 0) -> None:
+    if _libc.mount(source.encode(), os.fsencode(target), fstype.encode(), flags, options.encode()) != 0:
+        err = ctypes.get_errno()
+        raise SessionError(f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def is_mountpoint(path: Path) -> bool:
+    """From the mount table: st_dev tests mistake btrfs subvolumes for mounts."""
+    want = os.path.realpath(path)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return os.path.ismount(path)
+    for line in lines:
+        mount_point = line.split(" ")[4]
+        decoded = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mount_point)
+        if decoded == want:
+            return True
+    return False
+
+
+def unmount(target: Path) -> None:
+    """Unmount ``target`` (lazily if busy); not mounted is fine."""
+    if _libc.umount2(os.fsencode(target), 0) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EBUSY:
+            _libc.umount2(os.fsencode(target), _MNT_DETACH)
+        elif err not in (errno.EINVAL, errno.ENOENT):
+            raise SessionError(f"unmount {target}: {os.strerror(err)}")
