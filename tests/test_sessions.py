@@ -15,6 +15,7 @@ import pytest
 from conftest import needs_root
 from dirge import unpack
 from dirge.cache import Cache
+from dirge.fsimage.mount import mounts_under
 from dirge.errors import LockTimeout, SessionError
 from dirge.layerbuild import LayerBuilder
 from dirge.rootfs import FileSpec, add_user, cleanup, prepare, restore, write_krun_config
@@ -112,7 +113,10 @@ def test_lock_timeout_names_the_holder(tmp_path: Path, image: str) -> None:
     from dirge.unpack import open_image
 
     _, resolved = open_image(image)
-    key = Cache.base_key(resolved.manifest_digest, os.geteuid() != 0)
+    rootless = os.geteuid() != 0
+    from dirge.bases import choose_format
+
+    key = Cache.base_key(resolved.manifest_digest, rootless, choose_format(None, cache, rootless))
     holder = subprocess.Popen([PY, "-c", "import fcntl,sys; f=open(sys.argv[1],'w'); f.write('4242'); f.flush(); "
                                "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
                                str(cache.root / "locks" / f"{key}.lock")],
@@ -159,12 +163,16 @@ def test_corrupt_cached_blob_is_not_trusted(tmp_path: Path, image: str) -> None:
     assert not path.exists()
 
 
-@pytest.fixture(params=["overlay", "copy", "reflink-xfs", "btrfs"])
-def strategy_cache(request, tmp_path: Path, loop_fs) -> tuple[str, Path]:
+@pytest.fixture(params=["overlay", "overlay-erofs", "copy", "copy-erofs", "reflink-xfs", "reflink-xfs-erofs", "btrfs"])
+def strategy_cache(request, tmp_path: Path, loop_fs, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    """(strategy, cache dir) on a tree base or (``-erofs``) an erofs base (mounted: root only)."""
     name = request.param
+    fmt = "erofs" if name.endswith("-erofs") else "tree"
+    monkeypatch.setenv("DIRGE_BASE_FORMAT", fmt)
+    name = name.removesuffix("-erofs")
+    if (name == "overlay" or fmt == "erofs") and os.geteuid() != 0:
+        pytest.skip("overlay sessions and erofs bases need root")
     if name == "overlay":
-        if os.geteuid() != 0:
-            pytest.skip("overlay sessions need root")
         return "overlay", tmp_path / "cache"
     if name == "copy":
         return "copy", tmp_path / "cache"
@@ -180,7 +188,7 @@ def test_session_writes_stay_in_the_session(strategy_cache: tuple[str, Path], im
     s2 = prepare(image, cache, strategy=strategy)
     try:
         assert s1.strategy == strategy and s1.id != s2.id
-        base = Cache(cache).load_base(Cache.base_key(parse(s1.digest), os.geteuid() != 0))
+        base = Cache(cache).load_base(s1.info.base)
         assert base is not None
         before = snapshot(base.rootfs)
         # Full fidelity: a fresh session is the base, metadata and all (and the base is the image).
@@ -204,7 +212,7 @@ def test_session_writes_stay_in_the_session(strategy_cache: tuple[str, Path], im
 
 def available_for(image: str, cache: Path) -> list[str]:
     with prepare(image, cache, strategy="copy") as s:
-        base = Cache(cache).load_base(Cache.base_key(parse(s.digest), os.geteuid() != 0))
+        base = Cache(cache).load_base(s.info.base)
         assert base is not None
         return available(base.rootfs, cache / "sessions")
 
@@ -236,7 +244,7 @@ def test_snapshot_save_modify_restore(strategy: str, tmp_path: Path, image: str)
         with restore("snap-1.ok", cache) as again:
             assert (again.path / "etc/passwd").read_text() == "saved state\n"
         assert not diff(snapshot(other.path), reference_tree(image, tmp_path))
-        base = Cache(cache).load_base(Cache.base_key(parse(work.digest), os.geteuid() != 0))
+        base = Cache(cache).load_base(work.info.base)
         assert base is not None and not diff(snapshot(base.rootfs), reference_tree(image, tmp_path))
     assert [s["name"] for s in sessions.snapshot_list()] == ["snap-1.ok"]
     sessions.snapshot_delete("snap-1.ok")
@@ -333,7 +341,7 @@ def test_copy_keeps_holes(tmp_path: Path, make_image) -> None:
 def test_base_format_is_recorded_and_old_tree_bases_are_still_read(tmp_path: Path, image: str) -> None:
     cache = Cache(tmp_path / "cache")
     rootless = os.geteuid() != 0
-    with prepare(image, cache.root, strategy="copy", base_format="auto") as s:
+    with prepare(image, cache.root, strategy="copy", base_format="tree") as s:
         assert s.base_format == "tree"
         key = Cache.base_key(parse(s.digest), rootless)
         assert key.endswith("-tree") and json.loads((cache.root / "bases" / key / "image.json").read_text())["format"] == "tree"
@@ -385,10 +393,37 @@ def test_strategies_are_one_protocol(tmp_path: Path, image: str) -> None:
 
 
 def test_cli_session_create_reports_the_base_format(tmp_path: Path, image: str) -> None:
-    env = {**os.environ, "DIRGE_CACHE_DIR": str(tmp_path / "cache"), "DIRGE_BASE_FORMAT": "tree"}
-    proc = subprocess.run([str(Path(PY).parent / "dirge"), "session", "create", image, "--json", "--strategy",
-                           "copy", "--base-format", "auto"], env=env, capture_output=True, text=True)
+    """--base-format wins over $DIRGE_BASE_FORMAT; --json says which format the base is."""
+    env = {**os.environ, "DIRGE_CACHE_DIR": str(tmp_path / "cache"), "DIRGE_BASE_FORMAT": "erofs"}
+    dirge = str(Path(PY).parent / "dirge")
+    proc = subprocess.run([dirge, "session", "create", image, "--json", "--strategy", "copy", "--base-format", "tree"],
+                          env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     created = json.loads(proc.stdout)
     assert created["base_format"] == "tree" and created["strategy"] == "copy"
     Sessions(Cache(tmp_path / "cache")).remove(created["id"])
+    if os.geteuid() == 0:
+        proc = subprocess.run([dirge, "session", "create", image, "--json"], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        created = json.loads(proc.stdout)
+        assert created["base_format"] == "erofs" and created["strategy"] == "overlay"
+        Sessions(Cache(tmp_path / "cache")).remove(created["id"])
+        assert not mounts_under(tmp_path / "cache" / "sessions")
+
+
+def test_auto_base_format_is_erofs_where_it_mounts(tmp_path: Path, image: str) -> None:
+    """As root on a kernel with erofs, ``auto`` builds erofs bases (probed once, remembered in the cache);
+    as an ordinary user it keeps tree bases."""
+    cache = Cache(tmp_path / "cache")
+    with prepare(image, cache.root) as s:
+        if os.geteuid() == 0:
+            assert s.base_format == "erofs" and s.strategy == "overlay"
+            probe = json.loads((cache.root / "erofs-probe.json").read_text())
+            assert probe["works"] is True and probe["kernel"] == os.uname().release
+            assert (cache.root / "bases" / s.info.base / "rootfs.erofs").is_file()
+        else:
+            assert s.base_format == "tree"
+        assert not diff(snapshot(s.path), reference_tree(image, tmp_path))
+    with prepare(image, cache.root, base_format="tree", strategy="copy") as t:  # both formats coexist
+        assert t.base_format == "tree" and t.info.base != s.info.base
+        assert not diff(snapshot(t.path), reference_tree(image, tmp_path))

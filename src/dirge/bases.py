@@ -8,16 +8,18 @@ needs the other.
                                                it in staging under the key's lock (re-checked after the
                                                wait), sync and rename it into place
 
-Formats: ``tree`` (a directory, a btrfs subvolume when the cache is on btrfs) is the one built today;
-``erofs`` (``bases/<key>/rootfs.erofs``, mounted read-only at ``bases/<key>/rootfs``) comes next;
-``auto`` picks the best available (a tree, for now).
+Formats: ``tree`` (a directory, a btrfs subvolume when the cache is on btrfs), ``erofs``
+(``bases/<key>/rootfs.erofs`` written straight from the layers, mounted read-only at
+``bases/<key>/rootfs`` when first needed); ``auto`` picks erofs where this process can mount it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +32,8 @@ from .fsutil import BTRFS_MAGIC, fs_type, remove_tree
 from .image import Platform
 from .reference import Digest
 from .resolve import BlobSource, ResolvedImage
-from .unpack import ProgressFn, apply_image, open_image
+from .fsimage.mount import erofs_supported, mount_erofs, mounted_at, unmount
+from .unpack import ProgressFn, apply_image, open_image, write_erofs
 
 if TYPE_CHECKING:
     from .sources.auth import Credentials
@@ -48,14 +51,63 @@ def requested_format(format: str | None) -> str:
     return value
 
 
-def choose_format(format: str | None) -> str:
-    """The concrete format a base is built in for the request ``format`` (see ``requested_format``)."""
+def choose_format(format: str | None, cache: Cache, rootless: bool) -> str:
+    """The concrete format a base is built in for the request ``format`` (see ``requested_format``):
+    ``auto`` is erofs where this process can mount it (root, a kernel with erofs), else a tree."""
     value = requested_format(format)
+    if value == "tree":
+        return value
+    if rootless:
+        if value == "auto":
+            return "tree"
+        raise DirgeError("base format erofs: mounting an erofs base needs root; use --base-format tree or auto")
+    works = erofs_mounts_work(cache)
     if value == "auto":
-        return "tree"  # the only one built so far
-    if value not in _BUILDERS:
-        raise DirgeError(f"base format {value}: not implemented yet; use --base-format tree")
+        return "erofs" if works else "tree"
+    if not works:
+        raise DirgeError("base format erofs: this kernel cannot mount erofs images (no erofs in "
+                         "/proc/filesystems, or the probe mount failed); use --base-format tree or auto")
     return value
+
+
+def erofs_mounts_work(cache: Cache) -> bool:
+    """Whether erofs images mount here: probed once per cache and kernel (a tiny image, mounted and
+    unmounted in the cache's staging area), then remembered in ``CACHE/erofs-probe.json``."""
+    record = cache.root / "erofs-probe.json"
+    kernel = os.uname().release
+    try:
+        known = json.loads(record.read_text())
+        if known.get("kernel") == kernel and isinstance(known.get("works"), bool):
+            return bool(known["works"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    works, how = _probe_erofs(cache.root / "staging")
+    tmp = record.with_name(f".{record.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"kernel": kernel, "works": works, "how": how}))
+    os.replace(tmp, record)
+    return works
+
+
+def _probe_erofs(parent: Path) -> tuple[bool, str]:
+    if os.geteuid() != 0 or not erofs_supported():
+        return False, "unsupported"
+    from .apply.tree import DIR, Node
+    from .fsimage.erofs import ErofsSink
+
+    with tempfile.TemporaryDirectory(prefix=".erofs-probe-", dir=parent) as tmp:
+        image, target = Path(tmp) / "probe.erofs", Path(tmp) / "mnt"
+        target.mkdir()
+        sink = ErofsSink(image, uuid=bytes(16), build_time_ns=0)
+        try:
+            sink.finish(Node(DIR, 0o755))
+        finally:
+            sink.close()
+        try:
+            how = mount_erofs(image, target)
+        except DirgeError:
+            return False, "mount failed"
+        unmount(target)
+        return True, how
 
 
 def ensure_base(
@@ -73,15 +125,17 @@ def ensure_base(
 ) -> Base:
     """The base of ``image`` in ``format`` (None: ``$DIRGE_BASE_FORMAT`` or auto), built under the
     key's lock if no complete one exists. ``cache`` defaults to the default cache."""
-    fmt = choose_format(format)
     cache = cache if cache is not None else Cache()
     if rootless is None:
         rootless = os.geteuid() != 0
+    fmt = choose_format(format, cache, rootless)
     source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds)
     try:
-        return _ensure_base(cache, image, source, resolved, fmt, rootless, limits, lock_timeout, progress)
+        base = _ensure_base(cache, image, source, resolved, fmt, rootless, limits, lock_timeout, progress)
     finally:
         source.close()
+    mount_base(base, lock_timeout)
+    return base
 
 
 def _ensure_base(cache: Cache, image: str, source: BlobSource, resolved: ResolvedImage, fmt: str,
@@ -119,8 +173,35 @@ def _build_tree(staging: Path, source: BlobSource, resolved: ResolvedImage, root
     apply_image(source, resolved, rootfs, rootless=rootless, limits=limits, progress=progress)
 
 
+def _build_erofs(staging: Path, source: BlobSource, resolved: ResolvedImage, rootless: bool, limits: Limits,
+                 progress: ProgressFn | None) -> None:
+    # One sequential file, no tree on the host; ``rootfs`` is where it will be mounted.
+    write_erofs(source, resolved, staging / "rootfs.erofs", limits=limits, progress=progress)
+    (staging / "rootfs").mkdir(mode=0o755)
+
+
 # How each format's content is written into a staging directory (publication is the store's).
-_BUILDERS: dict[str, BaseBuilder] = {"tree": _build_tree}
+_BUILDERS: dict[str, BaseBuilder] = {"tree": _build_tree, "erofs": _build_erofs}
+
+
+def mount_base(base: Base, lock_timeout: float = 600.0) -> None:
+    """Make an erofs base's tree readable at ``base.rootfs``: mounted once (after a reboot, again),
+    under the base's lock so two processes never stack two mounts. Trees need nothing."""
+    if base.format != "erofs" or mounted_at(base.rootfs) == "erofs":
+        return
+    with _cache_of(base).base_lock(base.key, lock_timeout):
+        if mounted_at(base.rootfs) != "erofs":
+            mount_erofs(base.image_file, base.rootfs)
+
+
+def unmount_base(base: Base) -> None:
+    """Undo ``mount_base`` (sessions still stacked on it keep it alive until they go: lazy unmount)."""
+    if base.format == "erofs" and mounted_at(base.rootfs) == "erofs":
+        unmount(base.rootfs)
+
+
+def _cache_of(base: Base) -> Cache:
+    return Cache(base.path.parent.parent)  # CACHE/bases/<key>
 
 
 def make_base_dir(path: Path) -> None:
@@ -134,9 +215,8 @@ def make_base_dir(path: Path) -> None:
 
 @contextmanager
 def base_rootfs(base: Base) -> Iterator[Path]:
-    """The readable tree of ``base`` for the length of the block."""
-    if base.format != "tree":
-        raise DirgeError(f"base {base.key}: reading a {base.format} base is not implemented yet")
+    """The readable tree of ``base`` for the length of the block (an erofs base: mounted)."""
+    mount_base(base)
     yield base.rootfs
 
 

@@ -117,8 +117,9 @@ class Cache:
 
     def record_ref(self, ref: str, digest: Digest) -> None:
         path = self._ref_path(ref)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"ref": ref, "digest": str(digest), "time": time.time()}))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ref-")  # unique per thread, not per pid
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"ref": ref, "digest": str(digest), "time": time.time()}))
         os.replace(tmp, path)
 
     def lookup_ref(self, ref: str) -> Digest | None:

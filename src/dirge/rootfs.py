@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .apply.layer import Limits
-from .bases import ensure_base
+from .bases import ensure_base, mount_base
 from .cache import Cache
 from .errors import SessionError
 from .fsutil import is_mountpoint, remove_tree, unmount
@@ -124,6 +124,7 @@ def restore(snapshot: str, cache_dir: str | os.PathLike[str] | None = None, *, s
     if base is None:
         raise SessionError(f"restore snapshot {snapshot}: its base {meta['base']} is no longer cached; "
                            f"prepare {meta['image']} again first")
+    mount_base(base)
     info = sessions.create(base, meta["image"], strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
     return PreparedRootfs(info, sessions.session_dir(info.id), base.config, False, base.format)
 
