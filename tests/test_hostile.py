@@ -604,6 +604,8 @@ def via(tmp_path_factory: pytest.TempPathFactory):
 
             image = tmp_path_factory.mktemp("erofs") / "rootfs.erofs"
             export(ref, image, format="erofs", limits=limits)
+            fsck = subprocess.run(["fsck.erofs", str(image)], capture_output=True, text=True)
+            assert fsck.returncode == 0, f"fsck.erofs: {fsck.stdout}{fsck.stderr}"
             dest.mkdir()
             mount_erofs(image, dest)
             mounted.append(dest)

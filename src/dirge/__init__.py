@@ -13,10 +13,12 @@ from .errors import (
 )
 from .image import Platform, parse_platform
 from .reference import canonicalize_image_ref, local_variant_name, parse_reference
+from .export import ExportResult, export
 from .unpack import UnpackResult, unpack
 
 __all__ = [
     "DirgeError",
+    "ExportResult",
     "ImageError",
     "IntegrityError",
     "InvalidReference",
@@ -28,6 +30,7 @@ __all__ = [
     "UnpackResult",
     "UnsafeLayer",
     "canonicalize_image_ref",
+    "export",
     "local_variant_name",
     "parse_platform",
     "parse_reference",

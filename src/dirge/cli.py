@@ -103,7 +103,7 @@ def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, c
               help="Where registry blobs are kept.")
 @click.option("--rootless", is_flag=True, help="Unpack as an unprivileged user would (automatic when not root).")
 @click.option("--limit", "limits", multiple=True, metavar="NAME=N",
-              help="Override a safety limit: max_total_bytes, max_entries, max_depth, max_file_bytes.")
+              help="Override a safety limit: max_total_bytes, max_entries, max_depth, max_file_bytes, max_tree_bytes.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def unpack_cmd(image: str, dest: Path, platform: str | None, pull: str, creds: str | None, cache_dir: Path | None,
                rootless: bool, limits: tuple[str, ...], as_json: bool) -> None:
@@ -198,6 +198,37 @@ def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(items, indent=2))
     for item in [] if as_json else items:
         click.echo(f"{item['name']:12} {item['status']:10} {item['origin']}  {item['path']}")
+
+
+@cli.command("export")
+@click.argument("image")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["erofs", "tar", "dir"]), default="erofs", show_default=True,
+              help="erofs: a read-only root disk image; tar: a flattened tar; dir: a directory tree.")
+@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
+@pull_option
+@creds_option
+@cache_dir_option
+@click.option("--limit", "limits", multiple=True, metavar="NAME=N", help="Override a safety limit (see unpack).")
+@click.option("--json", "as_json", is_flag=True, help="Print path, format, size, digest and sha256 as JSON.")
+def export_cmd(image: str, out: Path, fmt: str, platform: str | None, pull: str, creds: str | None,
+               cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
+    """Write IMAGE as one artifact OUT: an erofs image, a flattened tar or a directory."""
+    from .cache import Cache
+    from .export import export
+    from .reference import canonicalize_image_ref
+
+    with _progress() as progress:
+        result = export(canonicalize_image_ref(image), out, format=fmt,
+                        platform=parse_platform(platform) if platform else None, cache=Cache(cache_dir),
+                        pull=pull, creds=_creds(creds), limits=_limits(limits),
+                        progress=progress.apply if progress else None)
+    if as_json:
+        click.echo(json.dumps({"path": str(result.path), "format": result.format, "size": result.size,
+                               "digest": result.digest, "sha256": result.sha256,
+                               "from_cache": result.from_cache}, indent=2))
+    else:
+        click.echo(f"{result.path}: {result.format}, {result.size} bytes, image {result.digest}")
 
 
 def _sessions(cache_dir: Path | None) -> "Sessions":

@@ -1,0 +1,103 @@
+"""dirge export: erofs images (from the layers or the cached base, byte-identical either way), flattened
+tars and directories, each equal to the tree the image unpacks to."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_root, needs_tool
+from dirge import DirgeError, export, unpack
+from dirge.cache import Cache
+from dirge.fsimage.mount import mount_erofs, unmount
+from dirge.rootfs import prepare
+from images import layered, metadata
+from treecmp import diff, snapshot
+
+pytestmark = [needs_root, needs_tool("fsck.erofs", "tar")]
+DIRGE = str(Path(sys.executable).parent / "dirge")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def image(make_image) -> str:
+    return make_image(layered() + metadata())
+
+
+@pytest.fixture
+def tree(image: str, tmp_path: Path) -> dict:
+    dest = tmp_path / "tree"
+    unpack(image, dest)
+    return snapshot(dest)
+
+
+def test_erofs_export_from_layers_and_from_cache_are_identical(image: str, tree: dict, tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    cold = export(image, tmp_path / "cold.erofs", format="erofs", cache=cache)
+    assert not cold.from_cache and cold.sha256 == sha256(cold.path) and cold.size == cold.path.stat().st_size
+    assert subprocess.run(["fsck.erofs", str(cold.path)], capture_output=True).returncode == 0
+    with prepare(image, cache.root, base_format="erofs") as session:
+        warm = export(image, tmp_path / "warm.erofs", format="erofs", cache=cache)
+        assert warm.from_cache and warm.sha256 == cold.sha256 and warm.digest == cold.digest == session.digest
+        assert (cache.root / "bases" / session.info.base / "rootfs.erofs").read_bytes() == cold.path.read_bytes()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount_erofs(cold.path, mnt)
+    try:
+        assert not diff(snapshot(mnt), tree)
+    finally:
+        unmount(mnt)
+
+
+@pytest.mark.parametrize("base_format", ["erofs", "tree"])
+def test_tar_export_extracts_to_the_tree(image: str, tree: dict, tmp_path: Path, base_format: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIRGE_BASE_FORMAT", base_format)
+    result = export(image, tmp_path / "flat.tar", format="tar", cache=Cache(tmp_path / "cache"))
+    assert result.format == "tar" and result.sha256 == sha256(result.path)
+    out = tmp_path / "extracted"
+    out.mkdir()
+    subprocess.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", str(result.path), "-C",
+                    str(out)], check=True)
+    differences = diff(snapshot(out), tree)
+    assert not differences, "\n".join(differences)
+
+
+def test_dir_export_is_the_tree(image: str, tree: dict, tmp_path: Path) -> None:
+    result = export(image, tmp_path / "out", format="dir")
+    assert result.sha256 is None and not diff(snapshot(result.path), tree)
+
+
+def test_cli_json_and_atomic_replace(image: str, tmp_path: Path) -> None:
+    out = tmp_path / "root.erofs"
+    out.write_bytes(b"old contents")
+    env = {**os.environ, "DIRGE_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([DIRGE, "export", image, str(out), "--json"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["path"] == str(out) and info["format"] == "erofs" and info["size"] == out.stat().st_size
+    assert info["sha256"] == sha256(out) and info["digest"].startswith("sha256:")
+    assert [p.name for p in tmp_path.iterdir() if "dirge-tmp" in p.name] == []
+    again = subprocess.run([DIRGE, "export", image, str(out), "--json"], env=env, capture_output=True, text=True)
+    assert json.loads(again.stdout)["sha256"] == info["sha256"]  # reproducible
+
+
+def test_export_errors_are_one_line(image: str, tmp_path: Path) -> None:
+    with pytest.raises(DirgeError, match=r"^export .*: .* is a directory; give a file path for --format erofs"):
+        export(image, tmp_path, format="erofs")
+    with pytest.raises(DirgeError, match="unknown format 'squashfs'"):
+        export(image, tmp_path / "x", format="squashfs")
+    proc = subprocess.run([DIRGE, "export", f"oci:{tmp_path}/missing:t", str(tmp_path / "x.erofs")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("dirge: error: ")
+    assert not (tmp_path / "x.erofs").exists()
