@@ -58,6 +58,13 @@ def test_pull_and_unpack(registry, tmp_path: Path, compression: str) -> None:
     dest = tmp_path / "rootfs"
     unpack(f"{registry.host}/team/app:1", dest, cache=cache, pull="never")  # offline from the cache
     assert not diff(snapshot(dest), expected_tree(tmp_path, layout))
+    if os.geteuid() == 0:  # the same pull as an erofs base, mounted under a session
+        from dirge.rootfs import prepare
+
+        with prepare(f"{registry.host}/team/app:1", cache.root, base_format="erofs", pull="never") as s:
+            assert s.base_format == "erofs" and not diff(snapshot(s.path), snapshot(dest))
+            image = cache.root / "bases" / s.info.base / "rootfs.erofs"
+            assert subprocess.run(["fsck.erofs", str(image)], capture_output=True).returncode == 0
     by_digest = tmp_path / "by-digest"
     unpack(f"{registry.host}/team/app@{digest}", by_digest, cache=Cache(tmp_path / "cache2"))
     assert (by_digest / "etc/passwd").exists()

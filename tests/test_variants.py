@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from treecmp import diff, snapshot
+
 from dirge.cache import Cache
 from dirge.cli import main
 from dirge.errors import BuildError, LockTimeout
@@ -356,7 +358,7 @@ def test_shipped_debian_variant_builds_for_real(bookworm_base, buildah_env, tmp_
     monkeypatch.setenv("DIRGE_IMAGES_PATH", "")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-config"))
     cache_dir = tmp_path / "cache"
-    with prepare("debian", cache_dir, strategy="copy") as prepared:
+    with prepare("debian", cache_dir, strategy="copy", base_format="tree") as prepared:
         root = prepared.path
         sshd = (root / "usr/sbin/sshd").stat()
         assert sshd.st_mode & 0o111 and sshd.st_uid == 0
@@ -366,4 +368,12 @@ def test_shipped_debian_variant_builds_for_real(bookworm_base, buildah_env, tmp_
         ident = subprocess.run(["chroot", str(root), "id", "sandbox"], capture_output=True, text=True)
         assert ident.stdout.startswith("uid=1000(sandbox) gid=1000(sandbox)"), ident
         assert prepared.info.image == "local://dirge-microvm:debian"
+        # The same image as an erofs base (root): the mounted image equals the tree base, no rebuild.
+        with prepare("debian", cache_dir, base_format="erofs") as on_erofs:
+            assert on_erofs.base_format == "erofs" and on_erofs.digest == prepared.digest
+            differences = diff(snapshot(on_erofs.path), snapshot(root))
+            assert not differences, "\n".join(differences[:20])
+            image = cache_dir / "bases" / on_erofs.info.base / "rootfs.erofs"
+            fsck = subprocess.run(["fsck.erofs", str(image)], capture_output=True, text=True)
+            assert fsck.returncode == 0, fsck.stderr
     assert builds(buildah_env) == 1

@@ -85,19 +85,44 @@ def mount(source: str, target: Path, fstype: str, options: str, flags: int = 0) 
         raise SessionError(f"mount {fstype} on {target}: {os.strerror(err)}")
 
 
-def is_mountpoint(path: Path) -> bool:
-    """From the mount table: st_dev tests mistake btrfs subvolumes for mounts."""
-    want = os.path.realpath(path)
+def _mount_table() -> list[tuple[str, str]] | None:
+    """(mount point, filesystem type) of every mount, in mount order; None if unreadable."""
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
-        return os.path.ismount(path)
+        return None
+    out = []
     for line in lines:
-        mount_point = line.split(" ")[4]
-        decoded = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mount_point)
-        if decoded == want:
-            return True
-    return False
+        fields = line.split(" ")
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        out.append((point, fields[fields.index("-") + 1]))
+    return out
+
+
+def is_mountpoint(path: Path) -> bool:
+    """From the mount table: st_dev tests mistake btrfs subvolumes for mounts."""
+    table = _mount_table()
+    if table is None:
+        return os.path.ismount(path)
+    want = os.path.realpath(path)
+    return any(point == want for point, _ in table)
+
+
+def mounted_at(path: Path) -> str | None:
+    """The filesystem type visible at ``path`` if something is mounted exactly there (the last mount)."""
+    want = os.path.realpath(path)
+    found = None
+    for point, fstype in _mount_table() or []:
+        if point == want:
+            found = fstype
+    return found
+
+
+def mounts_under(path: Path) -> list[Path]:
+    """Mount points at or below ``path``, deepest first (the order to unmount them)."""
+    base = os.path.realpath(path)
+    inside = {p for p, _ in _mount_table() or [] if p == base or p.startswith(base.rstrip("/") + "/")}
+    return [Path(p) for p in sorted(inside, key=lambda p: p.count("/"), reverse=True)]
 
 
 def unmount(target: Path) -> None:

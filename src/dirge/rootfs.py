@@ -132,7 +132,13 @@ def restore(snapshot: str, cache_dir: str | os.PathLike[str] | None = None, *, s
 def cleanup(path: str | os.PathLike[str]) -> None:
     """Remove a session rootfs (or any tree dirge made); a missing path is fine, as in the seed."""
     path = Path(path)
-    if (path.parent / "session.json").exists() and path.name == "rootfs":
+    base_dir = path.parent if path.name == "rootfs" and path.parent.parent.name == "bases" else path
+    if base_dir.parent.name == "bases" and (base_dir / "image.json").exists():
+        # A cached base: its image's mount goes first (sessions still on it keep it until they go).
+        if is_mountpoint(base_dir / "rootfs"):
+            unmount(base_dir / "rootfs")
+        remove_tree(base_dir)
+    elif (path.parent / "session.json").exists() and path.name == "rootfs":
         backends.destroy(path.parent)
     elif is_mountpoint(path):
         unmount(path)

@@ -10,20 +10,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
 
 from ..errors import DirgeError
+from ..fsutil import mounted_at, mounts_under, unmount
+
+__all__ = ["MountError", "erofs_supported", "mount_erofs", "mounted_at", "mounts_under", "unmount"]
 
 MS_RDONLY = 1
 _MS_NODEV = 4
-_MNT_DETACH = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 class MountError(DirgeError):
@@ -53,44 +53,3 @@ def mount_erofs(image: Path, target: Path) -> str:
     if proc.returncode != 0:
         raise MountError(f"mount erofs image {image} on {target} (loop): {proc.stderr.strip()}")
     return "loop"
-
-
-def unmount(target: Path) -> None:
-    """Unmount ``target`` (lazily if busy); not mounted is fine."""
-    if _libc.umount2(os.fsencode(target), 0) != 0:
-        err = ctypes.get_errno()
-        if err == errno.EBUSY:
-            _libc.umount2(os.fsencode(target), _MNT_DETACH)
-        elif err not in (errno.EINVAL, errno.ENOENT):
-            raise MountError(f"unmount {target}: {os.strerror(err)}")
-
-
-def mounted_at(path: Path) -> str | None:
-    """The filesystem type mounted exactly at ``path`` (from the mount table), or None."""
-    want = os.path.realpath(path)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    found = None
-    for line in lines:  # the last mount at a path is the visible one
-        fields = line.split(" ")
-        if _unescape(fields[4]) == want:
-            found = fields[fields.index("-") + 1]
-    return found
-
-
-def mounts_under(path: Path) -> list[Path]:
-    """Mount points at or below ``path``, deepest first (the order to unmount them)."""
-    base = os.path.realpath(path)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return []
-    points = {_unescape(line.split(" ")[4]) for line in lines}
-    inside = [p for p in points if p == base or p.startswith(base.rstrip("/") + "/")]
-    return [Path(p) for p in sorted(inside, key=lambda p: p.count("/"), reverse=True)]
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
