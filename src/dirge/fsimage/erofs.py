@@ -793,7 +793,9 @@ class _Image:
         build = sink.build_time_ns
         nodes, xattrs, layout, iu, isize, nlink = self.nodes, self.xattrs, self.layout, self.iu, self.isize, self.nlink
         spool = sink._map
-        for ino in order:
+        for count, ino in enumerate(order):
+            if spool is not None and count & 0xFFF == 0xFFF:
+                spool.madvise(mmap.MADV_DONTNEED)  # tails read so far leave our RSS (they stay cached)
             pos = base + (self.nid[ino] << fmt.ISLOTBITS)
             out.zeros(pos - out.pos - len(out.buf))
             node = nodes[ino]
