@@ -563,6 +563,8 @@ CASES: list[Case] = [
          ImageError, "sparse"),
     Case("xattr-name-with-nul", lambda c: [pax_member(tarfile.TarInfo("t"), {"SCHILY.xattr.user.a\0b": "v"})],
          DirgeError, "xattr"),
+    Case("tree-memory-bound", lambda c: [_many_entries(2000)], LimitExceeded, "max_tree_bytes",
+         limits=Limits(max_tree_bytes=200_000)),
     Case("global-pax-records-flood",  # each global record is merged into every later entry
          lambda c: [_global_pax({f"k{i}": "v" for i in range(100)})],
          DirgeError, "global PAX records"),

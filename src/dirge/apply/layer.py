@@ -44,7 +44,8 @@ class Limits:
     """Bounds over a whole unpack, so a decompression bomb or a pathological tar stops early.
 
     ``max_tree_bytes`` bounds the merge engine's in-memory tree (an estimate: ``tree.NODE_BYTES`` per
-    node plus names, link targets and xattrs), so a huge entry count stops with an error, not an OOM."""
+    node plus names, link targets and xattrs; 2 GiB is about 6 million entries), so a huge entry count
+    stops with an error, not an OOM."""
 
     max_total_bytes: int = 64 << 30
     max_entries: int = 4_000_000

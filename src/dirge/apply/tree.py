@@ -32,9 +32,10 @@ SOCK = stat.S_IFSOCK
 
 NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})  # shared: most nodes have none (64 bytes saved each)
 
-# What one node costs in memory, roughly (measured with tracemalloc on a 58k-entry image, see
-# docs/BENCHMARKS.md); the engine counts it against ``Limits.max_tree_bytes``.
-NODE_BYTES = 200
+# What one node costs in memory with its dict slot (353 bytes an entry measured with tracemalloc on the
+# 58k-entry benchmark image, names included; docs/BENCHMARKS.md): counted against
+# ``Limits.max_tree_bytes`` together with each name, link target and xattr.
+NODE_BYTES = 330
 
 
 class Node:
