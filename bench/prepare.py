@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pull import image_digests, no_proxy_for_loopback, registry, storage_files, tree_size  # noqa: E402
+from pull import image_digests, no_proxy_for_loopback, registry, storage_files, tree_size, warm  # noqa: E402
 from unpack import TAG, build_image, drop_caches, log, python_lib_dirs, run, tar_entries, verify_layout  # noqa: E402
 
 FORMATS = ("erofs", "tree")
@@ -410,15 +410,6 @@ def disk_use(cache: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # runs
-
-
-def warm(files: list[Path], tools: list[list[str]]) -> None:
-    for cmd in tools:
-        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for p in files:
-        with open(p, "rb") as f:
-            while f.read(1 << 20):
-                pass
 
 
 def prepare_contender(name: str, ref: str, fmt: str, cache: Path, deep: str,

@@ -4,7 +4,6 @@ image passes ``fsck.erofs``, reads with ``dump.erofs -s`` and rebuilds byte-iden
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -17,7 +16,7 @@ from dirge.fsimage.mount import mount_erofs, unmount
 from dirge.unpack import open_image, write_erofs
 from images import layered, metadata
 from test_conformance import CASE_NAMES, CASES, GNU_ONLY, check_layer_rules, umoci_unpack
-from treecmp import diff, snapshot
+from treecmp import diff, file_sha256, snapshot
 
 pytestmark = [needs_root, needs_tool("fsck.erofs", "dump.erofs", "umoci")]
 
@@ -55,14 +54,6 @@ def check_image(image: Path) -> None:
     assert dump.returncode == 0 and "Filesystem magic number" in dump.stdout, dump.stdout + dump.stderr
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_erofs_equals_tree_and_umoci(name: str, tmp_path: Path, make_image, mounted) -> None:
     layers = CASES[name](tmp_path)
@@ -71,7 +62,7 @@ def test_erofs_equals_tree_and_umoci(name: str, tmp_path: Path, make_image, moun
     unpack(ref, tree)
     image = erofs_image(ref, tmp_path / "a.erofs")
     check_image(image)
-    assert sha256(erofs_image(ref, tmp_path / "b.erofs")) == sha256(image), "a rebuild is not byte-identical"
+    assert file_sha256(erofs_image(ref, tmp_path / "b.erofs")) == file_sha256(image), "a rebuild is not byte-identical"
     ours = snapshot(mounted(image))
     differences = diff(ours, snapshot(tree))
     assert not differences, "erofs vs tree:\n" + "\n".join(differences)

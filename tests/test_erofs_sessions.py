@@ -3,7 +3,6 @@ erofs base is being written."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from treecmp import file_sha256
 from conftest import needs_root, needs_tool
 from dirge.fsimage.mount import mounts_under
 from dirge.layerbuild import LayerBuilder
@@ -22,14 +22,6 @@ from dirge.session import Sessions
 from dirge.cache import Cache
 
 pytestmark = [needs_root, needs_tool("fsck.erofs")]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def base_images(cache: Path) -> list[Path]:
@@ -45,7 +37,7 @@ def test_sixteen_sessions_share_one_erofs_base(tmp_path: Path, make_image) -> No
     first = prepare(ref, cache, base_format="erofs")
     assert first.base_format == "erofs" and first.strategy == "overlay"
     [image] = base_images(cache)
-    before = sha256(image)
+    before = file_sha256(image)
 
     def work(i: int):
         s = prepare(ref, cache, base_format="erofs")
@@ -68,7 +60,7 @@ def test_sixteen_sessions_share_one_erofs_base(tmp_path: Path, make_image) -> No
             assert [n for n in os.listdir(root) if n.startswith("mine-")] == [f"mine-{i}"]
         assert (first.path / "etc/motd").read_text() == "base motd\n"
         assert sorted(os.listdir(first.path / "data")) == sorted(f"f{j}" for j in range(16))
-        assert sha256(image) == before, "a session wrote into the shared base image"
+        assert file_sha256(image) == before, "a session wrote into the shared base image"
         assert len(base_images(cache)) == 1
     finally:
         for s in sessions:
@@ -76,7 +68,7 @@ def test_sixteen_sessions_share_one_erofs_base(tmp_path: Path, make_image) -> No
         first.close()
     assert not [m for m in mounts_under(cache / "sessions")], "session rm left a mount behind"
     assert not os.listdir(cache / "sessions")
-    assert sha256(image) == before
+    assert file_sha256(image) == before
 
 
 def _kill_script(ref: str, cache: Path) -> str:

@@ -3,7 +3,6 @@ tars and directories, each equal to the tree the image unpacks to."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -18,14 +17,10 @@ from dirge.cache import Cache
 from dirge.fsimage.mount import mount_erofs, unmount
 from dirge.rootfs import prepare
 from images import layered, metadata
-from treecmp import diff, snapshot
+from treecmp import diff, file_sha256, snapshot
 
 pytestmark = [needs_root, needs_tool("fsck.erofs", "tar")]
 DIRGE = str(Path(sys.executable).parent / "dirge")
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture
@@ -43,7 +38,7 @@ def tree(image: str, tmp_path: Path) -> dict:
 def test_erofs_export_from_layers_and_from_cache_are_identical(image: str, tree: dict, tmp_path: Path) -> None:
     cache = Cache(tmp_path / "cache")
     cold = export(image, tmp_path / "cold.erofs", format="erofs", cache=cache)
-    assert not cold.from_cache and cold.sha256 == sha256(cold.path) and cold.size == cold.path.stat().st_size
+    assert not cold.from_cache and cold.sha256 == file_sha256(cold.path) and cold.size == cold.path.stat().st_size
     assert subprocess.run(["fsck.erofs", str(cold.path)], capture_output=True).returncode == 0
     with prepare(image, cache.root, base_format="erofs") as session:
         warm = export(image, tmp_path / "warm.erofs", format="erofs", cache=cache)
@@ -63,7 +58,7 @@ def test_tar_export_extracts_to_the_tree(image: str, tree: dict, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIRGE_BASE_FORMAT", base_format)
     result = export(image, tmp_path / "flat.tar", format="tar", cache=Cache(tmp_path / "cache"))
-    assert result.format == "tar" and result.sha256 == sha256(result.path)
+    assert result.format == "tar" and result.sha256 == file_sha256(result.path)
     out = tmp_path / "extracted"
     out.mkdir()
     subprocess.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", str(result.path), "-C",
@@ -85,7 +80,7 @@ def test_cli_json_and_atomic_replace(image: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["path"] == str(out) and info["format"] == "erofs" and info["size"] == out.stat().st_size
-    assert info["sha256"] == sha256(out) and info["digest"].startswith("sha256:")
+    assert info["sha256"] == file_sha256(out) and info["digest"].startswith("sha256:")
     assert [p.name for p in tmp_path.iterdir() if "dirge-tmp" in p.name] == []
     again = subprocess.run([DIRGE, "export", image, str(out), "--json"], env=env, capture_output=True, text=True)
     assert json.loads(again.stdout)["sha256"] == info["sha256"]  # reproducible

@@ -73,3 +73,11 @@ def diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     if a["hardlinks"] != b["hardlinks"]:
         out.append(f"hardlink groups: {a['hardlinks']} != {b['hardlinks']}")
     return out
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
