@@ -138,3 +138,24 @@ def test_sigkill_while_an_erofs_base_is_written(tmp_path: Path, make_image) -> N
     finally:
         after.close()
     assert not [line for line in _losetup_for(cache) if "/staging/" in line]
+
+
+def test_base_remounted_when_needed_and_removed_by_cleanup(tmp_path: Path, make_image) -> None:
+    """After a reboot (here: the base's mount undone by hand) the next prepare mounts it again;
+    ``cleanup`` of a base directory unmounts and removes it, and the next prepare rebuilds it."""
+    from dirge.fsimage.mount import mounted_at, unmount
+    from dirge.rootfs import cleanup
+
+    ref = make_image([LayerBuilder().file("hello", b"hi\n").build()])
+    cache = tmp_path / "cache"
+    with prepare(ref, cache, base_format="erofs") as s:
+        base_dir = cache / "bases" / s.info.base
+    assert mounted_at(base_dir / "rootfs") == "erofs"
+    unmount(base_dir / "rootfs")
+    with prepare(ref, cache, base_format="erofs") as s:
+        assert not s.base_created and (s.path / "hello").read_bytes() == b"hi\n"
+        assert mounted_at(base_dir / "rootfs") == "erofs"
+    cleanup(base_dir)
+    assert not base_dir.exists() and not mounts_under(cache)
+    with prepare(ref, cache, base_format="erofs") as s:
+        assert s.base_created and (s.path / "hello").read_bytes() == b"hi\n"

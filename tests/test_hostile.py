@@ -608,6 +608,7 @@ def via(tmp_path_factory: pytest.TempPathFactory):
             export(ref, image, format="erofs", limits=limits)
             fsck = subprocess.run(["fsck.erofs", str(image)], capture_output=True, text=True)
             assert fsck.returncode == 0, f"fsck.erofs: {fsck.stdout}{fsck.stderr}"
+            assert subprocess.run(["dump.erofs", "-s", str(image)], capture_output=True).returncode == 0
             dest.mkdir()
             mount_erofs(image, dest)
             mounted.append(dest)
