@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Generator, Iterator, Sized
 from typing import Any, BinaryIO, Protocol
 
 import zstandard
@@ -164,16 +164,35 @@ def _decompressed(reader: VerifyingReader, compression: str) -> Iterator[bytes]:
     return iter(lambda: reader.read(CHUNK), b"")
 
 
-class _Stop(Exception):
-    pass
+class _Stop(DirgeError):
+    """The stream was closed before its end: raised in each stage still running, which then ends."""
+
+
+class _StoppingReader(VerifyingReader):
+    """The raw side of a ``LayerStream``: once stopped, a read raises instead of reading on, so the
+    decompress stage never reads (or drains after an error) the rest of a blob nobody wants."""
+
+    def __init__(self, raw: BinaryIO, digest: Digest, size: int | None, what: str, stop: threading.Event) -> None:
+        super().__init__(raw, digest, size, what)
+        self._stop = stop
+
+    def _read_raw(self, n: int) -> bytes:
+        if self._stop.is_set():
+            raise _Stop(f"{self.what}: reading stopped")
+        return super()._read_raw(n)
 
 
 class _Pipe:
     """A generator run on its own thread; its items come out of ``items()`` in order, in batches
     (one queue operation per ~1 MiB, not per tar entry). An error is raised to the consumer after
-    everything produced before it."""
+    everything produced before it.
 
-    def __init__(self, produce: Callable[[], Iterator[Sized]], name: str, what: str, stop: threading.Event) -> None:
+    Stopping (``stop`` set, then ``cancel()``) ends both sides wherever they wait: the consumer checks
+    ``stop`` before each ``get()`` and a stop marker wakes one already blocked there; the producer checks
+    it before each ``put()`` and the emptied queue wakes one already blocked there."""
+
+    def __init__(self, produce: Callable[[], Generator[Sized, None, None]], name: str, what: str,
+                 stop: threading.Event) -> None:
         self.what = what
         self._queue: queue.Queue[list[Sized] | BaseException | None] = queue.Queue(_QUEUE_DEPTH)
         self._stop = stop
@@ -184,18 +203,19 @@ class _Pipe:
     def _put(self, item: list[Sized] | BaseException | None) -> None:
         while True:
             if self._stop.is_set():
-                raise _Stop
+                raise _Stop(f"{self.what}: reading stopped")
             try:
-                self._queue.put(item, timeout=0.1)
+                self._queue.put(item, timeout=0.1)  # the timeout is a safety net: cancel() wakes this
                 return
             except queue.Full:
                 continue
 
-    def _run(self, produce: Callable[[], Iterator[Sized]]) -> None:
+    def _run(self, produce: Callable[[], Generator[Sized, None, None]]) -> None:
+        items = produce()
         batch: list[Sized] = []
         try:
             size = 0
-            for item in produce():
+            for item in items:
                 batch.append(item)
                 size += len(item)
                 if size >= _BATCH_BYTES or len(batch) >= _BATCH_ITEMS:
@@ -204,6 +224,7 @@ class _Pipe:
             if batch:
                 self._put(batch)
             self._put(None)
+            return
         except _Stop:
             pass
         except BaseException as exc:
@@ -211,21 +232,48 @@ class _Pipe:
                 if batch:
                     self._put(batch)
                 self._put(exc)
+                return
             except _Stop:
                 pass
+        # Stopped: the stage downstream may be blocked in get() on this queue, and ends only on a marker
+        # (it was a hang when this thread just returned). Clean up the generator here, not in whatever
+        # thread collects it.
+        self._wake()
+        try:
+            items.close()
+        except Exception:  # nobody wants its errors any more
+            pass
+
+    def _wake(self) -> None:
+        try:
+            self._queue.put_nowait(_Stop(f"{self.what}: reading stopped"))
+        except queue.Full:  # then the consumer is not blocked in get(), and checks stop before the next one
+            pass
+
+    def cancel(self) -> None:
+        """After ``stop`` is set: drop what is queued (waking a producer blocked in put()) and leave a stop
+        marker (waking a consumer blocked in get())."""
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._wake()
 
     def items(self) -> Iterator[Any]:
         while not self._done:
+            if self._stop.is_set():  # once per batch, so a stage stopped mid-stream ends promptly
+                raise _Stop(f"{self.what}: reading stopped")
             item = self._queue.get()
+            if isinstance(item, list):
+                yield from item
+                continue
+            self._done = True
             if item is None:
-                self._done = True
                 return
-            if isinstance(item, BaseException):
-                self._done = True
-                if isinstance(item, DirgeError):
-                    raise item
-                raise ImageError(f"read {self.what}: {item}") from item
-            yield from item
+            if isinstance(item, DirgeError):
+                raise item
+            raise ImageError(f"read {self.what}: {item}") from item
 
     def join(self) -> None:
         self._thread.join()
@@ -247,14 +295,14 @@ class LayerStream:
         self.what = what
         self.compression = "none"
         self._raw = raw
-        self._reader = VerifyingReader(raw, digest, size, what)
+        self._stop = threading.Event()
+        self._reader = _StoppingReader(raw, digest, size, what, self._stop)
         self._diff_id = diff_id
         self._transform = transform or (lambda chunks: chunks)
-        self._stop = threading.Event()
         self._decompress = _Pipe(self._decompressed, f"dirge-decompress {what}", what, self._stop)
         self._parse = _Pipe(self._parsed, f"dirge-parse {what}", what, self._stop)
 
-    def _decompressed(self) -> Iterator[bytes]:
+    def _decompressed(self) -> Generator[bytes, None, None]:
         """Decompressed chunks; at the end, the blob's size and digest are checked."""
         self.compression = sniff_compression(self._reader.peek(4))
         try:
@@ -278,7 +326,7 @@ class LayerStream:
             if actual != str(self._diff_id):
                 raise IntegrityError(f"diff_id of {self.what}", str(self._diff_id), actual)
 
-    def _parsed(self) -> Iterator[Sized]:
+    def _parsed(self) -> Generator[Sized, None, None]:
         source = self._hashed()
         yield from self._transform(source)
         for _ in source:  # what the transform left (tar padding) still counts for the digests
@@ -295,10 +343,14 @@ class LayerStream:
                 for _ in self.items():
                     pass
         finally:
+            # Stop every stage wherever it waits, so the joins return: a raw read of a download in
+            # progress (interrupt), a put() on a full queue or a get() on an empty one (cancel).
             self._stop.set()
             interrupt = getattr(self._raw, "interrupt", None)
-            if interrupt is not None:  # a reader of a download in progress may be blocked waiting for bytes
+            if interrupt is not None:
                 interrupt()
+            self._parse.cancel()
+            self._decompress.cancel()
             self._parse.join()
             self._decompress.join()
             self._raw.close()
