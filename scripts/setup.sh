@@ -9,7 +9,7 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 apt_pkgs=(python3 python3-venv busybox-static)
-[ "$want_test" = 1 ] && apt_pkgs+=(umoci skopeo attr util-linux tar xfsprogs btrfs-progs docker-registry openssl apache2-utils curl acl
+[ "$want_test" = 1 ] && apt_pkgs+=(umoci skopeo attr util-linux tar xfsprogs btrfs-progs docker-registry openssl apache2-utils curl acl qemu-utils
                               buildah mmdebstrap arch-test libdpkg-perl gpg erofs-utils)
 
 missing=()

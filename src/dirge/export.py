@@ -13,8 +13,6 @@ the whole new one, never a part.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import os
 import tempfile
@@ -34,7 +32,6 @@ if TYPE_CHECKING:
     from .sources.auth import Credentials
 
 FORMATS = ("erofs", "tar", "dir")
-_FICLONE = 0x40049409
 
 
 @dataclass(frozen=True)
@@ -141,22 +138,12 @@ def _replacing(out: Path) -> Iterator[Path]:
 
 
 def clone_file(src: Path, dst: Path) -> str:
-    """Copy ``src`` onto ``dst``: a reflink where the filesystem shares blocks (xfs, btrfs), else
-    ``copy_file_range`` (in-kernel; holes are not kept, erofs images have none). Returns how."""
+    """Copy ``src`` onto ``dst``: a reflink where the filesystem shares blocks (xfs, btrfs), else the
+    data regions in-kernel (holes kept). Returns how ("reflink" or "sparse")."""
+    from .session.copytree import copy_data
+
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        try:
-            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
-            return "reflink"
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
-                raise
-        left = os.fstat(fin.fileno()).st_size
-        while left > 0:
-            n = os.copy_file_range(fin.fileno(), fout.fileno(), min(left, 1 << 30))
-            if n == 0:
-                break
-            left -= n
-    return "copy"
+        return copy_data(fin.fileno(), fout.fileno(), os.fstat(fin.fileno()).st_size, reflink=True)
 
 
 def _scan(root: Path) -> Iterator[os.DirEntry[str]]:

@@ -120,12 +120,12 @@ class TreeCopier:
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
 
 
-def copy_data(src: int, dst: int, size: int, *, reflink: bool) -> None:
-    """Clone or copy ``size`` bytes, keeping holes."""
+def copy_data(src: int, dst: int, size: int, *, reflink: bool) -> str:
+    """Clone or copy ``size`` bytes, keeping holes; returns how ("reflink" or "sparse")."""
     if reflink:
         try:
             fcntl.ioctl(dst, FICLONE, src)
-            return
+            return "reflink"
         except OSError as exc:
             if exc.errno not in _FALLBACK_ERRNOS:
                 raise
@@ -144,6 +144,7 @@ def copy_data(src: int, dst: int, size: int, *, reflink: bool) -> None:
         _copy_range(src, dst, start, min(end, size) - start)
         pos = end
     os.ftruncate(dst, size)
+    return "sparse"
 
 
 def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
