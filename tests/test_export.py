@@ -96,3 +96,56 @@ def test_export_errors_are_one_line(image: str, tmp_path: Path) -> None:
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("dirge: error: ")
     assert not (tmp_path / "x.erofs").exists()
+
+
+@needs_tool("e2fsck", "dumpe2fs", "setpriv")
+def test_ext4_export_is_clean_equal_and_cached(image: str, tree: dict, tmp_path: Path) -> None:
+    """An ext4 disk from the layers: e2fsck-clean, loop-mounted equal to the tree, cached per digest and
+    options (a second export clones it, byte-identical), and written with the image's owners even by an
+    ordinary user."""
+    cache = Cache(tmp_path / "cache")
+    first = export(image, tmp_path / "a.ext4", format="ext4", cache=cache)
+    again = export(image, tmp_path / "b.ext4", format="ext4", cache=cache)
+    assert not first.from_cache and again.from_cache and again.sha256 == first.sha256
+    assert subprocess.run(["e2fsck", "-fn", str(first.path)], capture_output=True).returncode == 0
+    assert "has_journal" in subprocess.run(["dumpe2fs", "-h", str(first.path)], capture_output=True,
+                                           text=True).stdout
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop,ro", str(first.path), str(mnt)], check=True)
+    try:
+        differences = diff(snapshot(mnt), tree)
+        assert not differences, "\n".join(differences)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+    from dirge.bases import DiskOptions
+
+    small = export(image, tmp_path / "c.ext4", format="ext4", cache=cache, disk=DiskOptions(64 << 20, False))
+    assert small.size == 64 << 20 and small.sha256 != first.sha256
+    assert "has_journal" not in subprocess.run(["dumpe2fs", "-h", str(small.path)], capture_output=True,
+                                               text=True).stdout
+    with pytest.raises(DirgeError, match="^export .*"):
+        export(image, tmp_path / "d.ext4", format="ext4", cache=cache, disk=DiskOptions(64 << 10, True))
+
+    # As nobody: the owners inside are the image's (1000:1000 on usr/bin/tool), not the caller's.
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="dirge-export-nobody-", dir="/tmp"))  # pytest's tmp is root-only
+    try:
+        os.chmod(work, 0o777)
+        shutil.copytree(image[len("oci:"):].rpartition(":")[0], work / "layout")
+        subprocess.run(["chmod", "-R", "a+rX", str(work / "layout")], check=True)
+        out = work / "n.ext4"
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", DIRGE, "export",
+                               f"oci:{work / 'layout'}:t", str(out), "--format", "ext4", "--cache-dir",
+                               str(work / "cache")], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        stat = subprocess.run(["debugfs", "-R", "stat /usr/bin/tool", str(out)], capture_output=True,
+                              text=True).stdout
+        assert "User:  1000   Group:  1000" in stat, stat
+        assert out.stat().st_uid == 65534
+        assert subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True).returncode == 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -25,7 +25,7 @@ from dirge.apply.tree import BLK, CHR, FIFO, SOCK, Node
 from dirge.fsimage import ext4_format as fmt
 from dirge.fsimage.ext4 import (Ext4Error, Ext4SizeError, Ext4Sink, acl_to_disk, build_extent_tree, dx_hash,
                                 tree_blocks, xattr_key)
-from dirge.unpack import apply_layers, erofs_identity, open_image
+from dirge.unpack import apply_layers, image_identity, open_image
 from images import layered, metadata
 from test_erofs_writer import (ACCESS_ACL, BUILD, CAPABILITY, DEFAULT_ACL, GiB, T0, UUID, Stream, Tree, dir_sink,
                                rand)
@@ -396,7 +396,7 @@ def test_pipeline_equals_unpack(tmp_path: Path, make_image, mounted: Any) -> Non
     image = tmp_path / "img.ext4"
     source, resolved = open_image(ref)
     try:
-        uuid, build = erofs_identity(resolved)
+        uuid, build = image_identity(resolved)
         apply_layers(source, resolved, lambda report: Ext4Sink(image, uuid=uuid, build_time_ns=build, report=report),
                      lambda: image.unlink(missing_ok=True))
     finally:

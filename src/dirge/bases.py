@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from .image import Platform
 from .reference import Digest
 from .resolve import BlobSource, ResolvedImage
 from .fsimage.mount import erofs_supported, mount_erofs, mounted_at, unmount
-from .unpack import ProgressFn, apply_image, open_image, write_erofs
+from .unpack import ProgressFn, apply_image, open_image, write_erofs, write_ext4
 
 if TYPE_CHECKING:
     from .sources.auth import Credentials
@@ -138,23 +139,68 @@ def ensure_base(
     return base
 
 
+@dataclass(frozen=True)
+class DiskOptions:
+    """What shapes an ext4 base disk's bytes besides the image (part of its cache key)."""
+
+    size: int | None = None  # bytes; None: the content plus headroom
+    journal: bool = True
+
+    def key(self) -> str:
+        return ("" if self.journal else "nojournal") + (f"size{self.size}" if self.size else "")
+
+
+DISK_FORMATS = ("ext4", "erofs")
+
+
+def ensure_disk(
+    image: str,
+    *,
+    format: str = "ext4",
+    options: DiskOptions = DiskOptions(),
+    cache: Cache | None = None,
+    platform: Platform | None = None,
+    rootless: bool | None = None,
+    limits: Limits = Limits(),
+    lock_timeout: float = 600.0,
+    progress: ProgressFn | None = None,
+    pull: str = "missing",
+    creds: "Credentials | None" = None,
+) -> Base:
+    """The base disk of ``image`` (``base.image_file``: an ext4 or erofs image for block-device VMs),
+    built under the key's lock if missing. Never mounted, so no privilege is needed."""
+    if format not in DISK_FORMATS:
+        raise DirgeError(f"disk format {format!r}: choose one of {', '.join(DISK_FORMATS)}")
+    cache = cache if cache is not None else Cache()
+    if rootless is None:
+        rootless = os.geteuid() != 0
+    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds)
+    try:
+        return _ensure_base(cache, image, source, resolved, format, rootless, limits, lock_timeout, progress,
+                            options if format == "ext4" else DiskOptions())
+    finally:
+        source.close()
+
+
 def _ensure_base(cache: Cache, image: str, source: BlobSource, resolved: ResolvedImage, fmt: str,
-                 rootless: bool, limits: Limits, lock_timeout: float, progress: ProgressFn | None) -> Base:
+                 rootless: bool, limits: Limits, lock_timeout: float, progress: ProgressFn | None,
+                 options: DiskOptions = DiskOptions()) -> Base:
     cache.put_blob(resolved.manifest_digest, resolved.manifest.raw)
     cache.put_blob(resolved.manifest.config.digest, resolved.config.raw)
-    base = cache.find_base(resolved.manifest_digest, rootless, fmt)
+    base = cache.find_base(resolved.manifest_digest, rootless, fmt, options.key())
     if base:
         return base
-    key = cache.base_key(resolved.manifest_digest, rootless, fmt)
+    key = cache.base_key(resolved.manifest_digest, rootless, fmt, options.key())
     with cache.base_lock(key, lock_timeout):
-        base = cache.find_base(resolved.manifest_digest, rootless, fmt)
+        base = cache.find_base(resolved.manifest_digest, rootless, fmt, options.key())
         if base:  # another process built it while we waited
             return base
         staging = cache.new_staging(key)
         try:
-            _BUILDERS[fmt](staging, source, resolved, rootless, limits, progress)
+            _BUILDERS[fmt](staging, source, resolved, rootless, limits, progress, options)
             meta: dict[str, Any] = {
                 "image": image, "digest": str(resolved.manifest_digest), "rootless": rootless, "format": fmt,
+                "options": {"size": options.size, "journal": options.journal} if fmt == "ext4" else None,
                 "config": resolved.config.config,
                 "platform": str(resolved.platform) if resolved.platform else None}
             return cache.publish_base(staging, key, meta)
@@ -163,25 +209,31 @@ def _ensure_base(cache: Cache, image: str, source: BlobSource, resolved: Resolve
             raise
 
 
-BaseBuilder = Callable[[Path, BlobSource, ResolvedImage, bool, Limits, ProgressFn | None], None]
+BaseBuilder = Callable[[Path, BlobSource, ResolvedImage, bool, Limits, ProgressFn | None, DiskOptions], None]
 
 
 def _build_tree(staging: Path, source: BlobSource, resolved: ResolvedImage, rootless: bool, limits: Limits,
-                progress: ProgressFn | None) -> None:
+                progress: ProgressFn | None, options: DiskOptions) -> None:
     rootfs = staging / "rootfs"
     make_base_dir(rootfs)
     apply_image(source, resolved, rootfs, rootless=rootless, limits=limits, progress=progress)
 
 
 def _build_erofs(staging: Path, source: BlobSource, resolved: ResolvedImage, rootless: bool, limits: Limits,
-                 progress: ProgressFn | None) -> None:
+                 progress: ProgressFn | None, options: DiskOptions) -> None:
     # One sequential file, no tree on the host; ``rootfs`` is where it will be mounted.
     write_erofs(source, resolved, staging / "rootfs.erofs", limits=limits, progress=progress)
     (staging / "rootfs").mkdir(mode=0o755)
 
 
+def _build_ext4(staging: Path, source: BlobSource, resolved: ResolvedImage, rootless: bool, limits: Limits,
+                progress: ProgressFn | None, options: DiskOptions) -> None:
+    write_ext4(source, resolved, staging / "rootfs.ext4", size=options.size, journal=options.journal,
+               limits=limits, progress=progress)
+
+
 # How each format's content is written into a staging directory (publication is the store's).
-_BUILDERS: dict[str, BaseBuilder] = {"tree": _build_tree, "erofs": _build_erofs}
+_BUILDERS: dict[str, BaseBuilder] = {"tree": _build_tree, "erofs": _build_erofs, "ext4": _build_ext4}
 
 
 def mount_base(base: Base, lock_timeout: float = 600.0) -> None:

@@ -37,7 +37,7 @@ from .reference import Digest, parse_digest
 
 __all__ = ["BASE_FORMATS", "Base", "Cache", "default_cache_dir", "fsync_dir", "syncfs"]
 
-BASE_FORMATS = ("tree", "erofs")  # what a base directory can hold
+BASE_FORMATS = ("tree", "erofs", "ext4")  # what a base directory can hold (ext4: a disk, never mounted)
 
 
 def default_cache_dir() -> Path:
@@ -131,8 +131,9 @@ class Cache:
     # -- bases ------------------------------------------------------------------------------
 
     @staticmethod
-    def base_key(digest: Digest, rootless: bool, format: str = "tree") -> str:
-        return f"{digest.hex}-{'rootless' if rootless else 'root'}-{format}"
+    def base_key(digest: Digest, rootless: bool, format: str = "tree", options: str = "") -> str:
+        """``options``: what else shapes the base's bytes (an ext4 disk's size and journal), [a-z0-9]."""
+        return f"{digest.hex}-{'rootless' if rootless else 'root'}-{format}" + (f"-{options}" if options else "")
 
     @staticmethod
     def legacy_base_key(digest: Digest, rootless: bool) -> str:
@@ -154,10 +155,10 @@ class Cache:
             return None
         return Base(key, path, digest, meta.get("config", {}), created, fmt)
 
-    def find_base(self, digest: Digest, rootless: bool, format: str) -> Base | None:
+    def find_base(self, digest: Digest, rootless: bool, format: str, options: str = "") -> Base | None:
         """The published base of ``digest`` in this mode and format, under its key or, for a tree, under
         the key an older dirge gave it (so existing caches keep their bases)."""
-        keys = [self.base_key(digest, rootless, format)]
+        keys = [self.base_key(digest, rootless, format, options)]
         if format == "tree":
             keys.append(self.legacy_base_key(digest, rootless))
         for key in keys:

@@ -23,6 +23,18 @@ if TYPE_CHECKING:
     from .sources.auth import Credentials
 
 
+def _size(value: str) -> int | None:
+    """``auto`` → None; else bytes, with an optional K/M/G/T suffix (powers of 1024)."""
+    if value == "auto":
+        return None
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = value.rstrip("KMGTkmgtiIbB"), value[len(value.rstrip("KMGTkmgtiIbB")):].upper()
+    unit = unit.removesuffix("B").removesuffix("I")
+    if not number.isdigit() or unit not in units:
+        raise click.BadParameter(f"{value!r}: give bytes, a size like 2G, or auto", param_hint="--size")
+    return int(number) * units[unit]
+
+
 def _limits(values: tuple[str, ...]) -> Limits:
     names = {f.name for f in dataclasses.fields(Limits)}
     kwargs: dict[str, int] = {}
@@ -203,17 +215,22 @@ def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
 @cli.command("export")
 @click.argument("image")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["erofs", "tar", "dir"]), default="erofs", show_default=True,
-              help="erofs: a read-only root disk image; tar: a flattened tar; dir: a directory tree.")
+@click.option("--format", "fmt", type=click.Choice(["erofs", "ext4", "tar", "dir"]), default="erofs",
+              show_default=True, help="erofs: a read-only root disk image; ext4: a writable root disk image; "
+                                      "tar: a flattened tar; dir: a directory tree.")
+@click.option("--size", default="auto", show_default=True, metavar="SIZE|auto",
+              help="ext4: the disk's size (bytes, or with K, M, G, T), auto = the content plus headroom.")
+@click.option("--no-journal", is_flag=True, help="ext4: no jbd2 journal.")
 @click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
 @pull_option
 @creds_option
 @cache_dir_option
 @click.option("--limit", "limits", multiple=True, metavar="NAME=N", help="Override a safety limit (see unpack).")
 @click.option("--json", "as_json", is_flag=True, help="Print path, format, size, digest and sha256 as JSON.")
-def export_cmd(image: str, out: Path, fmt: str, platform: str | None, pull: str, creds: str | None,
-               cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
-    """Write IMAGE as one artifact OUT: an erofs image, a flattened tar or a directory."""
+def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, platform: str | None, pull: str,
+               creds: str | None, cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
+    """Write IMAGE as one artifact OUT: an erofs or ext4 disk image, a flattened tar or a directory."""
+    from .bases import DiskOptions
     from .cache import Cache
     from .export import export
     from .reference import canonicalize_image_ref
@@ -222,7 +239,8 @@ def export_cmd(image: str, out: Path, fmt: str, platform: str | None, pull: str,
         result = export(canonicalize_image_ref(image), out, format=fmt,
                         platform=parse_platform(platform) if platform else None, cache=Cache(cache_dir),
                         pull=pull, creds=_creds(creds), limits=_limits(limits),
-                        progress=progress.apply if progress else None)
+                        progress=progress.apply if progress else None,
+                        disk=DiskOptions(_size(size), not no_journal))
     if as_json:
         click.echo(json.dumps({"path": str(result.path), "format": result.format, "size": result.size,
                                "digest": result.digest, "sha256": result.sha256,

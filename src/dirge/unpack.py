@@ -157,8 +157,8 @@ def apply_image(
     return apply_layers(source, resolved, make_sink, reset, limits=limits, progress=progress)
 
 
-def erofs_identity(resolved: ResolvedImage) -> tuple[bytes, int]:
-    """The UUID and build time of ``resolved``'s erofs image, derived from the image itself (the
+def image_identity(resolved: ResolvedImage) -> tuple[bytes, int]:
+    """The UUID and build time of ``resolved``'s filesystem images, derived from the image itself (the
     manifest digest; the config's ``created``), so one manifest always gives the same bytes."""
     uuid = hashlib.sha256(b"dirge erofs uuid\0" + str(resolved.manifest_digest).encode()).digest()[:16]
     created = 0
@@ -178,10 +178,28 @@ def write_erofs(source: BlobSource, resolved: ResolvedImage, path: Path, *, limi
     from the layer streams: no tree on disk, no privilege needed (owners and devices are data)."""
     from .fsimage.erofs import ErofsSink
 
-    uuid, build_time_ns = erofs_identity(resolved)
+    uuid, build_time_ns = image_identity(resolved)
 
     def make_sink(report: Report) -> Sink:
         return ErofsSink(path, uuid=uuid, build_time_ns=build_time_ns, report=report)
+
+    def reset() -> None:
+        path.unlink(missing_ok=True)
+
+    return apply_layers(source, resolved, make_sink, reset, limits=limits, progress=progress)
+
+
+def write_ext4(source: BlobSource, resolved: ResolvedImage, path: Path, *, size: int | None = None,
+               journal: bool = True, limits: Limits = Limits(), progress: ProgressFn | None = None) -> Report:
+    """Write the flattened image as an ext4 disk image at ``path`` (``size`` None: content plus
+    headroom), straight from the layer streams; no privilege needed."""
+    from .fsimage.ext4 import Ext4Sink
+
+    uuid, build_time_ns = image_identity(resolved)
+
+    def make_sink(report: Report) -> Sink:
+        return Ext4Sink(path, uuid=uuid, build_time_ns=build_time_ns, size=size, journal=journal,
+                        label=b"dirge-rootfs", report=report)
 
     def reset() -> None:
         path.unlink(missing_ok=True)
