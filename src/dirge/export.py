@@ -15,6 +15,7 @@ the whole new one, never a part.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -43,8 +44,18 @@ class ExportResult:
     format: str
     size: int  # bytes of OUT (a directory: its files' bytes)
     digest: str  # the image's manifest digest
-    sha256: str | None  # of OUT; None for a directory
     from_cache: bool  # copied from a cached base rather than written from the layers
+
+    @functools.cached_property
+    def sha256(self) -> str | None:
+        """Of OUT (None for a directory); read when first asked: hashing a disk costs ~0.5 s a GB."""
+        if self.format == "dir":
+            return None
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
 
 
 def export(
@@ -70,7 +81,7 @@ def export(
             result = unpack(image, out, platform=platform, limits=limits, progress=progress, cache=cache,
                             pull=pull, creds=creds)
             size = sum(e.stat(follow_symlinks=False).st_size for e in _scan(out))
-            return ExportResult(out, format, size, str(result.image.manifest_digest), None, False)
+            return ExportResult(out, format, size, str(result.image.manifest_digest), False)
         if out.is_dir() and not out.is_symlink():
             raise DirgeError(f"{out} is a directory; give a file path for --format {format}")
         if format == "erofs":
@@ -125,11 +136,7 @@ def _export_tar(image: str, out: Path, platform: Platform | None, cache: "Cache 
 
 
 def _file_result(out: Path, format: str, digest: str, from_cache: bool) -> ExportResult:
-    h = hashlib.sha256()
-    with open(out, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return ExportResult(out, format, out.stat().st_size, digest, h.hexdigest(), from_cache)
+    return ExportResult(out, format, out.stat().st_size, digest, from_cache)
 
 
 @contextmanager
