@@ -83,7 +83,7 @@ class Cache:
         """Store verified bytes: temp file → fsync → rename. Bytes that do not match are refused."""
         actual = hashlib.new(digest.algorithm, data).hexdigest()
         if actual != digest.hex:
-            raise IntegrityError(f"blob for the cache", str(digest), f"{digest.algorithm}:{actual}")
+            raise IntegrityError("blob for the cache", str(digest), f"{digest.algorithm}:{actual}")
         final = self.blob_path(digest)
         if final.exists():  # content-addressed: same name, same bytes (and every read re-verifies)
             return final

@@ -31,19 +31,18 @@ value over 64 KiB) is skipped and recorded, as a filesystem refusing it is for t
 from __future__ import annotations
 
 import bisect
-import ctypes
 import mmap
 import os
 from collections.abc import Mapping
-import stat
 import tempfile
 from array import array
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from . import erofs_format as fmt
 from ..apply import tree
 from ..errors import ImageError
 from ..apply.tree import Node, Parts
+from .imagesink import Skips, TreeImageSink, pwrite_all, punch, show, text
 
 if TYPE_CHECKING:
     from ..apply.tar import Entry, EntryStream
@@ -65,12 +64,6 @@ _XATTR_WHOLE = {"system.posix_acl_access": fmt.XATTR_INDEX_POSIX_ACL_ACCESS,
                 "system.posix_acl_default": fmt.XATTR_INDEX_POSIX_ACL_DEFAULT}
 
 XattrKey = tuple[int, bytes, bytes]  # (name index, name suffix, value)
-
-
-class Skips(Protocol):
-    """Where skipped xattrs are recorded (``apply.fs.Report`` is one)."""
-
-    def skip(self, path: bytes, why: str) -> None: ...
 
 
 class ErofsError(ImageError, ValueError):
@@ -160,19 +153,6 @@ def _dir_size(names: list[bytes], starts: list[int]) -> int:
     return (len(starts) - 1) * BLKSZ + fmt.DIRENT.size * len(last) + sum(map(len, last))
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
-if _fallocate is not None:
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
-
-
-def _punch(fd: int, offset: int, length: int) -> None:
-    """Free the disk blocks of dead data now (best effort: compaction removes it from the image anyway)."""
-    if _fallocate is not None and length:
-        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-
-
 class _Out:
     """Sequential buffered writes from ``pos`` on."""
 
@@ -189,19 +169,12 @@ class _Out:
             self.write(bytes(n))
 
     def flush(self) -> None:
-        _pwrite_all(self.fd, self.buf, self.pos)
+        pwrite_all(self.fd, self.buf, self.pos)
         self.pos += len(self.buf)
         self.buf.clear()
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, pos)
-        view, pos = view[n:], pos + n
-
-
-class ErofsSink:
+class ErofsSink(TreeImageSink):
     """Writes the merged image as an uncompressed erofs image at ``path`` (created or truncated).
 
     ``uuid`` (16 bytes) and ``build_time_ns`` go into the superblock; the build time also stands
@@ -239,21 +212,6 @@ class ErofsSink:
 
     # -- the Sink protocol -------------------------------------------------------------------
 
-    def remove(self, parts: Parts, node: Node) -> None:
-        pass  # the tree is the directory: nothing to undo here
-
-    def directory(self, parts: Parts, parent: Node | None, node: Node, *, existing: bool) -> None:
-        pass
-
-    def symlink(self, parts: Parts, parent: Node, node: Node) -> None:
-        pass
-
-    def hardlink(self, parts: Parts, target: Parts, node: Node) -> None:
-        pass
-
-    def special(self, parts: Parts, parent: Node, node: Node) -> bool:
-        return True  # devices, FIFOs and sockets are inodes like any other here
-
     def release(self, node: Node) -> None:
         index = node.data
         if not isinstance(index, int) or self._released[index]:
@@ -261,7 +219,8 @@ class ErofsSink:
         self._released[index] = 1
         if self._dbuf:  # its blocks may still be buffered
             self._flush_data()
-        _punch(self._fd, self._start[index] << _BITS, self._nblk[index] << _BITS)
+        # Free the disk blocks now (best effort: finish leaves dead data out of the image anyway).
+        punch(self._fd, self._start[index] << _BITS, self._nblk[index] << _BITS)
 
     def file(self, parts: Parts, parent: Node, node: Node, entry: Entry, stream: EntryStream) -> None:
         if entry.sparse is not None and node.size:
@@ -269,7 +228,7 @@ class ErofsSink:
             return
         size = entry.size
         if size != node.size:
-            raise ErofsError(f"{_show(parts)}: {size} bytes stored for a {node.size}-byte file")
+            raise ErofsError(f"{show(parts)}: {size} bytes stored for a {node.size}-byte file")
         tail = size & _MASK
         # A tail that may not fit in its inode's block goes to the data area, padded (FLAT_PLAIN).
         if tail and node.xattrs and _INODE + _inline_bound(node.xattrs) + tail > BLKSZ:
@@ -284,7 +243,7 @@ class ErofsSink:
                 left -= n
                 if n >= _DIRECT:
                     self._flush_data()
-                    _pwrite_all(self._fd, piece, self._wpos)
+                    pwrite_all(self._fd, piece, self._wpos)
                     self._wpos += n
                     continue
                 dbuf += piece
@@ -297,7 +256,7 @@ class ErofsSink:
             if len(dbuf) >= _FLUSH:
                 self._flush_data()
         if got != size:
-            raise ErofsError(f"{_show(parts)}: {got} bytes of data for a {size}-byte file")
+            raise ErofsError(f"{show(parts)}: {got} bytes of data for a {size}-byte file")
         if full & _MASK:
             dbuf += bytes(BLKSZ - (full & _MASK))
         index = len(self._start)
@@ -321,7 +280,7 @@ class ErofsSink:
         size, regions = node.size, entry.sparse or []
         if sum(length for _, length in regions) != entry.size or any(
                 off < 0 or length < 0 or off + length > size for off, length in regions):
-            raise ErofsError(f"{_text(entry.name)}: sparse map does not match the stored data")
+            raise ErofsError(f"{text(entry.name)}: sparse map does not match the stored data")
         self._flush_data()
         bits = _chunk_plan(size, regions)
         base = self._end << _BITS
@@ -358,12 +317,12 @@ class ErofsSink:
                     try:
                         piece = memoryview(next(pieces)).cast("B")
                     except StopIteration:
-                        raise ErofsError(f"{_text(entry.name)}: sparse file data ends early") from None
+                        raise ErofsError(f"{text(entry.name)}: sparse file data ends early") from None
                 take = min(length, len(piece))
-                _pwrite_all(self._fd, piece[:take], where(off))
+                pwrite_all(self._fd, piece[:take], where(off))
                 piece, off, length = piece[take:], off + take, length - take
         if piece or next(pieces, None) is not None:
-            raise ErofsError(f"{_text(entry.name)}: sparse file has more data than its map")
+            raise ErofsError(f"{text(entry.name)}: sparse file has more data than its map")
         self._start.append(self._end)
         self._nblk.append(nblk)
         self._tail.append(-1)
@@ -374,13 +333,13 @@ class ErofsSink:
 
     def _flush_data(self) -> None:
         if self._dbuf:
-            _pwrite_all(self._fd, self._dbuf, self._wpos)
+            pwrite_all(self._fd, self._dbuf, self._wpos)
             self._wpos += len(self._dbuf)
             self._dbuf.clear()
 
     def _flush_spool(self) -> None:
         if self._sbuf:
-            _pwrite_all(self._spool_fd, self._sbuf, self._spooled - len(self._sbuf))
+            pwrite_all(self._spool_fd, self._sbuf, self._spooled - len(self._sbuf))
             self._sbuf.clear()
 
     def close(self) -> None:
@@ -437,7 +396,7 @@ class ErofsSink:
                 data = os.pread(fd, min(left, _MOVE), src)
                 if not data:
                     raise OSError("short read while compacting the image")
-                _pwrite_all(fd, data, dst)
+                pwrite_all(fd, data, dst)
                 n = len(data)
             src, dst, left = src + n, dst + n, left - n
 
@@ -456,10 +415,10 @@ class ErofsSink:
         left = nblk << _BITS
         while left:
             data = os.pread(self._fd, min(left, _MOVE), old)
-            _pwrite_all(self._fd, data, pos)
+            pwrite_all(self._fd, data, pos)
             old, pos, left = old + len(data), pos + len(data), left - len(data)
         tail_at, tail = self._tail[index], size & _MASK
-        _pwrite_all(self._fd, self._map[tail_at:tail_at + tail] + bytes(BLKSZ - tail), pos)
+        pwrite_all(self._fd, self._map[tail_at:tail_at + tail] + bytes(BLKSZ - tail), pos)
         self._end += nblk + 1
         return new
 
@@ -471,14 +430,6 @@ def _anonymous_file(directory: str) -> int:
         fd, name = tempfile.mkstemp(dir=directory, prefix=".erofs-spool-")
         os.unlink(name)
         return fd
-
-
-def _show(parts: Parts) -> str:
-    return "/" + b"/".join(parts).decode("utf-8", "replace")
-
-
-def _text(path: bytes) -> str:
-    return path.decode("utf-8", "replace")
 
 
 class _Image:
@@ -527,7 +478,7 @@ class _Image:
         sb = fmt.SUPER_BLOCK.pack(
             fmt.SUPER_MAGIC, 0, 0, fmt.BLKSZBITS, 0, self.nid[0], len(self.nodes), secs, nsec, total, meta,
             xattr_blk if self.shared_blob else 0, sink.uuid, sink.volume_name, incompat, 0, 0, 0, 0, 0, 0, 0, 0)
-        _pwrite_all(fd, bytes(fmt.SUPER_OFFSET) + sb + bytes(BLKSZ - fmt.SUPER_OFFSET - len(sb)), 0)
+        pwrite_all(fd, bytes(fmt.SUPER_OFFSET) + sb + bytes(BLKSZ - fmt.SUPER_OFFSET - len(sb)), 0)
 
     def _walk(self) -> bytearray:
         """Number the inodes (parents first, names in byte order), count links, find live data."""
@@ -551,7 +502,7 @@ class _Image:
             subdirs: list[int] = []
             for name in names:
                 if not name or len(name) > fmt.NAME_LEN or b"/" in name or b"\0" in name or name in (b".", b".."):
-                    raise ErofsError(f"{_text(self.paths[ino])}: name {name[:40]!r} cannot be a directory entry")
+                    raise ErofsError(f"{text(self.paths[ino])}: name {name[:40]!r} cannot be a directory entry")
                 child = children[name]
                 cino = ino_of.get(child)
                 if cino is None:
@@ -565,11 +516,11 @@ class _Image:
                         self.paths[cino] = self.paths[ino].rstrip(b"/") + b"/" + name
                     elif child.kind == tree.REG and isinstance(child.data, int):
                         if sink._released[child.data]:
-                            raise ErofsError(f"{_text(self.paths[ino])}/{_text(name)}: "
+                            raise ErofsError(f"{text(self.paths[ino])}/{text(name)}: "
                                              "data released but still in the tree")
                         live[child.data] = 1
                 elif child.children is not None:
-                    raise ErofsError(f"directory {_text(name)} appears twice in the tree")
+                    raise ErofsError(f"directory {text(name)} appears twice in the tree")
                 else:
                     nlink[cino] += 1
             nlink[ino] = 2 + len(subdirs)
@@ -631,7 +582,7 @@ class _Image:
             body = fmt.XATTR_IBODY_HEADER.pack(0, len(ids)) + b"".join(
                 fmt.XATTR_SHARED_ID.pack(i) for i in ids) + inline
             if 1 + (len(body) - fmt.XATTR_IBODY_HEADER.size) // 4 > fmt.XATTR_ICOUNT_MAX:
-                raise ErofsError(f"{_text(self._path(ino))}: xattrs too large for an erofs inode")
+                raise ErofsError(f"{text(self._path(ino))}: xattrs too large for an erofs inode")
             self.xattrs[ino] = body
 
     def _relocations(self, live: bytearray) -> None:
@@ -661,7 +612,7 @@ class _Image:
                 isize(size)
                 if not isinstance(index, int):
                     if size:
-                        raise ErofsError(f"{_text(self._path(ino))}: a {size}-byte file without data")
+                        raise ErofsError(f"{text(self._path(ino))}: a {size}-byte file without data")
                     append_layout(fmt.INODE_FLAT_PLAIN)
                     iu(0)
                     item(head)
@@ -712,7 +663,7 @@ class _Image:
                 iu(fmt.encode_dev(os.major(rdev), os.minor(rdev)) & 0xFFFFFFFF)
                 item(head)
             else:
-                raise ErofsError(f"{_text(self._path(ino))}: unknown file type {kind:o}")
+                raise ErofsError(f"{text(self._path(ino))}: unknown file type {kind:o}")
         self.meta_start = end
 
     def _place(self) -> tuple[int, int]:
@@ -803,7 +754,7 @@ class _Image:
             mtime = node.mtime_ns if node.mtime_ns is not None else build
             secs, nsec = divmod(mtime, 1_000_000_000)
             if not (0 <= node.uid <= 0xFFFFFFFF and 0 <= node.gid <= 0xFFFFFFFF):
-                raise ErofsError(f"{_text(self._path(ino))}: owner {node.uid}:{node.gid} out of erofs' 32-bit range")
+                raise ErofsError(f"{text(self._path(ino))}: owner {node.uid}:{node.gid} out of erofs' 32-bit range")
             icount = 1 + (len(body) - fmt.XATTR_IBODY_HEADER.size) // 4 if body else 0
             out.write(pack(fmt.i_format(layout[ino]), icount, node.kind | (node.mode & 0o7777), 0, isize[ino], iu[ino],
                            (ino + 1) & 0xFFFFFFFF, node.uid, node.gid, secs, nsec, nlink[ino]))

@@ -56,17 +56,17 @@ mke2fs' default ratio. ``size`` too small for the content raises ``Ext4SizeError
 from __future__ import annotations
 
 import bisect
-import ctypes
 import hashlib
 import os
 import struct
 from array import array
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from . import ext4_format as fmt
 from ..apply import tree
 from ..apply.tree import Node, Parts
+from .imagesink import Skips, TreeImageSink, pwrite_all, punch, show, text
 from ..errors import ImageError
 
 if TYPE_CHECKING:
@@ -92,11 +92,6 @@ _XATTR_ACLS = {"system.posix_acl_access": fmt.XATTR_INDEX_POSIX_ACL_ACCESS,
 XattrKey = tuple[int, bytes, bytes]  # (name index, name suffix, on-disk value)
 Extent = tuple[int, int, int]  # (logical block, physical block, length)
 
-
-class Skips(Protocol):
-    """Where skipped xattrs are recorded (``apply.fs.Report`` is one)."""
-
-    def skip(self, path: bytes, why: str) -> None: ...
 
 
 class Ext4Error(ImageError, ValueError):
@@ -364,28 +359,16 @@ def dx_hash(name: bytes, seed: tuple[int, int, int, int]) -> int:
 
 # -- I/O -----------------------------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
-if _fallocate is not None:
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, pos)
-        view, pos = view[n:], pos + n
 
 
 def _wipe(fd: int, offset: int, length: int) -> None:
     """Make a byte range read as zeros: punch it (frees the disk space), else write zeros."""
-    if _fallocate is not None and _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+    if punch(fd, offset, length):
         return
     zeros = bytes(min(length, 1 << 20))
     while length:
         n = min(length, len(zeros))
-        _pwrite_all(fd, zeros[:n], offset)
+        pwrite_all(fd, zeros[:n], offset)
         offset, length = offset + n, length - n
 
 
@@ -403,7 +386,7 @@ class _Out:
             self.flush()
             self.pos = pos
         if not self.buf and len(data) >= _DIRECT:
-            _pwrite_all(self.fd, data, pos)
+            pwrite_all(self.fd, data, pos)
             self.pos = pos + len(data)
             return
         self.buf += data
@@ -412,17 +395,11 @@ class _Out:
 
     def flush(self) -> None:
         if self.buf:
-            _pwrite_all(self.fd, self.buf, self.pos)
+            pwrite_all(self.fd, self.buf, self.pos)
             self.pos += len(self.buf)
             self.buf.clear()
 
 
-def _show(parts: Parts) -> str:
-    return "/" + b"/".join(parts).decode("utf-8", "replace")
-
-
-def _text(path: bytes) -> str:
-    return path.decode("utf-8", "replace")
 
 
 _OVERHEAD: dict[int, int] = {}
@@ -449,7 +426,7 @@ def _set_bits(bm: bytearray, lo: int, hi: int) -> None:
         lo += 1
 
 
-class Ext4Sink:
+class Ext4Sink(TreeImageSink):
     """Writes the merged image as an ext4 filesystem image at ``path`` (created or truncated).
 
     ``uuid`` (16 bytes) is the filesystem UUID (the journal's too; the htree hash seed derives from
@@ -552,21 +529,6 @@ class Ext4Sink:
 
     # -- the Sink protocol -----------------------------------------------------------------------
 
-    def remove(self, parts: Parts, node: Node) -> None:
-        pass  # the tree is the directory: nothing to undo here
-
-    def directory(self, parts: Parts, parent: Node | None, node: Node, *, existing: bool) -> None:
-        pass
-
-    def symlink(self, parts: Parts, parent: Node, node: Node) -> None:
-        pass
-
-    def hardlink(self, parts: Parts, target: Parts, node: Node) -> None:
-        pass
-
-    def special(self, parts: Parts, parent: Node, node: Node) -> bool:
-        return True  # devices, FIFOs and sockets are inodes like any other here
-
     def release(self, node: Node) -> None:
         index = node.data
         if not isinstance(index, int) or self._released[index]:
@@ -581,7 +543,7 @@ class Ext4Sink:
             return
         size = entry.size
         if size != node.size:
-            raise Ext4Error(f"{_show(parts)}: {size} bytes stored for a {node.size}-byte file")
+            raise Ext4Error(f"{show(parts)}: {size} bytes stored for a {node.size}-byte file")
         nblk = (size + _MASK) >> _BITS
         runs = self._alloc(nblk) if nblk else []
         out = self._out
@@ -590,7 +552,7 @@ class Ext4Sink:
         for piece in stream.data(entry):
             got += len(piece)
             if got > size:
-                raise Ext4Error(f"{_show(parts)}: more than {size} bytes of data")
+                raise Ext4Error(f"{show(parts)}: more than {size} bytes of data")
             while piece:
                 take = min(len(piece), left)
                 out.at(pos, piece[:take] if take < len(piece) else piece)
@@ -599,7 +561,7 @@ class Ext4Sink:
                     ri += 1
                     pos, left = runs[ri][0] << _BITS, runs[ri][1] << _BITS
         if got != size:
-            raise Ext4Error(f"{_show(parts)}: {got} bytes of data for a {size}-byte file")
+            raise Ext4Error(f"{show(parts)}: {got} bytes of data for a {size}-byte file")
         if size & _MASK:  # the tail block in full: a reused hole must hold no stale byte
             out.at(pos, bytes(BLKSZ - (size & _MASK)))
         index = len(self._start)
@@ -622,7 +584,7 @@ class Ext4Sink:
         size, regions = node.size, entry.sparse or []
         if sum(length for _, length in regions) != entry.size or any(
                 off < 0 or length < 0 or off + length > size for off, length in regions):
-            raise Ext4Error(f"{_show(parts)}: sparse map does not match the stored data")
+            raise Ext4Error(f"{show(parts)}: sparse map does not match the stored data")
         spans: list[list[int]] = []
         for off, length in sorted(r for r in regions if r[1]):
             lo, hi = off >> _BITS, ((off + length - 1) >> _BITS) + 1
@@ -645,7 +607,7 @@ class Ext4Sink:
                     try:
                         piece = memoryview(next(pieces)).cast("B")
                     except StopIteration:
-                        raise Ext4Error(f"{_show(parts)}: sparse file data ends early") from None
+                        raise Ext4Error(f"{show(parts)}: sparse file data ends early") from None
                 blk = off >> _BITS
                 i = bisect.bisect_right(starts, blk) - 1
                 lblk, pblk, n = extents[i]
@@ -654,7 +616,7 @@ class Ext4Sink:
                 out.at(((pblk + blk - lblk) << _BITS) + (off & _MASK), piece[:take])
                 piece, off, length = piece[take:], off + take, length - take
         if piece or next(pieces, None) is not None:
-            raise Ext4Error(f"{_show(parts)}: sparse file has more data than its map")
+            raise Ext4Error(f"{show(parts)}: sparse file has more data than its map")
         index = len(self._start)
         self._start.append(0)
         self._nblk.append(sum(e[2] for e in extents))
@@ -726,7 +688,7 @@ class _Image:
             subdirs: list[int] = []
             for name in sorted(children):
                 if not name or len(name) > fmt.NAME_LEN or b"/" in name or b"\0" in name or name in (b".", b".."):
-                    raise Ext4Error(f"{_text(self.paths[p])}: name {name[:40]!r} cannot be a directory entry")
+                    raise Ext4Error(f"{text(self.paths[p])}: name {name[:40]!r} cannot be a directory entry")
                 child = children[name]
                 c = pos_of.get(child)
                 if c is None:
@@ -739,13 +701,13 @@ class _Image:
                         subdirs.append(c)
                         self.paths[c] = self.paths[p].rstrip(b"/") + b"/" + name
                     elif child.kind == tree.REG and isinstance(child.data, int) and sink._released[child.data]:
-                        raise Ext4Error(f"{_text(self.paths[p])}/{_text(name)}: data released but still in the tree")
+                        raise Ext4Error(f"{text(self.paths[p])}/{text(name)}: data released but still in the tree")
                 elif child.children is not None:
-                    raise Ext4Error(f"directory {_text(name)} appears twice in the tree")
+                    raise Ext4Error(f"directory {text(name)} appears twice in the tree")
                 else:
                     nlink[c] += 1
                     if nlink[c] > fmt.LINK_MAX:
-                        raise Ext4Error(f"{_text(self.paths[p])}/{_text(name)}: more than "
+                        raise Ext4Error(f"{text(self.paths[p])}/{text(name)}: more than "
                                         f"{fmt.LINK_MAX} hardlinks")
             links = 2 + len(subdirs)
             nlink[p] = links if links <= fmt.LINK_MAX else 1  # dir_nlink: 1 means "many"
@@ -766,7 +728,7 @@ class _Image:
 
     def _skip(self, p: int, name: str, why: str) -> None:
         path = self._path(p)
-        self.sink.skipped.append(f"{_text(path)}: xattr {name}: {why}")
+        self.sink.skipped.append(f"{text(path)}: xattr {name}: {why}")
         if self.sink.report is not None:
             self.sink.report.skip(path, f"xattr {name} not stored: {why}")
 
@@ -853,7 +815,7 @@ class _Image:
             elif kind == tree.LNK:
                 target = node.target
                 if not target or len(target) >= BLKSZ:
-                    raise Ext4Error(f"{_text(self._path(p))}: symlink target of {len(target)} bytes")
+                    raise Ext4Error(f"{text(self._path(p))}: symlink target of {len(target)} bytes")
                 if len(target) > fmt.FAST_SYMLINK_MAX:
                     ((blk, _),) = sink._alloc(1)
                     out.at(blk << _BITS, target + bytes(BLKSZ - len(target)))
@@ -863,7 +825,7 @@ class _Image:
                 if len(extents) > fmt.EXTENTS_IN_INODE:
                     self._tree(p, extents)
             elif kind == tree.REG and node.size:
-                raise Ext4Error(f"{_text(self._path(p))}: a {node.size}-byte file without data")
+                raise Ext4Error(f"{text(self._path(p))}: a {node.size}-byte file without data")
 
     def _entries(self, p: int) -> list[tuple[bytes, int, int]]:
         node = self.nodes[p]
@@ -1093,9 +1055,9 @@ class _Image:
         elif kind in (tree.FIFO, tree.SOCK):
             size = 0
         else:
-            raise Ext4Error(f"{_text(self._path(p))}: unknown file type {kind:o}")
+            raise Ext4Error(f"{text(self._path(p))}: unknown file type {kind:o}")
         if not (0 <= node.uid <= 0xFFFFFFFF and 0 <= node.gid <= 0xFFFFFFFF):
-            raise Ext4Error(f"{_text(self._path(p))}: owner {node.uid}:{node.gid} out of ext4's 32-bit range")
+            raise Ext4Error(f"{text(self._path(p))}: owner {node.uid}:{node.gid} out of ext4's 32-bit range")
         return self._inode(node, self.nlink[p], size, (iblock or b"").ljust(fmt.IBLOCK_SIZE, b"\0"), blocks,
                            flags, self.ibody.get(p, b""), self.xblock.get(p, 0))
 
