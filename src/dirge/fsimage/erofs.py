@@ -42,7 +42,7 @@ from . import erofs_format as fmt
 from ..apply import tree
 from ..errors import ImageError
 from ..apply.tree import Node, Parts
-from .imagesink import Skips, TreeImageSink, pwrite_all, punch, show, text
+from .imagesink import Inodes, Skips, TreeImageSink, pwrite_all, punch, show, text
 
 if TYPE_CHECKING:
     from ..apply.tar import Entry, EntryStream
@@ -482,63 +482,18 @@ class _Image:
 
     def _walk(self) -> bytearray:
         """Number the inodes (parents first, names in byte order), count links, find live data."""
-        sink = self.sink
-        live = bytearray(len(sink._start))
-        root = self.root
-        if root.children is None:
-            raise ErofsError("the root is not a directory")
-        nodes, ino_of, nlink, parent, names_of = self.nodes, self.ino_of, self.nlink, self.parent, self.names
-        nodes.append(root)
-        ino_of[root] = 0
-        nlink.append(2)
-        parent.append(0)
-        stack = [0]
-        while stack:
-            ino = stack.pop()
-            node = nodes[ino]
-            children = node.children
-            assert children is not None
-            names = sorted(children)
-            subdirs: list[int] = []
-            for name in names:
-                if not name or len(name) > fmt.NAME_LEN or b"/" in name or b"\0" in name or name in (b".", b".."):
-                    raise ErofsError(f"{text(self.paths[ino])}: name {name[:40]!r} cannot be a directory entry")
-                child = children[name]
-                cino = ino_of.get(child)
-                if cino is None:
-                    cino = len(nodes)
-                    nodes.append(child)
-                    ino_of[child] = cino
-                    nlink.append(1)
-                    parent.append(ino)
-                    if child.children is not None:
-                        subdirs.append(cino)
-                        self.paths[cino] = self.paths[ino].rstrip(b"/") + b"/" + name
-                    elif child.kind == tree.REG and isinstance(child.data, int):
-                        if sink._released[child.data]:
-                            raise ErofsError(f"{text(self.paths[ino])}/{text(name)}: "
-                                             "data released but still in the tree")
-                        live[child.data] = 1
-                elif child.children is not None:
-                    raise ErofsError(f"directory {text(name)} appears twice in the tree")
-                else:
-                    nlink[cino] += 1
-            nlink[ino] = 2 + len(subdirs)
+        inodes = Inodes(self.root, name_len=fmt.NAME_LEN, released=self.sink._released, error=ErofsError)
+        self.inodes = inodes
+        self.nodes, self.ino_of, self.nlink, self.parent, self.paths = (
+            inodes.nodes, inodes.index, inodes.nlink, inodes.parent, inodes.paths)
+        for names in inodes.names.values():  # erofs directories list "." and ".." among the names
             bisect.insort(names, b".")
             bisect.insort(names, b"..")
-            names_of[ino] = names
-            stack.extend(reversed(subdirs))
-        return live
+        self.names = inodes.names
+        return inodes.live
 
     def _path(self, ino: int) -> bytes:
-        if ino in self.paths:
-            return self.paths[ino]
-        pino = self.parent[ino]
-        children = self.nodes[pino].children
-        assert children is not None
-        node = self.nodes[ino]
-        name = next(n for n, c in children.items() if c is node)
-        return self.paths[pino].rstrip(b"/") + b"/" + name
+        return self.inodes.path(ino)
 
     def _xattr_ibodies(self) -> None:
         """Inline and shared xattrs: a (name, value) several inodes hold is stored once when that is

@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING
 from . import ext4_format as fmt
 from ..apply import tree
 from ..apply.tree import Node, Parts
-from .imagesink import Skips, TreeImageSink, pwrite_all, punch, show, text
+from .imagesink import Inodes, Skips, TreeImageSink, pwrite_all, punch, show, text
 from ..errors import ImageError
 
 if TYPE_CHECKING:
@@ -672,57 +672,19 @@ class _Image:
     # -- numbering -------------------------------------------------------------------------------
 
     def _walk(self) -> None:
-        sink, root = self.sink, self.root
-        if root.children is None:
-            raise Ext4Error("the root is not a directory")
-        nodes, pos_of, nlink, parent = self.nodes, self.pos_of, self.nlink, self.parent
-        nodes.append(root)
-        pos_of[root] = 0
-        nlink.append(2)
-        parent.append(0)
-        stack = [0]
-        while stack:
-            p = stack.pop()
-            children = nodes[p].children
-            assert children is not None
-            subdirs: list[int] = []
-            for name in sorted(children):
-                if not name or len(name) > fmt.NAME_LEN or b"/" in name or b"\0" in name or name in (b".", b".."):
-                    raise Ext4Error(f"{text(self.paths[p])}: name {name[:40]!r} cannot be a directory entry")
-                child = children[name]
-                c = pos_of.get(child)
-                if c is None:
-                    c = len(nodes)
-                    nodes.append(child)
-                    pos_of[child] = c
-                    nlink.append(1)
-                    parent.append(p)
-                    if child.children is not None:
-                        subdirs.append(c)
-                        self.paths[c] = self.paths[p].rstrip(b"/") + b"/" + name
-                    elif child.kind == tree.REG and isinstance(child.data, int) and sink._released[child.data]:
-                        raise Ext4Error(f"{text(self.paths[p])}/{text(name)}: data released but still in the tree")
-                elif child.children is not None:
-                    raise Ext4Error(f"directory {text(name)} appears twice in the tree")
-                else:
-                    nlink[c] += 1
-                    if nlink[c] > fmt.LINK_MAX:
-                        raise Ext4Error(f"{text(self.paths[p])}/{text(name)}: more than "
-                                        f"{fmt.LINK_MAX} hardlinks")
-            links = 2 + len(subdirs)
-            nlink[p] = links if links <= fmt.LINK_MAX else 1  # dir_nlink: 1 means "many"
-            stack.extend(reversed(subdirs))
-        if fmt.FIRST_INO + len(nodes) - 2 >= 1 << 32:
+        inodes = Inodes(self.root, name_len=fmt.NAME_LEN, released=self.sink._released, error=Ext4Error,
+                        link_max=fmt.LINK_MAX)
+        self.inodes = inodes
+        self.nodes, self.pos_of, self.nlink, self.parent, self.paths = (
+            inodes.nodes, inodes.index, inodes.nlink, inodes.parent, inodes.paths)
+        for p in inodes.names:
+            if self.nlink[p] > fmt.LINK_MAX:
+                self.nlink[p] = 1  # dir_nlink: 1 means "many"
+        if fmt.FIRST_INO + len(self.nodes) - 2 >= 1 << 32:
             raise Ext4Error("too many inodes for ext4")
 
     def _path(self, p: int) -> bytes:
-        if p in self.paths:
-            return self.paths[p]
-        children = self.nodes[self.parent[p]].children
-        assert children is not None
-        node = self.nodes[p]
-        name = next(n for n, c in children.items() if c is node)
-        return self.paths[self.parent[p]].rstrip(b"/") + b"/" + name
+        return self.inodes.path(p)
 
     # -- xattrs ----------------------------------------------------------------------------------
 

@@ -1,13 +1,16 @@
 """What the image writers (erofs, ext4) share: a Sink whose tree is the directory (only file data and
-``finish`` do I/O), the skip-recording protocol, and positioned-write helpers."""
+``finish`` do I/O), the skip-recording protocol, positioned-write helpers, and the inode numbering
+of the final tree."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+from array import array
+from collections.abc import Callable
 from typing import Protocol
 
-from ..apply.tree import Node, Parts
+from ..apply.tree import REG, Node, Parts
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
@@ -61,3 +64,66 @@ def show(parts: Parts) -> str:
 
 def text(path: bytes) -> str:
     return path.decode("utf-8", "replace")
+
+
+class Inodes:
+    """The final tree numbered for an image writer: parents first, names in byte order, one number per
+    ``Node`` (hardlinks share it); link counts, parents, each directory's sorted names, and which data
+    handles (``node.data`` ints) the tree still reaches (``live``)."""
+
+    def __init__(self, root: Node, *, name_len: int, released: bytearray, error: Callable[[str], Exception],
+                 link_max: int = 0xFFFFFFFF) -> None:
+        if root.children is None:
+            raise error("the root is not a directory")
+        self.nodes: list[Node] = [root]
+        self.index: dict[Node, int] = {root: 0}
+        self.nlink = array("I", [2])
+        self.parent = array("q", [0])
+        self.names: dict[int, list[bytes]] = {}  # directories: their names, sorted
+        self.paths: dict[int, bytes] = {0: b"/"}  # directories' paths, for reports and errors
+        self.live = bytearray(len(released))
+        nodes, index, nlink, parent = self.nodes, self.index, self.nlink, self.parent
+        stack = [0]
+        while stack:  # iterative: a hostile tree can be deep
+            p = stack.pop()
+            children = nodes[p].children
+            assert children is not None
+            names = sorted(children)
+            subdirs: list[int] = []
+            for name in names:
+                if not name or len(name) > name_len or b"/" in name or b"\0" in name or name in (b".", b".."):
+                    raise error(f"{text(self.paths[p])}: name {name[:40]!r} cannot be a directory entry")
+                child = children[name]
+                c = index.get(child)
+                if c is None:
+                    c = len(nodes)
+                    nodes.append(child)
+                    index[child] = c
+                    nlink.append(1)
+                    parent.append(p)
+                    if child.children is not None:
+                        subdirs.append(c)
+                        self.paths[c] = self.paths[p].rstrip(b"/") + b"/" + name
+                    elif child.kind == REG and isinstance(child.data, int):
+                        if released[child.data]:
+                            raise error(f"{text(self.paths[p])}/{text(name)}: data released but still in the tree")
+                        self.live[child.data] = 1
+                elif child.children is not None:
+                    raise error(f"directory {text(name)} appears twice in the tree")
+                else:
+                    nlink[c] += 1
+                    if nlink[c] > link_max:
+                        raise error(f"{text(self.paths[p])}/{text(name)}: more than {link_max} hardlinks")
+            nlink[p] = 2 + len(subdirs)
+            self.names[p] = names
+            stack.extend(reversed(subdirs))
+
+    def path(self, i: int) -> bytes:
+        """The path of inode ``i`` (a non-directory: by one of its names)."""
+        if i in self.paths:
+            return self.paths[i]
+        children = self.nodes[self.parent[i]].children
+        assert children is not None
+        node = self.nodes[i]
+        name = next(n for n, c in children.items() if c is node)
+        return self.paths[self.parent[i]].rstrip(b"/") + b"/" + name
