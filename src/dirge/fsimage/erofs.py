@@ -42,7 +42,7 @@ from . import erofs_format as fmt
 from ..apply import tree
 from ..errors import ImageError
 from ..apply.tree import Node, Parts
-from .imagesink import Inodes, Skips, TreeImageSink, pwrite_all, punch, show, text
+from .imagesink import Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
 
 if TYPE_CHECKING:
     from ..apply.tar import Entry, EntryStream
@@ -58,10 +58,6 @@ _MOVE = 1 << 20  # compaction: bytes per read/write when the gap is small
 
 _FTYPES = {tree.REG: fmt.FT_REG_FILE, tree.DIR: fmt.FT_DIR, tree.LNK: fmt.FT_SYMLINK, tree.CHR: fmt.FT_CHRDEV,
            tree.BLK: fmt.FT_BLKDEV, tree.FIFO: fmt.FT_FIFO, tree.SOCK: fmt.FT_SOCK}
-_XATTR_NAMESPACES = (("user.", fmt.XATTR_INDEX_USER), ("trusted.", fmt.XATTR_INDEX_TRUSTED),
-                     ("security.", fmt.XATTR_INDEX_SECURITY))
-_XATTR_WHOLE = {"system.posix_acl_access": fmt.XATTR_INDEX_POSIX_ACL_ACCESS,
-                "system.posix_acl_default": fmt.XATTR_INDEX_POSIX_ACL_DEFAULT}
 
 XattrKey = tuple[int, bytes, bytes]  # (name index, name suffix, value)
 
@@ -75,18 +71,10 @@ class ErofsError(ImageError, ValueError):
 
 def xattr_key(name: str, value: bytes) -> XattrKey | str:
     """The on-disk (index, suffix, value) of an xattr, or why erofs cannot store it."""
-    index = _XATTR_WHOLE.get(name)
-    if index is not None:
-        suffix = b""
-    else:
-        for prefix, index in _XATTR_NAMESPACES:
-            if name.startswith(prefix):
-                suffix = name[len(prefix):].encode("utf-8", "surrogateescape")
-                if not suffix:
-                    return "empty name after the namespace prefix"
-                break
-        else:
-            return "namespace not representable in erofs (user., trusted., security., POSIX ACLs only)"
+    split = split_xattr_name(name, "erofs")
+    if isinstance(split, str):
+        return split
+    index, suffix = split
     if len(suffix) > fmt.XATTR_NAME_MAX:
         return "name too long for erofs"
     if len(value) > fmt.XATTR_VALUE_MAX:

@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING
 from . import ext4_format as fmt
 from ..apply import tree
 from ..apply.tree import Node, Parts
-from .imagesink import Inodes, Skips, TreeImageSink, pwrite_all, punch, show, text
+from .imagesink import XATTR_ACLS, Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
 from ..errors import ImageError
 
 if TYPE_CHECKING:
@@ -84,10 +84,6 @@ _MAX_BLOCKS = 1 << 32
 
 _FTYPES = {tree.REG: fmt.FT_REG_FILE, tree.DIR: fmt.FT_DIR, tree.LNK: fmt.FT_SYMLINK, tree.CHR: fmt.FT_CHRDEV,
            tree.BLK: fmt.FT_BLKDEV, tree.FIFO: fmt.FT_FIFO, tree.SOCK: fmt.FT_SOCK}
-_XATTR_NAMESPACES = (("user.", fmt.XATTR_INDEX_USER), ("trusted.", fmt.XATTR_INDEX_TRUSTED),
-                     ("security.", fmt.XATTR_INDEX_SECURITY))
-_XATTR_ACLS = {"system.posix_acl_access": fmt.XATTR_INDEX_POSIX_ACL_ACCESS,
-               "system.posix_acl_default": fmt.XATTR_INDEX_POSIX_ACL_DEFAULT}
 
 XattrKey = tuple[int, bytes, bytes]  # (name index, name suffix, on-disk value)
 Extent = tuple[int, int, int]  # (logical block, physical block, length)
@@ -129,22 +125,15 @@ def acl_to_disk(value: bytes) -> bytes | str:
 
 def xattr_key(name: str, value: bytes) -> XattrKey | str:
     """The on-disk (index, suffix, value) of an xattr, or why ext4 (without ea_inode) cannot store it."""
-    index = _XATTR_ACLS.get(name)
-    if index is not None:
-        suffix = b""
+    split = split_xattr_name(name, "ext4")
+    if isinstance(split, str):
+        return split
+    index, suffix = split
+    if name in XATTR_ACLS:  # ext4 keeps ACLs in its own compact form
         converted = acl_to_disk(value)
         if isinstance(converted, str):
             return converted
         value = converted
-    else:
-        for prefix, index in _XATTR_NAMESPACES:
-            if name.startswith(prefix):
-                suffix = name[len(prefix):].encode("utf-8", "surrogateescape")
-                if not suffix:
-                    return "empty name after the namespace prefix"
-                break
-        else:
-            return "namespace not representable in ext4 (user., trusted., security., POSIX ACLs only)"
     if len(suffix) > 255:
         return "name too long for ext4"
     limit = BLKSZ - fmt.XATTR_HEADER.size - fmt.xattr_entry_len(len(suffix)) - 4

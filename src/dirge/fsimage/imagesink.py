@@ -127,3 +127,20 @@ class Inodes:
         node = self.nodes[i]
         name = next(n for n, c in children.items() if c is node)
         return self.paths[self.parent[i]].rstrip(b"/") + b"/" + name
+
+
+# The kernel's xattr name indexes, shared by ext4 and erofs (fs/ext4/xattr.h, fs/erofs/erofs_fs.h).
+XATTR_ACLS = {"system.posix_acl_access": 2, "system.posix_acl_default": 3}
+_XATTR_NAMESPACES = (("user.", 1), ("trusted.", 4), ("security.", 6))
+
+
+def split_xattr_name(name: str, fs: str) -> tuple[int, bytes] | str:
+    """The (name index, name suffix) an ext4 or erofs image stores for xattr ``name``, or why it cannot."""
+    index = XATTR_ACLS.get(name)
+    if index is not None:
+        return index, b""
+    for prefix, index in _XATTR_NAMESPACES:
+        if name.startswith(prefix):
+            suffix = name[len(prefix):].encode("utf-8", "surrogateescape")
+            return (index, suffix) if suffix else "empty name after the namespace prefix"
+    return f"namespace not representable in {fs} (user., trusted., security., POSIX ACLs only)"
