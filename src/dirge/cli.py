@@ -257,7 +257,9 @@ def _sessions(cache_dir: Path | None) -> "Sessions":
 
 
 def _session_json(info: "SessionInfo", sessions: "Sessions") -> dict[str, Any]:
-    return {**dataclasses.asdict(info), "path": str(sessions.rootfs(info.id)), "alive": info.alive()}
+    # A disk session has no rootfs directory: its "path" is null, its "disk" the VM's root disk.
+    path = None if info.disk else str(sessions.rootfs(info.id))
+    return {**dataclasses.asdict(info), "path": path, "alive": info.alive()}
 
 
 @cli.group("session")
@@ -276,22 +278,37 @@ def session_group() -> None:
 @click.option("--owner-pid", type=int, help="Process whose exit makes the session prunable (default: the caller).")
 @pull_option
 @creds_option
+@click.option("--disk", type=click.Choice(["ext4", "erofs"]),
+              help="A disk session for a block-device VM: its own ext4 disk, or the shared erofs image plus "
+                   "its own scratch ext4 (no mount, no root).")
+@click.option("--disk-format", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True,
+              help="--disk ext4: a raw copy (reflink where possible) or a qcow2 overlay on the base disk.")
+@click.option("--disk-size", default="auto", show_default=True, metavar="SIZE|auto",
+              help="--disk ext4: the base disk's size (e.g. 2G); --disk erofs: the scratch disk's (256M).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the path.")
 def session_create(image: str, cache_dir: Path | None, strategy: str | None, base_format: str | None,
-                   platform: str | None, owner_pid: int | None, pull: str, creds: str | None, as_json: bool) -> None:
-    """Make a new session rootfs of IMAGE and print its path."""
+                   platform: str | None, owner_pid: int | None, pull: str, creds: str | None, disk: str | None,
+                   disk_format: str, disk_size: str, as_json: bool) -> None:
+    """Make a new session rootfs of IMAGE and print its path (a disk session: its disk's)."""
     from .rootfs import prepare
 
+    if disk is None and (disk_format != "raw" or disk_size != "auto"):
+        raise click.UsageError("--disk-format and --disk-size need --disk")
     prepared = prepare(image, cache_dir, strategy=strategy, base_format=base_format,
                        owner_pid=owner_pid or os.getppid(),
-                       platform=parse_platform(platform) if platform else None, pull=pull, creds=_creds(creds))
+                       platform=parse_platform(platform) if platform else None, pull=pull, creds=_creds(creds),
+                       disk=disk, disk_format=disk_format, disk_size=_size(disk_size))
     prepared.detach()
     if as_json:
-        click.echo(json.dumps({**dataclasses.asdict(prepared.info), "path": str(prepared.path),
-                               "base_created": prepared.base_created, "base_format": prepared.base_format},
-                              indent=2))
+        click.echo(json.dumps({**_prepared_json(prepared), "base_created": prepared.base_created,
+                               "base_format": prepared.base_format}, indent=2))
     else:
-        click.echo(prepared.path)
+        click.echo(prepared.disk if prepared.is_disk else prepared.path)
+
+
+def _prepared_json(prepared: Any) -> dict[str, Any]:  # a rootfs.PreparedRootfs (imported lazily)
+    # session.json's fields (disk, disk_strategy, scratch included); "path" null for a disk session
+    return {**dataclasses.asdict(prepared.info), "path": None if prepared.is_disk else str(prepared.path)}
 
 
 @session_group.command("ls")
@@ -366,8 +383,8 @@ def snapshot_restore(name: str, cache_dir: Path | None, owner_pid: int | None, a
 
     prepared = restore(name, cache_dir, owner_pid=owner_pid or os.getppid())
     prepared.detach()
-    click.echo(json.dumps({**dataclasses.asdict(prepared.info), "path": str(prepared.path)}, indent=2)
-               if as_json else prepared.path)
+    click.echo(json.dumps(_prepared_json(prepared), indent=2)
+               if as_json else (prepared.disk if prepared.is_disk else prepared.path))
 
 
 @snapshot_group.command("delete")

@@ -2,26 +2,34 @@
 
     with prepare("oci:/images/app:1.0") as rootfs:
         run_vm(rootfs.path, rootfs.config)
+
+Disk sessions, for block-device VMs (Firecracker, Cloud Hypervisor): ``prepare(image, disk="ext4")``
+gives ``.disk``, the session's own ext4 disk (``disk_format="qcow2"``: a qcow2 overlay on the cached base
+disk); ``disk="erofs"`` gives the shared read-only base erofs image as ``.disk`` and the session's own
+empty ext4 ``.scratch`` (``upper/``, ``work/``) for an overlay in the guest. They have no directory:
+their ``.path`` raises SessionError. ``files=``, ``add_user`` and ``write_krun_config`` write into the
+disk (erofs: the scratch's ``upper/``) with debugfs, without mounting or root; not into a qcow2 disk.
 """
 
 from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .apply.layer import Limits
-from .bases import ensure_base, mount_base
+from .bases import DiskOptions, ensure_base, ensure_disk, mount_base
 from .cache import Cache
 from .errors import SessionError
 from .fsutil import is_mountpoint, remove_tree, unmount
 from .image import Platform
 from .reference import canonicalize_image_ref, local_variant_name
-from .session import Sessions, SessionInfo, backends
+from .session import DISK, SCRATCH_SIZE, Sessions, SessionInfo, backends, destroy
 from .sources.auth import Credentials
-from .session.customize import FileSpec, add_user, write_files, write_krun_config
+from .session.customize import (DirWriter, Ext4DiskWriter, FileSpec, RootfsWriter, add_user, write_files,
+                                write_krun_config)
 from .unpack import ProgressFn
 
 __all__ = [
@@ -38,16 +46,57 @@ __all__ = [
 
 
 class PreparedRootfs:
-    """A session rootfs; removed (unmounted first) by ``close()``, on leaving ``with``, or when collected."""
+    """A session rootfs; removed (unmounted first) by ``close()``, on leaving ``with``, or when collected.
+
+    A disk session (``is_disk``) has ``disk`` (and, erofs, ``scratch``) instead of a directory: its
+    ``path`` raises SessionError rather than name a directory that does not exist."""
 
     def __init__(self, info: SessionInfo, session_dir: Path, config: dict[str, Any], base_created: bool,
                  base_format: str = "tree") -> None:
         self.info = info
-        self.path = session_dir / "rootfs"
+        self.session_dir = session_dir
         self.config = config
         self.base_created = base_created
-        self.base_format = base_format  # what the base is: "tree" or "erofs"
-        self._finalizer = weakref.finalize(self, backends.get(info.strategy).destroy, session_dir)
+        self.base_format = base_format  # what the base is: "tree", "erofs", or a disk session's "ext4"
+        destroyer = destroy if info.strategy == DISK else backends.get(info.strategy).destroy
+        self._finalizer = weakref.finalize(self, destroyer, session_dir)
+
+    @property
+    def is_disk(self) -> bool:
+        return self.info.strategy == DISK
+
+    @property
+    def path(self) -> Path:
+        """The session's rootfs directory (directory sessions only)."""
+        if self.is_disk:
+            raise SessionError(f"session {self.id} is a disk session: it has no rootfs directory; use .disk")
+        return self.session_dir / "rootfs"
+
+    @property
+    def disk(self) -> Path | None:
+        """The VM's root disk (disk sessions; None otherwise): the session's own file, or for erofs the
+        shared read-only base image."""
+        return Path(self.info.disk) if self.info.disk else None
+
+    @property
+    def scratch(self) -> Path | None:
+        """An erofs session's own writable ext4 (``upper/``, ``work/``) for the guest's overlay."""
+        return Path(self.info.scratch) if self.info.scratch else None
+
+    disk_format = property(lambda self: self.info.disk_format)
+    disk_strategy = property(lambda self: self.info.disk_strategy)
+
+    def writer(self) -> RootfsWriter:
+        """Where ``write_files``, ``add_user`` and ``write_krun_config`` write for this session."""
+        if not self.is_disk:
+            return DirWriter(self.path)
+        if self.info.disk_format != "raw":
+            raise SessionError(f"session {self.id}: dirge cannot write into a {self.info.disk_format} disk; "
+                               "use --disk-format raw to customise")
+        if self.scratch is not None:
+            return Ext4DiskWriter(self.scratch, under="upper", lower=_erofs_lower(self, Cache(self.session_dir.parent.parent)))
+        assert self.disk is not None
+        return Ext4DiskWriter(self.disk)
 
     id = property(lambda self: self.info.id)
     image = property(lambda self: self.info.image)
@@ -73,8 +122,29 @@ class PreparedRootfs:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"PreparedRootfs(id={self.id!r}, path={str(self.path)!r}, strategy={self.strategy!r}, "
+        where = f"disk={str(self.disk)!r}" if self.is_disk else f"path={str(self.path)!r}"
+        return (f"PreparedRootfs(id={self.id!r}, {where}, strategy={self.strategy!r}, "
                 f"base_format={self.base_format!r})")
+
+
+def _erofs_lower(prepared: PreparedRootfs, cache: Cache) -> "Callable[[str], bytes | None]":
+    """How an erofs disk session reads a file its scratch upper lacks (``add_user``'s /etc/passwd):
+    from the base image's read-only mount, made if missing, which needs root; without it, a clear error
+    (dirge has no userspace erofs reader yet)."""
+    from .fsimage.mount import mounted_at
+
+    def read(path: str) -> bytes | None:
+        base = cache.load_base(prepared.info.base)
+        if base is None:
+            raise SessionError(f"session {prepared.id}: its base {prepared.info.base} is no longer cached")
+        if mounted_at(base.rootfs) != "erofs":
+            if os.geteuid() != 0:
+                raise SessionError(f"read {path} of erofs disk session {prepared.id}: reading the base image "
+                                   "needs it mounted (root); write whole files (files=) instead")
+            mount_base(base)
+        return DirWriter(base.rootfs).read_file(path)
+
+    return read
 
 
 def prepare(
@@ -93,21 +163,38 @@ def prepare(
     progress: ProgressFn | None = None,
     pull: str = "missing",
     creds: Credentials | None = None,
+    disk: str | None = None,
+    disk_format: str = "raw",
+    disk_size: int | None = None,
+    disk_journal: bool = True,
 ) -> PreparedRootfs:
     """Resolve ``image``, make sure its base is cached (unpacking under a lock), and return a new session.
 
     ``base_format`` is what the base is built as: "tree", "erofs" or "auto" (None: ``$DIRGE_BASE_FORMAT``,
-    else auto); ``strategy`` how the session is made from it (None: the fastest available)."""
+    else auto); ``strategy`` how the session is made from it (None: the fastest available).
+
+    ``disk`` ("ext4" or "erofs") makes a disk session instead (module doc): ``disk_format`` "raw" or
+    "qcow2" (ext4 only); ``disk_size`` the ext4 base disk's size (None: content plus headroom; erofs:
+    the scratch disk's, default 256 MiB) and ``disk_journal`` its journal. No mount, no root."""
     cache = Cache(cache_dir)
     ref = canonicalize_image_ref(image)
-    base = ensure_base(ref, cache=cache, format=base_format, platform=platform, rootless=rootless, limits=limits,
-                       lock_timeout=lock_timeout, progress=progress, pull=pull, creds=creds)
     sessions = Sessions(cache)
-    info = sessions.create(base, ref, strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
+    if disk is not None:
+        if strategy is not None:
+            raise SessionError(f"session strategy {strategy!r}: a disk session has none (it is a disk file)")
+        base = ensure_disk(ref, format=disk, options=DiskOptions(disk_size, disk_journal), cache=cache,
+                           platform=platform, rootless=rootless, limits=limits, lock_timeout=lock_timeout,
+                           progress=progress, pull=pull, creds=creds)
+        info = sessions.create_disk(base, ref, disk_format=disk_format, owner_pid=owner_pid, snapshot=snapshot,
+                                    scratch_size=disk_size if disk == "erofs" and disk_size else SCRATCH_SIZE)
+    else:
+        base = ensure_base(ref, cache=cache, format=base_format, platform=platform, rootless=rootless,
+                           limits=limits, lock_timeout=lock_timeout, progress=progress, pull=pull, creds=creds)
+        info = sessions.create(base, ref, strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
     prepared = PreparedRootfs(info, sessions.session_dir(info.id), base.config, base.created, base.format)
     try:
         if files:
-            write_files(prepared.path, files)
+            write_files(prepared, files)
     except BaseException:
         prepared.close()
         raise
@@ -124,6 +211,9 @@ def restore(snapshot: str, cache_dir: str | os.PathLike[str] | None = None, *, s
     if base is None:
         raise SessionError(f"restore snapshot {snapshot}: its base {meta['base']} is no longer cached; "
                            f"prepare {meta['image']} again first")
+    if meta["kind"] == DISK:
+        info = sessions.create_disk(base, meta["image"], owner_pid=owner_pid, snapshot=snapshot)
+        return PreparedRootfs(info, sessions.session_dir(info.id), base.config, False, base.format)
     mount_base(base)
     info = sessions.create(base, meta["image"], strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
     return PreparedRootfs(info, sessions.session_dir(info.id), base.config, False, base.format)
@@ -138,8 +228,10 @@ def cleanup(path: str | os.PathLike[str]) -> None:
         if is_mountpoint(base_dir / "rootfs"):
             unmount(base_dir / "rootfs")
         remove_tree(base_dir)
-    elif (path.parent / "session.json").exists() and path.name == "rootfs":
-        backends.destroy(path.parent)
+    elif (path.parent / "session.json").exists() and path.name in ("rootfs", "disk.ext4", "disk.qcow2"):
+        destroy(path.parent)
+    elif (path / "session.json").exists() and path.parent.name == "sessions":  # a session directory
+        destroy(path)
     elif is_mountpoint(path):
         unmount(path)
         remove_tree(path)

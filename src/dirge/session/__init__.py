@@ -5,6 +5,14 @@
     CACHE/sessions/<id>/upper, work    overlay only
     CACHE/snapshots/<name>/            snapshot.json + upper/ (overlay sessions) or tree/ (the others)
 
+Disk sessions (for block-device VMs; strategy "disk", no rootfs directory):
+
+    CACHE/sessions/<id>/disk.ext4      an ext4 session's own disk, from the cached base disk (reflink or
+                                       a sparse copy; ``disk.qcow2``: a qcow2 overlay backed by it)
+    CACHE/sessions/<id>/scratch.ext4   an erofs session's small empty ext4 (``upper/``, ``work/``) for
+                                       the guest's overlay; its disk is the shared base erofs image itself
+    CACHE/snapshots/<name>/            snapshot.json (kind "disk") + a copy of disk.* or scratch.ext4
+
 Ids are random (uuid4), never the pid. The base is never written: restoring a snapshot makes a new
 session from the base plus the snapshot.
 """
@@ -19,12 +27,18 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ..cache import Base, Cache
 from ..errors import SessionError
 from ..fsutil import fsync_dir, remove_tree
 from . import backends
 from .backends import Strategy
+from .copytree import copy_data
+from .disks import DISK_FORMATS, make_session_disk
+
+DISK = "disk"  # the strategy name and the snapshot kind of disk sessions
+SCRATCH_SIZE = 256 << 20  # an erofs session's scratch disk (sparse: costs only what the guest writes)
 
 _SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -49,9 +63,71 @@ class SessionInfo:
     pid_start: int | None
     created: float
     snapshot: str | None = None
+    # Disk sessions only (None for directory sessions; absent from an older dirge's session.json):
+    disk: str | None = None  # the VM's root disk: the session's own file, or (erofs) the shared base image
+    disk_fs: str | None = None  # "ext4" or "erofs"
+    disk_format: str | None = None  # "raw" or "qcow2"
+    disk_strategy: str | None = None  # "reflink", "sparse", "qcow2", or "shared" (erofs: the base itself)
+    scratch: str | None = None  # erofs: the session's writable ext4 for the guest's overlay upper
+
+    def record(self) -> str:
+        """session.json's text: a directory session's without the (empty) disk fields, as before them."""
+        fields = asdict(self)
+        for name in _DISK_FIELDS:
+            if fields[name] is None:
+                del fields[name]
+        return json.dumps(fields, indent=1)
 
     def alive(self) -> bool:
         return self.pid_start is not None and process_start_time(self.pid) == self.pid_start
+
+
+def destroy(session_dir: Path) -> None:
+    """Remove a session directory (missing is fine): a disk session's files are all inside it (its
+    erofs base image is not, and stays); a directory session goes by its strategy (unmounting first)."""
+    try:
+        is_disk = json.loads((session_dir / "session.json").read_text()).get("strategy") == DISK
+    except (OSError, ValueError, AttributeError):
+        is_disk = False
+    if is_disk:
+        remove_tree(session_dir)
+    else:
+        backends.destroy(session_dir)
+
+
+def make_scratch(path: Path, size: int = SCRATCH_SIZE) -> None:
+    """An empty ext4 with ``upper/`` and ``work/`` (an overlay's upper and work dirs in the guest),
+    written by dirge's own ext4 writer: no mkfs, no mount, no root."""
+    from ..apply.tree import DIR, Node
+    from ..fsimage.ext4 import Ext4Error, Ext4Sink
+
+    now = time.time_ns()
+    root = Node(DIR, 0o755, mtime_ns=now)
+    assert root.children is not None
+    for name in (b"upper", b"work"):
+        root.children[name] = Node(DIR, 0o755, mtime_ns=now)
+    try:
+        sink = Ext4Sink(path, uuid=uuid.uuid4().bytes, build_time_ns=now, size=size, journal=False)
+        try:
+            sink.finish(root)
+        finally:
+            sink.close()
+    except (Ext4Error, ValueError) as exc:
+        raise SessionError(f"scratch disk {path} of {size} bytes: {exc}") from exc
+    os.chmod(path, 0o600)
+
+
+def copy_file(src: Path, dst: Path) -> str:
+    """``dst`` (absent) a copy of ``src``: a reflink where the filesystem shares blocks, else sparse."""
+    with open(src, "rb") as fin:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            return copy_data(fin.fileno(), fd, os.fstat(fin.fileno()).st_size, reflink=True)
+        finally:
+            os.close(fd)
+
+
+_DISK_FIELDS = ("disk", "disk_fs", "disk_format", "disk_strategy", "scratch")
 
 
 class Sessions:
@@ -89,6 +165,8 @@ class Sessions:
             snap_meta = self.snapshot_meta(snapshot)
             if snap_meta["base"] != base.key:
                 raise SessionError(f"restore snapshot {snapshot}: it belongs to another base ({snap_meta['base']})")
+            if snap_meta["kind"] == DISK:
+                raise SessionError(f"restore snapshot {snapshot}: it is of a disk session; restore it as one")
             restoring = snap_meta["kind"], self._snapshot_dir(snapshot)
         chosen = self.choose(base.rootfs, strategy)
         lowers = [base.rootfs]
@@ -100,10 +178,58 @@ class Sessions:
         sdir = self.dir / info.id
         sdir.mkdir(mode=0o755)
         try:
-            (sdir / "session.json").write_text(json.dumps(asdict(info), indent=1))
+            (sdir / "session.json").write_text(info.record())
             chosen.create(lowers, sdir)
         except BaseException:
             chosen.destroy(sdir)
+            raise
+        return info
+
+    def create_disk(self, base: Base, image: str, *, disk_format: str = "raw", owner_pid: int | None = None,
+                    snapshot: str | None = None, scratch_size: int = SCRATCH_SIZE) -> SessionInfo:
+        """A disk session of ``base`` (an ext4 or erofs base disk, ``bases.ensure_disk``): ext4 gets its
+        own copy of the disk (``disks.make_session_disk``); erofs shares the read-only base image and
+        gets its own scratch disk. From ``snapshot``: a copy of the saved disk (or scratch) instead."""
+        fs = base.format
+        if fs not in ("ext4", "erofs"):
+            raise SessionError(f"disk session of {image}: its base is a {fs}, not a disk (ext4 or erofs)")
+        if disk_format not in DISK_FORMATS:
+            raise SessionError(f"disk format {disk_format!r}: choose one of {', '.join(DISK_FORMATS)}")
+        saved: Path | None = None
+        if snapshot is not None:
+            meta = self.snapshot_meta(snapshot)
+            if meta["kind"] != DISK or meta["base"] != base.key:
+                raise SessionError(f"restore snapshot {snapshot}: it is not a disk snapshot of base {base.key}")
+            disk_format = meta.get("disk_format") or "raw"
+            saved = self._snapshot_dir(snapshot) / meta["file"]
+        if fs == "erofs" and disk_format != "raw":
+            raise SessionError("an erofs disk session shares the read-only base image: use --disk-format raw")
+        pid = owner_pid or os.getpid()
+        session_id = uuid.uuid4().hex
+        sdir = self.dir / session_id
+        own = sdir / ("disk.qcow2" if disk_format == "qcow2" else f"disk.{fs}")
+        scratch = sdir / "scratch.ext4" if fs == "erofs" else None
+        info = SessionInfo(session_id, image, str(base.digest), DISK, base.key, pid, process_start_time(pid),
+                           time.time(), snapshot, disk=str(own if fs == "ext4" else base.image_file), disk_fs=fs,
+                           disk_format=disk_format, scratch=str(scratch) if scratch else None)
+        sdir.mkdir(mode=0o755)
+        try:
+            # Recorded first, so a crash midway leaves a session that ``prune`` removes.
+            (sdir / "session.json").write_text(info.record())
+            if scratch is not None:
+                info.disk_strategy = "shared"
+                if saved is not None:
+                    copy_file(saved, scratch)
+                else:
+                    make_scratch(scratch, scratch_size)
+            elif saved is not None:  # a saved qcow2 still names the base as its backing file
+                how = copy_file(saved, own)
+                info.disk_strategy = "qcow2" if disk_format == "qcow2" else how
+            else:
+                info.disk_strategy = make_session_disk(base.image_file, own, disk_format=disk_format)
+            (sdir / "session.json").write_text(info.record())
+        except BaseException:
+            remove_tree(sdir)
             raise
         return info
 
@@ -126,7 +252,7 @@ class Sessions:
         return sorted(out, key=lambda s: s.created)
 
     def remove(self, session_id: str) -> None:
-        backends.destroy(self.session_dir(session_id))
+        destroy(self.session_dir(session_id))
 
     def prune(self) -> builtins.list[str]:  # (the method list() shadows the builtin here)
         """Remove sessions whose creating process has exited; return their ids."""
@@ -159,9 +285,15 @@ class Sessions:
         staging = self.snapshots / f".{name}.{uuid.uuid4().hex}"
         staging.mkdir()
         try:
-            kind = self.strategy(info).snapshot(sdir, info, staging)
+            extra: dict[str, Any] = {}
+            if info.strategy == DISK:  # a copy of what the session wrote: its disk, or its scratch disk
+                kind, saved = DISK, Path(info.scratch or info.disk or "")
+                copy_file(saved, staging / saved.name)
+                extra = {"file": saved.name, "disk_fs": info.disk_fs, "disk_format": info.disk_format}
+            else:
+                kind = self.strategy(info).snapshot(sdir, info, staging)
             meta = {"name": name, "kind": kind, "base": info.base, "image": info.image, "digest": info.digest,
-                    "session": session_id, "created": time.time()}
+                    "session": session_id, "created": time.time(), **extra}
             (staging / "snapshot.json").write_text(json.dumps(meta, indent=1))
             os.rename(staging, final)
             fsync_dir(self.snapshots)
