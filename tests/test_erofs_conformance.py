@@ -1,6 +1,7 @@
-"""The erofs path gives the tree path's result: every conformance image, written as an erofs image by
+"""The image writers give the tree path's result: every conformance image, written as an erofs image by
 dirge straight from its layers, mounted by the kernel, equals the tree base and umoci's unpack; every
-image passes ``fsck.erofs``, reads with ``dump.erofs -s`` and rebuilds byte-identically."""
+image passes ``fsck.erofs``, reads with ``dump.erofs -s`` and rebuilds byte-identically; as an ext4
+disk, every image passes ``e2fsck -fn`` and loop-mounts equal to the tree."""
 
 from __future__ import annotations
 
@@ -109,3 +110,25 @@ def test_dead_data_does_not_stay(tmp_path: Path, make_image, mounted) -> None:
     root = mounted(image)
     assert sorted(os.listdir(root)) == ["kept", "replaced"]
     assert (root / "replaced").read_bytes() == b"small"
+
+
+@needs_tool("e2fsck")
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_ext4_export_equals_the_tree(name: str, tmp_path: Path, make_image) -> None:
+    """Every conformance image as an ext4 disk (issue 11): e2fsck-clean, loop-mounted equal to the tree."""
+    from dirge import export
+
+    ref = make_image(CASES[name](tmp_path))
+    tree = tmp_path / "tree"
+    unpack(ref, tree)
+    disk = export(ref, tmp_path / "root.ext4", format="ext4").path
+    fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop,ro", str(disk), str(mnt)], check=True)
+    try:
+        differences = diff(snapshot(mnt), snapshot(tree))
+        assert not differences, "ext4 vs tree:\n" + "\n".join(differences)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -65,6 +65,18 @@ def test_pull_and_unpack(registry, tmp_path: Path, compression: str) -> None:
             assert s.base_format == "erofs" and not diff(snapshot(s.path), snapshot(dest))
             image = cache.root / "bases" / s.info.base / "rootfs.erofs"
             assert subprocess.run(["fsck.erofs", str(image)], capture_output=True).returncode == 0
+        from dirge import export  # and as an ext4 disk: e2fsck-clean, the same tree
+
+        disk = export(f"{registry.host}/team/app:1", tmp_path / "root.ext4", format="ext4", cache=cache,
+                      pull="never").path
+        assert subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True).returncode == 0
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        subprocess.run(["mount", "-o", "loop,ro", str(disk), str(mnt)], check=True)
+        try:
+            assert not diff(snapshot(mnt), snapshot(dest))
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
     by_digest = tmp_path / "by-digest"
     unpack(f"{registry.host}/team/app@{digest}", by_digest, cache=Cache(tmp_path / "cache2"))
     assert (by_digest / "etc/passwd").exists()

@@ -376,4 +376,18 @@ def test_shipped_debian_variant_builds_for_real(bookworm_base, buildah_env, tmp_
             image = cache_dir / "bases" / on_erofs.info.base / "rootfs.erofs"
             fsck = subprocess.run(["fsck.erofs", str(image)], capture_output=True, text=True)
             assert fsck.returncode == 0, fsck.stderr
+        # And as an ext4 disk (issue 11): e2fsck-clean, loop-mounted equal to the tree base.
+        from dirge import export
+
+        disk = export("debian", tmp_path / "debian.ext4", format="ext4", cache=Cache(cache_dir)).path
+        fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        subprocess.run(["mount", "-o", "loop,ro", str(disk), str(mnt)], check=True)
+        try:
+            differences = diff(snapshot(mnt), snapshot(root))
+            assert not differences, "\n".join(differences[:20])
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
     assert builds(buildah_env) == 1
