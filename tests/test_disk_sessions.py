@@ -206,12 +206,18 @@ def test_disk_session_as_an_ordinary_user(tmp_path: Path, make_image) -> None:
                   "s = prepare(sys.argv[1], sys.argv[2], disk='ext4', files={'/etc/hostname': b'nobody\\n'})\n"
                   "add_user(s, 'alice', 1000)\n"
                   "s.detach()\n"
-                  "print(s.disk)\n")
+                  "e = prepare(sys.argv[1], sys.argv[2], disk='erofs')\n"
+                  "add_user(e, 'bob', 1001)  # reads the image's /etc/passwd from the erofs file, no mount\n"
+                  "e.detach()\n"
+                  "print(s.disk)\n"
+                  "print(e.scratch)\n")
         proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
                                script, f"oci:{work / 'layout'}:t", str(work / "cache")], capture_output=True,
                               text=True, env={**os.environ, "HOME": str(work)})
         assert proc.returncode == 0, proc.stderr
-        disk = Path(proc.stdout.strip())
+        disk, scratch = (Path(line) for line in proc.stdout.split())
+        passwd = debugfs(scratch, "cat /upper/etc/passwd")
+        assert passwd.startswith("root:x:0:0::/root:/bin/sh\n") and "bob:x:1001" in passwd, passwd
         assert disk.stat().st_uid == 65534
         assert debugfs(disk, "cat /etc/hostname") == "nobody\n"
         assert "alice:x:1000" in debugfs(disk, "cat /etc/passwd")

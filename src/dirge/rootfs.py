@@ -129,20 +129,14 @@ class PreparedRootfs:
 
 def _erofs_lower(prepared: PreparedRootfs, cache: Cache) -> "Callable[[str], bytes | None]":
     """How an erofs disk session reads a file its scratch upper lacks (``add_user``'s /etc/passwd):
-    from the base image's read-only mount, made if missing, which needs root; without it, a clear error
-    (dirge has no userspace erofs reader yet)."""
-    from .fsimage.mount import mounted_at
+    straight from the base image file, without mounting it, so no root is needed."""
+    from .fsimage.erofs_read import read_erofs_file
 
     def read(path: str) -> bytes | None:
         base = cache.load_base(prepared.info.base)
         if base is None:
             raise SessionError(f"session {prepared.id}: its base {prepared.info.base} is no longer cached")
-        if mounted_at(base.rootfs) != "erofs":
-            if os.geteuid() != 0:
-                raise SessionError(f"read {path} of erofs disk session {prepared.id}: reading the base image "
-                                   "needs it mounted (root); write whole files (files=) instead")
-            mount_base(base)
-        return DirWriter(base.rootfs).read_file(path)
+        return read_erofs_file(base.image_file, path)
 
     return read
 
