@@ -125,6 +125,13 @@ def test_ext4_export_is_clean_equal_and_cached(image: str, tree: dict, tmp_path:
     assert small.size == 64 << 20 and small.sha256 != first.sha256
     assert "has_journal" not in subprocess.run(["dumpe2fs", "-h", str(small.path)], capture_output=True,
                                                text=True).stdout
+    counted = tmp_path / "e.ext4"
+    proc = subprocess.run([DIRGE, "export", image, str(counted), "--format", "ext4", "--size", "32M", "--inodes",
+                           "5000", "--no-journal", "--cache-dir", str(cache.root)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    header = subprocess.run(["dumpe2fs", "-h", str(counted)], capture_output=True, text=True).stdout
+    assert counted.stat().st_size == 32 << 20 and "has_journal" not in header
+    assert int(header.split("Inode count:")[1].split()[0]) >= 5000
     with pytest.raises(DirgeError, match="^export .*"):
         export(image, tmp_path / "d.ext4", format="ext4", cache=cache, disk=DiskOptions(64 << 10, True))
 

@@ -145,9 +145,11 @@ class DiskOptions:
 
     size: int | None = None  # bytes; None: the content plus headroom
     journal: bool = True
+    inodes: int | None = None  # None: the entries plus headroom
 
     def key(self) -> str:
-        return ("" if self.journal else "nojournal") + (f"size{self.size}" if self.size else "")
+        return ("" if self.journal else "nojournal") + (f"size{self.size}" if self.size else "") + \
+            (f"inodes{self.inodes}" if self.inodes else "")
 
 
 DISK_FORMATS = ("ext4", "erofs")
@@ -200,7 +202,8 @@ def _ensure_base(cache: Cache, image: str, source: BlobSource, resolved: Resolve
             _BUILDERS[fmt](staging, source, resolved, rootless, limits, progress, options)
             meta: dict[str, Any] = {
                 "image": image, "digest": str(resolved.manifest_digest), "rootless": rootless, "format": fmt,
-                "options": {"size": options.size, "journal": options.journal} if fmt == "ext4" else None,
+                "options": {"size": options.size, "journal": options.journal, "inodes": options.inodes}
+                if fmt == "ext4" else None,
                 "config": resolved.config.config,
                 "platform": str(resolved.platform) if resolved.platform else None}
             return cache.publish_base(staging, key, meta)
@@ -229,6 +232,7 @@ def _build_erofs(staging: Path, source: BlobSource, resolved: ResolvedImage, roo
 def _build_ext4(staging: Path, source: BlobSource, resolved: ResolvedImage, rootless: bool, limits: Limits,
                 progress: ProgressFn | None, options: DiskOptions) -> None:
     write_ext4(source, resolved, staging / "rootfs.ext4", size=options.size, journal=options.journal,
+               inodes=options.inodes,
                limits=limits, progress=progress)
 
 

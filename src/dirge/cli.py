@@ -221,13 +221,15 @@ def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
 @click.option("--size", default="auto", show_default=True, metavar="SIZE|auto",
               help="ext4: the disk's size (bytes, or with K, M, G, T), auto = the content plus headroom.")
 @click.option("--no-journal", is_flag=True, help="ext4: no jbd2 journal.")
+@click.option("--inodes", type=click.IntRange(min=1), help="ext4: the inode count (default: the entries plus headroom).")
 @click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
 @pull_option
 @creds_option
 @cache_dir_option
 @click.option("--limit", "limits", multiple=True, metavar="NAME=N", help="Override a safety limit (see unpack).")
 @click.option("--json", "as_json", is_flag=True, help="Print path, format, size, digest and sha256 as JSON.")
-def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, platform: str | None, pull: str,
+def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, inodes: int | None,
+               platform: str | None, pull: str,
                creds: str | None, cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
     """Write IMAGE as one artifact OUT: an erofs or ext4 disk image, a flattened tar or a directory."""
     from .bases import DiskOptions
@@ -240,7 +242,7 @@ def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, pla
                         platform=parse_platform(platform) if platform else None, cache=Cache(cache_dir),
                         pull=pull, creds=_creds(creds), limits=_limits(limits),
                         progress=progress.apply if progress else None,
-                        disk=DiskOptions(_size(size), not no_journal))
+                        disk=DiskOptions(_size(size), not no_journal, inodes))
     if as_json:
         click.echo(json.dumps({"path": str(result.path), "format": result.format, "size": result.size,
                                "digest": result.digest, "sha256": result.sha256,

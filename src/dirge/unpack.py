@@ -190,7 +190,8 @@ def write_erofs(source: BlobSource, resolved: ResolvedImage, path: Path, *, limi
 
 
 def write_ext4(source: BlobSource, resolved: ResolvedImage, path: Path, *, size: int | None = None,
-               journal: bool = True, limits: Limits = Limits(), progress: ProgressFn | None = None) -> Report:
+               journal: bool = True, inodes: int | None = None, limits: Limits = Limits(),
+               progress: ProgressFn | None = None) -> Report:
     """Write the flattened image as an ext4 disk image at ``path`` (``size`` None: content plus
     headroom), straight from the layer streams; no privilege needed."""
     from .fsimage.ext4 import Ext4Sink
@@ -198,7 +199,7 @@ def write_ext4(source: BlobSource, resolved: ResolvedImage, path: Path, *, size:
     uuid, build_time_ns = image_identity(resolved)
 
     def make_sink(report: Report) -> Sink:
-        return Ext4Sink(path, uuid=uuid, build_time_ns=build_time_ns, size=size, journal=journal,
+        return Ext4Sink(path, uuid=uuid, build_time_ns=build_time_ns, size=size, inodes=inodes, journal=journal,
                         label=b"dirge-rootfs", report=report)
 
     def reset() -> None:
