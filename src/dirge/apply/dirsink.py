@@ -18,7 +18,8 @@ import stat
 
 from .fs import PrivilegedFS, proc_path
 from .root import Root
-from .tar import Entry, EntryStream
+from ..fsutil import pwrite_all
+from .tar import Entry, EntryStream, sparse_pieces
 from .tree import Node, Parts, walk
 from . import tree
 
@@ -208,17 +209,8 @@ class DirSink:
 
 
 def _write_sparse(stream: EntryStream, entry: Entry, fd: int) -> None:
-    regions = entry.sparse or []  # checked against the stored size by the engine
-    index, done = 0, 0  # current region, bytes written into it
-    for piece in stream.data(entry):
-        while piece:
-            while regions[index][1] == done:
-                index, done = index + 1, 0
-            off, length = regions[index]
-            take = min(len(piece), length - done)
-            written = os.pwrite(fd, piece[:take], off + done)
-            done += written
-            piece = piece[written:]
+    for off, piece in sparse_pieces(entry, stream.data(entry)):  # holes are never written
+        pwrite_all(fd, piece, off)
     os.ftruncate(fd, entry.file_size)
 
 

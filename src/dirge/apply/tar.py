@@ -8,7 +8,7 @@ from the decompressed stream straight into a file descriptor.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import ImageError
@@ -470,6 +470,26 @@ def tokens(chunks: Iterator[bytes]) -> Iterator[Token]:
             yield entry
             yield from reader.data(entry)
         reader.finish_entry()
+
+
+def sparse_pieces(entry: Entry, data: Iterable[bytes | memoryview]) -> Iterator[tuple[int, memoryview]]:
+    """A sparse member's stored data placed at its logical offsets: ``(offset, piece)``, each piece
+    inside one data region of ``entry.sparse``. The data must fill the map exactly."""
+    pieces = iter(data)
+    piece = memoryview(b"")
+    for off, length in entry.sparse or ():
+        while length:
+            if not piece:
+                chunk = next(pieces, None)
+                if chunk is None:
+                    raise TarFormatError(f"{entry.name!r}: sparse data ends before its map does")
+                piece = memoryview(chunk).cast("B")
+                continue
+            take = min(length, len(piece))
+            yield off, piece[:take]
+            piece, off, length = piece[take:], off + take, length - take
+    if piece or any(len(rest) for rest in pieces):
+        raise TarFormatError(f"{entry.name!r}: sparse data goes on past its map")
 
 
 class EntryStream:

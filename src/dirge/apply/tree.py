@@ -94,8 +94,9 @@ class Sink(Protocol):
         """A regular file lost its last name: its data is dead (an image writer may reclaim it)."""
 
     def file(self, parts: Parts, parent: Node, node: Node, entry: "Entry", stream: "EntryStream") -> None:
-        """Create a regular file and write its data (``stream.data(entry)``; sparse: ``entry.sparse``).
-        The sink may set ``node.data``; ``node.size`` is the logical size."""
+        """Create a regular file and write its data (``stream.data(entry)``; sparse: ``entry.sparse``,
+        already checked by the engine against the stored size and ``node.size``, placed by
+        ``tar.sparse_pieces``). The sink may set ``node.data``; ``node.size`` is the logical size."""
 
     def directory(self, parts: Parts, parent: Node | None, node: Node, *, existing: bool) -> None:
         """Create a directory, or (``existing``) replace the metadata of the one there. ``parts == ()``

@@ -44,6 +44,8 @@ from ..errors import ImageError
 from ..apply.tree import Node, Parts
 from .imagesink import Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
 
+from ..apply.tar import sparse_pieces
+
 if TYPE_CHECKING:
     from ..apply.tar import Entry, EntryStream
 
@@ -266,9 +268,6 @@ class ErofsSink(TreeImageSink):
         """A sparse entry: chunk-based with hole chunks unmapped, or flat; the data is pwritten to its
         place (never-written bytes of the data area are holes of the image file, read as zeros)."""
         size, regions = node.size, entry.sparse or []
-        if sum(length for _, length in regions) != entry.size or any(
-                off < 0 or length < 0 or off + length > size for off, length in regions):
-            raise ErofsError(f"{text(entry.name)}: sparse map does not match the stored data")
         self._flush_data()
         bits = _chunk_plan(size, regions)
         base = self._end << _BITS
@@ -297,20 +296,8 @@ class ErofsSink(TreeImageSink):
             def where(off: int) -> int:
                 return base + (blocks[off >> cbits] << _BITS) + (off & cmask)
 
-        pieces = iter(stream.data(entry))
-        piece = memoryview(b"")
-        for off, length in regions:
-            while length:
-                if not piece:
-                    try:
-                        piece = memoryview(next(pieces)).cast("B")
-                    except StopIteration:
-                        raise ErofsError(f"{text(entry.name)}: sparse file data ends early") from None
-                take = min(length, len(piece))
-                pwrite_all(self._fd, piece[:take], where(off))
-                piece, off, length = piece[take:], off + take, length - take
-        if piece or next(pieces, None) is not None:
-            raise ErofsError(f"{text(entry.name)}: sparse file has more data than its map")
+        for off, piece in sparse_pieces(entry, stream.data(entry)):
+            pwrite_all(self._fd, piece, where(off))  # a region's chunks get consecutive blocks
         self._start.append(self._end)
         self._nblk.append(nblk)
         self._tail.append(-1)

@@ -69,6 +69,8 @@ from ..apply.tree import Node, Parts
 from .imagesink import XATTR_ACLS, Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
 from ..errors import ImageError
 
+from ..apply.tar import sparse_pieces
+
 if TYPE_CHECKING:
     from ..apply.tar import Entry, EntryStream
 
@@ -570,10 +572,7 @@ class Ext4Sink(TreeImageSink):
     def _sparse(self, parts: Parts, node: Node, entry: Entry, stream: EntryStream) -> None:
         """Only the blocks a data region touches are allocated (fresh: their unwritten bytes must
         read as zeros); the rest of the file is holes."""
-        size, regions = node.size, entry.sparse or []
-        if sum(length for _, length in regions) != entry.size or any(
-                off < 0 or length < 0 or off + length > size for off, length in regions):
-            raise Ext4Error(f"{show(parts)}: sparse map does not match the stored data")
+        regions = entry.sparse or []
         spans: list[list[int]] = []
         for off, length in sorted(r for r in regions if r[1]):
             lo, hi = off >> _BITS, ((off + length - 1) >> _BITS) + 1
@@ -588,24 +587,14 @@ class Ext4Sink(TreeImageSink):
                 lo += n
         starts = [e[0] for e in extents]
         out = self._out
-        pieces = iter(stream.data(entry))
-        piece = memoryview(b"")
-        for off, length in regions:
-            while length:
-                if not piece:
-                    try:
-                        piece = memoryview(next(pieces)).cast("B")
-                    except StopIteration:
-                        raise Ext4Error(f"{show(parts)}: sparse file data ends early") from None
+        for off, piece in sparse_pieces(entry, stream.data(entry)):
+            while piece:  # a region may span extents
                 blk = off >> _BITS
                 i = bisect.bisect_right(starts, blk) - 1
                 lblk, pblk, n = extents[i]
-                room = ((lblk + n) << _BITS) - off
-                take = min(length, len(piece), room)
+                take = min(len(piece), ((lblk + n) << _BITS) - off)
                 out.at(((pblk + blk - lblk) << _BITS) + (off & _MASK), piece[:take])
-                piece, off, length = piece[take:], off + take, length - take
-        if piece or next(pieces, None) is not None:
-            raise Ext4Error(f"{show(parts)}: sparse file has more data than its map")
+                piece, off = piece[take:], off + take
         index = len(self._start)
         self._start.append(0)
         self._nblk.append(sum(e[2] for e in extents))

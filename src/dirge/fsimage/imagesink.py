@@ -5,12 +5,14 @@ of the final tree."""
 from __future__ import annotations
 
 import ctypes
-import os
 from array import array
 from collections.abc import Callable
 from typing import Protocol
 
 from ..apply.tree import REG, Node, Parts
+from ..fsutil import pwrite_all
+
+__all__ = ["Inodes", "Skips", "TreeImageSink", "pwrite_all", "punch", "show", "split_xattr_name", "text"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
@@ -43,13 +45,6 @@ class TreeImageSink:
 
     def special(self, parts: Parts, parent: Node, node: Node) -> bool:
         return True  # devices, FIFOs and sockets are inodes like any other here
-
-
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, pos)
-        view, pos = view[n:], pos + n
 
 
 def punch(fd: int, offset: int, length: int) -> bool:
