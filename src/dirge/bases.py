@@ -111,6 +111,22 @@ def _probe_erofs(parent: Path) -> tuple[bool, str]:
         return True, how
 
 
+@dataclass(frozen=True)
+class DiskOptions:
+    """What shapes an ext4 base disk's bytes besides the image (part of its cache key)."""
+
+    size: int | None = None  # bytes; None: the content plus headroom
+    journal: bool = True
+    inodes: int | None = None  # None: the entries plus headroom
+
+    def key(self) -> str:
+        return ("" if self.journal else "nojournal") + (f"size{self.size}" if self.size else "") + \
+            (f"inodes{self.inodes}" if self.inodes else "")
+
+
+DISK_FORMATS = ("ext4", "erofs")
+
+
 def ensure_base(
     image: str,
     *,
@@ -130,29 +146,10 @@ def ensure_base(
     if rootless is None:
         rootless = os.geteuid() != 0
     fmt = choose_format(format, cache, rootless)
-    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds)
-    try:
-        base = _ensure_base(cache, image, source, resolved, fmt, rootless, limits, lock_timeout, progress)
-    finally:
-        source.close()
+    base = _ensure_base(cache, image, fmt, DiskOptions(), rootless, platform, limits, lock_timeout, progress, pull,
+                        creds)
     mount_base(base, lock_timeout)
     return base
-
-
-@dataclass(frozen=True)
-class DiskOptions:
-    """What shapes an ext4 base disk's bytes besides the image (part of its cache key)."""
-
-    size: int | None = None  # bytes; None: the content plus headroom
-    journal: bool = True
-    inodes: int | None = None  # None: the entries plus headroom
-
-    def key(self) -> str:
-        return ("" if self.journal else "nojournal") + (f"size{self.size}" if self.size else "") + \
-            (f"inodes{self.inodes}" if self.inodes else "")
-
-
-DISK_FORMATS = ("ext4", "erofs")
 
 
 def ensure_disk(
@@ -176,17 +173,24 @@ def ensure_disk(
     cache = cache if cache is not None else Cache()
     if rootless is None:
         rootless = os.geteuid() != 0
+    return _ensure_base(cache, image, format, options if format == "ext4" else DiskOptions(), rootless, platform,
+                        limits, lock_timeout, progress, pull, creds)
+
+
+def _ensure_base(cache: Cache, image: str, fmt: str, options: DiskOptions, rootless: bool,
+                 platform: Platform | None, limits: Limits, lock_timeout: float, progress: ProgressFn | None,
+                 pull: str, creds: "Credentials | None") -> Base:
     source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds)
     try:
-        return _ensure_base(cache, image, source, resolved, format, rootless, limits, lock_timeout, progress,
-                            options if format == "ext4" else DiskOptions())
+        return _find_or_build(cache, image, source, resolved, fmt, options, rootless, limits, lock_timeout,
+                              progress)
     finally:
         source.close()
 
 
-def _ensure_base(cache: Cache, image: str, source: BlobSource, resolved: ResolvedImage, fmt: str,
-                 rootless: bool, limits: Limits, lock_timeout: float, progress: ProgressFn | None,
-                 options: DiskOptions = DiskOptions()) -> Base:
+def _find_or_build(cache: Cache, image: str, source: BlobSource, resolved: ResolvedImage, fmt: str,
+                   options: DiskOptions, rootless: bool, limits: Limits, lock_timeout: float,
+                   progress: ProgressFn | None) -> Base:
     cache.put_blob(resolved.manifest_digest, resolved.manifest.raw)
     cache.put_blob(resolved.manifest.config.digest, resolved.config.raw)
     base = cache.find_base(resolved.manifest_digest, rootless, fmt, options.key())
