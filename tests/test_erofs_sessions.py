@@ -11,7 +11,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 
 from treecmp import file_sha256
 from conftest import needs_root, needs_tool

@@ -81,3 +81,19 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def ext4_disk_differences(disk: str | os.PathLike[str], tree: dict[str, Any], mountpoint: Path) -> list[str]:
+    """An ext4 disk image against a tree ``snapshot``: ``e2fsck -fn`` must be clean, then the disk is
+    loop-mounted read-only at ``mountpoint`` (made here, unmounted before returning) and compared."""
+    import subprocess
+
+    fsck = subprocess.run(["e2fsck", "-fn", os.fspath(disk)], capture_output=True, text=True)
+    if fsck.returncode != 0:
+        return [f"e2fsck -fn exit {fsck.returncode}: {fsck.stdout}"]
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-o", "loop,ro", os.fspath(disk), str(mountpoint)], check=True)
+    try:
+        return diff(snapshot(mountpoint), tree)
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
