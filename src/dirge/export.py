@@ -102,7 +102,7 @@ def _export_erofs(image: str, out: Path, platform: Platform | None, cache: "Cach
         cached = cached_erofs_image(cache, resolved.manifest_digest)
         with _replacing(out) as tmp:
             if cached is not None:
-                clone_file(cached, tmp)
+                _clone(cached, tmp)
             else:
                 write_erofs(source, resolved, tmp, limits=limits, progress=progress)
     finally:
@@ -118,7 +118,7 @@ def _export_ext4(image: str, out: Path, platform: Platform | None, cache: "Cache
     base = ensure_disk(image, format="ext4", options=options or DiskOptions(), cache=cache, platform=platform,
                        limits=limits, progress=progress, pull=pull, creds=creds)
     with _replacing(out) as tmp:
-        clone_file(base.image_file, tmp)
+        _clone(base.image_file, tmp)
     return _file_result(out, "ext4", str(base.digest), not base.created)
 
 
@@ -163,13 +163,11 @@ def _replacing(out: Path) -> Iterator[Path]:
         raise
 
 
-def clone_file(src: Path, dst: Path) -> str:
-    """Copy ``src`` onto ``dst``: a reflink where the filesystem shares blocks (xfs, btrfs), else the
-    data regions in-kernel (holes kept). Returns how ("reflink" or "sparse")."""
-    from .session.copytree import copy_data
+def _clone(src: Path, dst: Path) -> None:
+    from .session.copytree import clone_file
 
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        return copy_data(fin.fileno(), fout.fileno(), os.fstat(fin.fileno()).st_size, reflink=True)
+    with open(dst, "wb") as out:
+        clone_file(src, out.fileno())
 
 
 def _scan(root: Path) -> Iterator[os.DirEntry[str]]:

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import SessionError
-from .copytree import copy_data
+from .copytree import clone_file
 
 DISK_FORMATS = ("raw", "qcow2")
 
@@ -28,16 +28,14 @@ def make_session_disk(base: Path, dest: Path, *, disk_format: str = "raw") -> st
         raise SessionError(f"disk format {disk_format!r}: choose one of {', '.join(DISK_FORMATS)}")
     if disk_format == "qcow2":
         return _qcow2_overlay(base, dest)
-    with open(base, "rb") as src:
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            how = copy_data(src.fileno(), fd, os.fstat(src.fileno()).st_size, reflink=True)
-        except BaseException:
-            os.close(fd)
-            dest.unlink(missing_ok=True)
-            raise
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        return clone_file(base, fd)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    finally:
         os.close(fd)
-    return how
 
 
 def _qcow2_overlay(base: Path, dest: Path) -> str:
