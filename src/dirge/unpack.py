@@ -178,15 +178,8 @@ def write_erofs(source: BlobSource, resolved: ResolvedImage, path: Path, *, limi
     from the layer streams: no tree on disk, no privilege needed (owners and devices are data)."""
     from .fsimage.erofs import ErofsSink
 
-    uuid, build_time_ns = image_identity(resolved)
-
-    def make_sink(report: Report) -> Sink:
-        return ErofsSink(path, uuid=uuid, build_time_ns=build_time_ns, report=report)
-
-    def reset() -> None:
-        path.unlink(missing_ok=True)
-
-    return apply_layers(source, resolved, make_sink, reset, limits=limits, progress=progress)
+    return _write_image(source, resolved, path, lambda uuid, built, report: ErofsSink(
+        path, uuid=uuid, build_time_ns=built, report=report), limits, progress)
 
 
 def write_ext4(source: BlobSource, resolved: ResolvedImage, path: Path, *, size: int | None = None,
@@ -196,16 +189,18 @@ def write_ext4(source: BlobSource, resolved: ResolvedImage, path: Path, *, size:
     headroom), straight from the layer streams; no privilege needed."""
     from .fsimage.ext4 import Ext4Sink
 
+    return _write_image(source, resolved, path, lambda uuid, built, report: Ext4Sink(
+        path, uuid=uuid, build_time_ns=built, size=size, inodes=inodes, journal=journal, label=b"dirge-rootfs",
+        report=report), limits, progress)
+
+
+def _write_image(source: BlobSource, resolved: ResolvedImage, path: Path,
+                 make: Callable[[bytes, int, Report], Sink], limits: Limits, progress: ProgressFn | None) -> Report:
+    """One image file from the layers, its identity (UUID, build time) derived from the image; a
+    restarted apply starts the file again."""
     uuid, build_time_ns = image_identity(resolved)
-
-    def make_sink(report: Report) -> Sink:
-        return Ext4Sink(path, uuid=uuid, build_time_ns=build_time_ns, size=size, inodes=inodes, journal=journal,
-                        label=b"dirge-rootfs", report=report)
-
-    def reset() -> None:
-        path.unlink(missing_ok=True)
-
-    return apply_layers(source, resolved, make_sink, reset, limits=limits, progress=progress)
+    return apply_layers(source, resolved, lambda report: make(uuid, build_time_ns, report),
+                        lambda: path.unlink(missing_ok=True), limits=limits, progress=progress)
 
 
 def apply_layers(source: BlobSource, resolved: ResolvedImage, make_sink: SinkFactory, reset: Callable[[], None],
