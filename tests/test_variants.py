@@ -383,3 +383,22 @@ def test_shipped_debian_variant_builds_for_real(bookworm_base, buildah_env, tmp_
         differences = ext4_disk_differences(disk, snapshot(root), tmp_path / "mnt")
         assert not differences, "\n".join(differences[:20])
     assert builds(buildah_env) == 1
+    # And it boots from an ext4 disk (issue 12): sshd accepts its config once the session has a host key
+    # (/run is a fresh tmpfs in the guest, as on a booted Debian), and User sandbox runs as uid 1000.
+    from test_boot import _boot_missing
+
+    if _boot_missing():
+        pytest.skip(f"boot part: {_boot_missing()}")
+    from dirge.vm import boot
+
+    lines: list[str] = []
+    sshd = boot("debian", cache_dir, disk="ext4", accel="tcg", timeout=240, console=lines.append, command=[
+        "/bin/sh", "-c", "mkdir -p /run/sshd && ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key "
+                         "&& /usr/sbin/sshd -t && echo sshd-t-ok"])
+    assert (sshd.status, lines[-1:]) == (0, ["sshd-t-ok"]), lines
+    lines.clear()
+    as_user = boot("debian", cache_dir, disk="ext4", accel="tcg", timeout=240, console=lines.append, user="sandbox",
+                   command=["/bin/sh", "-c", 'id; echo "HOME=$HOME"; pwd'])
+    assert as_user.status == 0
+    assert lines == ["uid=1000(sandbox) gid=1000(sandbox) groups=1000(sandbox)", "HOME=/home/sandbox", "/"]
+    assert builds(buildah_env) == 1

@@ -149,15 +149,18 @@ def unpack_cmd(image: str, dest: Path, platform: str | None, pull: str, creds: s
 
 @cli.command("demo")
 @click.option("--dir", "workdir", type=click.Path(path_type=Path), default=Path("/var/tmp/dirge-demo"),
-              show_default=True, help="Where to build the demo layout and rootfs.")
-def demo_cmd(workdir: Path) -> None:
+              show_default=True, help="Where to build the demo layout, rootfs and cache.")
+@click.option("--boot/--no-boot", default=None,
+              help="Run it in a QEMU microVM (default: when QEMU and a kernel are found), else in a chroot.")
+@click.option("--disk", type=click.Choice(["dir", "ext4", "erofs"]), default="dir", show_default=True,
+              help="What the microVM boots from (see dirge boot).")
+def demo_cmd(workdir: Path, boot: bool | None, disk: str) -> None:
     """Build a tiny busybox image offline, unpack it, and run a shell inside it."""
     from .demo import run_demo
 
-    result, output = run_demo(workdir)
-    click.echo(f"unpacked oci:{workdir / 'layout'}:demo ({result.image.manifest_digest.short}, "
-               f"{result.report.entries} entries) into {workdir / 'rootfs'}")
-    click.echo(output, nl=False)
+    _, output, how = run_demo(workdir, boot=boot, disk=disk, console=click.echo)
+    if how != "boot":
+        click.echo(output, nl=False)
 
 
 cache_dir_option = click.option(
@@ -165,14 +168,63 @@ cache_dir_option = click.option(
     help="Cache directory (default $DIRGE_CACHE_DIR, else $XDG_CACHE_HOME/dirge or ~/.cache/dirge).")
 
 
-def _build_args(values: tuple[str, ...]) -> dict[str, str]:
+def _key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"{item!r}: use KEY=VALUE", param_hint="--build-arg")
+            raise click.BadParameter(f"{item!r}: use KEY=VALUE", param_hint=option)
         out[key] = value
     return out
+
+
+@cli.command("boot")
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- CMD ARGS...]")
+@click.option("--disk", type=click.Choice(["dir", "ext4", "erofs"]), default="dir", show_default=True,
+              help="dir: the session directory over virtio-9p; ext4: the session's own disk; "
+                   "erofs: the shared erofs base plus a scratch disk for an overlay.")
+@click.option("--kernel", type=click.Path(path_type=Path), envvar="DIRGE_KERNEL",
+              help="A vmlinuz (default $DIRGE_KERNEL, else the newest /boot/vmlinuz-*).")
+@click.option("--initrd", type=click.Path(path_type=Path), help="An initramfs instead of the one dirge builds.")
+@click.option("--memory", type=click.IntRange(min=64), default=512, show_default=True, metavar="MIB")
+@click.option("--cpus", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
+              help="auto: KVM where a probe boot proves it works, else TCG.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=300.0, show_default=True, metavar="S",
+              help="Seconds from launch to the guest command's exit.")
+@click.option("--keep", is_flag=True, help="Keep the session afterwards (dirge session rm removes it).")
+@click.option("--virtiofsd", metavar="PATH", help="--disk dir: share over virtio-fs with this virtiofsd instead of 9p.")
+@click.option("--kernel-log", is_flag=True, help="Show the kernel's console messages too.")
+@click.option("--user", "-u", help="Run as this user instead of the image's (name, uid, uid:gid, user:group).")
+@click.option("--env", "-e", "env", multiple=True, metavar="KEY=VALUE", help="Add to the image's environment.")
+@pull_option
+@cache_dir_option
+def boot_cmd(image: str, command: tuple[str, ...], disk: str, kernel: Path | None, initrd: Path | None,
+             memory: int, cpus: int, accel: str, timeout: float, keep: bool, virtiofsd: str | None,
+             kernel_log: bool, user: str | None, env: tuple[str, ...], pull: str, cache_dir: Path | None) -> int:
+    """Boot IMAGE in a QEMU microVM and run its command (or CMD); exit with the command's status.
+
+    Exit status: the guest command's; 124 when the guest does not finish within --timeout; 125 when
+    it fails to boot; 1 when no kernel, QEMU or busybox is found."""
+    from .errors import GuestFailed
+    from .vm import boot
+    from .vm.boot import BOOT_FAILED, BOOT_TIMED_OUT
+
+    debug = bool(click.get_current_context().find_root().obj.get("debug"))
+    try:
+        result = boot(image, cache_dir, disk=disk, command=list(command) or None, kernel=kernel, initrd=initrd,
+                      memory=memory, cpus=cpus, accel=accel, timeout=timeout, keep=keep,
+                      console=click.echo, virtiofsd=virtiofsd, pull=pull, kernel_log=kernel_log, user=user,
+                      env=_key_values(env, "--env"))
+    except GuestFailed as exc:
+        if debug and exc.console_tail:
+            click.echo(exc.console_tail, err=True)
+        click.echo(f"dirge: error: {exc}", err=True)
+        return BOOT_TIMED_OUT if exc.timed_out else BOOT_FAILED
+    if keep:
+        click.echo(f"dirge: kept session {result.session}", err=True)
+    return result.status
 
 
 @cli.command("build")
@@ -187,7 +239,7 @@ def build_cmd(name: str, build_args: tuple[str, ...], no_cache: bool, cache_dir:
     from .variants import build_guest_image
 
     quiet = bool(click.get_current_context().find_root().obj.get("quiet"))
-    result = build_guest_image(name, cache_root=Cache(cache_dir).root, build_args=_build_args(build_args),
+    result = build_guest_image(name, cache_root=Cache(cache_dir).root, build_args=_key_values(build_args, "--build-arg"),
                                no_cache=no_cache, output=None if quiet else sys.stderr)
     state = "built" if result.built else "current, not rebuilt"
     click.echo(f"{result.variant.tag} {result.image.id[:12]} ({state})")
@@ -400,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="dirge", standalone_mode=False)
+        status = cli.main(args=args, prog_name="dirge", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("dirge: aborted", err=True)
         return 130
@@ -428,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"dirge: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)",
                    err=True)
         return 70
-    return 0
+    return status if isinstance(status, int) else 0  # a command's own exit status (boot)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""The built-in demo: a tiny two-layer busybox image made offline, unpacked, then run in a chroot."""
+"""The built-in demo: a tiny two-layer busybox image made offline, unpacked, then run: booted in a QEMU
+microVM (``dirge boot``) where QEMU and a kernel are found, else in a chroot."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import DirgeError
@@ -12,25 +14,19 @@ from .fsutil import remove_tree
 from .layerbuild import LayerBuilder
 from .sources.layout import LayoutWriter
 from .unpack import UnpackResult, unpack
+from .vm.guest import find_busybox
 
-BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 APPLETS = ("sh", "ls", "cat", "echo", "id", "stat", "test", "grep", "head", "uname", "ln", "rm", "mkdir")
 
 DEMO_SCRIPT = (
     "cat /etc/motd; "
+    "echo \"id: $(id)\"; "
     "echo \"user: $(grep ^sandbox: /etc/passwd)\"; "
     "echo \"setuid: $(stat -c '%A %U' /usr/bin/suid-busybox)\"; "
     "echo \"hardlinks to busybox: $(stat -c %h /bin/busybox)\"; "
     "test -e /etc/old.conf || echo 'layer 2 deleted /etc/old.conf'; "
     "echo \"opt/app after the opaque whiteout: $(ls /opt/app)\""
 )
-
-
-def find_busybox() -> Path:
-    for candidate in BUSYBOX_CANDIDATES:
-        if os.path.exists(candidate):
-            return Path(candidate)
-    raise DirgeError("demo: no static busybox found; install it with: apt-get install busybox-static")
 
 
 def build_demo_layout(layout: Path) -> str:
@@ -63,16 +59,51 @@ def build_demo_layout(layout: Path) -> str:
     return f"oci:{layout}:demo"
 
 
-def run_demo(workdir: Path) -> tuple[UnpackResult, str]:
-    """Build, unpack and (as root) run the demo; idempotent over ``workdir``."""
+def run_demo(workdir: Path, *, boot: bool | None = None, disk: str = "dir",
+             console: Callable[[str], None] | None = None) -> tuple[UnpackResult, str, str]:
+    """Build and unpack the demo, then run DEMO_SCRIPT in it; idempotent over ``workdir``.
+    ``boot``: in a microVM (None: when QEMU and a kernel are found and we are root). Returns the unpack
+    result, the script's output and how it ran ("boot", "chroot" or "none")."""
     workdir.mkdir(parents=True, exist_ok=True)
     ref = build_demo_layout(workdir / "layout")
     rootfs = workdir / "rootfs"
     remove_tree(rootfs)
     result = unpack(ref, rootfs)
+    say = console or (lambda line: None)
+    say(f"unpacked {ref} ({result.image.manifest_digest.short}, {result.report.entries} entries) into {rootfs}")
+    if boot is None:
+        boot = os.geteuid() == 0 and _can_boot()
+    if boot:
+        from .vm import boot as boot_image
+
+        lines: list[str] = []
+        say(f"booting it in a QEMU microVM (dirge boot --disk {disk}):")
+
+        def collect(line: str) -> None:
+            lines.append(line)
+            say(line)
+
+        booted = boot_image(ref, workdir / "cache", disk=disk, command=["/bin/sh", "-c", DEMO_SCRIPT],
+                            console=collect, timeout=180)
+        if booted.status != 0:
+            raise DirgeError(f"demo: /bin/sh in the booted demo image failed ({booted.status}): {lines[-1:]}")
+        return result, "".join(line + "\n" for line in lines), "boot"
+    say(f"running it in a chroot{'' if boot is False else ' (no QEMU or no kernel found for a boot)'}:")
     if os.geteuid() != 0:
-        return result, "(not root: skipping the chroot run)\n"
+        return result, "(not root: skipping the chroot run)\n", "none"
     proc = subprocess.run(["chroot", str(rootfs), "/bin/sh", "-c", DEMO_SCRIPT], capture_output=True, text=True)
     if proc.returncode != 0:
         raise DirgeError(f"demo: /bin/sh in {rootfs} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return result, proc.stdout
+    return result, proc.stdout, "chroot"
+
+
+def _can_boot() -> bool:
+    from .vm.initramfs import find_kernel
+    from .vm.qemu import find_qemu
+
+    try:
+        find_qemu()
+        find_kernel()
+    except DirgeError:
+        return False
+    return True

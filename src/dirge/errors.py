@@ -18,7 +18,9 @@ Messages are lowercase verb phrases joined level by level, e.g.
     │   └── RateLimited           429 after every retry
     ├── BuildError                a local variant or buildah image that cannot be found, built or exported
     ├── LockTimeout               another process holds a cache lock for too long (names its pid)
-    └── SessionError              a session or snapshot that cannot be made, found or removed
+    ├── SessionError              a session or snapshot that cannot be made, found or removed
+    └── BootError                 a boot that cannot start: no kernel, QEMU, busybox or module
+        └── GuestFailed           the guest did not run its command to the end (failed, timed out)
 """
 
 from __future__ import annotations
@@ -111,3 +113,16 @@ class NotFound(RegistryError):
 
 class RateLimited(RegistryError):
     pass
+
+
+class BootError(DirgeError):
+    """A boot that cannot start: no kernel, QEMU, busybox or module; an unusable image user."""
+
+
+class GuestFailed(BootError):
+    """The VM started but the guest did not run its command to the end (boot failure or timeout)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False, console_tail: str = "") -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+        self.console_tail = console_tail

@@ -120,7 +120,7 @@ class LayoutWriter:
         for tar in layers:
             diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
             if compression == "gzip":
-                blob, mt = igzip.compress(tar), ("application/vnd.docker.image.rootfs.diff.tar.gzip" if docker
+                blob, mt = igzip.compress(tar, mtime=0), ("application/vnd.docker.image.rootfs.diff.tar.gzip" if docker
                                                   else "application/vnd.oci.image.layer.v1.tar+gzip")
             elif compression == "zstd":
                 blob, mt = zstandard.ZstdCompressor().compress(tar), "application/vnd.oci.image.layer.v1.tar+zstd"
