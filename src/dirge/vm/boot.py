@@ -11,6 +11,7 @@ The session is removed afterwards unless ``keep``.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import contextlib
 import os
 import subprocess
@@ -28,7 +29,7 @@ from .guest import GuestSpec, install_guest
 from .initramfs import build_initramfs, find_kernel
 from .qemu import ConsoleFn, Drive, VmSpec, choose_accel, find_qemu, run_vm
 
-__all__ = ["BOOT_DISKS", "BOOT_FAILED", "BOOT_TIMED_OUT", "BootResult", "boot", "boot_session"]
+__all__ = ["BOOT_DISKS", "BOOT_FAILED", "BOOT_TIMED_OUT", "BootResult", "Booted", "boot", "boot_session"]
 
 BOOT_DISKS = ("dir", "ext4", "erofs")
 BOOT_TIMED_OUT = 124  # as timeout(1)
@@ -37,13 +38,19 @@ CMDLINE_ARGS_MAX = 1024  # base64 argv beyond this goes into /.dirge/config (x86
 
 
 @dataclass
-class BootResult:
+class Booted:
+    """One boot of a session: the guest command's status and where the time went."""
     status: int
-    session: str
-    kept: bool
     accel: str
-    prepare_seconds: float
-    boot_seconds: float
+    setup_seconds: float  # guest init into the session, initramfs, accelerator choice
+    vm_seconds: float     # QEMU launch to exit
+
+
+@dataclass
+class BootResult(Booted):
+    session: str = ""
+    kept: bool = False
+    prepare_seconds: float = 0.0  # the session (and, on a cold cache, its base)
 
 
 def boot_session(prepared: PreparedRootfs, *, cache_dir: Path, kernel: str | os.PathLike[str] | None = None,
@@ -51,9 +58,10 @@ def boot_session(prepared: PreparedRootfs, *, cache_dir: Path, kernel: str | os.
                  memory: int = 512, cpus: int = 1, accel: str = "auto", timeout: float = 300.0,
                  console: ConsoleFn | None = None, virtiofsd: str | None = None,
                  qemu: str | None = None, kernel_log: bool = False, user: str | None = None,
-                 env: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """Boot an existing session (raw disks only); (status, accelerator used). ``user`` and ``env``
+                 env: Mapping[str, str] | None = None) -> Booted:
+    """Boot an existing session (raw disks only). ``user`` and ``env``
     override the image config's ``User`` and add to its ``Env``, as ``docker run --user/--env``."""
+    started = time.monotonic()
     qemu = qemu or find_qemu()
     k = find_kernel(kernel)
     hostname = f"dirge-{prepared.id[:8]}"
@@ -100,12 +108,13 @@ def boot_session(prepared: PreparedRootfs, *, cache_dir: Path, kernel: str | os.
     ramfs = Path(initrd) if initrd else build_initramfs(k, kind, cache_dir)
     vm = VmSpec(k, ramfs, " ".join(args), drives=drives, share=None if virtiofsd else share,
                 share_passthrough=os.geteuid() == 0, memory=memory, cpus=cpus, accel=chosen)
-    if not virtiofsd:
-        return run_vm(vm, nonce, timeout=timeout, console=console, qemu=qemu, kernel_log=kernel_log), chosen
-    assert share is not None
-    with _virtiofsd(virtiofsd, share) as socket:
-        vm.virtiofs_socket = socket
-        return run_vm(vm, nonce, timeout=timeout, console=console, qemu=qemu, kernel_log=kernel_log), chosen
+    with contextlib.ExitStack() as stack:
+        if virtiofsd:
+            assert share is not None
+            vm.virtiofs_socket = stack.enter_context(_virtiofsd(virtiofsd, share))
+        launched = time.monotonic()
+        status = run_vm(vm, nonce, timeout=timeout, console=console, qemu=qemu, kernel_log=kernel_log)
+    return Booted(status, chosen, launched - started, time.monotonic() - launched)
 
 
 @contextlib.contextmanager
@@ -153,7 +162,7 @@ def boot(image: str, cache_dir: str | os.PathLike[str] | None = None, *, disk: s
     prepared = prepare(image, cache.root, disk=None if disk == "dir" else disk, pull=pull)
     prepared_at = time.monotonic()
     try:
-        status, chosen = boot_session(prepared, cache_dir=cache.root, kernel=kernel, initrd=initrd,
+        booted = boot_session(prepared, cache_dir=cache.root, kernel=kernel, initrd=initrd,
                                       command=command, memory=memory, cpus=cpus, accel=accel, timeout=timeout,
                                       console=console, virtiofsd=virtiofsd, qemu=qemu,
                                       kernel_log=kernel_log, user=user, env=env)
@@ -162,4 +171,5 @@ def boot(image: str, cache_dir: str | os.PathLike[str] | None = None, *, disk: s
             prepared.detach()
         else:
             prepared.close()
-    return BootResult(status, prepared.id, keep, chosen, prepared_at - started, time.monotonic() - prepared_at)
+    return BootResult(**dataclasses.asdict(booted), session=prepared.id, kept=keep,
+                      prepare_seconds=prepared_at - started)
