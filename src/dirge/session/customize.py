@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import uuid
@@ -26,8 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Union, runtime_checkable
 
-from ..apply.root import Root, clean_path
+from ..apply.root import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, Root, clean_path, openat2
 from ..errors import SessionError
+
+
+READ_MAX = 256 << 20  # a file customisation rewrites (/etc/passwd) is read whole: bound it
 
 
 @dataclass(frozen=True)
@@ -103,20 +107,32 @@ class DirWriter:
             root.close()
 
     def read_file(self, path: str) -> bytes | None:
+        """The file's bytes, symlinks followed inside the rootfs; None only when it does not exist.
+        Anything else (not a regular file, unreadable, too large) is an error: callers that rewrite
+        the file (``add_user``) must never take it for absent and lose the image's content."""
         parts = clean_path(os.fsencode(path))
         root = Root(self.rootfs)
         try:
-            parent = root.dir(parts[:-1], create=False)
-            if parent is None:
-                return None
-            try:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-            except (FileNotFoundError, OSError):
-                return None
-            with os.fdopen(fd, "rb") as f:
-                return f.read(16 << 20)
+            fd = openat2(root.fd, b"/".join(parts), os.O_RDONLY | os.O_NONBLOCK,
+                         RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise SessionError(f"read {path} in {self.rootfs}: {exc.strerror}") from exc
         finally:
             root.close()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise SessionError(f"read {path} in {self.rootfs}: not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            if st.st_size > READ_MAX:
+                raise SessionError(f"read {path} in {self.rootfs}: {st.st_size} bytes, over dirge's "
+                                   f"{READ_MAX >> 20} MiB limit for files it rewrites")
+            try:
+                return f.read()
+            except OSError as exc:
+                raise SessionError(f"read {path} in {self.rootfs}: {exc.strerror}") from exc
 
     def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
         root = Root(self.rootfs)
@@ -192,8 +208,12 @@ class Ext4DiskWriter:
 
     def read_file(self, path: str) -> bytes | None:
         quoted = self._path(path)
-        if self._kind(quoted) == "regular":
+        kind = self._kind(quoted)
+        if kind == "regular":
             return self._run([f"cat {quoted}"], write=False)
+        if kind is not None:  # never "absent": add_user would replace the image's file
+            raise SessionError(f"read {path} in disk {self.image}: it is a {kind}, which dirge cannot read "
+                               "in a disk; make it a regular file in the image")
         return self.lower(path) if self.lower is not None else None
 
     def write_file(self, path: str, data: bytes, mode: int, uid: int, gid: int) -> None:
