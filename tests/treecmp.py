@@ -25,8 +25,11 @@ def _xattrs(path: str) -> dict[str, bytes]:
     return out
 
 
-def snapshot(root: str | os.PathLike[str], *, mtimes: bool = True, owners: bool = True) -> dict[str, Any]:
-    """Map of relative path → (type, mode, uid, gid, size, sha256, link target, xattrs, mtime) plus hardlink groups."""
+def snapshot(root: str | os.PathLike[str], *, mtimes: bool = True, owners: bool = True,
+             all_mtimes: bool = False) -> dict[str, Any]:
+    """Map of relative path → (type, mode, uid, gid, size, sha256, link target, xattrs, mtime) plus hardlink
+    groups. ``mtimes``: of regular files; ``all_mtimes``: of directories and symlinks too (for images
+    that set every one)."""
     root = os.fspath(root)
     entries: dict[str, Any] = {}
     inodes: dict[tuple[int, int], list[str]] = {}
@@ -51,6 +54,8 @@ def snapshot(root: str | os.PathLike[str], *, mtimes: bool = True, owners: bool 
             elif stat.S_ISLNK(kind):
                 rec["target"] = os.readlink(full)
                 del rec["mode"]
+            if all_mtimes and (stat.S_ISDIR(kind) or stat.S_ISLNK(kind)):
+                rec["mtime"] = st.st_mtime_ns
             elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
                 rec["rdev"] = st.st_rdev
             entries[rel] = rec
