@@ -10,7 +10,7 @@ want_test=0
 
 apt_pkgs=(python3 python3-venv busybox-static qemu-system-x86 linux-image-amd64)
 [ "$want_test" = 1 ] && apt_pkgs+=(umoci skopeo attr util-linux tar xfsprogs btrfs-progs docker-registry openssl apache2-utils curl acl qemu-utils
-                              buildah mmdebstrap arch-test libdpkg-perl gpg erofs-utils binutils)
+                              buildah mmdebstrap arch-test libdpkg-perl gpg erofs-utils binutils libarchive-tools)
 
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,7 @@ from .reference import Digest
 from .resolve import BlobSource, ResolvedImage
 from .fsimage.mount import erofs_supported, mount_erofs, mounted_at, unmount
 from .unpack import ProgressFn, apply_image, open_image, write_erofs, write_ext4
+from .verify import write_record
 
 if TYPE_CHECKING:
     from .sources.auth import Credentials
@@ -139,17 +140,23 @@ def ensure_base(
     progress: ProgressFn | None = None,
     pull: str = "missing",
     creds: "Credentials | None" = None,
+    leases: ExitStack | None = None,
 ) -> Base:
     """The base of ``image`` in ``format`` (None: ``$DIRGE_BASE_FORMAT`` or auto), built under the
-    key's lock if no complete one exists. ``cache`` defaults to the default cache."""
+    key's lock if no complete one exists. ``cache`` defaults to the default cache.
+
+    ``leases``: the base's lease (shared) is entered on it and so held until the caller closes it (a
+    session is recorded by then); without it the lease is held only while this call runs."""
     cache = cache if cache is not None else Cache()
     if rootless is None:
         rootless = os.geteuid() != 0
     fmt = choose_format(format, cache, rootless)
-    base = _ensure_base(cache, image, fmt, DiskOptions(), rootless, platform, limits, lock_timeout, progress, pull,
-                        creds)
-    mount_base(base, lock_timeout)
-    return base
+    with ExitStack() as own:
+        hold = leases if leases is not None else own
+        base = _ensure_base(cache, image, fmt, DiskOptions(), rootless, platform, limits, lock_timeout, progress, pull,
+                            creds, hold)
+        mount_base(base, lock_timeout)
+        return base
 
 
 def ensure_disk(
@@ -165,6 +172,7 @@ def ensure_disk(
     progress: ProgressFn | None = None,
     pull: str = "missing",
     creds: "Credentials | None" = None,
+    leases: ExitStack | None = None,
 ) -> Base:
     """The base disk of ``image`` (``base.image_file``: an ext4 or erofs image for block-device VMs),
     built under the key's lock if missing. Never mounted, so no privilege is needed."""
@@ -173,32 +181,36 @@ def ensure_disk(
     cache = cache if cache is not None else Cache()
     if rootless is None:
         rootless = os.geteuid() != 0
-    return _ensure_base(cache, image, format, options if format == "ext4" else DiskOptions(), rootless, platform,
-                        limits, lock_timeout, progress, pull, creds)
+    with ExitStack() as own:
+        return _ensure_base(cache, image, format, options if format == "ext4" else DiskOptions(), rootless,
+                            platform, limits, lock_timeout, progress, pull, creds,
+                            leases if leases is not None else own)
 
 
 def _ensure_base(cache: Cache, image: str, fmt: str, options: DiskOptions, rootless: bool,
                  platform: Platform | None, limits: Limits, lock_timeout: float, progress: ProgressFn | None,
-                 pull: str, creds: "Credentials | None") -> Base:
+                 pull: str, creds: "Credentials | None", leases: ExitStack) -> Base:
     source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds)
     try:
         return _find_or_build(cache, image, source, resolved, fmt, options, rootless, limits, lock_timeout,
-                              progress)
+                              progress, leases)
     finally:
         source.close()
 
 
 def _find_or_build(cache: Cache, image: str, source: BlobSource, resolved: ResolvedImage, fmt: str,
                    options: DiskOptions, rootless: bool, limits: Limits, lock_timeout: float,
-                   progress: ProgressFn | None) -> Base:
+                   progress: ProgressFn | None, leases: ExitStack) -> Base:
+    key = cache.base_key(resolved.manifest_digest, rootless, fmt, options.key())
+    # The lease first: from here on gc leaves this base (and the blobs of this image) alone.
+    leases.enter_context(cache.base_lease(key, lock_timeout))
     cache.put_blob(resolved.manifest_digest, resolved.manifest.raw)
     cache.put_blob(resolved.manifest.config.digest, resolved.config.raw)
-    base = cache.find_base(resolved.manifest_digest, rootless, fmt, options.key())
+    base = _find_leased(cache, resolved.manifest_digest, rootless, fmt, options, key, lock_timeout, leases)
     if base:
         return base
-    key = cache.base_key(resolved.manifest_digest, rootless, fmt, options.key())
     with cache.base_lock(key, lock_timeout):
-        base = cache.find_base(resolved.manifest_digest, rootless, fmt, options.key())
+        base = _find_leased(cache, resolved.manifest_digest, rootless, fmt, options, key, lock_timeout, leases)
         if base:  # another process built it while we waited
             return base
         staging = cache.new_staging(key)
@@ -210,10 +222,25 @@ def _find_or_build(cache: Cache, image: str, source: BlobSource, resolved: Resol
                 if fmt == "ext4" else None,
                 "config": resolved.config.config,
                 "platform": str(resolved.platform) if resolved.platform else None}
-            return cache.publish_base(staging, key, meta)
+            meta["bytes"] = write_record(staging, fmt)["bytes"]  # gc's budget reads it here, cheaply
+            base = cache.publish_base(staging, key, meta)
+            cache.touch_base(key)
+            return base
         except BaseException:
             remove_tree(staging)
             raise
+
+
+def _find_leased(cache: Cache, digest: Digest, rootless: bool, fmt: str, options: DiskOptions, key: str,
+                 lock_timeout: float, leases: ExitStack) -> Base | None:
+    """The published base, its lease held (a legacy-keyed tree's too), marked as just used."""
+    base = cache.find_base(digest, rootless, fmt, options.key())
+    if base is not None and base.key != key:  # an older dirge's key: lease it, then look again
+        leases.enter_context(cache.base_lease(base.key, lock_timeout))
+        base = cache.load_base(base.key)
+    if base is not None:
+        cache.touch_base(base.key)
+    return base
 
 
 BaseBuilder = Callable[[Path, BlobSource, ResolvedImage, bool, Limits, ProgressFn | None, DiskOptions], None]

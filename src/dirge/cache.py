@@ -11,6 +11,11 @@ pipeline and no session.
                                   base of an older dirge, still read
       staging/<key>.<rnd>/        bases being built; removed by the next builder of that key
       locks/<key>.lock            flock per base key (and per variant build, per buildah export)
+      locks/<key>.lease           a base's lease: shared while a prepare/restore makes a session of it,
+                                  exclusive (non-blocking) while gc/rmi removes it
+      bases/<key>/last_used       touched on every prepare of the base (gc's LRU order)
+      bases/<key>/verify.json     the record written at publish (``verify.py``)
+      trash/                      what gc/rmi is removing (renamed here first, then deleted)
       buildah/, exports/<id>/     local variants: buildah storage and OCI exports (sources/buildah.py)
       sessions/, snapshots/       see session/
 
@@ -74,6 +79,79 @@ class Cache:
         for sub in ("blobs/sha256", "refs", "bases", "staging", "locks", "sessions", "snapshots"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
+    # -- where things live (the one owner of the on-disk layout) -----------------------------
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.root / "blobs" / "sha256"
+
+    @property
+    def refs_dir(self) -> Path:
+        return self.root / "refs"
+
+    @property
+    def bases_dir(self) -> Path:
+        return self.root / "bases"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.root / "staging"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.root / "sessions"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.root / "exports"
+
+    @property
+    def trash_dir(self) -> Path:
+        return self.root / "trash"
+
+    def base_dir(self, key: str) -> Path:
+        return self.bases_dir / key
+
+    def verify_record_path(self, key: str) -> Path:
+        return self.base_dir(key) / "verify.json"
+
+    def last_used_path(self, key: str) -> Path:
+        return self.base_dir(key) / "last_used"
+
+    def touch_base(self, key: str) -> None:
+        """Record that base ``key`` was just used (gc evicts least recently used first)."""
+        try:
+            self.last_used_path(key).touch()
+        except OSError:
+            pass
+
+    def last_used(self, key: str) -> float:
+        """When base ``key`` was last used (its publication if never since)."""
+        for path in (self.last_used_path(key), self.base_dir(key) / "image.json"):
+            try:
+                return path.stat().st_mtime
+            except OSError:
+                continue
+        return 0.0
+
+    def base_lease(self, key: str, timeout: float = 600.0, *, shared: bool = True) -> FileLock:
+        """The lease of base ``key``: held shared by whoever is making a session of it (from finding the
+        base until the session is recorded), taken exclusively, without waiting, by gc and rmi."""
+        return FileLock(self.locks_dir / f"{key}.lease", timeout, shared=shared)
+
+    def new_trash(self, what: str) -> Path:
+        """A fresh name under ``trash/`` to rename something into before deleting it."""
+        self.trash_dir.mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{what}.", dir=self.trash_dir))
+
     # -- blobs ------------------------------------------------------------------------------
 
     def blob_path(self, digest: Digest) -> Path:
@@ -122,6 +200,18 @@ class Cache:
             f.write(json.dumps({"ref": ref, "digest": str(digest), "time": time.time()}))
         os.replace(tmp, path)
 
+    def ref_records(self) -> list[tuple[Path, dict[str, Any]]]:
+        """Every ref record (its file and {"ref", "digest", "time"}); unreadable ones are skipped."""
+        out = []
+        for path in sorted(self.refs_dir.glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+                if isinstance(data, dict) and isinstance(data.get("digest"), str):
+                    out.append((path, data))
+            except (OSError, ValueError):
+                continue
+        return out
+
     def lookup_ref(self, ref: str) -> Digest | None:
         try:
             return parse_digest(json.loads(self._ref_path(ref).read_text())["digest"])
@@ -144,7 +234,7 @@ class Cache:
         """A published base, or None. Keys come from digests, never from user text."""
         if not key.replace("-", "").isalnum():
             return None
-        path = self.root / "bases" / key
+        path = self.base_dir(key)
         try:
             meta = json.loads((path / "image.json").read_text())
             digest = parse_digest(meta["digest"])
@@ -192,3 +282,6 @@ class Cache:
 
     def bases(self) -> list[Path]:
         return sorted(p for p in (self.root / "bases").iterdir() if p.is_dir())
+
+    def base_keys(self) -> list[str]:
+        return [p.name for p in self.bases()]

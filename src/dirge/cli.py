@@ -303,6 +303,163 @@ def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, ino
         click.echo(f"{result.path}: {result.format}, {result.size} bytes, image {result.digest}")
 
 
+@cli.command("inspect")
+@click.argument("image")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.option("--raw", is_flag=True, help="Print the manifest (or index) bytes exactly as fetched.")
+@click.option("--config", "config", is_flag=True, help="Print the config bytes exactly as fetched.")
+@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image (default: the host's).")
+@click.option("--pull", type=click.Choice(["always", "missing", "never"]), default="always", show_default=True,
+              help="Registry images: always ask the registry, or (never) read the cache only.")
+@creds_option
+@cache_dir_option
+def inspect_cmd(image: str, as_json: bool, raw: bool, config: bool, platform: str | None, pull: str,
+                creds: str | None, cache_dir: Path | None) -> None:
+    """Show IMAGE's digest, media type, platforms, layers and config without unpacking anything."""
+    from .cache import Cache
+    from .inspect import inspect_image
+    from .reference import canonicalize_image_ref
+
+    if sum((as_json, raw, config)) > 1:
+        raise click.UsageError("choose one of --json, --raw and --config")
+    result = inspect_image(canonicalize_image_ref(image), cache=None if image.startswith("oci:") else Cache(cache_dir),
+                           pull=pull, platform=parse_platform(platform) if platform else None, creds=_creds(creds))
+    if raw or config:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(result.raw if raw else result.config_raw)  # as fetched: they hash to the digest
+        sys.stdout.buffer.flush()
+        return
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+        return
+    click.echo(f"image:        {result.image}\ndigest:       {result.digest}\nmedia type:   {result.media_type}")
+    if result.platforms:
+        click.echo(f"platforms:    {', '.join(result.platforms)}")
+        click.echo(f"manifest:     {result.manifest_digest} ({result.manifest_media_type})")
+    click.echo(f"platform:     {result.platform or '-'}\nconfig:       {result.config_digest}\n"
+               f"created:      {result.created or '-'}")
+    for label, value in (("entrypoint", result.entrypoint), ("cmd", result.cmd)):
+        click.echo(f"{label + ':':13} {json.dumps(value) if value is not None else '-'}")
+    click.echo(f"workdir:      {result.working_dir or '-'}\nuser:         {result.user or '-'}")
+    click.echo(f"ports:        {' '.join(result.exposed_ports) or '-'}")
+    for title, lines in (("env", result.env), ("labels", [f"{k}={v}" for k, v in sorted(result.labels.items())])):
+        click.echo(f"{title}:" + "".join(f"\n  {line}" for line in lines))
+    click.echo(f"layers ({len(result.layers)}):")
+    for layer in result.layers:
+        click.echo(f"  {layer.digest}  {layer.size:>12}  {layer.media_type}")
+    click.echo(f"history ({len(result.history)}):")
+    for step in result.history:
+        by = str(step.get("created_by") or step.get("comment") or "")
+        click.echo(f"  {step.get('created') or '-'}  {by}" + ("  (empty layer)" if step.get("empty_layer") else ""))
+
+
+def _when(ts: float | None) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{n}B"
+
+
+@cli.command("images")
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def images_cmd(cache_dir: Path | None, as_json: bool) -> None:
+    """List cached images: refs, digest, platform, base formats, bytes on disk, created, last used, sessions."""
+    from .cache import Cache
+    from .gc import images
+
+    items = images(Cache(cache_dir))
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in dataclasses.asdict(i).items() if k != "ref_files"}
+                               for i in items], indent=2))
+        return
+    for i in items:
+        click.echo(f"{i.digest[7:19]}  {','.join(i.formats) or '-':10} {_human(i.bytes):>7} "
+                   f"(+{_human(i.shared_bytes)} shared)  {i.platform or '-':12} created {_when(i.created)}  "
+                   f"used {_when(i.last_used)}  {len(i.live_sessions)} live  {' '.join(i.refs) or '<none>'}")
+
+
+@cli.command("rmi")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Remove the live sessions using them first.")
+@cache_dir_option
+def rmi_cmd(images: tuple[str, ...], force: bool, cache_dir: Path | None) -> None:
+    """Remove cached IMAGES (a ref or a digest prefix): ref records, bases, disks. Blobs are left to gc."""
+    from .cache import Cache
+    from .gc import rmi
+
+    report = rmi(Cache(cache_dir), list(images), force=force)
+    for sid in report.sessions:
+        click.echo(f"removed session {sid}")
+    for digest in report.images:
+        click.echo(f"removed {digest}")
+
+
+@cli.command("gc")
+@click.option("--max-size", metavar="SIZE", help="Evict least-recently-used bases until the cache is this big.")
+@click.option("--keep", metavar="DURATION", help="Never evict a base used within this long (e.g. 12h, 7d).")
+@click.option("--dry-run", is_flag=True, help="Remove nothing; report what gc would remove.")
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def gc_cmd(max_size: str | None, keep: str | None, dry_run: bool, cache_dir: Path | None, as_json: bool) -> None:
+    """Remove dead sessions, leftovers of killed processes, unreferenced blobs, then LRU bases over budget."""
+    from .cache import Cache
+    from .config import parse_duration, parse_size
+    from .gc import collect
+
+    try:
+        budget = parse_size(max_size) if max_size else None
+        keep_s = parse_duration(keep) if keep else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    report = collect(Cache(cache_dir), max_size=budget, keep=keep_s, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for r in report.removed:
+        click.echo(f"{verb} {r.kind} {r.name} ({_human(r.bytes)})")
+    freed = ", ".join(f"{kind} {_human(n)}" for kind, n in report.freed().items()) or "nothing"
+    click.echo(f"{'would free' if dry_run else 'freed'}: {freed}; cache {_human(report.size_before)} -> "
+               f"{_human(report.size_after)}")
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """Check the cache's integrity."""
+
+
+@cache_group.command("verify")
+@click.option("--repair", is_flag=True, help="Remove corrupt blobs and bases so the next prepare rebuilds them.")
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def cache_verify(ctx: click.Context, repair: bool, cache_dir: Path | None, as_json: bool) -> int:
+    """Rehash every blob and check every base against its record; exit 1 if anything is corrupt or missing."""
+    from .cache import Cache
+    from .verify import verify_cache
+
+    report = verify_cache(Cache(cache_dir), repair=repair)
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        for p in report.problems:
+            click.echo(f"{p.what}: {p.kind} {p.name} {p.detail}".rstrip())
+        for name in report.repaired:
+            click.echo(f"repaired: removed {name}")
+        click.echo(f"{report.blobs} blobs, {report.bases} bases: "
+                   f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
+    return 0 if report.ok else 1
+
+
 def _sessions(cache_dir: Path | None) -> "Sessions":
     from .cache import Cache
     from .session import Sessions

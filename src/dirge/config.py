@@ -7,6 +7,11 @@
 
     [registries."build.internal:5000"]
     insecure = true                         # plain HTTP allowed (loopback registries always are)
+
+    [cache]
+    max_size = "20G"                        # run gc after a prepare that leaves the cache bigger
+
+``$DIRGE_CACHE_MAX_SIZE`` overrides ``[cache] max_size``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class RegistryConfig:
 @dataclass(frozen=True)
 class Config:
     registries: dict[str, RegistryConfig] = field(default_factory=dict)
+    cache_max_size: int | None = None  # bytes; [cache] max_size
 
     def registry(self, host: str) -> RegistryConfig:
         return self.registries.get(host, RegistryConfig())
@@ -56,4 +62,53 @@ def load_config(path: Path | None = None) -> Config:
         if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
             raise DirgeError(f"read config {path}: registries.{host!r}.mirrors must be a list of URLs")
         out[host] = RegistryConfig(tuple(m.rstrip("/") for m in mirrors), bool(entry.get("insecure", False)))
-    return Config(out)
+    cache = data.get("cache") or {}
+    if not isinstance(cache, dict):
+        raise DirgeError(f"read config {path}: [cache] must be a table")
+    max_size = cache.get("max_size")
+    try:
+        budget = None if max_size is None else parse_size(str(max_size))
+    except ValueError as exc:
+        raise DirgeError(f"read config {path}: cache.max_size: {exc}") from None
+    return Config(out, budget)
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``123``, ``512M``, ``2G``, ``2GiB`` (powers of 1024)."""
+    value = text.strip()
+    number = value.rstrip("KMGTkmgtiIbB")
+    unit = value[len(number):].upper().removesuffix("B").removesuffix("I")
+    if not number.isdigit() or unit not in _UNITS:
+        raise ValueError(f"{text!r}: give bytes or a size like 512M or 2G")
+    return int(number) * _UNITS[unit]
+
+
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``12h``, ``7d``, ``2w``."""
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in _SECONDS else "s"
+    number = value[:-1] if value[-1:] in _SECONDS else value
+    try:
+        seconds = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r}: give a duration like 90s, 15m, 12h or 7d") from None
+    if seconds < 0:
+        raise ValueError(f"{text!r}: a duration cannot be negative")
+    return seconds * _SECONDS[unit]
+
+
+def cache_max_size() -> int | None:
+    """The cache's size budget: ``$DIRGE_CACHE_MAX_SIZE``, else ``[cache] max_size``, else None."""
+    env = os.environ.get("DIRGE_CACHE_MAX_SIZE")
+    if env:
+        try:
+            return parse_size(env)
+        except ValueError as exc:
+            raise DirgeError(f"$DIRGE_CACHE_MAX_SIZE: {exc}") from None
+    return load_config().cache_max_size

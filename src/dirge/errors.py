@@ -19,6 +19,7 @@ Messages are lowercase verb phrases joined level by level, e.g.
     ├── BuildError                a local variant or buildah image that cannot be found, built or exported
     ├── LockTimeout               another process holds a cache lock for too long (names its pid)
     ├── SessionError              a session or snapshot that cannot be made, found or removed
+    ├── Cancelled                 an operation stopped at its caller's request (a cancelled dirge.aio call)
     └── BootError                 a boot that cannot start: no kernel, QEMU, busybox or module
         └── GuestFailed           the guest did not run its command to the end (failed, timed out)
 """
@@ -126,3 +127,8 @@ class GuestFailed(BootError):
         super().__init__(message)
         self.timed_out = timed_out
         self.console_tail = console_tail
+
+
+class Cancelled(DirgeError):
+    """Raised in a worker thread at its next progress callback once its ``dirge.aio`` caller was
+    cancelled, so the sync pipeline undoes what it began; the caller sees CancelledError."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from contextlib import ExitStack
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from .apply.layer import Limits
 from .bases import DiskOptions, ensure_base, ensure_disk, mount_base
 from .cache import Cache
-from .errors import SessionError
+from .errors import DirgeError, SessionError
 from .fsutil import is_mountpoint, remove_tree, unmount
 from .image import Platform
 from .reference import canonicalize_image_ref, local_variant_name
@@ -173,18 +174,22 @@ def prepare(
     cache = Cache(cache_dir)
     ref = canonicalize_image_ref(image)
     sessions = Sessions(cache)
-    if disk is not None:
-        if strategy is not None:
-            raise SessionError(f"session strategy {strategy!r}: a disk session has none (it is a disk file)")
-        base = ensure_disk(ref, format=disk, options=DiskOptions(disk_size, disk_journal), cache=cache,
-                           platform=platform, rootless=rootless, limits=limits, lock_timeout=lock_timeout,
-                           progress=progress, pull=pull, creds=creds)
-        info = sessions.create_disk(base, ref, disk_format=disk_format, owner_pid=owner_pid, snapshot=snapshot,
-                                    scratch_size=disk_size if disk == "erofs" and disk_size else SCRATCH_SIZE)
-    else:
-        base = ensure_base(ref, cache=cache, format=base_format, platform=platform, rootless=rootless,
-                           limits=limits, lock_timeout=lock_timeout, progress=progress, pull=pull, creds=creds)
-        info = sessions.create(base, ref, strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
+    # The base's lease is held from finding (or building) it until the session is recorded: then the
+    # session's record keeps gc away from the base for as long as its owner lives.
+    with ExitStack() as leases:
+        if disk is not None:
+            if strategy is not None:
+                raise SessionError(f"session strategy {strategy!r}: a disk session has none (it is a disk file)")
+            base = ensure_disk(ref, format=disk, options=DiskOptions(disk_size, disk_journal), cache=cache,
+                               platform=platform, rootless=rootless, limits=limits, lock_timeout=lock_timeout,
+                               progress=progress, pull=pull, creds=creds, leases=leases)
+            info = sessions.create_disk(base, ref, disk_format=disk_format, owner_pid=owner_pid, snapshot=snapshot,
+                                        scratch_size=disk_size if disk == "erofs" and disk_size else SCRATCH_SIZE)
+        else:
+            base = ensure_base(ref, cache=cache, format=base_format, platform=platform, rootless=rootless,
+                               limits=limits, lock_timeout=lock_timeout, progress=progress, pull=pull, creds=creds,
+                               leases=leases)
+            info = sessions.create(base, ref, strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
     prepared = PreparedRootfs(info, sessions.session_dir(info.id), base.config, base.created, base.format)
     try:
         if files:
@@ -192,7 +197,21 @@ def prepare(
     except BaseException:
         prepared.close()
         raise
+    _collect_if_over_budget(cache)
     return prepared
+
+
+def _collect_if_over_budget(cache: Cache) -> None:
+    """Run gc when the cache is over the configured budget (``[cache] max_size``, ``$DIRGE_CACHE_MAX_SIZE``)."""
+    from .config import cache_max_size
+    from .gc import collect, over_budget
+
+    budget = cache_max_size()
+    if budget is not None and over_budget(cache, budget):
+        try:
+            collect(cache, max_size=budget)
+        except (DirgeError, OSError):
+            pass  # best effort: the session is made; the next prepare (or ``dirge gc``) tries again
 
 
 def restore(snapshot: str, cache_dir: str | os.PathLike[str] | None = None, *, strategy: str | None = None,
@@ -201,15 +220,17 @@ def restore(snapshot: str, cache_dir: str | os.PathLike[str] | None = None, *, s
     cache = Cache(cache_dir)
     sessions = Sessions(cache)
     meta = sessions.snapshot_meta(snapshot)
-    base = cache.load_base(meta["base"])
-    if base is None:
-        raise SessionError(f"restore snapshot {snapshot}: its base {meta['base']} is no longer cached; "
-                           f"prepare {meta['image']} again first")
-    if meta["kind"] == DISK:
-        info = sessions.create_disk(base, meta["image"], owner_pid=owner_pid, snapshot=snapshot)
-        return PreparedRootfs(info, sessions.session_dir(info.id), base.config, False, base.format)
-    mount_base(base)
-    info = sessions.create(base, meta["image"], strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
+    with cache.base_lease(meta["base"]):  # as in prepare: held until the session is recorded
+        base = cache.load_base(meta["base"])
+        if base is None:
+            raise SessionError(f"restore snapshot {snapshot}: its base {meta['base']} is no longer cached; "
+                               f"prepare {meta['image']} again first")
+        cache.touch_base(base.key)
+        if meta["kind"] == DISK:
+            info = sessions.create_disk(base, meta["image"], owner_pid=owner_pid, snapshot=snapshot)
+            return PreparedRootfs(info, sessions.session_dir(info.id), base.config, False, base.format)
+        mount_base(base)
+        info = sessions.create(base, meta["image"], strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
     return PreparedRootfs(info, sessions.session_dir(info.id), base.config, False, base.format)
 
 

@@ -64,6 +64,25 @@ def open_image(
     Registry images keep their blobs in ``cache`` (the default cache if None); local variants are built
     (if missing or stale) and exported there too. The caller closes the source.
     """
+    source, start, name = open_start(image, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes)
+    try:
+        return source, resolve_manifest(source, start, name, platform)
+    except BaseException:
+        source.close()
+        raise
+
+
+def open_start(
+    image: str,
+    *,
+    cache: "Cache | None" = None,
+    pull: str = "missing",
+    creds: "Credentials | None" = None,
+    on_bytes: "Callable[[Descriptor, int], None] | None" = None,
+) -> tuple[BlobSource, Descriptor, str]:
+    """The source of ``image``, the descriptor its reference names (an index or a manifest) and the
+    canonical ref text, before any platform is chosen (``open_image``, ``inspect``). The caller closes
+    the source."""
     if pull not in PULL_POLICIES:
         raise DirgeError(f"--pull must be one of {', '.join(PULL_POLICIES)}, not {pull!r}")
     ref = parse_reference(image)
@@ -72,24 +91,23 @@ def open_image(
         start = source.select(ref)
         if cache is not None:
             cache.record_ref(str(ref), start.digest)
-        return source, resolve_manifest(source, start, str(ref), platform)
+        return source, start, str(ref)
     if isinstance(ref, RegistryReference):
         from .cache import Cache
         from .sources.registry import RegistryClient, RegistrySource, start_descriptor
 
         cache = cache or Cache()
-        client = RegistryClient(ref.registry, creds=creds) if pull != "never" else None
-        if client is not None:
+        registry_ref = ref
+
+        def make_client() -> RegistryClient:
+            client = RegistryClient(registry_ref.registry, creds=creds)
             client.on_bytes = on_bytes
+            return client
+
+        # Built only when a blob is missing (credential helpers run then); never with --pull never.
+        registry_source = RegistrySource(make_client if pull != "never" else None, ref, cache)
         try:
-            start = start_descriptor(ref, cache, client, pull)
-        except BaseException:
-            if client:
-                client.close()
-            raise
-        registry_source = RegistrySource(client or RegistryClient(ref.registry, creds=creds), ref, cache)
-        try:
-            return registry_source, resolve_manifest(registry_source, start, str(ref), platform)
+            return registry_source, start_descriptor(ref, cache, registry_source.client, pull), str(ref)
         except BaseException:
             registry_source.close()
             raise
@@ -97,13 +115,13 @@ def open_image(
     from .sources.buildah import open_local
 
     cache = cache or Cache()
-    local_source, start = open_local(ref, cache.root, build=_build_variant)
+    local_source, local_start = open_local(ref, cache.root, build=_build_variant)
     try:
-        cache.record_ref(str(ref), start.digest)
-        return local_source, resolve_manifest(local_source, start, str(ref), platform)
+        cache.record_ref(str(ref), local_start.digest)
     except BaseException:
         local_source.close()
         raise
+    return local_source, local_start, str(ref)
 
 
 def _build_variant(name: str, cache_root: Path) -> LocalImage:

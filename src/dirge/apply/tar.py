@@ -1,4 +1,7 @@
-"""A streaming tar reader: ustar, PAX (incl. xattrs and sparse 0.0/0.1/1.0) and GNU (long names, sparse).
+"""A streaming tar reader: what GNU tar reads, with GNU tar's result (tests/test_tar_dialects.py): v7,
+ustar, star, PAX (xattrs, sparse 0.0/0.1/1.0, global and Solaris ``X`` headers), GNU (long names, sparse,
+dump directories, volume labels), base-256 numbers, signed checksums. GNU multi-volume members and
+unknown entry types are refused (GNU tar extracts the latter as regular files, with a warning).
 
 Written here rather than taken from ``tarfile`` so that every header is bounded (a hostile PAX or
 long-name header cannot make us buffer gigabytes), names stay raw bytes, and file data can be copied
@@ -24,7 +27,9 @@ MAX_GLOBAL_RECORDS = 64
 REG, LINK, SYMLINK, CHR, BLK, DIR, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
 _CONT = b"7"
 _PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK, _GNU_SPARSE = b"x", b"g", b"L", b"K", b"S"
-_GNU_DUMPDIR, _GNU_VOLHDR = b"D", b"V"
+_GNU_DUMPDIR, _GNU_VOLHDR, _GNU_MULTIVOL = b"D", b"V", b"M"
+_SOLARIS_PAX = b"X"  # Solaris tar's extended header: read like ``x``, as GNU tar does
+_KNOWN = (REG, LINK, SYMLINK, CHR, BLK, DIR, FIFO, _GNU_VOLHDR)
 
 
 @dataclass(slots=True)
@@ -282,12 +287,17 @@ class TarReader:
             size = _parse_number(header[124:136])
             if size < 0:
                 raise TarFormatError("negative size in tar header")
+            if typeflag == _SOLARIS_PAX:
+                typeflag = _PAX
             if typeflag in (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK) and size <= MAX_SPECIAL_SIZE:
                 special += size
                 if special > 4 * MAX_SPECIAL_SIZE:
                     raise TarFormatError(f"more than {4 * MAX_SPECIAL_SIZE} bytes of extended headers for one entry")
             if typeflag in (_PAX, _PAX_GLOBAL):
-                target = self._global if typeflag == _PAX_GLOBAL else pax
+                if typeflag == _PAX_GLOBAL:  # like GNU tar: a global header replaces the previous one's records
+                    self._global = target = {}
+                else:
+                    target = pax
                 _parse_pax(_read_special(stream, size, "PAX"), target)
                 if len(self._global) > MAX_GLOBAL_RECORDS:
                     raise TarFormatError(f"more than {MAX_GLOBAL_RECORDS} global PAX records")
@@ -300,6 +310,9 @@ class TarReader:
                 continue
             break
 
+        if typeflag == _GNU_MULTIVOL:
+            raise TarFormatError(f"{_cstr(header[0:100])!r} is continued from another volume: GNU multi-volume "
+                                 "archives are not supported (a layer must be one whole tar)")
         magic = header[257:265]
         name = _cstr(header[0:100])
         if magic[:6] == b"ustar\0":  # POSIX ustar: the prefix field extends the name
@@ -319,8 +332,6 @@ class TarReader:
         if typeflag in (CHR, BLK):
             entry.devmajor = _parse_number(header[329:337])
             entry.devminor = _parse_number(header[337:345])
-        if typeflag == b"\0" and name.endswith(b"/"):
-            entry.type = DIR  # old tars mark directories by a trailing slash only
         if typeflag == _GNU_DUMPDIR:
             entry.type = DIR
         if magic == b"ustar  \0" and typeflag != _GNU_SPARSE:
@@ -339,12 +350,14 @@ class TarReader:
         merged = {**self._global, **pax} if self._global else pax
         if merged:
             sparse_v1 = self._apply_pax(entry, merged)
+        if entry.type == REG and entry.sparse is None and not sparse_v1 and entry.name.endswith(b"/"):
+            entry.type = DIR  # old (BSD) tars mark directories by a trailing slash only; GNU tar agrees
+        if entry.type not in _KNOWN:  # GNU tar would extract these as regular files, with a warning
+            raise TarFormatError(f"unsupported tar entry type {entry.type!r} for {entry.name!r}")
         self._data_left = entry.size
         self._padding = -entry.size % BLOCK
         if sparse_v1:
             entry.sparse = self._pax_sparse_v1_map(entry)
-        if entry.type not in (REG, LINK, SYMLINK, CHR, BLK, DIR, FIFO, _GNU_VOLHDR):
-            raise TarFormatError(f"unsupported tar entry type {entry.type!r} for {entry.name!r}")
         return entry
 
     def _skip_data(self) -> None:

@@ -36,7 +36,8 @@ import httpx
 from ..cache import Cache
 from ..config import Config, load_config
 from ..errors import AuthError, DirgeError, IntegrityError, NotFound, RateLimited, RegistryError
-from ..image import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, Descriptor
+from ..image import CONFIG_TYPES, DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
+from ..image import Descriptor
 from ..image import MAX_MANIFEST_BYTES
 from ..reference import Digest, RegistryReference, parse_digest
 from .auth import Credentials, find_credentials
@@ -408,20 +409,53 @@ def _media_type_of(raw: bytes) -> str | None:
     return None
 
 
+ClientFactory = Callable[[], RegistryClient]
+
+
+def offline_error(ref: RegistryReference, what: str, digest: Digest) -> DirgeError:
+    """The one error of ``--pull never`` meeting a blob the cache lacks."""
+    return DirgeError(f"{what} {digest} of {ref} is not in the cache and --pull never forbids the network; "
+                      "pull it with --pull missing (or dirge pull)")
+
+
 class RegistrySource:
     """A ``BlobSource`` over a registry, storing every blob in the cache (verified).
 
     ``prefetch`` starts bounded parallel downloads of the layers; ``open_blob`` on a layer still
     downloading reads it as it arrives, so applying layer N overlaps with downloading it and the later ones.
+
+    The client is built on first need from ``client``, a factory: a fully cached image runs no
+    credential helper and opens no connection. ``client=None`` (``--pull never``) means no network at all:
+    a blob the cache lacks is an ``offline_error``.
     """
 
-    def __init__(self, client: RegistryClient, ref: RegistryReference, cache: Cache, parallel: int = 3) -> None:
-        self.client = client
+    def __init__(self, client: ClientFactory | None, ref: RegistryReference, cache: Cache, parallel: int = 3) -> None:
         self.ref = ref
         self.cache = cache
+        self._factory = client
+        self._client: RegistryClient | None = None
+        self._client_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="dirge-pull")
         self._downloads: dict[Digest, tuple[Future[Path], PartialBlob]] = {}
         self._swept = False
+
+    @property
+    def offline(self) -> bool:
+        return self._factory is None
+
+    def client(self) -> RegistryClient:
+        """The registry client, built once on first call."""
+        if self._factory is None:
+            raise DirgeError(f"{self.ref}: --pull never forbids the network")
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._factory()
+            return self._client
+
+    def _client_for(self, what: str, digest: Digest) -> RegistryClient:
+        if self._factory is None:
+            raise offline_error(self.ref, what, digest)
+        return self.client()
 
     def close(self) -> None:
         """Stop downloads still running (their temp files go) and wait for the threads. Idempotent."""
@@ -430,19 +464,25 @@ class RegistrySource:
             if future.cancel():
                 partial.fail(DirgeError(f"{partial.what}: download cancelled"))
         self._pool.shutdown(wait=True)
-        self.client.close()
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()
 
     def prefetch(self, descs: list[Descriptor]) -> None:
+        missing = [d for d in descs if d.digest not in self._downloads and not self.cache.blob_path(d.digest).exists()]
+        if missing and self.offline:  # fail before anything is applied, naming the first absent layer
+            raise offline_error(self.ref, "layer", missing[0].digest)
         if not self._swept:
             sweep_orphans(self.cache.root / "blobs" / "sha256")
             self._swept = True
-        for desc in descs:
-            if desc.digest in self._downloads or self.cache.blob_path(desc.digest).exists():
+        for desc in missing:
+            if desc.digest in self._downloads:  # listed twice
                 continue
+            client = self._client_for("layer", desc.digest)
             what = f"blob {desc.digest.short} of {self.ref.registry}/{self.ref.repository}"
             partial = PartialBlob(self.cache.blob_path(desc.digest), desc, what)
             try:
-                future = self._pool.submit(self.client.download_blob, self.ref, desc, self.cache, partial)
+                future = self._pool.submit(client.download_blob, self.ref, desc, self.cache, partial)
             except BaseException as exc:
                 partial.fail(exc)
                 raise
@@ -452,12 +492,17 @@ class RegistrySource:
         path = self.cache.blob_path(desc.digest)
         if desc.media_type in INDEX_TYPES + MANIFEST_TYPES:
             if not path.exists():
-                raw, _, _ = self.client.fetch_manifest(self.ref, str(desc.digest))
+                raw, _, _ = self._client_for("manifest", desc.digest).fetch_manifest(self.ref, str(desc.digest))
                 self.cache.put_blob(desc.digest, raw)
             return open(path, "rb")
         if desc.digest in self._downloads:
             return self._downloads[desc.digest][1].reader()  # type: ignore[return-value]
-        return open(self.client.download_blob(self.ref, desc, self.cache), "rb")
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            pass
+        what = "config" if desc.media_type in CONFIG_TYPES else "layer"
+        return open(self._client_for(what, desc.digest).download_blob(self.ref, desc, self.cache), "rb")
 
     def wait(self) -> None:
         """Block until every prefetched download is published (or raise the first failure)."""
@@ -465,8 +510,10 @@ class RegistrySource:
             future.result()
 
 
-def start_descriptor(ref: RegistryReference, cache: Cache, client: RegistryClient | None, pull: str) -> Descriptor:
-    """The top manifest or index of ``ref``, honouring the pull policy (always | missing | never)."""
+def start_descriptor(ref: RegistryReference, cache: Cache, client: ClientFactory | None, pull: str) -> Descriptor:
+    """The top manifest or index of ``ref``, honouring the pull policy (always | missing | never).
+
+    ``client`` builds the registry client only if the network is needed (None: it never is)."""
     digest = ref.digest
     if digest is None and pull != "always":
         digest = cache.lookup_ref(str(ref))
@@ -475,8 +522,9 @@ def start_descriptor(ref: RegistryReference, cache: Cache, client: RegistryClien
         if raw is not None:
             return Descriptor(_media_type_of(raw) or OCI_MANIFEST, digest, len(raw))
     if pull == "never" or client is None:
-        raise NotFound(f"{ref} is not in the cache and --pull never forbids the network; pull it first")
-    raw, media_type, fetched = client.fetch_manifest(ref, str(ref.digest) if ref.digest else ref.tag or "latest")
+        raise NotFound(f"{ref} is not in the cache and --pull never forbids the network; "
+                       "pull it with --pull missing (or dirge pull)")
+    raw, media_type, fetched = client().fetch_manifest(ref, str(ref.digest) if ref.digest else ref.tag or "latest")
     cache.put_blob(fetched, raw)
     if ref.digest is None:
         cache.record_ref(str(ref), fetched)

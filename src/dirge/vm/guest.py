@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,7 +212,6 @@ def find_busybox() -> Path:
 
 def _is_static(path: Path) -> bool:
     """An ELF without a PT_INTERP program header needs no dynamic loader."""
-    import struct
     with open(path, "rb") as f:
         head = f.read(64)
         if head[:4] != b"\x7fELF" or head[4] != 2:

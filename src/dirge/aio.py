@@ -1,0 +1,409 @@
+"""The asyncio face of dirge, for agent frameworks: the sync API run off the event loop.
+
+    async with aio.prepare("oci:/images/app:1.0", cache_dir) as rootfs:   # closed on leaving the block
+        await run_vm(rootfs.path, rootfs.config)
+
+    rootfs = await aio.prepare(image, cache_dir)                          # the caller closes it
+    try: ... finally: await aio.close(rootfs)
+
+    result = await aio.export(image, "/srv/app.erofs", format="erofs")
+    resolved = await aio.pull("docker.io/library/alpine:3.21")
+    report = await aio.gc(cache_dir, max_size=10 << 30)                   # dirge.gc.collect's arguments
+
+The sync functions stay the core: each call here runs one of them in its own thread (so a prepare
+waiting minutes on a base lock never takes a slot of the loop's default executor) and awaits its end.
+
+Progress: ``progress=`` takes a callback, sync or async, with the sync ``ProgressFn``'s arguments
+``(what, index, count)``, called on the loop (async ones awaited in order), or a ``ProgressStream``,
+an async iterator of ``ProgressEvent`` that ends when the operation ends. ``aio.pull`` forwards
+``on_bytes(desc, done)`` the same way.
+
+Cancellation: cancelling the awaiting task sets a flag that the worker thread sees at its next progress
+or download callback, where it raises ``errors.Cancelled``; the sync pipeline then undoes what it began
+(staging removed, lock released, temp files deleted) as it does for any error. The task waits for
+the worker's end (a second cancel does not cut that short), closes a session that was completed
+anyway, then raises CancelledError. The unpack pipeline calls ``progress`` once per layer, before it
+starts that layer, so a prepare stops at the next layer boundary (a layer being applied is finished
+first), and one waiting for another process's base lock stops only once it has the lock.
+
+Unpack slots: applying layers is Python work that holds the GIL, and every thread applying a layer
+lengthens the loop's waits for it (measured on 2 CPUs: one unpack ~20 ms stalls, three ~60-90 ms).
+So the workers of this module apply at most ``UNPACK_SLOTS`` images at a time (``$DIRGE_AIO_UNPACKS``,
+default 1: on CPython the others would mostly wait for the GIL anyway); a prepare takes its slot at its
+first layer, after its downloads have started, and waiting for one is a cancellation point too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import os
+import queue
+import threading
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .apply.layer import Limits
+from .bases import DiskOptions
+from .cache import Cache
+from .errors import Cancelled
+from .export import ExportResult
+from .export import export as sync_export
+from .image import Descriptor, Platform
+from .resolve import ResolvedImage
+from .rootfs import FileSpec, PreparedRootfs
+from .rootfs import prepare as sync_prepare
+from .sources.auth import Credentials
+from .unpack import pull_image
+
+if TYPE_CHECKING:
+    from .gc import GcReport
+
+__all__ = [
+    "BytesCallback",
+    "Cancelled",
+    "Preparing",
+    "ProgressCallback",
+    "ProgressEvent",
+    "ProgressStream",
+    "close",
+    "export",
+    "gc",
+    "prepare",
+    "pull",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One call of the sync pipeline's ``ProgressFn``: ``what`` ("layer 2/5 sha256:ab12…"), the layer's
+    index and the layer count."""
+
+    what: str
+    index: int
+    count: int
+
+
+ProgressCallback = Callable[[str, int, int], Awaitable[None] | None]  # sync or async, on the loop
+BytesCallback = Callable[[Descriptor, int], Awaitable[None] | None]  # a download's bytes so far
+
+
+class ProgressStream:
+    """The progress events of one operation as an async iterator; it ends when the operation ends
+    (done, failed or cancelled). Pass it as ``progress=`` and iterate it in another task:
+
+        events = aio.ProgressStream()
+        task = asyncio.ensure_future(aio.prepare(image, cache_dir, progress=events))
+        async for event in events:
+            print(event.what)
+        rootfs = await task
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[ProgressEvent | None] = asyncio.Queue()
+        self._ended = False
+
+    def __aiter__(self) -> ProgressStream:
+        return self
+
+    async def __anext__(self) -> ProgressEvent:
+        if self._ended:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if event is None:
+            self._ended = True
+            raise StopAsyncIteration
+        return event
+
+    def _put(self, event: ProgressEvent | None) -> None:
+        self._queue.put_nowait(event)
+
+
+AsyncProgress = ProgressStream | ProgressCallback
+
+
+async def _settle(fut: asyncio.Future[Any], on_cancel: Callable[[], None]) -> asyncio.CancelledError | None:
+    """Wait until ``fut`` is done however often the awaiting task is cancelled meanwhile (``fut`` itself
+    is never cancelled); returns the first CancelledError, calling ``on_cancel`` on each."""
+    cancelled: asyncio.CancelledError | None = None
+    while not fut.done():
+        try:
+            await asyncio.wait([fut])
+        except asyncio.CancelledError as exc:
+            cancelled = cancelled or exc
+            on_cancel()
+    return cancelled
+
+
+UNPACK_SLOTS = int(os.environ.get("DIRGE_AIO_UNPACKS", "1") or 1)
+_unpack_slots = threading.BoundedSemaphore(max(1, UNPACK_SLOTS))
+
+_launches: queue.SimpleQueue[tuple[threading.Thread, Callable[[BaseException], None]]] = queue.SimpleQueue()
+_launcher: threading.Thread | None = None
+_launcher_lock = threading.Lock()
+
+
+def _start_thread(thread: threading.Thread, failed: Callable[[BaseException], None]) -> None:
+    """Have ``thread`` started by the launcher thread, not the loop's: ``Thread.start()`` waits until
+    the new thread runs, which with busy unpack threads competing for the GIL takes up to ~100 ms, a
+    stall of the whole event loop."""
+    global _launcher
+    with _launcher_lock:
+        if _launcher is None or not _launcher.is_alive():
+            _launcher = threading.Thread(target=_launch_forever, name="dirge-aio-launcher", daemon=True)
+            _launcher.start()
+    _launches.put((thread, failed))
+
+
+def _launch_forever() -> None:
+    while True:
+        thread, failed = _launches.get()
+        try:
+            thread.start()
+        except BaseException as exc:  # e.g. "can't start new thread": the operation fails with it
+            failed(exc)
+
+
+class _Relay:
+    """One operation: its worker thread, the worker's events carried to the loop
+    (``call_soon_threadsafe``) and the loop's cancellation carried to the worker (a flag it checks in
+    every callback the sync pipeline makes)."""
+
+    def __init__(self, progress: AsyncProgress | None = None, on_bytes: BytesCallback | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stop = threading.Event()
+        self._stream = progress if isinstance(progress, ProgressStream) else None
+        self._progress = None if isinstance(progress, ProgressStream) else progress
+        self._on_bytes = on_bytes
+        self._calls: asyncio.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = asyncio.Queue()
+        self._failure: BaseException | None = None  # a callback's exception: it stops the operation
+        self._slot = False  # whether this operation's worker holds an unpack slot
+
+    # -- in the worker thread ------------------------------------------------------------------
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise Cancelled("cancelled by the caller")
+
+    def progress(self, what: str, index: int, count: int) -> None:
+        """The sync pipeline's ``ProgressFn``: the cancellation point, and the events' source. The
+        first call (a layer is about to be applied) waits for an unpack slot."""
+        self.check()
+        while not self._slot:
+            self._slot = _unpack_slots.acquire(timeout=0.05)
+            self.check()
+        if self._stream is not None:
+            self._post(self._stream._put, ProgressEvent(what, index, count))
+        elif self._progress is not None:
+            self._post(self._calls.put_nowait, (self._progress, (what, index, count)))
+
+    def on_bytes(self, desc: Descriptor, done: int) -> None:
+        self.check()
+        if self._on_bytes is not None:
+            self._post(self._calls.put_nowait, (self._on_bytes, (desc, done)))
+
+    def _post(self, fn: Callable[[Any], None], arg: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, arg)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _thread(self, work: Callable[[_Relay], T], done: asyncio.Future[T], context: contextvars.Context) -> None:
+        try:
+            self.check()  # cancelled before the thread even started
+            result = context.run(work, self)
+        except BaseException as exc:  # delivered to the awaiting task, raised there
+            self._fail(done, exc)
+        else:
+            self._post(lambda r: None if done.done() else done.set_result(r), result)
+        finally:
+            if self._slot:
+                self._slot = False
+                _unpack_slots.release()
+
+    def _fail(self, done: asyncio.Future[Any], exc: BaseException) -> None:
+        self._post(lambda e: None if done.done() else done.set_exception(e), exc)
+
+    # -- on the loop ---------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        """Callbacks run here, in order, one at a time; one that raises stops the operation."""
+        while (item := await self._calls.get()) is not None:
+            if self._failure is not None:
+                continue
+            fn, args = item
+            try:
+                result = fn(*args)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                self._failure = exc
+                self.stop.set()
+
+    async def run(self, work: Callable[[_Relay], T], discard: Callable[[T], None] | None = None) -> T:
+        """``work(self)`` in a new thread; its result, or its exception, or CancelledError after it
+        ended (and ``discard`` was given a result that came anyway)."""
+        done: asyncio.Future[T] = self.loop.create_future()
+        consumer = self.loop.create_task(self._consume()) if self._progress or self._on_bytes else None
+        thread = threading.Thread(target=self._thread, args=(work, done, contextvars.copy_context()),
+                                  name="dirge-aio")
+        _start_thread(thread, lambda exc: self._fail(done, exc))
+        cancelled = await _settle(done, self.stop.set)
+        if consumer is not None:
+            self._calls.put_nowait(None)
+            cancelled = await _settle(consumer, self.stop.set) or cancelled
+        if self._stream is not None:
+            self._stream._put(None)
+        if cancelled is not None:
+            if done.exception() is None and discard is not None:
+                await _shielded(discard, done.result())
+            raise cancelled
+        if self._failure is not None:
+            if done.exception() is None and discard is not None:
+                await _shielded(discard, done.result())
+            raise self._failure
+        return done.result()
+
+
+async def _shielded(fn: Callable[[T], None], arg: T) -> None:
+    """``fn(arg)`` in a thread, waited for to the end even if the awaiting task is cancelled meanwhile
+    (then CancelledError is raised after it)."""
+    relay = _Relay()
+    done: asyncio.Future[None] = relay.loop.create_future()
+    thread = threading.Thread(target=relay._thread, args=(lambda _: fn(arg), done, contextvars.copy_context()),
+                              name="dirge-aio-close")
+    _start_thread(thread, lambda exc: relay._fail(done, exc))
+    cancelled = await _settle(done, lambda: None)
+    done.result()
+    if cancelled is not None:
+        raise cancelled
+
+
+async def close(rootfs: PreparedRootfs) -> None:
+    """``rootfs.close()`` off the loop (an unmount and a tree removal); finished even if cancelled."""
+    await _shielded(PreparedRootfs.close, rootfs)
+
+
+class Preparing:
+    """What ``aio.prepare`` returns: ``await`` it for a PreparedRootfs the caller closes (``aio.close`` or
+    ``.close()``), or ``async with`` it for one closed on leaving the block (also on an exception or a
+    cancellation). Either, once."""
+
+    def __init__(self, work: Callable[[_Relay], PreparedRootfs], progress: AsyncProgress | None) -> None:
+        self._work = work
+        self._progress = progress
+        self._started = False
+        self._rootfs: PreparedRootfs | None = None
+
+    async def _run(self) -> PreparedRootfs:
+        if self._started:
+            raise RuntimeError("an aio.prepare(...) result can be awaited or entered only once")
+        self._started = True
+        return await _Relay(self._progress).run(self._work, discard=PreparedRootfs.close)
+
+    def __await__(self) -> Generator[Any, None, PreparedRootfs]:
+        return self._run().__await__()
+
+    async def __aenter__(self) -> PreparedRootfs:
+        self._rootfs = await self._run()
+        return self._rootfs
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        rootfs, self._rootfs = self._rootfs, None
+        if rootfs is not None:
+            await close(rootfs)
+
+
+def prepare(
+    image: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    strategy: str | None = None,
+    base_format: str | None = None,
+    platform: Platform | None = None,
+    rootless: bool | None = None,
+    files: Mapping[str, FileSpec | bytes] | None = None,
+    snapshot: str | None = None,
+    owner_pid: int | None = None,
+    limits: Limits = Limits(),
+    lock_timeout: float = 600.0,
+    progress: AsyncProgress | None = None,
+    pull: str = "missing",
+    creds: Credentials | None = None,
+    disk: str | None = None,
+    disk_format: str = "raw",
+    disk_size: int | None = None,
+    disk_journal: bool = True,
+) -> Preparing:
+    """``dirge.rootfs.prepare`` off the loop (the same arguments; ``progress`` as in the module doc).
+    Nothing starts until the result is awaited or entered."""
+
+    def work(relay: _Relay) -> PreparedRootfs:
+        return sync_prepare(
+            image, cache_dir, strategy=strategy, base_format=base_format, platform=platform, rootless=rootless,
+            files=files, snapshot=snapshot, owner_pid=owner_pid, limits=limits, lock_timeout=lock_timeout,
+            progress=relay.progress, pull=pull, creds=creds, disk=disk, disk_format=disk_format,
+            disk_size=disk_size, disk_journal=disk_journal)
+
+    return Preparing(work, progress)
+
+
+async def pull(
+    image: str,
+    platform: Platform | None = None,
+    *,
+    cache: Cache | None = None,
+    pull: str = "always",
+    creds: Credentials | None = None,
+    on_bytes: BytesCallback | None = None,
+) -> ResolvedImage:
+    """``dirge.unpack.pull_image`` off the loop; ``on_bytes(desc, done)`` (sync or async) on the loop.
+    Cancelled between two received chunks of a download (the partial blob is removed)."""
+    policy = pull
+
+    def work(relay: _Relay) -> ResolvedImage:
+        return pull_image(image, platform, cache=cache, pull=policy, creds=creds, on_bytes=relay.on_bytes)
+
+    return await _Relay(on_bytes=on_bytes).run(work)
+
+
+async def export(
+    image: str,
+    out: str | os.PathLike[str],
+    *,
+    format: str = "erofs",
+    platform: Platform | None = None,
+    cache: Cache | None = None,
+    pull: str = "missing",
+    creds: Credentials | None = None,
+    limits: Limits = Limits(),
+    progress: AsyncProgress | None = None,
+    disk: DiskOptions | None = None,
+) -> ExportResult:
+    """``dirge.export.export`` off the loop. A cancelled export leaves ``out`` as it was (or, when the
+    export had already finished, complete)."""
+
+    def work(relay: _Relay) -> ExportResult:
+        return sync_export(image, out, format=format, platform=platform, cache=cache, pull=pull, creds=creds,
+                              limits=limits, progress=relay.progress, disk=disk)
+
+    return await _Relay(progress).run(work)
+
+
+async def gc(cache_dir: str | os.PathLike[str] | Cache | None = None, **kwargs: Any) -> GcReport:
+    """``dirge.gc.collect`` off the loop on ``cache_dir`` (None: the default cache); ``kwargs`` go to it
+    as they are (``max_size``, ``keep``, ``dry_run``, ``grace``). It is not interrupted: a cancelled
+    call waits for it to finish, then raises CancelledError."""
+
+    def work(relay: _Relay) -> GcReport:
+        from .gc import collect  # imported when first used: gc is not needed to prepare
+
+        return collect(cache_dir if isinstance(cache_dir, Cache) else Cache(cache_dir), **kwargs)
+
+    return await _Relay().run(work)

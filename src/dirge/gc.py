@@ -1,0 +1,433 @@
+"""The cache's lifecycle: what it holds (``images``), removing images (``rmi``) and collecting garbage
+(``collect``, the ``gc`` command). The protocol (leases, who locks what) is in docs/ARCHITECTURE.md,
+"Cache lifecycle: records, leases, gc".
+
+gc's order: sessions whose owner is gone; leftovers of killed processes (staging directories whose base
+lock is free, temp blobs no writer holds, trash, mounts nothing owns); blobs no ref record, base,
+session, snapshot or running prepare reaches; then least-recently-used bases until under the budget.
+A base is removed only under its lease and its build lock, both taken exclusively without waiting, and
+only if no live session and no snapshot names it (read after the lease is taken).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .bases import unmount_base
+from .cache import Cache
+from .errors import DirgeError, LockTimeout
+from .fsutil import mounts_under, remove_tree, unmount
+from .reference import canonicalize_image_ref
+from .session import Sessions
+from .verify import base_users, base_bytes, disk_usage, remove_base_dir
+
+TEMP_GRACE = 60.0  # seconds: a temp file or blob younger than this may be a writer's that is not yet locked/recorded
+_HEX = re.compile(r"[0-9a-f]{64}")
+_MAX_JSON = 4 << 20
+
+
+# -- the blob graph ----------------------------------------------------------------------------
+
+
+def _blob_doc(cache: Cache, hex_digest: str) -> dict[str, Any] | None:
+    path = cache.blobs_dir / hex_digest
+    try:
+        if path.stat().st_size > _MAX_JSON:
+            return None
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _hex(digest: object) -> str | None:
+    if isinstance(digest, str) and digest.startswith("sha256:") and _HEX.fullmatch(digest[7:]):
+        return digest[7:]
+    return None
+
+
+def _children(doc: dict[str, Any]) -> list[str]:
+    """The digests (hex) an index (its manifests) or a manifest (config, layers) names."""
+    out: list[str] = []
+    descs: list[Any] = list(doc.get("manifests") or []) + list(doc.get("layers") or [])
+    if isinstance(doc.get("config"), dict):
+        descs.append(doc["config"])
+    for desc in descs:
+        h = _hex(desc.get("digest")) if isinstance(desc, dict) else None
+        if h:
+            out.append(h)
+    return out
+
+
+def reachable(cache: Cache, roots: Iterable[str]) -> set[str]:
+    """Every blob (hex) named, directly or through cached indexes and manifests, by ``roots`` (hex)."""
+    seen: set[str] = set()
+    todo = [r for r in roots if r]
+    while todo:
+        h = todo.pop()
+        if h in seen:
+            continue
+        seen.add(h)
+        doc = _blob_doc(cache, h)
+        if doc is not None:
+            todo.extend(_children(doc))
+    return seen
+
+
+def _blob_files(cache: Cache) -> dict[str, int]:
+    out = {}
+    for entry in os.scandir(cache.blobs_dir):
+        if not entry.name.startswith("."):
+            try:
+                out[entry.name] = entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue
+    return out
+
+
+def usage(cache: Cache) -> int:
+    """What the budget counts: blobs and bases (sessions and snapshots are their owners', not the cache's)."""
+    return sum(_blob_files(cache).values()) + sum(base_bytes(cache, k) for k in cache.base_keys())
+
+
+def over_budget(cache: Cache, budget: int) -> bool:
+    return usage(cache) > budget
+
+
+# -- what the cache holds ----------------------------------------------------------------------
+
+
+def _base_meta(cache: Cache, key: str) -> dict[str, Any]:
+    try:
+        meta = json.loads((cache.base_dir(key) / "image.json").read_text())
+        return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@dataclass
+class ImageInfo:
+    digest: str
+    refs: list[str] = field(default_factory=list)
+    platform: str | None = None
+    formats: list[str] = field(default_factory=list)
+    bases: list[str] = field(default_factory=list)
+    bytes: int = 0  # its bases plus the blobs only it uses
+    shared_bytes: int = 0  # blobs it shares with other images (counted here, and in each of them)
+    created: float | None = None
+    last_used: float | None = None
+    live_sessions: list[str] = field(default_factory=list)
+    ref_files: list[str] = field(default_factory=list)
+
+
+def images(cache: Cache) -> list[ImageInfo]:
+    """Every cached image (a manifest digest with a base, or a ref record leading to a cached manifest)."""
+    found: dict[str, ImageInfo] = {}
+
+    def image(h: str) -> ImageInfo:
+        return found.setdefault(h, ImageInfo(f"sha256:{h}"))
+
+    for key in cache.base_keys():
+        meta = _base_meta(cache, key)
+        h = _hex(meta.get("digest"))
+        if not h:
+            continue
+        info = image(h)
+        info.bases.append(key)
+        fmt = str(meta.get("format") or "tree")
+        if fmt not in info.formats:
+            info.formats.append(fmt)
+        info.platform = info.platform or meta.get("platform")
+        if isinstance(meta.get("image"), str) and meta["image"] not in info.refs:
+            info.refs.append(meta["image"])
+        published = cache.base_dir(key) / "image.json"
+        try:
+            created = published.stat().st_mtime
+            info.created = min(info.created or created, created)
+        except OSError:
+            pass
+        used = cache.last_used(key)
+        info.last_used = max(info.last_used or 0.0, used) or None
+        info.bytes += base_bytes(cache, key)
+    for path, record in cache.ref_records():
+        h = _hex(record.get("digest"))
+        if not h:
+            continue
+        doc = _blob_doc(cache, h)
+        targets = [h]
+        if doc is not None and "manifests" in doc:  # an index: the images are its manifests we hold
+            targets = [c for c in _children(doc) if c in found or (cache.blobs_dir / c).exists()]
+        elif doc is None and h not in found:
+            targets = []  # neither a base nor a cached manifest: nothing of it is held
+        for t in targets:
+            info = image(t)
+            if record.get("ref") not in info.refs:
+                info.refs.append(str(record.get("ref")))
+            info.ref_files.append(str(path))
+            if isinstance(record.get("time"), (int, float)):
+                info.created = min(info.created or record["time"], record["time"])
+    blobs = _blob_files(cache)
+    owners: dict[str, int] = {}
+    per_image = {h: reachable(cache, [h]) & set(blobs) for h in found}
+    for hs in per_image.values():
+        for b in hs:
+            owners[b] = owners.get(b, 0) + 1
+    for h, hs in per_image.items():
+        for b in hs:
+            if owners[b] > 1:
+                found[h].shared_bytes += blobs[b]
+            else:
+                found[h].bytes += blobs[b]
+    for s in Sessions(cache).list():
+        h = _hex(s.digest)
+        if h in found and s.alive():
+            found[h].live_sessions.append(s.id)
+    return sorted(found.values(), key=lambda i: (i.refs[:1], i.digest))
+
+
+# -- rmi ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RmiReport:
+    images: list[str] = field(default_factory=list)
+    refs: list[str] = field(default_factory=list)
+    bases: list[str] = field(default_factory=list)
+    sessions: list[str] = field(default_factory=list)
+
+
+def _match(name: str, all_images: list[ImageInfo]) -> list[ImageInfo]:
+    wanted = name.removeprefix("sha256:")
+    if re.fullmatch(r"[0-9a-f]{12,64}", wanted):
+        hits = [i for i in all_images if i.digest[7:].startswith(wanted)]
+        if hits:
+            return hits
+    names = {name}
+    try:
+        names.add(canonicalize_image_ref(name))
+    except DirgeError:
+        pass
+    return [i for i in all_images if names & set(i.refs)]
+
+
+@contextmanager
+def _exclusive(cache: Cache, key: str) -> Iterator[bool]:
+    """The base's lease and build lock, both exclusive, without waiting: yields False if either is busy."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(cache.base_lease(key, 0, shared=False))
+            stack.enter_context(cache.base_lock(key, 0))
+        except LockTimeout:
+            yield False
+            return
+        yield True
+
+
+def _live_base_refs(cache: Cache) -> set[str]:
+    """Base keys live sessions and snapshots name."""
+    return base_users(cache)
+
+
+def rmi(cache: Cache, names: list[str], force: bool = False) -> RmiReport:
+    """Remove images: their ref records and bases (erofs mounts first). Refused while live sessions use
+    them unless ``force`` (then those sessions go first). Blobs are left to gc."""
+    all_images = images(cache)
+    chosen: dict[str, ImageInfo] = {}
+    for name in names:
+        hits = _match(name, all_images)
+        if not hits:
+            raise DirgeError(f"rmi {name}: no such image in the cache (see dirge images)")
+        for hit in hits:
+            chosen[hit.digest] = hit
+    sessions = Sessions(cache)
+    keys = {k for i in chosen.values() for k in i.bases}
+    users = [s for s in sessions.list() if s.base in keys and s.alive()]
+    if users and not force:
+        raise DirgeError(f"rmi: {len(users)} live session(s) use {', '.join(sorted(chosen))} "
+                         f"({', '.join(s.id for s in users)}); remove them first or use --force")
+    report = RmiReport(images=sorted(chosen))
+    for s in sessions.list():
+        if s.base in keys:  # live ones only with --force (checked above); dead ones are garbage anyway
+            sessions.remove(s.id)
+            report.sessions.append(s.id)
+    named = set(names) | {r for i in chosen.values() for r in i.refs}
+    ref_files = {f for i in chosen.values() for f in i.ref_files}
+    ref_files |= {str(path) for path, record in cache.ref_records() if record.get("ref") in named}
+    for ref_file in sorted(ref_files):  # what they resolved to, and what their names resolve to
+        Path(ref_file).unlink(missing_ok=True)
+        report.refs.append(ref_file)
+    for info in chosen.values():
+        for key in info.bases:
+            with _exclusive(cache, key) as free:
+                if not free:
+                    raise DirgeError(f"rmi {info.digest}: base {key} is in use by a running prepare; retry")
+                base = cache.load_base(key)
+                if base is not None:
+                    unmount_base(base)
+                remove_base_dir(cache, key)
+                report.bases.append(key)
+    return report
+
+
+# -- gc ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Removal:
+    kind: str  # session, staging, temp, trash, mount, blob, base
+    name: str
+    bytes: int
+
+
+@dataclass
+class GcReport:
+    dry_run: bool
+    budget: int | None
+    size_before: int = 0
+    size_after: int = 0
+    removed: list[Removal] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # busy or protected, with why
+
+    def freed(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.removed:
+            out[r.kind] = out.get(r.kind, 0) + r.bytes
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        return {"dry_run": self.dry_run, "budget": self.budget, "size_before": self.size_before,
+                "size_after": self.size_after, "freed": self.freed(),
+                "removed": [asdict(r) for r in self.removed], "skipped": self.skipped}
+
+
+def _unlocked_and_old(path: Path, grace: float, now: float) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        if now - os.fstat(fd).st_mtime < grace:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = None, dry_run: bool = False,
+            grace: float = TEMP_GRACE) -> GcReport:
+    """Collect the cache's garbage (module doc). ``max_size``: then evict least-recently-used bases until
+    the cache is at most that big; ``keep``: never evict a base used within that many seconds (and with
+    no ``max_size``, evict every base unused for longer). ``dry_run``: remove nothing, report the same."""
+    report = GcReport(dry_run, max_size)
+    report.size_before = usage(cache)
+    now = time.time()
+    sessions = Sessions(cache)
+
+    # 1. sessions whose owner is gone
+    for s in sessions.list():
+        if not s.alive():
+            report.removed.append(Removal("session", s.id, disk_usage(sessions.session_dir(s.id))))
+            if not dry_run:
+                sessions.remove(s.id)
+
+    # 2. leftovers of killed processes
+    for entry in sorted(cache.staging_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue  # a probe's temporary directory, removed by its own process
+        key = entry.name.partition(".")[0]
+        try:
+            with cache.base_lock(key, 0):  # free: its builder is gone
+                report.removed.append(Removal("staging", entry.name, disk_usage(entry)))
+                if not dry_run:
+                    for point in mounts_under(entry):
+                        unmount(point)
+                    remove_tree(entry)
+        except LockTimeout:
+            report.skipped.append(f"staging {entry.name}: being built")
+        except DirgeError:
+            continue
+    for directory, prefix in ((cache.blobs_dir, ".tmp-"), (cache.refs_dir, ".ref-")):
+        for path in sorted(directory.glob(f"{prefix}*")):
+            if _unlocked_and_old(path, grace, now):
+                report.removed.append(Removal("temp", str(path.relative_to(cache.root)), disk_usage(path)))
+                if not dry_run:
+                    path.unlink(missing_ok=True)
+    if cache.trash_dir.exists():
+        for entry in sorted(cache.trash_dir.iterdir()):
+            report.removed.append(Removal("trash", entry.name, disk_usage(entry)))
+            if not dry_run:
+                for point in mounts_under(entry):
+                    unmount(point)
+                remove_tree(entry)
+    for point in mounts_under(cache.root):
+        rel = point.relative_to(cache.root.resolve()).parts if point.is_relative_to(cache.root.resolve()) else ()
+        stale = (len(rel) >= 2 and rel[0] == "sessions" and not (cache.sessions_dir / rel[1] / "session.json").exists()) \
+            or (len(rel) >= 2 and rel[0] == "bases" and cache.load_base(rel[1]) is None)
+        if stale:
+            report.removed.append(Removal("mount", str(point), 0))
+            if not dry_run:
+                unmount(point)
+
+    # 3. blobs nothing reaches
+    roots: set[str] = set()
+    for _, record in cache.ref_records():
+        roots.add(_hex(record.get("digest")) or "")
+    for key in cache.base_keys():
+        roots.add(_hex(_base_meta(cache, key).get("digest")) or "")
+        roots.add(key[:64])
+    for s in sessions.list():
+        roots.add(_hex(s.digest) or "")
+    for m in sessions.snapshot_list():
+        roots.add(_hex(m.get("digest")) or "")
+    for lease in cache.locks_dir.glob("*.lease"):  # a running prepare's image, even if its ref just went
+        try:
+            with cache.base_lease(lease.name.removesuffix(".lease"), 0, shared=False):
+                pass
+        except LockTimeout:
+            roots.add(lease.name[:64])
+        except DirgeError:
+            continue
+    keep_blobs = reachable(cache, roots)
+    for h, size in sorted(_blob_files(cache).items()):
+        if h not in keep_blobs and _unlocked_and_old(cache.blobs_dir / h, grace, now):
+            report.removed.append(Removal("blob", f"sha256:{h}", size))
+            if not dry_run:
+                (cache.blobs_dir / h).unlink(missing_ok=True)
+
+    # 4. least-recently-used bases, until under the budget (or, with only --keep, all unused for longer)
+    current = report.size_before - sum(r.bytes for r in report.removed if r.kind == "blob")
+    if max_size is not None or keep is not None:
+        for key in sorted(cache.base_keys(), key=cache.last_used):
+            if max_size is not None and current <= max_size:
+                break
+            if keep is not None and now - cache.last_used(key) < keep:
+                continue
+            with _exclusive(cache, key) as free:
+                if not free:
+                    report.skipped.append(f"base {key}: in use by a running prepare")
+                    continue
+                if key in _live_base_refs(cache):  # read under the lease: no new session can appear now
+                    report.skipped.append(f"base {key}: used by a live session or a snapshot")
+                    continue
+                size = base_bytes(cache, key)
+                report.removed.append(Removal("base", key, size))
+                current -= size
+                if not dry_run:
+                    base = cache.load_base(key)
+                    if base is not None:
+                        unmount_base(base)
+                    remove_base_dir(cache, key)
+    report.size_after = report.size_before if dry_run else usage(cache)
+    return report

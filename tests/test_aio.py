@@ -1,0 +1,358 @@
+"""dirge.aio: the sync API off the event loop; progress as a callback or an async iterator; cancellation
+that leaves no staging, session, lock or mount behind (issue 13, must-show 8).
+
+pytest-asyncio is not a dependency: each test drives its own loop with ``asyncio.run``."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_root
+from dirge import aio
+from dirge.bases import erofs_mounts_work
+from dirge.cache import Cache
+from dirge.errors import Cancelled, DirgeError
+from dirge.layerbuild import LayerBuilder
+from dirge.rootfs import PreparedRootfs
+from dirge.sources.layout import LayoutWriter
+
+LAYERS = 6
+FILES = 1500  # per layer: 9,000 small files an image
+
+
+def _content(image: int, layer: int, i: int) -> bytes:
+    return f"image {image} layer {layer} file {i}\n".encode()
+
+
+def _image(tmp_path: Path, n: int, layers: int = LAYERS, files: int = FILES) -> str:
+    tars = []
+    for layer in range(layers):
+        b = LayerBuilder().dir(f"l{layer}")
+        for i in range(files):
+            b.file(f"l{layer}/f{i}", _content(n, layer, i))
+        tars.append(b.build())
+    b = LayerBuilder().dir("etc").file("etc/which", f"image {n}\n".encode())
+    tars.insert(0, b.build())
+    LayoutWriter(tmp_path / f"layout{n}").add_image(tars, tag="t")
+    return f"oci:{tmp_path / f'layout{n}'}:t"
+
+
+def _check_rootfs(rootfs: PreparedRootfs, n: int) -> None:
+    assert (rootfs.path / "etc/which").read_bytes() == f"image {n}\n".encode()
+    for layer, i in ((0, 0), (LAYERS // 2, FILES // 2), (LAYERS - 1, FILES - 1)):
+        assert (rootfs.path / f"l{layer}/f{i}").read_bytes() == _content(n, layer, i)
+
+
+def _mounts_under(root: Path) -> list[str]:
+    prefix = str(root.resolve()) + "/"
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if point.startswith(prefix) or point == prefix[:-1]:
+                points.append(point)
+    return points
+
+
+def _held_locks(cache: Path) -> list[str]:
+    """Lock files some open file description holds: flock conflicts across descriptions, even in the
+    same process, so a non-blocking attempt tells."""
+    held = []
+    for path in sorted((cache / "locks").glob("*.lock")):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.append(path.name)
+        finally:
+            os.close(fd)
+    return held
+
+
+def _leftovers(cache: Path) -> dict[str, list[str]]:
+    """What an operation left: an erofs base's own mount is the cache's design, not a leftover."""
+    bases = str((cache / "bases").resolve()) + "/"
+    return {
+        "staging": sorted(p.name for p in (cache / "staging").iterdir()),
+        "sessions": sorted(p.name for p in (cache / "sessions").iterdir()),
+        "mounts": [m for m in _mounts_under(cache) if not (m.startswith(bases) and m.endswith("/rootfs")
+                                                          and "/" not in m[len(bases):-len("/rootfs")])],
+        "locks": _held_locks(cache),
+    }
+
+
+NOTHING: dict[str, list[str]] = {"staging": [], "sessions": [], "mounts": [], "locks": []}
+
+
+@needs_root
+def test_twenty_concurrent_prepares_keep_the_loop_responsive(tmp_path: Path) -> None:
+    images = [_image(tmp_path, n) for n in range(3)]
+    cache = tmp_path / "cache"
+    # The erofs probe's record is written through a temp name per pid, not per thread
+    # (bases.erofs_mounts_work): threads of one process probing a new cache at once race on it.
+    erofs_mounts_work(Cache(cache))
+
+    async def main() -> tuple[float, list[str], float]:
+        stop = asyncio.Event()
+        max_gap = 0.0
+
+        async def ticker() -> None:
+            nonlocal max_gap
+            last = time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                max_gap = max(max_gap, now - last)
+                last = now
+
+        async def one(i: int) -> str:
+            n = i % 3
+            async with aio.prepare(images[n], cache, lock_timeout=120) as rootfs:
+                await asyncio.sleep(0)  # let the others run while this session is live
+                _check_rootfs(rootfs, n)
+                return rootfs.id
+
+        tick = asyncio.create_task(ticker())
+        await asyncio.sleep(0.05)
+        start = time.monotonic()
+        ids = await asyncio.gather(*(one(i) for i in range(20)))
+        elapsed = time.monotonic() - start
+        stop.set()
+        await tick
+        return max_gap, ids, elapsed
+
+    max_gap, ids, elapsed = asyncio.run(main())
+    print(f"20 prepares of 3 images: {elapsed:.2f}s, the loop's longest stall {max_gap * 1000:.0f} ms")
+    assert len(set(ids)) == 20
+    assert max_gap < 0.1, f"the event loop stalled {max_gap * 1000:.0f} ms"
+    assert len([p for p in (cache / "bases").iterdir() if p.is_dir()]) == 3  # one base per image
+    assert _leftovers(cache)["sessions"] == [] and _leftovers(cache)["staging"] == []  # all closed
+
+
+@needs_root
+@pytest.mark.parametrize("via", ["stream", "callback"])
+def test_cancel_mid_unpack_leaves_nothing_behind(tmp_path: Path, via: str) -> None:
+    image = _image(tmp_path, 0)
+    cache = tmp_path / "cache"
+
+    async def main() -> tuple[BaseException | None, dict[str, list[str]], list[str], float]:
+        during: dict[str, list[str]] = {}
+        events: list[str] = []
+        cancelled_at = 0.0
+        task: asyncio.Future[object]
+
+        def on_progress(what: str, index: int) -> None:
+            nonlocal cancelled_at
+            events.append(what)
+            if index == 1 and not cancelled_at:  # the first layer of files is being applied now
+                during.update(_leftovers(cache))
+                cancelled_at = time.monotonic()
+                task.cancel()
+                task.cancel()  # a second cancel does not cut the cleanup short
+
+        if via == "stream":
+            stream = aio.ProgressStream()
+            task = asyncio.ensure_future(aio.prepare(image, cache, progress=stream))
+            async for event in stream:  # ends when the prepare has ended
+                on_progress(event.what, event.index)
+        else:
+            async def callback(what: str, index: int, count: int) -> None:
+                on_progress(what, index)
+
+            async def hold() -> None:
+                async with aio.prepare(image, cache, progress=callback):
+                    raise AssertionError("the prepare was not cancelled")
+
+            task = asyncio.ensure_future(hold())
+        outcome: BaseException | None = None
+        try:
+            await task
+        except BaseException as exc:  # noqa: BLE001 - the outcome is what the test checks
+            outcome = exc
+        return outcome, during, events, time.monotonic() - cancelled_at
+
+    outcome, during, events, latency = asyncio.run(main())
+    print(f"cancelled after {events}: the task ended {latency * 1000:.0f} ms after cancel()")
+    assert isinstance(outcome, asyncio.CancelledError), repr(outcome)
+    assert during["staging"] and during["locks"], during  # it was mid-unpack: staging and lock present
+    assert len(events) < LAYERS + 1  # stopped before the last layer
+    assert _leftovers(cache) == NOTHING
+    assert not [p for p in (cache / "bases").iterdir()]
+
+    async def again() -> float:
+        start = time.monotonic()
+        async with aio.prepare(image, cache, lock_timeout=5) as rootfs:
+            _check_rootfs(rootfs, 0)
+        return time.monotonic() - start
+
+    assert asyncio.run(again()) < 5
+    assert _leftovers(cache)["sessions"] == []
+
+
+@needs_root
+def test_a_session_completed_despite_a_late_cancel_is_closed(tmp_path: Path) -> None:
+    """Cancelled at the last layer's event, the worker has no later progress call to stop at: it
+    finishes (the base is published, as a finished build should be), and the session it made is closed."""
+    image = _image(tmp_path, 0, layers=2, files=50)
+    cache = tmp_path / "cache"
+
+    async def main() -> BaseException | None:
+        task: asyncio.Future[object]
+
+        def on_progress(what: str, index: int, count: int) -> None:
+            if index == count - 1:
+                task.cancel()
+
+        async def hold() -> None:
+            async with aio.prepare(image, cache, progress=on_progress):
+                raise AssertionError("the prepare was not cancelled")
+
+        task = asyncio.ensure_future(hold())
+        try:
+            await task
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+        return None
+
+    assert isinstance(asyncio.run(main()), asyncio.CancelledError)
+    assert _leftovers(cache) == NOTHING
+    assert len(list((cache / "bases").iterdir())) == 1
+
+
+@needs_root
+def test_timeouts_cancel_like_cancel(tmp_path: Path) -> None:
+    image = _image(tmp_path, 0, layers=3, files=300)
+    cache = tmp_path / "cache"
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(aio.prepare(image, cache), 0.001)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.001):
+                async with aio.prepare(image, cache):
+                    raise AssertionError("not timed out")
+
+    asyncio.run(main())
+    assert _leftovers(cache) == NOTHING
+
+
+@needs_root
+def test_async_with_closes_the_session_on_exit_and_on_an_exception(tmp_path: Path) -> None:
+    image = _image(tmp_path, 0, layers=1, files=10)
+    cache = tmp_path / "cache"
+
+    async def main() -> None:
+        async with aio.prepare(image, cache, files={"/etc/hostname": b"vm\n"}) as rootfs:
+            session = rootfs.session_dir
+            assert session.is_dir() and (rootfs.path / "etc/hostname").read_bytes() == b"vm\n"
+        assert not session.exists()
+
+        with pytest.raises(ZeroDivisionError):
+            async with aio.prepare(image, cache) as rootfs:
+                session = rootfs.session_dir
+                assert session.is_dir()
+                1 / 0
+        assert not session.exists()
+
+        op = aio.prepare(image, cache)
+        rootfs = await op  # awaited: the caller owns it
+        assert rootfs.session_dir.is_dir()
+        with pytest.raises(RuntimeError):
+            await op  # once only
+        await aio.close(rootfs)
+        assert not rootfs.session_dir.exists()
+
+    asyncio.run(main())
+    assert _leftovers(cache) == NOTHING
+
+
+@needs_root
+def test_progress_callbacks_sync_and_async_and_stream(tmp_path: Path) -> None:
+    image = _image(tmp_path, 0, layers=3, files=5)
+
+    async def main() -> None:
+        seen: list[tuple[str, int, int]] = []
+        async with aio.prepare(image, tmp_path / "c1", progress=lambda w, i, c: seen.append((w, i, c))):
+            pass
+        assert [(i, c) for _, i, c in seen] == [(i, 4) for i in range(4)]
+        assert seen[0][0].startswith("layer 1/4 sha256:")
+
+        seen_async: list[int] = []
+
+        async def slow(what: str, index: int, count: int) -> None:
+            await asyncio.sleep(0.01)
+            seen_async.append(index)
+
+        async with aio.prepare(image, tmp_path / "c2", progress=slow):
+            assert seen_async == [0, 1, 2, 3]  # every callback awaited before the rootfs is handed over
+
+        stream = aio.ProgressStream()
+        runner = asyncio.ensure_future(aio.prepare(image, tmp_path / "c3", progress=stream))
+        indexes = [event.index async for event in stream]
+        rootfs = await runner
+        await aio.close(rootfs)
+        assert indexes == [0, 1, 2, 3]
+
+    asyncio.run(main())
+
+
+@needs_root
+def test_a_failing_progress_callback_stops_the_prepare(tmp_path: Path) -> None:
+    image = _image(tmp_path, 0, layers=4, files=200)
+    cache = tmp_path / "cache"
+
+    def fail(what: str, index: int, count: int) -> None:
+        if index == 1:
+            raise ValueError("callback says no")
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="callback says no"):
+            await aio.prepare(image, cache, progress=fail)
+
+    asyncio.run(main())
+    assert _leftovers(cache) == NOTHING
+
+
+def test_export_and_pull_off_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = _image(tmp_path, 0, layers=2, files=20)
+
+    async def main() -> None:
+        resolved = await aio.pull(image, pull="never")
+        assert len(resolved.manifest.layers) == 3
+        seen: list[int] = []
+        result = await aio.export(image, tmp_path / "out.erofs", format="erofs", cache=None,
+                                  progress=lambda w, i, c: seen.append(i))
+        assert result.path.stat().st_size > 0 and result.digest == str(resolved.manifest_digest)
+        assert seen == [0, 1, 2]
+        with pytest.raises(DirgeError, match="unknown format"):
+            await aio.export(image, tmp_path / "out.x", format="nope")
+
+    monkeypatch.setenv("DIRGE_CACHE_DIR", str(tmp_path / "cache"))
+    asyncio.run(main())
+
+
+@needs_root
+def test_gc_off_the_loop(tmp_path: Path) -> None:
+    from dirge.gc import GcReport
+
+    image = _image(tmp_path, 0, layers=1, files=10)
+    cache = tmp_path / "cache"
+
+    async def main() -> tuple[GcReport, GcReport]:
+        async with aio.prepare(image, cache):
+            pass
+        return await aio.gc(cache, dry_run=True), await aio.gc(Cache(cache))
+
+    dry, real = asyncio.run(main())
+    assert isinstance(dry, GcReport) and dry.dry_run and isinstance(real, GcReport) and not real.dry_run
+    assert real.size_after <= real.size_before
+
+
+def test_cancelled_is_a_dirge_error() -> None:
+    assert issubclass(Cancelled, DirgeError) and aio.Cancelled is Cancelled

@@ -1,0 +1,518 @@
+"""Tar dialects (issue 14 item 1): dirge reads whatever GNU tar reads, with GNU tar's result.
+
+A corpus of layers written by GNU tar (``--format=v7|oldgnu|gnu|ustar|posix``, sparse and xattrs where the
+format carries them, an incremental dump, a volume label), by ``bsdtar`` (libarchive) and by Python's
+``tarfile`` (USTAR, GNU, PAX), from source trees holding what each format can carry: long names and link
+targets, hardlinks, symlinks, empty directories, setuid/setgid/sticky modes, small and large owners, old,
+far and sub-second mtimes, non-ASCII and non-UTF-8 names, a sparse file, xattrs. Plus hand-made headers:
+PAX global (``g``) and Solaris (``X``) records, ``hdrcharset``, base-256 numbers, signed checksums, star
+headers, trailing garbage after the end blocks, and a multi-volume header (one clear ``DirgeError``).
+
+Each archive is applied by dirge as a one-layer image and compared with GNU tar's own extraction
+(``tar -xpf --same-owner --numeric-owner --xattrs``), for the tree sink, the erofs image writer (mounted)
+and the ext4 export (loop-mounted). Regular files' mtimes are compared everywhere (as in
+tests/test_conformance.py); directory and symlink mtimes too for the tree and erofs where GNU tar's own
+result does not depend on its extraction order (every archive but bsdtar's: see ``all_mtimes``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_root, needs_tool
+from dirge import unpack
+from dirge.errors import DirgeError
+from treecmp import diff, ext4_disk_differences, snapshot
+
+pytestmark = [needs_root, needs_tool("tar", "bsdtar")]
+
+ENV = {**os.environ, "LC_ALL": "C.UTF-8", "TZ": "UTC"}
+SMALL, BIG = (1000, 1000), (3_000_000, 4_000_000)  # BIG: beyond the 7 octal digits of ustar (2097151)
+SUBSEC_NS = 1_600_000_000_123_456_789
+OLD_NS = 86_400 * 1_000_000_000
+FAR_NS = 9_000_000_000 * 1_000_000_000  # beyond 11 octal digits: base-256 in GNU headers
+
+# What a format can carry (a source tree holds only that, so the writer does not refuse or mangle it).
+LONG = "long"          # names > 100 bytes (ustar: <= 255, split at a slash)
+VERYLONG = "verylong"  # names > 255 bytes, link targets > 100 bytes
+BIGID = "bigid"        # owners > 2097151
+XATTR = "xattr"
+SPARSE = "sparse"
+FARTIME = "fartime"    # mtimes beyond 8**11 seconds
+DEVICES = "devices"    # FIFOs, character and block devices
+
+
+def make_tree(root: Path, caps: set[str]) -> Path:
+    """A source tree with what ``caps`` allows; owners and times set as root."""
+    root.mkdir()
+    os.chmod(root, 0o755)
+
+    def file(rel: str | bytes, data: bytes, mode: int = 0o644, owner: tuple[int, int] = (0, 0),
+             mtime_ns: int = SUBSEC_NS) -> None:
+        path = os.path.join(os.fsencode(root), os.fsencode(rel))
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chown(path, *owner)
+        os.chmod(path, mode)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+    def mkdir(rel: str, mode: int = 0o755, owner: tuple[int, int] = (0, 0)) -> None:
+        path = root / rel
+        path.mkdir(parents=True)
+        os.chown(path, *owner)
+        os.chmod(path, mode)
+
+    mkdir("etc")
+    file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n")
+    file("etc/shadow", b"root:*:1::::::\n", mode=0o640, owner=(0, 42))
+    mkdir("bin")
+    file("bin/su", b"\x7fELF setuid", mode=0o4755)
+    file("bin/wall", b"\x7fELF setgid", mode=0o2755, owner=(0, 5))
+    file("bin/tool", b"#!/bin/sh\necho tool\n", mode=0o755, owner=SMALL)
+    os.link(root / "bin/tool", root / "bin/tool-hardlink")
+    os.symlink("tool", root / "bin/tool-symlink")
+    os.symlink("/etc/passwd", root / "bin/abs-symlink")
+    os.symlink("../nowhere", root / "bin/dangling")
+    mkdir("tmp", 0o1777)
+    mkdir("shared", 0o2775, owner=(0, 50))
+    mkdir("empty")
+    mkdir("empty/nested", 0o700, owner=SMALL)
+    mkdir("times")
+    file("times/old", b"old", mtime_ns=OLD_NS)
+    file("times/epoch", b"epoch", mtime_ns=0)
+    file("times/subsec", b"subsec", mtime_ns=SUBSEC_NS)
+    file("owners-small", b"small", owner=(12345, 54321))
+    file("empty-file", b"")
+    file("mode-000", b"no access", mode=0o000)
+    file("blocks", os.urandom(3 * 512))  # data of exactly a few blocks: no padding
+    file("big", os.urandom(70_000))  # above the size dirge keeps inline
+    mkdir("names")
+    file("names/café-ü-名前.txt", "utf-8".encode())
+    file(b"names/bad-\xff\xfe-bytes", b"non-utf8")
+    file("names/" + "x" * 91, b"99 bytes with ./names/: the longest v7 name")
+    if LONG in caps:
+        mkdir("d" * 90 + "/" + "e" * 60)
+        file("d" * 90 + "/" + "e" * 60 + "/" + "f" * 90, b"a 243-byte path")
+        os.symlink("x" * 99, root / "names/link-99")
+    if VERYLONG in caps:
+        deep = root / ("L" * 200) / ("M" * 200)
+        deep.mkdir(parents=True)
+        file(os.path.relpath(deep / ("N" * 150), root), b"a 552-byte path")
+        os.link(deep / ("N" * 150), root / ("L" * 200) / ("hard-" + "h" * 120))
+        os.link(root / ("d" * 90 + "/" + "e" * 60 + "/" + "f" * 90), root / "names/link-to-long")
+        os.symlink("../" + "t" * 300, root / "names/long-target")
+        os.symlink(os.path.relpath(deep / ("N" * 150), root / "names"), root / "names/link-to-deep")
+        file("names/" + "é" * 60, "a 120-byte name of 2-byte characters".encode())
+    if BIGID in caps:
+        file("owners-big", b"big ids", owner=BIG)
+        mkdir("dir-big-owner", owner=BIG)
+        os.symlink("owners-big", root / "symlink-big-owner")
+        os.lchown(root / "symlink-big-owner", *BIG)
+    if FARTIME in caps:
+        file("times/far", b"far future", mtime_ns=FAR_NS)
+    if XATTR in caps:
+        os.setxattr(root / "bin/tool", "user.bin", b"\x00\xff\x01")
+        os.setxattr(root / "empty", "user.dir", b"on a directory")
+        os.setxattr(root / "etc/passwd", "trusted.x", b"trusted")
+    if DEVICES in caps:
+        mkdir("dev")
+        os.mkfifo(root / "dev/fifo", 0o620)
+        os.mknod(root / "dev/null", 0o666 | 0o020000, os.makedev(1, 3))
+        os.mknod(root / "dev/loop9", 0o660 | 0o060000, os.makedev(7, 9))
+        os.chown(root / "dev/loop9", 0, 6)
+    if SPARSE in caps:
+        mkdir("sparse")
+        with open(root / "sparse/holes.bin", "wb") as f:  # 6 regions: more than an old GNU header holds
+            for i in range(6):
+                f.seek(i * 64 * 1024)
+                f.write(bytes([i + 1]) * (1000 + i))
+            f.truncate(1 << 20)  # ends in a hole
+        with open(root / "sparse/all-hole.bin", "wb") as f:
+            f.truncate(256 * 1024)
+    os.utime(root / "bin/tool-hardlink", ns=(SUBSEC_NS, SUBSEC_NS))
+    return root
+
+
+# -- archive writers -------------------------------------------------------------------------------------------------
+
+def gnu(fmt: str, *extra: str) -> Callable[[Path, Path], None]:
+    def write(src: Path, out: Path) -> None:
+        extra_ = [x.replace("{snar}", str(out.with_suffix(".snar"))) for x in extra]
+        run(["tar", f"--format={fmt}", *extra_, "--numeric-owner", "-C", str(src), "-cf", str(out), "."])
+    return write
+
+
+def bsd(fmt: str, *extra: str) -> Callable[[Path, Path], None]:
+    def write(src: Path, out: Path) -> None:
+        run(["bsdtar", "--format", fmt, *extra, "--numeric-owner", "-C", str(src), "-cf", str(out), "."])
+    return write
+
+
+def python(fmt: int) -> Callable[[Path, Path], None]:
+    def write(src: Path, out: Path) -> None:
+        with tarfile.open(out, "w", format=fmt) as tf:
+            tf.add(str(src), arcname=".")
+    return write
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=ENV, **kwargs)
+    assert proc.returncode == 0, f"{cmd}: exit {proc.returncode}\n{proc.stderr}"
+    return proc
+
+
+BASIC: set[str] = set()
+USTAR = {LONG, DEVICES}
+GNU_CAPS = {LONG, VERYLONG, BIGID, FARTIME, SPARSE, DEVICES}
+POSIX_CAPS = GNU_CAPS | {XATTR}
+
+CORPUS: dict[str, tuple[set[str], Callable[[Path, Path], None]]] = {
+    "gnu-v7": (BASIC, gnu("v7")),
+    "gnu-ustar": (USTAR, gnu("ustar")),
+    "gnu-oldgnu": (GNU_CAPS, gnu("oldgnu", "--sparse")),
+    "gnu-gnu": (GNU_CAPS, gnu("gnu", "--sparse")),
+    "gnu-gnu-incremental": (GNU_CAPS, gnu("gnu", "--listed-incremental={snar}", "--label=volume label")),
+    "gnu-posix": (POSIX_CAPS, gnu("posix", "--sparse", "--xattrs", "--xattrs-include=*")),
+    "gnu-posix-sparse-0.0": (GNU_CAPS, gnu("posix", "--sparse", "--sparse-version=0.0")),
+    "gnu-posix-sparse-0.1": (GNU_CAPS, gnu("posix", "--sparse", "--sparse-version=0.1")),
+    "bsdtar-v7": (BASIC, bsd("v7")),
+    "bsdtar-ustar": (USTAR, bsd("ustar")),
+    "bsdtar-gnutar": ({LONG, VERYLONG, DEVICES}, bsd("gnutar")),
+    "bsdtar-pax": (POSIX_CAPS, bsd("pax", "--xattrs")),
+    "bsdtar-pax-restricted": (POSIX_CAPS - {XATTR}, bsd("paxr")),
+    "python-ustar": (USTAR, python(tarfile.USTAR_FORMAT)),
+    "python-gnu": (GNU_CAPS - {SPARSE}, python(tarfile.GNU_FORMAT)),
+    "python-pax": (GNU_CAPS - {SPARSE}, python(tarfile.PAX_FORMAT)),
+}
+# Archives holding sparse members (the others store the holes as data).
+SPARSE_ARCHIVES = {"gnu-oldgnu", "gnu-gnu", "gnu-posix", "gnu-posix-sparse-0.0", "gnu-posix-sparse-0.1", "bsdtar-pax",
+                   "bsdtar-pax-restricted"}
+
+
+# -- comparison -----------------------------------------------------------------------------------------------------
+
+def gnu_extract(archive: Path, dest: Path) -> None:
+    dest.mkdir()
+    old = os.umask(0o022)
+    try:
+        run(["tar", "-xpf", str(archive), "-C", str(dest), "--same-owner", "--numeric-owner", "--xattrs",
+             "--xattrs-include=*"])
+    finally:
+        os.umask(old)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory):
+    """``corpus(name) -> (archive path, GNU tar's extraction of it)``, each made once per module."""
+    made: dict[str, tuple[Path, Path]] = {}
+    base = tmp_path_factory.mktemp("dialects")
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in made:
+            caps, writer = CORPUS[name]
+            src = make_tree(base / f"src-{name}", caps)
+            archive = base / f"{name}.tar"
+            writer(src, archive)
+            reference = base / f"ref-{name}"
+            gnu_extract(archive, reference)
+            made[name] = (archive, reference)
+        return made[name]
+
+    return get
+
+
+def all_mtimes(name: str) -> bool:
+    """Directory and symlink mtimes too, where GNU tar restores them all: bsdtar lists a directory's
+    subdirectories before its files, and GNU tar sets a directory's time once it has left it, so a file
+    written into it later moves that time (an artifact of its extraction order, not the archive's)."""
+    return not name.startswith("bsdtar-")
+
+
+def assert_same(ours: dict, theirs: dict, what: str) -> None:
+    differences = diff(ours, theirs)
+    assert not differences, f"{what} vs GNU tar:\n" + "\n".join(differences)
+
+
+def erofs_snapshot(ref: str, tmp_path: Path, all_mtimes: bool = False) -> dict:
+    from dirge.fsimage.mount import mount_erofs, unmount
+    from dirge.unpack import open_image, write_erofs
+
+    source, resolved = open_image(ref)
+    try:
+        write_erofs(source, resolved, tmp_path / "img.erofs")
+    finally:
+        source.close()
+    fsck = subprocess.run(["fsck.erofs", str(tmp_path / "img.erofs")], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount_erofs(tmp_path / "img.erofs", mnt)
+    try:
+        return snapshot(mnt, all_mtimes=all_mtimes)
+    finally:
+        unmount(mnt)
+
+
+def assert_ext4_same(ref: str, reference: dict, tmp_path: Path) -> None:
+    """The ext4 export, made in a private cache (a shared one would hand back a disk built earlier)."""
+    from dirge import export
+    from dirge.cache import Cache
+
+    disk = export(ref, tmp_path / "root.ext4", format="ext4", cache=Cache(tmp_path / "cache")).path
+    differences = ext4_disk_differences(disk, reference, tmp_path / "mnt")
+    assert not differences, "ext4 vs GNU tar:\n" + "\n".join(differences)
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_tree_equals_gnu_tar(name: str, corpus, make_image, tmp_path: Path) -> None:
+    archive, reference = corpus(name)
+    ref = make_image([archive.read_bytes()])
+    unpack(ref, tmp_path / "tree")
+    every = all_mtimes(name)
+    assert_same(snapshot(tmp_path / "tree", all_mtimes=every), snapshot(reference, all_mtimes=every), "tree")
+    holes = tmp_path / "tree/sparse/holes.bin"
+    if name in SPARSE_ARCHIVES:
+        assert holes.stat().st_blocks * 512 < 200_000, "the holes were written out as zeros"
+
+
+@needs_tool("fsck.erofs")
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_erofs_equals_gnu_tar(name: str, corpus, make_image, tmp_path: Path) -> None:
+    archive, reference = corpus(name)
+    ref = make_image([archive.read_bytes()])
+    every = all_mtimes(name)
+    assert_same(erofs_snapshot(ref, tmp_path, every), snapshot(reference, all_mtimes=every), "erofs")
+
+
+@needs_tool("e2fsck")
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_ext4_equals_gnu_tar(name: str, corpus, make_image, tmp_path: Path) -> None:
+    archive, reference = corpus(name)
+    assert_ext4_same(make_image([archive.read_bytes()]), snapshot(reference), tmp_path)
+
+
+# -- hand-made headers -----------------------------------------------------------------------------------------------
+
+def octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def base256(value: int, width: int) -> bytes:
+    """GNU's binary numbers: the high bit of the first byte set, two's complement big-endian after it."""
+    raw = (value % (1 << (8 * width))).to_bytes(width, "big")
+    return bytes([raw[0] | 0x80]) + raw[1:]
+
+
+def header(name: bytes, type_: bytes = b"0", *, size: int | bytes = 0, mode: int = 0o644,
+           uid: int | bytes = 0, gid: int | bytes = 0, mtime: int | bytes = 1_500_000_000, linkname: bytes = b"",
+           magic: bytes = b"ustar\x0000", prefix: bytes = b"", tail: bytes = b"", signed: bool = False) -> bytes:
+    """One 512-byte header; ``int`` numbers are written in octal, ``bytes`` as given (e.g. ``base256``)."""
+    def num(v: int | bytes, width: int) -> bytes:
+        return v if isinstance(v, bytes) else octal(v, width)
+
+    h = bytearray(512)
+    h[0:len(name)] = name
+    h[100:108] = octal(mode, 8)
+    h[108:116] = num(uid, 8)
+    h[116:124] = num(gid, 8)
+    h[124:136] = num(size, 12)
+    h[136:148] = num(mtime, 12)
+    h[148:156] = b" " * 8
+    h[156:157] = type_
+    h[157:157 + len(linkname)] = linkname
+    h[257:265] = magic
+    h[345:345 + len(prefix)] = prefix
+    h[512 - len(tail):] = tail
+    total = sum(struct.unpack("512b", h)) if signed else sum(h)
+    h[148:156] = b"%06o\0 " % (total % (1 << 18))
+    return bytes(h)
+
+
+def member(name: bytes, data: bytes = b"", type_: bytes = b"0", **kwargs) -> bytes:
+    kwargs.setdefault("size", len(data))
+    return header(name, type_, **kwargs) + data + bytes(-len(data) % 512)
+
+
+def pax(records: list[tuple[str, bytes | str]], type_: bytes = b"x", name: bytes = b"././@PaxHeader") -> bytes:
+    body = b""
+    for key, value in records:
+        value = value.encode() if isinstance(value, str) else value
+        rec = b" " + key.encode() + b"=" + value + b"\n"
+        n = len(rec) + 1
+        while len(b"%d" % n) + len(rec) != n:
+            n += 1
+        body += b"%d" % n + rec
+    return member(name, body, type_)
+
+
+END = bytes(1024)
+
+HANDMADE: dict[str, bytes] = {
+    # PAX global headers: their records hold for every later member, until overridden by an `x` record or
+    # replaced by a later `g` header.
+    "pax-global": (
+        pax([("uid", "4242"), ("gid", "4343"), ("mtime", "1234567890.25")], b"g", b"pax_global_header")
+        + member(b"a", b"under the first global header")
+        + pax([("uid", "7"), ("mtime", "1000")]) + member(b"b", b"x overrides g")
+        + member(b"dir/", type_=b"5", mode=0o750)
+        + pax([("mtime", "2000000000.5"), ("gid", "99")], b"g", b"pax_global_header")
+        + member(b"dir/c", b"under the second global header", uid=5)
+        + END
+    ),
+    # Solaris tar's `X`: an extended header read like `x`.
+    "solaris-X": (
+        pax([("path", "solaris/" + "s" * 200), ("uid", "3000000"), ("mtime", "1600000000.75")], b"X")
+        + member(b"solaris/truncated", b"named and owned by an X header")
+        + pax([("linkpath", "solaris/" + "s" * 200)], b"X") + member(b"solaris/hard", type_=b"1")
+        + END
+    ),
+    # Every override a PAX header can carry, on top of ustar fields saying otherwise.
+    "pax-overrides": (
+        pax([("size", "11")]) + header(b"sized", size=0) + b"eleven byte" + bytes(501)
+        + pax([("path", "over/ridden"), ("uid", "2097152"), ("gid", "4294967294"), ("uname", "nobody"),
+               ("gname", "nogroup"), ("mtime", "-86400.5"), ("atime", "1"), ("comment", "ignored")])
+        + member(b"not-this-name", b"data", uid=1, gid=1)
+        + pax([("linkpath", "over/ridden")]) + member(b"hard", type_=b"1", linkname=b"wrong")
+        + pax([("linkpath", "../" + "t" * 200)]) + member(b"sym", type_=b"2", linkname=b"wrong")
+        + pax([("hdrcharset", "BINARY"), ("path", b"bin\xff\xfeary")]) + member(b"x", b"binary name")
+        + pax([("path", "utf8-名前")]) + member(b"y", b"utf-8 name")
+        + END
+    ),
+    # GNU base-256 numbers: uid, gid, size and mtime (a negative one too).
+    "base-256": (
+        member(b"big-uid", b"base-256 owner", uid=base256(5_000_000, 8), gid=base256(6_000_000, 8))
+        + member(b"big-size", b"size in base-256", size=base256(16, 12))
+        + member(b"neg-mtime", b"before the epoch", mtime=base256(-86_400, 12))
+        + member(b"far-mtime", b"far future", mtime=base256(10_000_000_000, 12))
+        + END
+    ),
+    # Old tars summed the header as signed chars: a name with high bytes then has a different checksum.
+    "signed-checksum": member("café-signed".encode(), b"signed", signed=True, uid=base256(3_000_000, 8)) + END,
+    "trailing-garbage": member(b"kept", b"before the end") + END + os.urandom(3000),
+    # One zero block ends the archive for GNU tar (it warns of "a lone zero block"): what follows is ignored.
+    "lone-zero-block": member(b"kept", b"before") + bytes(512) + member(b"ignored", b"after") + END,
+    # No end blocks at all.
+    "no-end-blocks": member(b"kept", b"no end"),
+    # star (Schily): ustar magic, prefix of 131 bytes, atime/ctime, "tar\0" at byte 508.
+    "star": (
+        member(b"file", b"from star", prefix=b"star/" + b"p" * 120,
+               tail=octal(1_400_000_000, 12) + octal(1_400_000_001, 12) + b"\0" * 8 + b"tar\0")
+        + END
+    ),
+    # v7: no magic, regular files as type NUL, directories by a trailing slash; type 7 (contiguous) is a file.
+    "v7-and-types": (
+        member(b"v7dir/", type_=b"\0", mode=0o711, magic=bytes(8))
+        + member(b"v7dir/file", b"v7 file", type_=b"\0", magic=bytes(8))
+        + member(b"contiguous", b"type 7", type_=b"7")
+        + member(b"slash-regular/", type_=b"0", mode=0o700)
+        + pax([("path", "pax-path-slash/")]) + member(b"file", type_=b"0", mode=0o701)
+        + END
+    ),
+}
+
+
+def gnu_reference(archive: bytes, tmp_path: Path) -> dict:
+    path = tmp_path / "archive.tar"
+    path.write_bytes(archive)
+    gnu_extract(path, tmp_path / "gnu")
+    return snapshot(tmp_path / "gnu")
+
+
+@pytest.mark.parametrize("name", list(HANDMADE))
+def test_handmade_tree_equals_gnu_tar(name: str, make_image, tmp_path: Path) -> None:
+    reference = gnu_reference(HANDMADE[name], tmp_path)
+    unpack(make_image([HANDMADE[name]]), tmp_path / "tree")
+    assert_same(snapshot(tmp_path / "tree"), reference, "tree")
+
+
+@needs_tool("fsck.erofs")
+@pytest.mark.parametrize("name", list(HANDMADE))
+def test_handmade_erofs_equals_gnu_tar(name: str, make_image, tmp_path: Path) -> None:
+    reference = gnu_reference(HANDMADE[name], tmp_path)
+    assert_same(erofs_snapshot(make_image([HANDMADE[name]]), tmp_path), reference, "erofs")
+
+
+@needs_tool("e2fsck")
+@pytest.mark.parametrize("name", list(HANDMADE))
+def test_handmade_ext4_equals_gnu_tar(name: str, make_image, tmp_path: Path) -> None:
+    reference = gnu_reference(HANDMADE[name], tmp_path)
+    assert_ext4_same(make_image([HANDMADE[name]]), reference, tmp_path)
+
+
+REFUSED = {
+    # GNU tar cannot extract a member continued from another volume either (it says so and exits 2).
+    "gnu-multi-volume": (member(b"continued", b"rest of a file", type_=b"M") + member(b"after", b"x") + END,
+                         "continued from another volume: GNU multi-volume archives are not supported"),
+    # GNU tar: "Malformed extended header: invalid uid=".
+    "pax-empty-uid": (pax([("uid", "")]) + member(b"e", b"x") + END, "bad PAX uid value"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refused_with_one_clear_error(name: str, make_image, tmp_path: Path) -> None:
+    archive, message = REFUSED[name]
+    with pytest.raises(DirgeError, match=message):
+        unpack(make_image([archive]), tmp_path / "tree")
+
+
+# -- the corpus holds what it claims -------------------------------------------------------------------------------
+
+def header_features(archive: bytes) -> set[str]:
+    """Type flags (``type:S``), GNU sparse extension blocks, base-256 fields, magics and PAX keywords seen."""
+    seen: set[str] = set()
+    pos = 0
+    while pos + 512 <= len(archive):
+        h = archive[pos:pos + 512]
+        if h == bytes(512):
+            break
+        seen.add(f"type:{h[156:157].decode('latin-1')}")
+        seen.add({b"ustar\x0000": "magic:ustar", b"ustar  \0": "magic:gnu"}.get(h[257:265], "magic:v7"))
+        seen.update("base256" for off in (108, 116, 124, 136) if h[off] & 0x80)
+        size = int(h[124:136].rstrip(b"\0 ") or b"0", 8) if not h[124] & 0x80 else 0
+        pos += 512
+        if h[156:157] == b"S":
+            extended = h[482]
+            while extended:
+                seen.add("sparse-extension-block")
+                extended = archive[pos + 504]
+                pos += 512
+        if h[156:157] in (b"x", b"g"):
+            for record in archive[pos:pos + size].split(b"\n"):
+                key = record.partition(b" ")[2].partition(b"=")[0].decode()
+                seen.add(key.split(".")[0] + "." + key.split(".")[1] if key.count(".") >= 2 else key)
+        pos += -(-size // 512) * 512
+    return seen
+
+
+EXPECTED_FEATURES = {
+    "gnu-v7": {"magic:v7", "type:2", "type:1"},
+    "gnu-ustar": {"magic:ustar", "type:5", "type:2", "type:1", "type:3", "type:4", "type:6"},
+    "gnu-oldgnu": {"magic:gnu", "type:S", "sparse-extension-block", "type:L", "type:K", "base256"},
+    "gnu-gnu": {"magic:gnu", "type:S", "sparse-extension-block", "type:L", "type:K", "base256"},
+    "gnu-gnu-incremental": {"type:D", "type:V", "type:L", "type:K", "base256"},
+    "gnu-posix": {"type:x", "path", "linkpath", "uid", "mtime", "GNU.sparse", "SCHILY.xattr"},
+    "gnu-posix-sparse-0.0": {"type:x", "GNU.sparse"},
+    "gnu-posix-sparse-0.1": {"type:x", "GNU.sparse"},
+    "bsdtar-v7": {"magic:v7", "type:\0", "type:2", "type:1"},
+    "bsdtar-ustar": {"magic:ustar", "type:5"},
+    "bsdtar-gnutar": {"magic:gnu", "type:L", "type:K"},
+    "bsdtar-pax": {"type:x", "path", "linkpath", "hdrcharset", "GNU.sparse", "LIBARCHIVE.xattr", "SCHILY.xattr"},
+    "bsdtar-pax-restricted": {"type:x", "path", "hdrcharset", "GNU.sparse"},
+    "python-ustar": {"magic:ustar", "type:5"},
+    "python-gnu": {"magic:gnu", "type:L", "type:K", "base256"},
+    "python-pax": {"type:x", "path", "linkpath", "uid", "hdrcharset", "mtime"},
+}
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_corpus_exercises_its_dialect(name: str, corpus) -> None:
+    archive, _ = corpus(name)
+    missing = EXPECTED_FEATURES[name] - header_features(archive.read_bytes())
+    assert not missing, f"{name} lacks {sorted(missing)}"
