@@ -340,3 +340,22 @@ def test_sigkilled_prepare_mid_download_leaves_nothing_after_gc(registry, fault_
     with prepare(f"{proxy.host}/k/app:1", cache_dir, base_format="tree") as s:  # and the next prepare works
         assert (s.path / "first").read_bytes() == b"early"
     assert verify_cache(cache).ok
+
+
+def test_killed_buildah_export_leftovers_go_once_their_lock_is_free(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    image_id = "ab" * 32
+    partial = cache.exports_dir / f".{image_id[:16]}-k1ll3d"  # sources/buildah.py's temp export name
+    trash = cache.exports_dir / ".trash-5fe1"
+    for d in (partial / "layout", trash):
+        d.mkdir(parents=True)
+        (d / "blob").write_bytes(b"x" * 4096)
+    from dirge.lock import FileLock
+
+    with FileLock(cache.lock_path(f"export-{image_id}")):  # an export of that image is running
+        report = collect(cache, grace=0)
+        assert partial.exists() and not trash.exists()
+        assert any("being written" in s for s in report.skipped)
+    report = collect(cache, grace=0)
+    assert not partial.exists()
+    assert {r.name for r in report.removed if r.kind == "export"} == {partial.name}

@@ -75,7 +75,7 @@ def choose_format(format: str | None, cache: Cache, rootless: bool) -> str:
 def erofs_mounts_work(cache: Cache) -> bool:
     """Whether erofs images mount here: probed once per cache and kernel (a tiny image, mounted and
     unmounted in the cache's staging area), then remembered in ``CACHE/erofs-probe.json``."""
-    record = cache.root / "erofs-probe.json"
+    record = cache.erofs_probe_path
     kernel = os.uname().release
     try:
         known = json.loads(record.read_text())
@@ -83,9 +83,11 @@ def erofs_mounts_work(cache: Cache) -> bool:
             return bool(known["works"])
     except (OSError, ValueError, AttributeError):
         pass
-    works, how = _probe_erofs(cache.root / "staging")
-    tmp = record.with_name(f".{record.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"kernel": kernel, "works": works, "how": how}))
+    works, how = _probe_erofs(cache.staging_dir)
+    # threads of one process may probe at once (dirge.aio): a temp name per writer, not per pid
+    fd, tmp = tempfile.mkstemp(prefix=f".{record.name}.", dir=record.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"kernel": kernel, "works": works, "how": how}))
     os.replace(tmp, record)
     return works
 

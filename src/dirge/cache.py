@@ -40,7 +40,7 @@ from .fsutil import fsync_dir, remove_tree, syncfs
 from .lock import FileLock
 from .reference import Digest, parse_digest
 
-__all__ = ["BASE_FORMATS", "Base", "Cache", "default_cache_dir", "fsync_dir", "syncfs"]
+__all__ = ["BASE_FORMATS", "Base", "Cache", "Layout", "default_cache_dir", "fsync_dir", "syncfs"]
 
 BASE_FORMATS = ("tree", "erofs", "ext4")  # what a base directory can hold (ext4: a disk, never mounted)
 
@@ -73,13 +73,12 @@ class Base:
         return self.path / f"rootfs.{self.format}"
 
 
-class Cache:
+class Layout:
+    """Where everything lives under a cache root: the one owner of the on-disk layout (paths only; it
+    creates nothing, so a caller that must not touch the disk yet can still name things)."""
+
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root) if root is not None else default_cache_dir()
-        for sub in ("blobs/sha256", "refs", "bases", "staging", "locks", "sessions", "snapshots"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-
-    # -- where things live (the one owner of the on-disk layout) -----------------------------
 
     @property
     def blobs_dir(self) -> Path:
@@ -117,6 +116,23 @@ class Cache:
     def trash_dir(self) -> Path:
         return self.root / "trash"
 
+    @property
+    def buildah_dir(self) -> Path:
+        return self.root / "buildah"
+
+    @property
+    def boot_dir(self) -> Path:
+        """Initramfs images and accelerator verdicts (``vm/``)."""
+        return self.root / "boot"
+
+    @property
+    def erofs_probe_path(self) -> Path:
+        return self.root / "erofs-probe.json"
+
+    def lock_path(self, name: str) -> Path:
+        """A named lock file (``<base key>``, ``export-<id>``, ``variant-<hash>``)."""
+        return self.locks_dir / f"{name}.lock"
+
     def base_dir(self, key: str) -> Path:
         return self.bases_dir / key
 
@@ -125,6 +141,13 @@ class Cache:
 
     def last_used_path(self, key: str) -> Path:
         return self.base_dir(key) / "last_used"
+
+
+class Cache(Layout):
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(root)
+        for sub in ("blobs/sha256", "refs", "bases", "staging", "locks", "sessions", "snapshots"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def touch_base(self, key: str) -> None:
         """Record that base ``key`` was just used (gc evicts least recently used first)."""
@@ -191,7 +214,7 @@ class Cache:
     # -- refs -------------------------------------------------------------------------------
 
     def _ref_path(self, ref: str) -> Path:
-        return self.root / "refs" / (hashlib.sha256(ref.encode()).hexdigest() + ".json")
+        return self.refs_dir / (hashlib.sha256(ref.encode()).hexdigest() + ".json")
 
     def record_ref(self, ref: str, digest: Digest) -> None:
         path = self._ref_path(ref)
@@ -259,12 +282,12 @@ class Cache:
 
     def base_lock(self, key: str, timeout: float) -> FileLock:
         """The lock that serialises building (and replacing) the base ``key``."""
-        return FileLock(self.root / "locks" / f"{key}.lock", timeout)
+        return FileLock(self.lock_path(key), timeout)
 
     def new_staging(self, key: str) -> Path:
         """A fresh staging directory for base ``key``. The caller holds the key's lock, so any other
         staging directory of that key is a killed builder's and is removed first."""
-        staging_root = self.root / "staging"
+        staging_root = self.staging_dir
         for leftover in staging_root.glob(f"{key}.*"):
             remove_tree(leftover)
         return Path(tempfile.mkdtemp(prefix=f"{key}.", dir=staging_root))
@@ -274,14 +297,14 @@ class Cache:
         complete or absent, never torn, even after a crash."""
         (staging / "image.json").write_text(json.dumps(meta, indent=1))
         syncfs(staging)
-        os.rename(staging, self.root / "bases" / key)
-        fsync_dir(self.root / "bases")
+        os.rename(staging, self.base_dir(key))
+        fsync_dir(self.bases_dir)
         base = self.load_base(key, created=True)
         assert base is not None
         return base
 
     def bases(self) -> list[Path]:
-        return sorted(p for p in (self.root / "bases").iterdir() if p.is_dir())
+        return sorted(p for p in self.bases_dir.iterdir() if p.is_dir())
 
     def base_keys(self) -> list[str]:
         return [p.name for p in self.bases()]

@@ -371,6 +371,16 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
                 for point in mounts_under(entry):
                     unmount(point)
                 remove_tree(entry)
+    for entry in sorted(cache.exports_dir.glob(".*")) if cache.exports_dir.exists() else []:
+        # sources/buildah.py's temp exports (.<id16>-*: free once no export of that id holds its lock)
+        # and retired exports being deleted (.trash-*: nobody reads them)
+        if not entry.name.startswith(".trash-") and any(
+                not _unlocked_and_old(lock, 0, now) for lock in cache.locks_dir.glob(f"export-{entry.name[1:17]}*.lock")):
+            report.skipped.append(f"export {entry.name}: being written")
+            continue
+        report.removed.append(Removal("export", entry.name, disk_usage(entry)))
+        if not dry_run:
+            remove_tree(entry)
     for point in mounts_under(cache.root):
         rel = point.relative_to(cache.root.resolve()).parts if point.is_relative_to(cache.root.resolve()) else ()
         stale = (len(rel) >= 2 and rel[0] == "sessions" and not (cache.sessions_dir / rel[1] / "session.json").exists()) \

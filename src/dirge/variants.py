@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .cache import Layout
 from .errors import BuildError, DirgeError, InvalidReference
 from .lock import FileLock
 from .reference import VARIANT_PREFIX, Reference, parse_reference
@@ -252,7 +253,7 @@ def build_guest_image(
         assert image is not None
         return BuildResult(variant, image, built=False)
     lock_name = hashlib.sha256(variant.tag.encode()).hexdigest()[:32]
-    with FileLock(cache_root / "locks" / f"variant-{lock_name}.lock", lock_timeout):
+    with FileLock(Layout(cache_root).lock_path(f"variant-{lock_name}"), lock_timeout):
         image = buildah.inspect(variant.tag)  # another process may have built it while we waited
         if is_current(image, variant, build_args) and not no_cache:
             assert image is not None

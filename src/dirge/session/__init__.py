@@ -133,8 +133,8 @@ _DISK_FIELDS = ("disk", "disk_fs", "disk_format", "disk_strategy", "scratch")
 class Sessions:
     def __init__(self, cache: Cache) -> None:
         self.cache = cache
-        self.dir = cache.root / "sessions"
-        self.snapshots = cache.root / "snapshots"
+        self.dir = cache.sessions_dir
+        self.snapshots = cache.snapshots_dir
 
     def session_dir(self, session_id: str) -> Path:
         if not re.fullmatch(r"[0-9a-f]{32}", session_id):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ..cache import Layout
 from ..errors import BuildError
 from ..fsutil import syncfs
 from ..image import Descriptor
@@ -46,8 +47,9 @@ class Buildah:
     def __init__(self, cache_root: Path) -> None:
         self.cache_root = cache_root
         root = os.environ.get("DIRGE_BUILDAH_ROOT")
-        self.root = Path(root) if root else cache_root / "buildah" / "storage"
-        self.runroot = cache_root / "buildah" / "run" if not root else None
+        layout = Layout(cache_root)
+        self.root = Path(root) if root else layout.buildah_dir / "storage"
+        self.runroot = layout.buildah_dir / "run" if not root else None
         self.driver = os.environ.get("DIRGE_BUILDAH_DRIVER", "vfs")
 
     def command(self, *args: str) -> list[str]:
@@ -61,7 +63,7 @@ class Buildah:
 
     def _run(self, cmd: list[str], *, capture: bool, output: IO[str] | None = None) -> subprocess.CompletedProcess[Any]:
         # buildah stages layers in $TMPDIR (default /var/tmp): keep that inside the cache too.
-        tmp = self.cache_root / "buildah" / "tmp"
+        tmp = Layout(self.cache_root).buildah_dir / "tmp"
         try:
             tmp.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "TMPDIR": str(tmp)}
@@ -128,7 +130,7 @@ def export_image(buildah: Buildah, image: LocalImage, cache_root: Path, what: st
     try:
         return _export(buildah, image, cache_root, what)
     except OSError as exc:
-        raise BuildError(f"export {what} to {exc.filename or cache_root / 'exports'}: {exc.strerror or exc}; "
+        raise BuildError(f"export {what} to {exc.filename or Layout(cache_root).exports_dir}: {exc.strerror or exc}; "
                          f"check permissions and free space under {cache_root}") from exc
 
 
@@ -140,7 +142,7 @@ def check_export_path(cache_root: Path, what: str) -> None:
 
 
 def _export(buildah: Buildah, image: LocalImage, cache_root: Path, what: str) -> Path:
-    exports = cache_root / "exports"
+    exports = Layout(cache_root).exports_dir
     final = exports / image.id
     exports.mkdir(parents=True, exist_ok=True)
     if (final / "index.json").exists():
@@ -177,11 +179,11 @@ def retire_image(buildah: Buildah, cache_root: Path, image_id: str, timeout: flo
     if _IMAGE_ID.match(image_id):
         with FileLock(_export_lock(cache_root, image_id), timeout):
             buildah.remove(image_id)
-            _discard(cache_root / "exports" / image_id)
+            _discard(Layout(cache_root).exports_dir / image_id)
 
 
 def _export_lock(cache_root: Path, image_id: str) -> Path:
-    return cache_root / "locks" / f"export-{image_id}.lock"
+    return Layout(cache_root).lock_path(f"export-{image_id}")
 
 
 def _discard(path: Path) -> None:

@@ -473,7 +473,7 @@ class RegistrySource:
         if missing and self.offline:  # fail before anything is applied, naming the first absent layer
             raise offline_error(self.ref, "layer", missing[0].digest)
         if not self._swept:
-            sweep_orphans(self.cache.root / "blobs" / "sha256")
+            sweep_orphans(self.cache.blobs_dir)
             self._swept = True
         for desc in missing:
             if desc.digest in self._downloads:  # listed twice
