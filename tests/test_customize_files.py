@@ -87,3 +87,20 @@ def test_symlinked_passwd_in_a_disk_is_an_error_not_absent(tmp_path: Path) -> No
         add_user(Ext4DiskWriter(disk), "sandbox", 1000)
     out = subprocess.run(["debugfs", "-R", "cat /usr/lib/passwd", str(disk)], capture_output=True).stdout
     assert out == PASSWD
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a rootless base built by root)")
+def test_files_written_into_a_rootless_session_keep_owners_as_its_base_does(tmp_path: Path, make_image) -> None:
+    # Owners follow the base's recorded mode, not os.geteuid(): root preparing a rootless base writes
+    # user.rootlesscontainers as the base itself does, never a real chown.
+    from dirge.apply.fs import ROOTLESS_XATTR, encode_rootless_owner
+    from dirge.layerbuild import LayerBuilder
+    from dirge.rootfs import FileSpec, prepare
+
+    ref = make_image([LayerBuilder().dir("etc").file("etc/owned", b"o", uid=1000, gid=1000).build()])
+    with prepare(ref, tmp_path / "cache", rootless=True, strategy="copy",
+                 files={"/etc/added": FileSpec(b"a", uid=1000, gid=1000)}) as session:
+        base_file, added = session.path / "etc/owned", session.path / "etc/added"
+        assert os.getxattr(base_file, ROOTLESS_XATTR) == encode_rootless_owner(1000, 1000)
+        assert (added.stat().st_uid, added.stat().st_gid) == (base_file.stat().st_uid, base_file.stat().st_gid)
+        assert os.getxattr(added, ROOTLESS_XATTR) == encode_rootless_owner(1000, 1000)

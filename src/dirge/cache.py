@@ -249,6 +249,11 @@ class Cache(Layout):
         return f"{digest.hex}-{'rootless' if rootless else 'root'}-{format}" + (f"-{options}" if options else "")
 
     @staticmethod
+    def base_is_rootless(key: str) -> bool:
+        """Whether base ``key`` keeps owners rootless (``user.rootlesscontainers``)."""
+        return key.split("-")[1:2] == ["rootless"]
+
+    @staticmethod
     def legacy_base_key(digest: Digest, rootless: bool) -> str:
         """The key of a tree base written before bases had formats."""
         return f"{digest.hex}-{'rootless' if rootless else 'root'}"

@@ -89,8 +89,8 @@ class PreparedRootfs:
 
     def writer(self) -> RootfsWriter:
         """Where ``write_files``, ``add_user`` and ``write_krun_config`` write for this session."""
-        if not self.is_disk:
-            return DirWriter(self.path)
+        if not self.is_disk:  # owners as the base keeps them, whoever writes
+            return DirWriter(self.path, rootless=Cache.base_is_rootless(self.info.base))
         if self.info.disk_format != "raw":
             raise SessionError(f"session {self.id}: dirge cannot write into a {self.info.disk_format} disk; "
                                "use --disk-format raw to customise")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Union, runtime_checkable
 
+from ..apply.fs import ROOTLESS_XATTR, encode_rootless_owner
 from ..apply.root import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, Root, clean_path, openat2
 from ..errors import SessionError
 
@@ -75,8 +76,18 @@ def as_writer(target: Target) -> RootfsWriter:
 class DirWriter:
     """A directory rootfs, written fd-relative (a symlink inside never leads out)."""
 
-    def __init__(self, rootfs: Path) -> None:
+    def __init__(self, rootfs: Path, *, rootless: bool | None = None) -> None:
+        """``rootless``: the rootfs keeps owners as umoci does (``user.rootlesscontainers``), as its base
+        was built; None: as this process would build one (rootless unless root)."""
         self.rootfs = rootfs
+        self.rootless = os.geteuid() != 0 if rootless is None else rootless
+
+    def _own(self, fd: int, uid: int, gid: int) -> None:
+        if self.rootless:
+            if uid or gid:
+                os.setxattr(fd, ROOTLESS_XATTR, encode_rootless_owner(uid, gid))
+        else:
+            os.fchown(fd, uid, gid)
 
     def write_file(self, path: str, data: bytes, mode: int, uid: int, gid: int) -> None:
         """Atomically: temp file, then rename over the old one."""
@@ -94,8 +105,7 @@ class DirWriter:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                if os.geteuid() == 0:
-                    os.fchown(fd, uid, gid)
+                self._own(fd, uid, gid)
                 os.fchmod(fd, mode)
             finally:
                 os.close(fd)
@@ -139,8 +149,7 @@ class DirWriter:
         try:
             fd = root.dir(clean_path(os.fsencode(path)), create=True)
             assert fd is not None
-            if os.geteuid() == 0:
-                os.fchown(fd, uid, gid)
+            self._own(fd, uid, gid)
             os.fchmod(fd, mode)
         except OSError as exc:
             raise SessionError(f"mkdir {path} in {self.rootfs}: {exc.strerror}") from exc
