@@ -548,7 +548,8 @@ class FaultProxy:
     * ``"no_range"``: drop ``Range``/``If-Range`` before forwarding, so upstream answers 200 with the whole body.
     * ``"close"``: reset the connection without answering at all.
 
-    With ``bearer=True``, ``/v2/...`` needs ``Authorization: Bearer TOKEN`` with a token from ``GET /token``
+    ``expire_every=N``: all issued tokens expire after every N authorized requests (short-lived tokens,
+    without clocks). With ``bearer=True``, ``/v2/...`` needs ``Authorization: Bearer TOKEN`` with a token from ``GET /token``
     (or the OAuth2 ``POST /token`` password grant) whose scope covers the repository; otherwise 401 with a
     ``WWW-Authenticate: Bearer realm=...,service=...,scope=...`` challenge. With ``bearer_creds=(user, pw)`` the
     token endpoint rejects wrong Basic credentials with 401, and missing ones too unless ``allow_anonymous``.
@@ -567,6 +568,7 @@ class FaultProxy:
         bearer_creds: tuple[str, str] | None = None,
         allow_anonymous: bool | None = None,
         service: str = "test-registry",
+        expire_every: int | None = None,
     ) -> None:
         parts = urlsplit(upstream_url)
         if parts.scheme not in ("http", "https") or parts.hostname not in (LOOPBACK, "localhost"):
@@ -579,6 +581,9 @@ class FaultProxy:
         self.bearer_creds = bearer_creds
         self.allow_anonymous = (bearer_creds is None) if allow_anonymous is None else allow_anonymous
         self.service = service
+        # short-lived tokens, deterministically: every issued token expires after this many authorized requests
+        self.expire_every = expire_every
+        self._authorized_count = 0
         self.requests: list[tuple[str, str, int]] = []
         self.token_requests: list[TokenRequest] = []
         self.faults_fired: list[tuple[str, str, str]] = []
@@ -778,7 +783,13 @@ class FaultProxy:
         if granted is None:
             return False
         need = self._needed_scope(method, route)
-        return need is None or need in granted
+        if not (need is None or need in granted):
+            return False
+        with self._lock:
+            self._authorized_count += 1
+            if self.expire_every and self._authorized_count % self.expire_every == 0:
+                self._tokens.clear()  # this request passes; the next ones with these tokens get 401
+        return True
 
     def _challenge(self, h: _Handler, method: str, route: str) -> None:
         challenge = f'Bearer realm="{self.url}/token",service="{self.service}"'

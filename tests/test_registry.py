@@ -373,3 +373,18 @@ def test_mirror_first_then_origin(registry, mirror_registry, tmp_path: Path, mon
     mirror.stop()  # the mirror is down: the origin serves
     unpack(f"{registry.host}/m/app:1", tmp_path / "via-origin", cache=Cache(tmp_path / "c2"))
     assert (tmp_path / "via-origin/m").read_bytes() == b"mirrored"
+
+
+def test_tokens_expiring_during_a_parallel_pull_are_refreshed_once(registry, fault_proxy, tmp_path: Path) -> None:
+    # The download threads share one endpoint's tokens. When a token expires under several of them, one
+    # fetches a new one and the others use it; none may drop the token another just fetched (which
+    # made a retry go out without credentials: a false AuthError).
+    layers = [LayerBuilder().file(f"f{i}", os.urandom(2048) + bytes([i])).build() for i in range(12)]
+    layout = layout_with(tmp_path, layers)
+    push_layout(layout, "t", f"{registry.host}/exp/app:1")
+    proxy = fault_proxy(registry, bearer=True, expire_every=5)
+    for attempt in range(6):
+        dest = tmp_path / f"r{attempt}"
+        unpack(f"{proxy.host}/exp/app:1", dest, cache=Cache(tmp_path / f"c{attempt}"))
+        assert sorted(os.listdir(dest)) == sorted(f"f{i}" for i in range(12))
+    assert len(proxy.token_requests) > 12  # tokens really expired all along

@@ -171,16 +171,21 @@ class Endpoint:
     def request(self, method: str, path: str, scope: str, what: str, headers: dict[str, str] | None = None,
                 stream: bool = False) -> httpx.Response:
         """One request with auth; retried by the caller. 401 → authenticate once → retry."""
+        used = self._auth_headers(scope)
         for attempt in range(2):
-            hdrs = {**(headers or {}), **self._auth_headers(scope)}
-            req = self.client.build_request(method, self.url + path, headers=hdrs)
+            req = self.client.build_request(method, self.url + path, headers={**(headers or {}), **used})
             response = self.client.send(req, stream=stream)
             if response.status_code != 401 or attempt == 1:
                 return response
             response.read()
             response.close()
-            self._tokens.pop(scope, None)  # expired token: fetch a fresh one
-            self._authenticate(response, scope, what)
+            # Download threads share these tokens: only the first to see the one it used refused fetches
+            # a new one; the others retry with that (never dropping a token another just fetched).
+            with self._lock:
+                if self._auth_headers(scope) == used:
+                    self._tokens.pop(scope, None)
+                    self._authenticate(response, scope, what)
+                used = self._auth_headers(scope)
         raise AssertionError("unreachable")
 
 
