@@ -38,6 +38,17 @@ def _unmount_leftovers(request: pytest.FixtureRequest):
 
 
 @pytest.fixture
+def registry_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Registry tests see none of the user's auth files or registries.toml, and retry fast."""
+    monkeypatch.setenv("DIRGE_RETRY_BASE", "0.01")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
+    monkeypatch.setenv("DIRGE_REGISTRIES_CONFIG", str(tmp_path / "no-registries.toml"))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
 def make_image(tmp_path: Path):
     """``make_image([layer_tar, ...], **add_image_kwargs) -> "oci:PATH:TAG"`` in a fresh layout."""
     counter = iter(range(1_000_000))

@@ -31,13 +31,7 @@ HISTORY = [{"created": "2024-05-01T10:00:00Z", "created_by": "ADD base /"},
            {"created": "2024-05-01T10:00:02Z", "created_by": "COPY run /app/run"}]
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("DIRGE_RETRY_BASE", "0.01")
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
-    monkeypatch.setenv("DIRGE_REGISTRIES_CONFIG", str(tmp_path / "no-registries.toml"))
-    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+pytestmark = pytest.mark.usefixtures("registry_env")  # conftest: no user config, fast retries
 
 
 def add_image(w: LayoutWriter, layers: list[bytes], platform: Platform) -> dict[str, Any]:

@@ -58,14 +58,7 @@ class Listener:
         assert not self.thread.is_alive()
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("DIRGE_RETRY_BASE", "0.01")
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
-    monkeypatch.setenv("DIRGE_REGISTRIES_CONFIG", str(tmp_path / "no-registries.toml"))
-    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
-    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+pytestmark = pytest.mark.usefixtures("registry_env")  # conftest: no user config, fast retries
 
 
 @pytest.fixture

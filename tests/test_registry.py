@@ -27,13 +27,7 @@ from registry import push_layout
 from treecmp import diff, ext4_disk_differences, snapshot
 
 
-@pytest.fixture(autouse=True)
-def fast_retries(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("DIRGE_RETRY_BASE", "0.01")
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
-    monkeypatch.setenv("DIRGE_REGISTRIES_CONFIG", str(tmp_path / "no-registries.toml"))
-    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+pytestmark = pytest.mark.usefixtures("registry_env")  # conftest: no user config, fast retries
 
 
 def layout_with(tmp_path: Path, layers: list[bytes], **kwargs) -> Path:
