@@ -20,8 +20,9 @@ Messages are lowercase verb phrases joined level by level, e.g.
     ├── LockTimeout               another process holds a cache lock for too long (names its pid)
     ├── SessionError              a session or snapshot that cannot be made, found or removed
     ├── Cancelled                 an operation stopped at its caller's request (a cancelled dirge.aio call)
-    └── BootError                 a boot that cannot start: no kernel, QEMU, busybox or module
-        └── GuestFailed           the guest did not run its command to the end (failed, timed out)
+    ├── BootError                 a boot that cannot start: no kernel, QEMU, busybox or module
+    │   └── GuestFailed           the guest did not run its command to the end (failed, timed out)
+    └── NoSpace                   a write ran out of space (ENOSPC/EDQUOT): names what and where, says to free space
 """
 
 from __future__ import annotations
@@ -132,3 +133,7 @@ class GuestFailed(BootError):
 class Cancelled(DirgeError):
     """Raised in a worker thread at its next progress callback once its ``dirge.aio`` caller was
     cancelled, so the sync pipeline undoes what it began; the caller sees CancelledError."""
+
+
+class NoSpace(DirgeError):
+    """A write that ran out of disk space or quota; the message names what was written and where."""

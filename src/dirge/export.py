@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .apply.layer import Limits
-from .errors import DirgeError
+from .errors import DirgeError, NoSpace
+from .fsutil import is_no_space, no_space
 from .image import Platform
 from .unpack import ProgressFn, add_context, open_image, unpack, write_erofs
 
@@ -157,7 +158,13 @@ def _replacing(out: Path) -> Iterator[Path]:
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
+        if is_no_space(exc):
+            raise no_space(exc, f"write {out}") from exc
         raise DirgeError(f"write {out}: {exc.strerror or exc}; free space or fix permissions there") from exc
+    except NoSpace as exc:  # name OUT, not the temp file that ran out of space
+        tmp.unlink(missing_ok=True)
+        exc.args = (str(exc).replace(str(tmp), str(out)),) + exc.args[1:]
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import SessionError
+from .errors import NoSpace, SessionError
 
 BTRFS_MAGIC = 0x9123683E
 OVERLAY_MAGIC = 0x794C7630
@@ -60,11 +60,54 @@ def syncfs(path: Path) -> None:
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, pos: int) -> None:
-    """``pwrite`` until every byte is written (a short write is not an error)."""
+    """``pwrite`` until every byte is written (a short write is not an error); out of space: ``NoSpace``."""
     view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, pos)
-        view, pos = view[n:], pos + n
+    try:
+        while view:
+            n = os.pwrite(fd, view, pos)
+            view, pos = view[n:], pos + n
+    except OSError as exc:
+        if exc.errno in NO_SPACE_ERRNOS:
+            raise no_space(exc, f"write {fd_path(fd)}") from exc
+        raise
+
+
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def fd_path(fd: int) -> str:
+    """The path an open file descriptor names (for messages), else ``fd N``."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"
+
+
+def is_no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
+
+
+def no_space(exc: OSError, what: str, where: str | os.PathLike[str] | None = None) -> NoSpace:
+    """The ``NoSpace`` for an ENOSPC/EDQUOT ``exc`` met doing ``what`` (e.g. ``write PATH``) on the
+    filesystem of ``where`` (default: ``exc.filename`` or nothing)."""
+    place = where if where is not None else exc.filename
+    why = "disk quota exceeded" if exc.errno == errno.EDQUOT else "no space left on device"
+    on = f" (filesystem of {os.fsdecode(place)})" if place and os.fsdecode(place) not in what else ""
+    return NoSpace(f"{what}: {why}{on}; free space there (or choose another location) and retry")
+
+
+class raise_no_space:
+    """``with raise_no_space("copy X to Y", Y):`` turns an ENOSPC/EDQUOT ``OSError`` into ``NoSpace``."""
+
+    def __init__(self, what: str, where: str | os.PathLike[str] | None = None) -> None:
+        self.what, self.where = what, where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+            raise no_space(exc, self.what, self.where) from exc
 
 
 def fsync_dir(path: Path) -> None:

@@ -12,13 +12,16 @@ Metadata order: data, owner, mode (chown clears setuid), xattrs (chown and write
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, TypeVar
 
 from .fs import PrivilegedFS, proc_path
 from .root import Root
-from ..fsutil import pwrite_all
+from ..fsutil import is_no_space, no_space, pwrite_all
 from .tar import Entry, EntryStream, sparse_pieces
 from .tree import Node, Parts, walk
 from . import tree
@@ -27,11 +30,33 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _space_checked(
+    method: "Callable[Concatenate[DirSink, Parts, _P], _R]",
+) -> "Callable[Concatenate[DirSink, Parts, _P], _R]":
+    """Out of space or inodes while making ``parts``: a ``NoSpace`` naming the entry and the destination."""
+
+    @functools.wraps(method)
+    def checked(self: "DirSink", parts: Parts, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, parts, *args, **kwargs)
+        except OSError as exc:
+            if is_no_space(exc):
+                raise no_space(exc, f"write {os.fsdecode(_path(parts))} into {self.dest}") from exc
+            raise
+
+    return checked
+
+
 class DirSink:
     """Writes the merged image into the existing directory ``dest``."""
 
     def __init__(self, dest: str | os.PathLike[str], fs: PrivilegedFS, max_depth: int = 256) -> None:
         self.root = Root(dest, max_depth)
+        self.dest = os.fsdecode(os.fspath(dest))
         self.fs = fs
         self._umask = current_umask()
 
@@ -72,6 +97,7 @@ class DirSink:
     def release(self, node: Node) -> None:
         pass  # the unlink freed the data
 
+    @_space_checked
     def file(self, parts: Parts, parent_node: Node, node: Node, entry: Entry, stream: EntryStream) -> None:
         parent, name, mode = self._parent(parts), parts[-1], node.mode
         try:
@@ -101,6 +127,7 @@ class DirSink:
         finally:
             os.close(fd)
 
+    @_space_checked
     def directory(self, parts: Parts, parent_node: Node | None, node: Node, *, existing: bool) -> None:
         if not parts:
             self._dir_metadata(self.root.fd, node, parts, existing=True)
@@ -132,6 +159,7 @@ class DirSink:
         os.fchmod(fd, node.mode | 0o700 if self.fs.rootless else node.mode)
         self._set_xattrs(fd, node, parts)
 
+    @_space_checked
     def symlink(self, parts: Parts, parent_node: Node, node: Node) -> None:
         parent, name = self._parent(parts), parts[-1]
         try:
@@ -145,6 +173,7 @@ class DirSink:
             self._set_xattrs(proc_path(parent, name), node, parts)
         os.utime(name, ns=_times(node), dir_fd=parent, follow_symlinks=False)
 
+    @_space_checked
     def hardlink(self, parts: Parts, target: Parts, node: Node) -> None:
         parent = self._parent(parts)
         target_parent = self.root.dir(target[:-1], create=False)
@@ -156,6 +185,7 @@ class DirSink:
             self._clear(parent, parts[-1])
             self.hardlink(parts, target, node)
 
+    @_space_checked
     def special(self, parts: Parts, parent_node: Node, node: Node) -> bool:
         parent, name = self._parent(parts), parts[-1]
 

@@ -42,6 +42,7 @@ from . import erofs_format as fmt
 from ..apply import tree
 from ..errors import ImageError
 from ..apply.tree import Node, Parts
+from ..fsutil import fd_path, raise_no_space
 from .imagesink import Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
 
 from ..apply.tar import sparse_pieces
@@ -333,12 +334,13 @@ class ErofsSink(TreeImageSink):
         if self._finished:
             raise RuntimeError("ErofsSink.finish called twice")
         self._finished = True
-        self._flush_data()
-        self._flush_spool()
-        os.ftruncate(self._fd, self._end << _BITS)  # trailing holes of sparse data read as zeros
-        if self._spooled:
-            self._map = mmap.mmap(self._spool_fd, self._spooled, prot=mmap.PROT_READ)
-        _Image(self, root).write()
+        with raise_no_space(f"write erofs image {fd_path(self._fd)}"):
+            self._flush_data()
+            self._flush_spool()
+            os.ftruncate(self._fd, self._end << _BITS)  # trailing holes of sparse data read as zeros
+            if self._spooled:
+                self._map = mmap.mmap(self._spool_fd, self._spooled, prot=mmap.PROT_READ)
+            _Image(self, root).write()
 
     def _compact(self, live: bytearray) -> None:
         """Slide the live extents down over the dead ones (in allocation order = position order)."""

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING
 from . import ext4_format as fmt
 from ..apply import tree
 from ..apply.tree import Node, Parts
+from ..fsutil import fd_path, raise_no_space
 from .imagesink import XATTR_ACLS, Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
 from ..errors import ImageError
 
@@ -611,8 +612,9 @@ class Ext4Sink(TreeImageSink):
         if self._finished:
             raise RuntimeError("Ext4Sink.finish called twice")
         self._finished = True
-        _Image(self, root).write()
-        self._out.flush()
+        with raise_no_space(f"write ext4 image {fd_path(self._fd)}"):
+            _Image(self, root).write()
+            self._out.flush()
 
 
 class _Image:

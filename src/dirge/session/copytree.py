@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 
 from ..apply.fs import try_set_xattr
+from ..fsutil import fd_path, is_no_space, no_space, raise_no_space
 
 FICLONE = 0x40049409
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
@@ -121,7 +122,17 @@ class TreeCopier:
 
 
 def copy_data(src: int, dst: int, size: int, *, reflink: bool) -> str:
-    """Clone or copy ``size`` bytes, keeping holes; returns how ("reflink" or "sparse")."""
+    """Clone or copy ``size`` bytes, keeping holes; returns how ("reflink" or "sparse"). Out of space
+    or quota: ``NoSpace`` naming both files."""
+    try:
+        return _copy_data(src, dst, size, reflink=reflink)
+    except OSError as exc:
+        if is_no_space(exc):
+            raise no_space(exc, f"copy {fd_path(src)} to {fd_path(dst)}") from exc
+        raise
+
+
+def _copy_data(src: int, dst: int, size: int, *, reflink: bool) -> str:
     if reflink:
         try:
             fcntl.ioctl(dst, FICLONE, src)
@@ -176,4 +187,7 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
 
 
 def copy_tree(src: Path, dst: Path, *, reflink: bool = False) -> None:
-    TreeCopier(reflink=reflink).copy(src, dst)
+    """Copy ``src`` to the new ``dst``; out of space or quota there: ``NoSpace`` naming both (the caller
+    removes the partial copy, as after any failure)."""
+    with raise_no_space(f"copy {src} to {dst}"):
+        TreeCopier(reflink=reflink).copy(src, dst)

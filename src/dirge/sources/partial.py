@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import DirgeError, IntegrityError
+from ..fsutil import is_no_space, no_space
 from ..image import Descriptor
 
 TMP_PREFIX = ".tmp-"
@@ -160,6 +161,8 @@ class PartialBlob:
         self._close()
 
     def _cache_error(self, exc: OSError) -> DirgeError:
+        if is_no_space(exc):  # name the blobs directory, not the temp file (it is gone by then)
+            return no_space(exc, f"{self.what}: write blob to {self.final.parent}")
         return DirgeError(f"{self.what}: write {exc.filename or getattr(self, '_tmp', self.final)}: "
                           f"{exc.strerror or exc}; free space or fix permissions under {self.final.parent}")
 
