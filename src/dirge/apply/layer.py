@@ -30,6 +30,8 @@ from .tar import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, EntryStream
 from .tree import NO_XATTRS, NODE_BYTES, Node, Parts, Sink
 from . import tree
 
+_MAX_ID = (1 << 32) - 2  # ids the kernel accepts; (uid_t)-1 means "no change"
+
 OPAQUE = b".wh..wh..opq"
 WHITEOUT_PREFIX = b".wh."
 _AUFS_META_PREFIX = b".wh..wh."
@@ -198,6 +200,14 @@ class Applier:
         return node
 
     def _set_metadata(self, node: Node, entry: Entry) -> None:
+        # A ustar id field of "-1" (or a negative base-256 one) parses as -1, which chown reads as "no change":
+        # the tree would silently keep another owner (found by tests/test_fuzz.py).
+        if not (0 <= entry.uid <= _MAX_ID and 0 <= entry.gid <= _MAX_ID):
+            raise UnsafeLayer(_display(entry.parts), f"owner {entry.uid}:{entry.gid} out of range")
+        # Seconds must fit a 64-bit time_t, or a directory's utime in Sink.finish() overflows (tests/test_fuzz.py).
+        for ns in (entry.mtime_ns, entry.atime_ns):
+            if ns is not None and not -(1 << 63) <= ns // 1_000_000_000 < 1 << 63:
+                raise UnsafeLayer(_display(entry.parts), "timestamp out of range")
         node.mode = entry.mode & 0o7777
         node.uid, node.gid = entry.uid, entry.gid
         node.mtime_ns, node.atime_ns = entry.mtime_ns, entry.atime_ns

@@ -11,6 +11,7 @@ from the decompressed stream straight into a file descriptor.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -116,6 +117,9 @@ class ByteStream:
             n -= len(piece)
 
 
+_OCTAL = re.compile(rb"[0-7]*")
+
+
 def _parse_number(field_: bytes) -> int:
     if field_[0] & 0x80:  # GNU base-256
         value = field_[0] & 0x7F
@@ -125,17 +129,14 @@ def _parse_number(field_: bytes) -> int:
         if negative:
             value -= 1 << (8 * len(field_) - 1)
         return value
-    try:  # the common case: octal digits, padded with spaces and NULs
-        return int(field_.rstrip(b"\0 ") or b"0", 8)
-    except ValueError:
-        pass
-    text = field_.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise TarFormatError(f"bad numeric field {field_!r} in tar header") from None
+    # octal digits, padded with spaces and NULs; only digits (Python's int() would also take a sign,
+    # "0o" or "_": a "-1" owner then meant "leave the owner alone" to chown)
+    text = field_.rstrip(b"\0 ")
+    if not _OCTAL.fullmatch(text):
+        text = field_.split(b"\0", 1)[0].strip(b" ")
+        if not _OCTAL.fullmatch(text):
+            raise TarFormatError(f"bad numeric field {field_!r} in tar header")
+    return int(text or b"0", 8)
 
 
 def _cstr(field_: bytes) -> bytes:
