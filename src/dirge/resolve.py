@@ -67,6 +67,9 @@ def resolve_manifest(source: BlobSource, desc: Descriptor, ref: str, platform: P
             )
         if platform and config.platform and not platform.matches(config.platform):
             raise PlatformNotFound(f"resolve {ref}: the image is for {config.platform}, not {platform}")
+        commit = getattr(source, "commit", None)  # a registry caches its manifests only now (resolved)
+        if commit is not None:
+            commit()
         return ResolvedImage(ref, desc.digest, manifest, config, config.platform)
     raise ImageError(f"resolve {ref}: indexes nested more than {_MAX_NESTING} deep")
 

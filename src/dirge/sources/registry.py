@@ -9,6 +9,11 @@
 - Retries with exponential backoff and jitter on 429 (Retry-After honoured), 5xx, resets and timeouts;
   blob downloads resume with Range, are hashed while streaming to a temp file, and are published into
   the cache only when size and digest match.
+- Hostile servers: every body is read with a bound (manifests 4 MiB, token answers 1 MiB, error bodies
+  64 KiB); a manifest or token fetch has a total deadline ($DIRGE_REGISTRY_DEADLINE, 300 s), each read a
+  timeout ($DIRGE_REGISTRY_TIMEOUT, 60 s), a blob a minimum rate over one read timeout
+  ($DIRGE_REGISTRY_MIN_RATE, 1024 bytes/s); redirect loops are a RegistryError; httpx drops credentials on
+  cross-origin redirects. Fetched manifests are cached (and the ref recorded) only once the image resolved.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+import io
 import ipaddress
 import json
 import os
@@ -38,7 +44,7 @@ from ..config import Config, load_config
 from ..errors import AuthError, DirgeError, IntegrityError, NotFound, RateLimited, RegistryError
 from ..image import CONFIG_TYPES, DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
 from ..image import Descriptor
-from ..image import MAX_MANIFEST_BYTES
+from ..image import DOCKER_SCHEMA1, MAX_MANIFEST_BYTES, parse_index, parse_manifest
 from ..reference import Digest, RegistryReference, parse_digest
 from .auth import Credentials, find_credentials
 from .partial import PartialBlob, sweep_orphans
@@ -60,6 +66,75 @@ def retry_base() -> float:
     return float(os.environ.get("DIRGE_RETRY_BASE", "0.5"))
 
 
+def _env_float(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, "") or default)
+    except ValueError:
+        raise DirgeError(f"${name} must be a number of seconds or bytes, not {os.environ[name]!r}") from None
+    return value if value > 0 else default
+
+
+def read_timeout() -> float:
+    """Seconds one socket read may wait ($DIRGE_REGISTRY_TIMEOUT, default 60)."""
+    return _env_float("DIRGE_REGISTRY_TIMEOUT", 60.0)
+
+
+def metadata_deadline() -> float:
+    """Seconds a whole manifest or token fetch may take, retries included ($DIRGE_REGISTRY_DEADLINE, 300)."""
+    return _env_float("DIRGE_REGISTRY_DEADLINE", 300.0)
+
+
+def min_rate() -> float:
+    """Bytes per second below which a blob download (measured over one read timeout) is a stall
+    ($DIRGE_REGISTRY_MIN_RATE, default 1024): a slow-drip server cannot hold a pull forever."""
+    return _env_float("DIRGE_REGISTRY_MIN_RATE", 1024.0)
+
+
+_ERROR_BODY_BYTES = 65536
+_TOKEN_BYTES = 1 << 20
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: a token goes into a header
+
+
+def _drain(response: httpx.Response, limit: int = _ERROR_BODY_BYTES) -> bytes:
+    """At most ``limit`` bytes of a body we do not need whole (an error answer), then close it."""
+    data = b""
+    try:
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) >= limit:
+                break
+    except (httpx.HTTPError, httpx.StreamError):
+        pass
+    finally:
+        response.close()
+    return data[:limit]
+
+
+def _read_limited(response: httpx.Response, limit: int, deadline: float, what: str, kind: str) -> bytes:
+    """The whole body, or a RegistryError once it passes ``limit`` bytes or the monotonic ``deadline``."""
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > limit:
+        response.close()
+        raise RegistryError(f"{what}: {kind} larger than {limit} bytes (Content-Length {length})")
+    parts: list[bytes] = []
+    total = 0
+    try:
+        for chunk in response.iter_bytes():
+            total += len(chunk)
+            if total > limit:
+                raise RegistryError(f"{what}: {kind} larger than {limit} bytes")
+            parts.append(chunk)
+            if time.monotonic() > deadline:
+                raise RegistryError(f"{what}: {kind} too slow: not complete after {metadata_deadline():g} s "
+                                    f"({total} bytes so far)", retryable=True)
+    except (httpx.HTTPError, httpx.StreamError) as exc:
+        raise RegistryError(f"{what}: reading the {kind} failed: {type(exc).__name__}: {exc}",
+                            retryable=True) from None
+    finally:
+        response.close()
+    return b"".join(parts)
+
+
 def is_loopback(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:host.index("]")]
     if name == "localhost":
@@ -70,9 +145,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+_MAX_CHALLENGE = 8192
+
+
 def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    if len(header) > _MAX_CHALLENGE:  # no real challenge is this long: unusable, not parsed
+        return "", {}
     scheme, _, rest = header.strip().partition(" ")
-    params = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+    # \b: a name starts only at a word start, so a long run of word characters is scanned once, not n² times
+    params = dict(re.findall(r'\b(\w+)="([^"]*)"', rest))
     return scheme.lower(), params
 
 
@@ -89,7 +170,11 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 def _error_codes(response: httpx.Response) -> tuple[tuple[str, ...], str]:
     try:
-        body = json.loads(response.read()[:65536])
+        try:
+            data = response.content[:_ERROR_BODY_BYTES]
+        except httpx.ResponseNotRead:
+            data = _drain(response)
+        body = json.loads(data)
         errors = body.get("errors") or []
         codes = tuple(str(e.get("code", "")) for e in errors if isinstance(e, dict))
         message = "; ".join(str(e.get("message", "")) for e in errors if isinstance(e, dict) and e.get("message"))
@@ -143,15 +228,21 @@ class Endpoint:
                                 status=401)
             self._basic = True
             return
-        if scheme != "bearer" or "realm" in params and not params["realm"]:
+        realm = params.get("realm", "")
+        if scheme != "bearer" or not realm.startswith(("https://", "http://")):
             raise AuthError(f"{what}: {self.host} answered 401 without a usable challenge", status=401)
         query = {"service": params.get("service", "")}
         query["scope"] = params.get("scope") or scope
         auth = httpx.BasicAuth(self.creds.username, self.creds.password) if self.creds else None
+        deadline = time.monotonic() + metadata_deadline()
         try:
-            token_response = self.client.get(params["realm"], params=query, auth=auth)
-        except httpx.HTTPError as exc:
-            raise RegistryError(f"{what}: token request to {params['realm']} failed: {exc}", retryable=True) from None
+            token_request = self.client.build_request("GET", realm, params=query)
+            token_response = self.client.send(token_request, auth=auth, stream=True)
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+            raise RegistryError(f"{what}: token request to {realm[:200]} failed: {type(exc).__name__}: {exc}",
+                                retryable=True) from None
+        if token_response.status_code != 200:
+            _drain(token_response)
         if token_response.status_code in (401, 403):
             raise AuthError(f"{what}: {self.host} refused the credentials"
                             + (f" for user {self.creds.username!r}" if self.creds else " (anonymous)"),
@@ -159,12 +250,13 @@ class Endpoint:
         if token_response.status_code != 200:
             raise RegistryError(f"{what}: token endpoint answered {token_response.status_code}",
                                 status=token_response.status_code, retryable=token_response.status_code >= 500)
+        raw = _read_limited(token_response, _TOKEN_BYTES, deadline, what, "token answer")
         try:
-            body = token_response.json()
+            body = json.loads(raw)
             token = body.get("token") or body.get("access_token")
         except (ValueError, AttributeError):
             token = None
-        if not isinstance(token, str) or not token:
+        if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
             raise AuthError(f"{what}: the token endpoint of {self.host} returned no token", status=200)
         self._tokens[scope] = token
 
@@ -177,8 +269,7 @@ class Endpoint:
             response = self.client.send(req, stream=stream)
             if response.status_code != 401 or attempt == 1:
                 return response
-            response.read()
-            response.close()
+            _drain(response)
             # Download threads share these tokens: only the first to see the one it used refused fetches
             # a new one; the others retry with that (never dropping a token another just fetched).
             with self._lock:
@@ -193,11 +284,13 @@ class RegistryClient:
     """A client for one registry (and its mirrors), for one repository at a time."""
 
     def __init__(self, registry: str, *, creds: Credentials | None = None, config: Config | None = None,
-                 timeout: float = 60.0, attempts: int = 5) -> None:
+                 timeout: float | None = None, attempts: int = 5) -> None:
         self.registry = registry
         self.config = config or load_config()
         self.creds = creds if creds is not None else find_credentials(registry)
         self.attempts = attempts
+        timeout = timeout if timeout is not None else read_timeout()
+        self.timeout = timeout
         self.on_bytes: Callable[[Descriptor, int], None] | None = None  # download progress (bytes so far)
         reg_config = self.config.registry(registry)
         fallback = is_loopback(registry) or reg_config.insecure
@@ -219,6 +312,10 @@ class RegistryClient:
         for attempt in range(self.attempts):
             try:
                 response = endpoint.request(method, path, scope, what, headers, stream)
+            except httpx.TooManyRedirects:
+                raise RegistryError(f"{what}: {endpoint.host} redirected too many times (a redirect loop)") from None
+            except httpx.InvalidURL as exc:
+                raise RegistryError(f"{what}: {endpoint.host} redirected to an invalid URL ({exc})") from None
             except (httpx.ConnectError, httpx.ProtocolError) as exc:
                 if endpoint.fallback_http and endpoint.url.startswith("https://") and _looks_like_plain_http(exc):
                     endpoint.url = "http://" + endpoint.url[len("https://"):]
@@ -230,8 +327,7 @@ class RegistryClient:
                 if response.status_code not in _RETRYABLE_STATUS:
                     return response
                 wait = _retry_after(response)
-                response.read()
-                response.close()
+                _drain(response)
                 last = RegistryError(f"{what}: {endpoint.host} answered {response.status_code}",
                                      status=response.status_code, retryable=True)
                 if response.status_code == 429 and attempt == self.attempts - 1:
@@ -280,13 +376,12 @@ class RegistryClient:
 
     def _manifest_from(self, endpoint: Endpoint, ref: RegistryReference, reference: str, what: str,
                        scope: str) -> tuple[bytes, str, Digest]:
+        deadline = time.monotonic() + metadata_deadline()
         response = self._call(endpoint, "GET", f"/v2/{ref.repository}/manifests/{reference}", scope, what,
-                              headers={"Accept": ACCEPT})
+                              headers={"Accept": ACCEPT}, stream=True)
         if response.status_code != 200:
             self._raise_for(response, what, endpoint)
-        raw = response.content
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise RegistryError(f"{what}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        raw = _read_limited(response, MAX_MANIFEST_BYTES, deadline, what, "manifest")
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         digest = Digest("sha256", hashlib.sha256(raw).hexdigest())
         if reference.startswith("sha") and reference != str(digest):
@@ -348,12 +443,19 @@ class RegistryClient:
                 partial.on_abandon(lambda: _shutdown(response))
                 try:
                     if response.status_code not in (200, 206):
-                        response.read()
                         self._raise_for(response, what, endpoint)
                     if partial.written and response.status_code == 200:  # no Range support: start again
                         partial.restart(wrong_bytes=False)
+                    window_start, window_bytes = time.monotonic(), 0
                     for chunk in response.iter_raw():  # as received: a reset keeps what arrived
                         partial.append(chunk)
+                        window_bytes += len(chunk)
+                        now = time.monotonic()
+                        if now - window_start >= self.timeout:  # a slow drip holds no pull forever
+                            if window_bytes < min_rate() * (now - window_start):
+                                raise httpx.ReadTimeout(f"too slow: {window_bytes} bytes in {now - window_start:.1f} s, "
+                                                        f"under {min_rate():g} bytes/s")
+                            window_start, window_bytes = now, 0
                         if self.on_bytes:
                             self.on_bytes(desc, partial.written)
                     if partial.written == desc.size:
@@ -414,6 +516,16 @@ def _media_type_of(raw: bytes) -> str | None:
     return None
 
 
+def _check_document(raw: bytes, media_type: str, what: str) -> None:
+    """Parse a fetched index or manifest before it is cached (an ImageError if it is neither)."""
+    if media_type in DOCKER_SCHEMA1:
+        return  # refused with its own message when resolved
+    if media_type in INDEX_TYPES:
+        parse_index(raw, f"index of {what}")
+    else:
+        parse_manifest(raw, f"manifest of {what}", media_type if media_type in MANIFEST_TYPES else None)
+
+
 ClientFactory = Callable[[], RegistryClient]
 
 
@@ -443,6 +555,25 @@ class RegistrySource:
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="dirge-pull")
         self._downloads: dict[Digest, tuple[Future[Path], PartialBlob]] = {}
         self._swept = False
+        # Fetched (verified) indexes and manifests, and the ref record, are cached only by ``commit`` once
+        # the image resolved: a hostile registry's index chain that ends in an error leaves nothing behind.
+        self._pending: dict[Digest, bytes] = {}
+        self._pending_ref: tuple[str, Digest] | None = None
+
+    def hold(self, digest: Digest, raw: bytes, ref: str | None = None) -> None:
+        """Keep a verified manifest (and the ref naming it) until ``commit``."""
+        self._pending[digest] = raw
+        if ref is not None:
+            self._pending_ref = (ref, digest)
+
+    def commit(self) -> None:
+        """Cache what ``hold`` kept (resolve_manifest calls this when the image resolved)."""
+        for digest, raw in list(self._pending.items()):
+            self.cache.put_blob(digest, raw)
+        self._pending.clear()
+        if self._pending_ref is not None:
+            self.cache.record_ref(*self._pending_ref)
+            self._pending_ref = None
 
     @property
     def offline(self) -> bool:
@@ -496,9 +627,12 @@ class RegistrySource:
     def open_blob(self, desc: Descriptor) -> BinaryIO:
         path = self.cache.blob_path(desc.digest)
         if desc.media_type in INDEX_TYPES + MANIFEST_TYPES:
+            if desc.digest in self._pending:
+                return io.BytesIO(self._pending[desc.digest])
             if not path.exists():
                 raw, _, _ = self._client_for("manifest", desc.digest).fetch_manifest(self.ref, str(desc.digest))
-                self.cache.put_blob(desc.digest, raw)
+                self.hold(desc.digest, raw)
+                return io.BytesIO(raw)
             return open(path, "rb")
         if desc.digest in self._downloads:
             return self._downloads[desc.digest][1].reader()  # type: ignore[return-value]
@@ -530,7 +664,12 @@ def start_descriptor(ref: RegistryReference, cache: Cache, client: ClientFactory
         raise NotFound(f"{ref} is not in the cache and --pull never forbids the network; "
                        "pull it with --pull missing (or dirge pull)")
     raw, media_type, fetched = client().fetch_manifest(ref, str(ref.digest) if ref.digest else ref.tag or "latest")
-    cache.put_blob(fetched, raw)
-    if ref.digest is None:
-        cache.record_ref(str(ref), fetched)
+    _check_document(raw, media_type, str(ref))  # junk (a login page, a truncated body) is never cached
+    source = getattr(client, "__self__", None)  # RegistrySource.client: cache once the image resolved
+    if isinstance(source, RegistrySource) and source.cache is cache:
+        source.hold(fetched, raw, str(ref) if ref.digest is None else None)
+    else:
+        cache.put_blob(fetched, raw)
+        if ref.digest is None:
+            cache.record_ref(str(ref), fetched)
     return Descriptor(media_type, fetched, len(raw))
