@@ -301,10 +301,7 @@ def base_layers() -> list[bytes]:
 # regression tests at the end): recognised, so the properties keep looking for others. Each is (exception type,
 # source file, line text) of where it is raised.
 KNOWN_BUGS: list[tuple[type[BaseException], str, str]] = [
-    # index.json annotation value not a string (e.g. "org.opencontainers.image.ref.name": null): image.py's
-    # Descriptor.from_json accepts it, sources/layout.py's select() then joins the tags -> TypeError
-    (TypeError, "sources/layout.py", "', '.join(tags)"),
-    (TypeError, "sources/layout.py", "d.annotations.get(REF_NAME"),   # a list/dict value: unhashable
+    # none open; fixed: a non-string index.json annotation value (now an ImageError, see the regression test)
 ]
 
 
@@ -615,8 +612,6 @@ def test_huge_mtime_is_refused_by_every_sink(block: int) -> None:
 
 # -- regression tests for the bugs found (xfail while the bug is there; strict, so a fix turns them green) ------------
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="known bug: a non-string annotation value in index.json "
-                   "is a TypeError in LayoutSource.select, not an ImageError (src/dirge/image.py Descriptor.from_json)")
 def test_index_annotation_value_not_a_string_is_an_image_error() -> None:
     with scratch() as tmp:
         ref = make_layout(tmp / "layout", base_layers())

@@ -15,7 +15,7 @@ pipeline and no session.
                                   exclusive (non-blocking) while gc/rmi removes it
       bases/<key>/last_used       touched on every prepare of the base (gc's LRU order)
       bases/<key>/verify.json     the record written at publish (``verify.py``)
-      trash/                      what gc/rmi is removing (renamed here first, then deleted)
+      trash/                      what gc/rmi/session rm is removing (renamed here first, then deleted)
       buildah/, exports/<id>/     local variants: buildah storage and OCI exports (sources/buildah.py)
       sessions/, snapshots/       see session/
 

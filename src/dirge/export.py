@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import fcntl
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
@@ -144,9 +146,10 @@ def _file_result(out: Path, format: str, digest: str, from_cache: bool) -> Expor
 def _replacing(out: Path) -> Iterator[Path]:
     """A temp path beside ``out``; renamed onto ``out`` (after an fsync) when the block succeeds."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".dirge-tmp", dir=out.parent)
-    os.close(fd)
+    lock_fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".dirge-tmp", dir=out.parent)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)  # ours while we live: a later export sweeps only unlocked ones
     tmp = Path(name)
+    _sweep_killed_temps(out, keep=tmp)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
@@ -168,6 +171,26 @@ def _replacing(out: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(lock_fd)
+
+
+def _sweep_killed_temps(out: Path, keep: Path) -> None:
+    """Temp files a killed export left beside ``out`` (nobody holds their flock any more)."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*.dirge-tmp"):
+        if stale == keep:
+            continue
+        try:
+            sfd = os.open(stale, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(sfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stale.unlink(missing_ok=True)
+        except OSError:
+            pass  # a live export's
+        finally:
+            os.close(sfd)
 
 
 def _clone(src: Path, dst: Path) -> None:

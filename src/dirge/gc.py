@@ -325,6 +325,13 @@ def _unlocked_and_old(path: Path, grace: float, now: float) -> bool:
         os.close(fd)
 
 
+def _old(path: Path, grace: float, now: float) -> bool:
+    try:
+        return now - path.lstat().st_mtime >= grace
+    except OSError:
+        return False
+
+
 def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = None, dry_run: bool = False,
             grace: float = TEMP_GRACE) -> GcReport:
     """Collect the cache's garbage (module doc). ``max_size``: then evict least-recently-used bases until
@@ -364,6 +371,13 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
                 report.removed.append(Removal("temp", str(path.relative_to(cache.root)), disk_usage(path)))
                 if not dry_run:
                     path.unlink(missing_ok=True)
+    for entry in sorted(cache.sessions_dir.glob(".new-*")):  # a killed creator's, before its session was named
+        if _old(entry, grace, now):
+            report.removed.append(Removal("staging", f"sessions/{entry.name}", disk_usage(entry)))
+            if not dry_run:
+                for point in mounts_under(entry):
+                    unmount(point)
+                remove_tree(entry)
     if cache.trash_dir.exists():
         for entry in sorted(cache.trash_dir.iterdir()):
             report.removed.append(Removal("trash", entry.name, disk_usage(entry)))

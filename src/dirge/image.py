@@ -118,8 +118,8 @@ class Descriptor:
         if isinstance(p, dict) and isinstance(p.get("os"), str) and isinstance(p.get("architecture"), str):
             plat = Platform(p["os"], p["architecture"], p.get("variant") or None)
         annotations = obj.get("annotations") or {}
-        if not isinstance(annotations, dict):
-            raise ImageError(f"parse {where}: annotations must be an object")
+        if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+            raise ImageError(f"parse {where}: annotations must be an object of strings")
         return cls(media_type, digest, size, plat, annotations)
 
 

@@ -20,6 +20,7 @@ session from the base plus the snapshot.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import os
 import re
@@ -130,6 +131,19 @@ def copy_file(src: Path, dst: Path) -> str:
 _DISK_FIELDS = ("disk", "disk_fs", "disk_format", "disk_strategy", "scratch")
 
 
+def _as_creators(info: SessionInfo) -> SessionInfo:
+    """``info`` owned by this (the creating) process: what is recorded while the session is being made."""
+    me = os.getpid()
+    return dataclasses.replace(info, pid=me, pid_start=process_start_time(me))
+
+
+def _write_record(sdir: Path, info: SessionInfo) -> None:
+    """``session.json`` replaced whole (temp file, rename): a kill never leaves a torn record."""
+    tmp = sdir / ".session.json.tmp"
+    tmp.write_text(info.record())
+    os.replace(tmp, sdir / "session.json")
+
+
 class Sessions:
     def __init__(self, cache: Cache) -> None:
         self.cache = cache
@@ -175,11 +189,12 @@ class Sessions:
         pid = owner_pid or os.getpid()
         info = SessionInfo(uuid.uuid4().hex, image, str(base.digest), chosen.name, base.key, pid,
                            process_start_time(pid), time.time(), snapshot)
-        sdir = self.dir / info.id
-        sdir.mkdir(mode=0o755)
+        sdir = self._new_dir(_as_creators(info))
         try:
-            (sdir / "session.json").write_text(info.record())
+            # Recorded first as this process's (a kill midway leaves a dead session gc removes), handed
+            # to its owner once complete: the owner never learnt of a session its creator died making.
             chosen.create(lowers, sdir)
+            _write_record(sdir, info)
         except BaseException:
             chosen.destroy(sdir)
             raise
@@ -212,10 +227,10 @@ class Sessions:
         info = SessionInfo(session_id, image, str(base.digest), DISK, base.key, pid, process_start_time(pid),
                            time.time(), snapshot, disk=str(own if fs == "ext4" else base.image_file), disk_fs=fs,
                            disk_format=disk_format, scratch=str(scratch) if scratch else None)
-        sdir.mkdir(mode=0o755)
+        # Recorded first (as this process's, handed to the owner at the end), so a crash midway
+        # leaves a dead session that ``prune`` and gc remove.
+        self._new_dir(_as_creators(info))
         try:
-            # Recorded first, so a crash midway leaves a session that ``prune`` removes.
-            (sdir / "session.json").write_text(info.record())
             if scratch is not None:
                 info.disk_strategy = "shared"
                 if saved is not None:
@@ -227,7 +242,7 @@ class Sessions:
                 info.disk_strategy = "qcow2" if disk_format == "qcow2" else how
             else:
                 info.disk_strategy = make_session_disk(base.image_file, own, disk_format=disk_format)
-            (sdir / "session.json").write_text(info.record())
+            _write_record(sdir, info)
         except BaseException:
             remove_tree(sdir)
             raise
@@ -251,8 +266,40 @@ class Sessions:
                 continue
         return sorted(out, key=lambda s: s.created)
 
+    def _new_dir(self, info: SessionInfo) -> Path:
+        """``sessions/<id>/`` holding its record from the moment it appears (made as ``.new-<id>``,
+        then renamed): a kill never leaves a session directory no record names (gc removes the
+        ``.new-*`` a killed creator leaves)."""
+        sdir = self.dir / info.id
+        staging = self.dir / f".new-{info.id}"
+        staging.mkdir(mode=0o755)
+        try:
+            _write_record(staging, info)
+            os.rename(staging, sdir)
+        except BaseException:
+            remove_tree(staging)
+            raise
+        return sdir
+
     def remove(self, session_id: str) -> None:
-        destroy(self.session_dir(session_id))
+        """Remove a session: unmounted, then renamed into the cache's trash at once (a kill midway
+        leaves either the whole recorded session or trash that gc empties), then deleted."""
+        sdir = self.session_dir(session_id)
+        if not sdir.exists():
+            return
+        rootfs = sdir / "rootfs"
+        if backends.is_mountpoint(rootfs):
+            backends.unmount(rootfs)
+            if backends.is_mountpoint(rootfs):
+                raise SessionError(f"remove session {session_id}: {rootfs} is still mounted; unmount it first")
+        trash = self.cache.new_trash(f"session-{session_id}")
+        try:
+            os.rename(sdir, trash / "session")
+        except FileNotFoundError:  # removed by another process meanwhile
+            remove_tree(trash)
+            return
+        destroy(trash / "session")
+        remove_tree(trash)
 
     def prune(self) -> builtins.list[str]:  # (the method list() shadows the builtin here)
         """Remove sessions whose creating process has exited; return their ids."""
