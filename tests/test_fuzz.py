@@ -36,7 +36,7 @@ from dirge import DirgeError, unpack  # noqa: E402
 from dirge.layerbuild import LayerBuilder  # noqa: E402
 from dirge.sources.layout import LayoutWriter  # noqa: E402
 from test_conformance import umoci_unpack  # noqa: E402
-from treecmp import diff, ext4_disk_differences, snapshot  # noqa: E402
+from treecmp import diff, erofs_snapshot, ext4_disk_differences, snapshot  # noqa: E402
 
 # Hypothesis' own files (its constants cache) go to /tmp, not into the working tree.
 if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
@@ -248,22 +248,13 @@ def check_stack(stack: list[list[tuple]], *, images: bool) -> None:
         assert not differences, "dirge vs umoci:\n" + "\n".join(differences)
         if not images:
             return
+        differences = diff(erofs_snapshot(ref, tmp), tree)
+        assert not differences, "erofs vs tree:\n" + "\n".join(differences)
         source, resolved = open_image(ref)
         try:
-            write_erofs(source, resolved, tmp / "img.erofs")
             write_ext4(source, resolved, tmp / "img.ext4")
         finally:
             source.close()
-        fsck = subprocess.run(["fsck.erofs", str(tmp / "img.erofs")], capture_output=True, text=True)
-        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-        mnt = tmp / "mnt"
-        mnt.mkdir()
-        mount_erofs(tmp / "img.erofs", mnt)
-        try:
-            differences = diff(snapshot(mnt), tree)
-        finally:
-            unmount(mnt)
-        assert not differences, "erofs vs tree:\n" + "\n".join(differences)
         differences = ext4_disk_differences(tmp / "img.ext4", tree, tmp / "ext4mnt")
         assert not differences, "ext4 vs tree:\n" + "\n".join(differences)
 

@@ -29,7 +29,7 @@ import pytest
 from conftest import needs_root, needs_tool
 from dirge import unpack
 from dirge.errors import DirgeError
-from treecmp import diff, ext4_disk_differences, snapshot
+from treecmp import diff, erofs_snapshot, ext4_disk_differences, snapshot
 
 pytestmark = [needs_root, needs_tool("tar", "bsdtar")]
 
@@ -238,26 +238,6 @@ def all_mtimes(name: str) -> bool:
 def assert_same(ours: dict, theirs: dict, what: str) -> None:
     differences = diff(ours, theirs)
     assert not differences, f"{what} vs GNU tar:\n" + "\n".join(differences)
-
-
-def erofs_snapshot(ref: str, tmp_path: Path, all_mtimes: bool = False) -> dict:
-    from dirge.fsimage.mount import mount_erofs, unmount
-    from dirge.unpack import open_image, write_erofs
-
-    source, resolved = open_image(ref)
-    try:
-        write_erofs(source, resolved, tmp_path / "img.erofs")
-    finally:
-        source.close()
-    fsck = subprocess.run(["fsck.erofs", str(tmp_path / "img.erofs")], capture_output=True, text=True)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    mount_erofs(tmp_path / "img.erofs", mnt)
-    try:
-        return snapshot(mnt, all_mtimes=all_mtimes)
-    finally:
-        unmount(mnt)
 
 
 def assert_ext4_same(ref: str, reference: dict, tmp_path: Path) -> None:

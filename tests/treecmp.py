@@ -102,3 +102,26 @@ def ext4_disk_differences(disk: str | os.PathLike[str], tree: dict[str, Any], mo
         return diff(snapshot(mountpoint), tree)
     finally:
         subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def erofs_snapshot(ref: str, tmp_path: Path, all_mtimes: bool = False) -> dict[str, Any]:
+    """``ref`` written as an erofs image by dirge, checked by fsck.erofs, mounted, snapshotted, unmounted."""
+    import subprocess
+
+    from dirge.fsimage.mount import mount_erofs, unmount
+    from dirge.unpack import open_image, write_erofs
+
+    source, resolved = open_image(ref)
+    try:
+        write_erofs(source, resolved, tmp_path / "img.erofs")
+    finally:
+        source.close()
+    fsck = subprocess.run(["fsck.erofs", str(tmp_path / "img.erofs")], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount_erofs(tmp_path / "img.erofs", mnt)
+    try:
+        return snapshot(mnt, all_mtimes=all_mtimes)
+    finally:
+        unmount(mnt)
