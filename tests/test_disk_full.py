@@ -338,3 +338,29 @@ def test_cli_one_line(image: str, tmp_path: Path, small_fs, capsys: pytest.Captu
     assert leftovers(fs.mnt, set()) == []
     fs.unfill()
     assert main(["export", image, str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+
+
+def test_a_filesystem_full_before_the_session_starts(image: str, small_fs) -> None:
+    # Not a byte left: even the session's directory and record cannot be written. One NoSpace, no half
+    # session; with room again, the same prepare works.
+    fs = small_fs(40 * MiB)
+    cache = Cache(fs.mnt / "cache")
+    with prepare(image, cache.root, base_format="tree", strategy="copy"):
+        pass
+    fs.leave(1 * MiB)
+    eat = fs.mnt / "eat"
+    eat.mkdir()
+    try:  # the last blocks, a few at a time, until the filesystem says no
+        for i in range(100_000):
+            (eat / str(i)).write_bytes(b"x" * 4096)
+    except OSError as exc:
+        assert exc.errno == 28
+    with pytest.raises(DirgeError) as err:  # overlay: the session is only its directory and record
+        prepare(image, cache.root, base_format="tree", strategy="overlay")
+    assert_no_space(err.value, str(cache.sessions_dir))
+    assert Sessions(cache).list() == []
+    assert leftovers(cache.sessions_dir, set()) == []
+    shutil.rmtree(eat)
+    fs.unfill()
+    with prepare(image, cache.root, base_format="tree", strategy="copy") as s:
+        assert (s.path / "data/f0").stat().st_size == FILE_SIZE

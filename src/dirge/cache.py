@@ -36,7 +36,7 @@ from typing import Any
 
 from .blob import read_verified
 from .errors import DirgeError, IntegrityError
-from .fsutil import fsync_dir, remove_tree, syncfs
+from .fsutil import fsync_dir, raise_no_space, remove_tree, syncfs
 from .lock import FileLock
 from .reference import Digest, parse_digest
 
@@ -295,7 +295,8 @@ class Cache(Layout):
         staging_root = self.staging_dir
         for leftover in staging_root.glob(f"{key}.*"):
             remove_tree(leftover)
-        return Path(tempfile.mkdtemp(prefix=f"{key}.", dir=staging_root))
+        with raise_no_space(f"make a staging directory for base {key}", staging_root):
+            return Path(tempfile.mkdtemp(prefix=f"{key}.", dir=staging_root))
 
     def publish_base(self, staging: Path, key: str, meta: dict[str, Any]) -> Base:
         """Write ``image.json``, make ``staging`` durable, then rename it to the base ``key``: a base is

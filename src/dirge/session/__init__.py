@@ -32,7 +32,7 @@ from typing import Any
 
 from ..cache import Base, Cache
 from ..errors import SessionError
-from ..fsutil import fsync_dir, remove_tree
+from ..fsutil import fsync_dir, raise_no_space, remove_tree
 from . import backends
 from .backends import Strategy
 from .copytree import copy_data
@@ -193,8 +193,9 @@ class Sessions:
         try:
             # Recorded first as this process's (a kill midway leaves a dead session gc removes), handed
             # to its owner once complete: the owner never learnt of a session its creator died making.
-            chosen.create(lowers, sdir)
-            _write_record(sdir, info)
+            with raise_no_space(f"create session {info.id} in {self.dir}"):
+                chosen.create(lowers, sdir)
+                _write_record(sdir, info)
         except BaseException:
             chosen.destroy(sdir)
             raise
@@ -272,9 +273,11 @@ class Sessions:
         ``.new-*`` a killed creator leaves)."""
         sdir = self.dir / info.id
         staging = self.dir / f".new-{info.id}"
-        staging.mkdir(mode=0o755)
+        with raise_no_space(f"create session {info.id} in {self.dir}"):
+            staging.mkdir(mode=0o755)
         try:
-            _write_record(staging, info)
+            with raise_no_space(f"create session {info.id} in {self.dir}"):
+                _write_record(staging, info)
             os.rename(staging, sdir)
         except BaseException:
             remove_tree(staging)
@@ -330,7 +333,8 @@ class Sessions:
             raise SessionError(f"snapshot {name}: already exists; delete it first")
         sdir = self.session_dir(session_id)
         staging = self.snapshots / f".{name}.{uuid.uuid4().hex}"
-        staging.mkdir()
+        with raise_no_space(f"save snapshot {name} in {self.snapshots}"):
+            staging.mkdir()
         try:
             extra: dict[str, Any] = {}
             if info.strategy == DISK:  # a copy of what the session wrote: its disk, or its scratch disk
@@ -341,7 +345,8 @@ class Sessions:
                 kind = self.strategy(info).snapshot(sdir, info, staging)
             meta = {"name": name, "kind": kind, "base": info.base, "image": info.image, "digest": info.digest,
                     "session": session_id, "created": time.time(), **extra}
-            (staging / "snapshot.json").write_text(json.dumps(meta, indent=1))
+            with raise_no_space(f"save snapshot {name} in {self.snapshots}"):
+                (staging / "snapshot.json").write_text(json.dumps(meta, indent=1))
             os.rename(staging, final)
             fsync_dir(self.snapshots)
         except BaseException:
