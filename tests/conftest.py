@@ -63,22 +63,27 @@ def make_image(tmp_path: Path):
 
 @pytest.fixture
 def loop_fs(tmp_path: Path):
-    """``loop_fs("xfs"|"btrfs") -> mountpoint``: a loop-mounted filesystem, detached in teardown."""
+    """``loop_fs("xfs"|"btrfs"|"ext4", size=512 MiB, options=()) -> mountpoint``: a loop-mounted filesystem
+    (``losetup -f --show``); teardown unmounts everything under it and detaches it, even after a failure."""
     import subprocess
+
+    from dirge.fsimage.mount import mounts_under, unmount
 
     attached: list[tuple[Path, str]] = []
 
-    def make(fstype: str) -> Path:
-        mkfs = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q"]}[fstype]
+    def make(fstype: str, size: int = 512 << 20, options: tuple[str, ...] = ()) -> Path:
+        mkfs = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q"],
+                "ext4": ["mkfs.ext4", "-q", "-F"]}[fstype] + list(options)
         if os.geteuid() != 0 or shutil.which(mkfs[0]) is None or shutil.which("losetup") is None:
             pytest.skip(f"needs root, {mkfs[0]} and losetup for a loop-mounted {fstype}")
-        image = tmp_path / f"{fstype}.img"
+        n = len(attached)
+        image = tmp_path / f"{fstype}{n}.img"
         with open(image, "wb") as f:
-            f.truncate(512 << 20)
+            f.truncate(size)
         subprocess.run(mkfs + [str(image)], check=True, capture_output=True)
         device = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True,
                                 text=True).stdout.strip()
-        mnt = tmp_path / f"{fstype}-mnt"
+        mnt = tmp_path / f"{fstype}{n}-mnt"
         mnt.mkdir()
         attached.append((mnt, device))
         subprocess.run(["mount", device, str(mnt)], check=True)
@@ -86,6 +91,8 @@ def loop_fs(tmp_path: Path):
 
     yield make
     for mnt, device in reversed(attached):
+        for point in sorted(mounts_under(mnt), key=lambda p: len(str(p)), reverse=True):
+            unmount(point)
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
         subprocess.run(["losetup", "-d", device], capture_output=True)
 

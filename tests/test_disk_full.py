@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,35 +60,13 @@ class SmallFs:
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Callable[[int], SmallFs]]:
-    """``small_fs(size_bytes, inodes=4096) -> SmallFs``: a fresh ext4 image on a loop device (``losetup -f --show``),
-    mounted under tmp_path; teardown unmounts everything under the mountpoint and detaches the device,
-    even after a failed test."""
-    from dirge.fsimage.mount import mounts_under, unmount
-
-    attached: list[tuple[Path, str]] = []
-
+def small_fs(loop_fs) -> Callable[..., SmallFs]:
+    """``small_fs(size_bytes, inodes=4096) -> SmallFs``: a fresh ext4 on a loop device (conftest's loop_fs:
+    unmounted and detached in teardown, even after a failed test), no reserved blocks."""
     def make(size: int, inodes: int = 4096) -> SmallFs:
-        n = len(attached)
-        image = tmp_path / f"small{n}.img"
-        with open(image, "wb") as f:
-            f.truncate(size)
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-N", str(inodes), str(image)], check=True,
-                       capture_output=True)
-        device = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True,
-                                text=True).stdout.strip()
-        mnt = tmp_path / f"small{n}-mnt"
-        mnt.mkdir()
-        attached.append((mnt, device))
-        subprocess.run(["mount", device, str(mnt)], check=True)
-        return SmallFs(mnt)
+        return SmallFs(loop_fs("ext4", size, ("-m", "0", "-N", str(inodes))))
 
-    yield make
-    for mnt, device in reversed(attached):
-        for point in sorted(mounts_under(mnt), key=lambda p: len(str(p)), reverse=True):
-            unmount(point)
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-        subprocess.run(["losetup", "-d", device], capture_output=True)
+    return make
 
 
 def random_layout(where: Path, seed: int = 0) -> Path:
