@@ -6,8 +6,10 @@ pytest-asyncio is not a dependency: each test drives its own loop with ``asyncio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -130,6 +132,50 @@ def test_twenty_concurrent_prepares_keep_the_loop_responsive(tmp_path: Path) -> 
     assert max_gap < 0.1, f"the event loop stalled {max_gap * 1000:.0f} ms"
     assert len([p for p in (cache / "bases").iterdir() if p.is_dir()]) == 3  # one base per image
     assert _leftovers(cache)["sessions"] == [] and _leftovers(cache)["staging"] == []  # all closed
+
+
+@needs_root
+def test_a_prepare_waiting_for_a_lock_lends_its_work_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Operations run in few work slots (aio.WORK_SLOTS, 1 by default); one blocked on a lock another
+    holder has gives its slot up meanwhile, or every other operation of the process would wait behind it."""
+    assert aio.WORK_SLOTS == 1  # else the second prepare could simply run in another slot
+    images = [_image(tmp_path, n) for n in range(2)]
+    cache = tmp_path / "cache"
+
+    async def first() -> None:
+        async with aio.prepare(images[0], cache):
+            pass
+
+    asyncio.run(first())
+    (lease,) = (cache / "locks").glob("*.lease")  # image 0's base: a prepare takes it shared
+    lent = threading.Event()
+    real_lend = aio._Relay._lend
+
+    def lend(self: aio._Relay) -> contextlib.AbstractContextManager[None]:
+        lent.set()  # observed only: the slot is given up by the real method
+        return real_lend(self)
+
+    monkeypatch.setattr(aio._Relay, "_lend", lend)
+    fd = os.open(lease, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as gc holds it while it removes that base
+
+        async def main() -> bool:
+            blocked = asyncio.ensure_future(aio.prepare(images[0], cache, lock_timeout=60))
+            assert await asyncio.to_thread(lent.wait, 30), "the first prepare never waited for the lease"
+            async with aio.prepare(images[1], cache) as rootfs:  # without lending: waits for the slot forever
+                _check_rootfs(rootfs, 1)
+            still_waiting = not blocked.done()
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            rootfs = await blocked
+            _check_rootfs(rootfs, 0)
+            await aio.close(rootfs)
+            return still_waiting
+
+        assert asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        os.close(fd)
+    assert _leftovers(cache) == NOTHING
 
 
 @needs_root

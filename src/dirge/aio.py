@@ -26,22 +26,25 @@ anyway, then raises CancelledError. The unpack pipeline calls ``progress`` once 
 starts that layer, so a prepare stops at the next layer boundary (a layer being applied is finished
 first), and one waiting for another process's base lock stops only once it has the lock.
 
-Unpack slots: applying layers is Python work that holds the GIL, and every thread applying a layer
-lengthens the loop's waits for it (measured on 2 CPUs: one unpack ~20 ms stalls, three ~60-90 ms).
-So the workers of this module apply at most ``UNPACK_SLOTS`` images at a time (``$DIRGE_AIO_UNPACKS``,
-default 1: on CPython the others would mostly wait for the GIL anyway); a prepare takes its slot at its
-first layer, after its downloads have started, and waiting for one is a cancellation point too.
+Work slots: the sync core is Python work that holds the GIL, and a thread that wants the GIL waits
+behind every other runnable one (CPython hands it over every 5 ms, to any waiter): 20 operations in 20
+threads stalled the loop ~40-110 ms on 2 CPUs, one at a time ~15-35 ms. So an operation's thread runs
+only while it holds one of ``WORK_SLOTS`` slots (``$DIRGE_AIO_WORKERS``, default 2; on CPython the
+others would mostly wait for the GIL anyway), and lends it to another operation while it waits without
+using the CPU (``dirge.waits``: a lock another holder has, a layer's next bytes still downloading).
+Waiting for a slot is a cancellation point too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import os
 import queue
 import threading
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -58,6 +61,7 @@ from .rootfs import FileSpec, PreparedRootfs
 from .rootfs import prepare as sync_prepare
 from .sources.auth import Credentials
 from .unpack import pull_image
+from .waits import lend
 
 if TYPE_CHECKING:
     from .gc import GcReport
@@ -140,8 +144,8 @@ async def _settle(fut: asyncio.Future[Any], on_cancel: Callable[[], None]) -> as
     return cancelled
 
 
-UNPACK_SLOTS = int(os.environ.get("DIRGE_AIO_UNPACKS", "1") or 1)
-_unpack_slots = threading.BoundedSemaphore(max(1, UNPACK_SLOTS))
+WORK_SLOTS = max(1, int(os.environ.get("DIRGE_AIO_WORKERS", "1") or 1))
+_work_slots = threading.BoundedSemaphore(WORK_SLOTS)
 
 _launches: queue.SimpleQueue[tuple[threading.Thread, Callable[[BaseException], None]]] = queue.SimpleQueue()
 _launcher: threading.Thread | None = None
@@ -182,7 +186,7 @@ class _Relay:
         self._on_bytes = on_bytes
         self._calls: asyncio.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = asyncio.Queue()
         self._failure: BaseException | None = None  # a callback's exception: it stops the operation
-        self._slot = False  # whether this operation's worker holds an unpack slot
+        self._slot = False  # whether this operation's worker holds a work slot
 
     # -- in the worker thread ------------------------------------------------------------------
 
@@ -190,13 +194,28 @@ class _Relay:
         if self.stop.is_set():
             raise Cancelled("cancelled by the caller")
 
-    def progress(self, what: str, index: int, count: int) -> None:
-        """The sync pipeline's ``ProgressFn``: the cancellation point, and the events' source. The
-        first call (a layer is about to be applied) waits for an unpack slot."""
-        self.check()
+    def _take_slot(self) -> None:
         while not self._slot:
-            self._slot = _unpack_slots.acquire(timeout=0.05)
             self.check()
+            self._slot = _work_slots.acquire(timeout=0.05)
+
+    def _drop_slot(self) -> None:
+        if self._slot:
+            self._slot = False
+            _work_slots.release()
+
+    @contextlib.contextmanager
+    def _lend(self) -> Iterator[None]:
+        """``dirge.waits.lend`` for this operation's thread: its slot is another's while it waits."""
+        self._drop_slot()
+        try:
+            yield
+        finally:
+            self._take_slot()
+
+    def progress(self, what: str, index: int, count: int) -> None:
+        """The sync pipeline's ``ProgressFn``: the cancellation point, and the events' source."""
+        self.check()
         if self._stream is not None:
             self._post(self._stream._put, ProgressEvent(what, index, count))
         elif self._progress is not None:
@@ -215,16 +234,18 @@ class _Relay:
 
     def _thread(self, work: Callable[[_Relay], T], done: asyncio.Future[T], context: contextvars.Context) -> None:
         try:
-            self.check()  # cancelled before the thread even started
-            result = context.run(work, self)
+            self._take_slot()  # raises if cancelled before the thread even started
+            result = context.run(self._with_lend, work)
         except BaseException as exc:  # delivered to the awaiting task, raised there
             self._fail(done, exc)
         else:
             self._post(lambda r: None if done.done() else done.set_result(r), result)
         finally:
-            if self._slot:
-                self._slot = False
-                _unpack_slots.release()
+            self._drop_slot()
+
+    def _with_lend(self, work: Callable[[_Relay], T]) -> T:
+        lend.set(self._lend)  # in the operation's own context copy: no other thread sees it
+        return work(self)
 
     def _fail(self, done: asyncio.Future[Any], exc: BaseException) -> None:
         self._post(lambda e: None if done.done() else done.set_exception(e), exc)

@@ -19,11 +19,13 @@ from isal import igzip
 
 from .errors import DirgeError, ImageError, IntegrityError
 from .reference import Digest
+from .waits import waiting
 
 CHUNK = 1 << 20
 _QUEUE_DEPTH = 8  # batches in flight: at most ~8 MiB of decompressed data
 _BATCH_BYTES = CHUNK
 _BATCH_ITEMS = 2048
+_LEND_AFTER = 0.05  # s: a wait for the stage upstream this long is I/O, not its CPU (see items())
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -264,7 +266,11 @@ class _Pipe:
         while not self._done:
             if self._stop.is_set():  # once per batch, so a stage stopped mid-stream ends promptly
                 raise _Stop(f"{self.what}: reading stopped")
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=_LEND_AFTER)
+            except queue.Empty:  # the stage upstream is stalled, on a download most often (not on parsing,
+                with waiting():  # which takes the GIL: lending then would only add runnable threads)
+                    item = self._queue.get()
             if isinstance(item, list):
                 yield from item
                 continue

@@ -6,10 +6,12 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 
 from .errors import LockTimeout
+from .waits import waiting
 
 _POLL = 0.05
 
@@ -43,15 +45,20 @@ class FileLock:
 
     def _lock(self, fd: int) -> None:
         deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-                    raise LockTimeout(str(self.path), self.timeout, holder) from None
-                time.sleep(_POLL)
+        with ExitStack() as wait:
+            announced = False
+            while True:
+                try:
+                    fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                        raise LockTimeout(str(self.path), self.timeout, holder) from None
+                    if not announced:  # held by another: announced once (aio lends its slot meanwhile)
+                        wait.enter_context(waiting())
+                        announced = True
+                    time.sleep(_POLL)
         if not self.shared:  # readers leave the file alone: there may be many of them
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -46,6 +46,7 @@ from ..image import CONFIG_TYPES, DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MAN
 from ..image import Descriptor
 from ..image import DOCKER_SCHEMA1, MAX_MANIFEST_BYTES, parse_index, parse_manifest
 from ..reference import Digest, RegistryReference, parse_digest
+from ..waits import waiting
 from .auth import Credentials, find_credentials
 from .partial import PartialBlob, sweep_orphans
 
@@ -645,8 +646,9 @@ class RegistrySource:
 
     def wait(self) -> None:
         """Block until every prefetched download is published (or raise the first failure)."""
-        for future, _ in self._downloads.values():
-            future.result()
+        with waiting():
+            for future, _ in self._downloads.values():
+                future.result()
 
 
 def start_descriptor(ref: RegistryReference, cache: Cache, client: ClientFactory | None, pull: str) -> Descriptor:

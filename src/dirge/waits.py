@@ -1,0 +1,22 @@
+"""Waits that need no CPU, announced to whoever runs the sync core.
+
+The sync core blocks in a few places where its thread only waits: for a lock another holder has, for
+the next bytes of a layer still downloading, for downloads to be published. ``dirge.aio`` runs each
+operation in a thread that holds one of a few work slots (so the event loop never queues behind a
+crowd of threads for the GIL) and sets ``lend`` for that thread: while it waits, another operation
+runs in its slot. Without ``lend`` set (the CLI, the sync API) ``waiting()`` does nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from contextvars import ContextVar
+
+lend: ContextVar[Callable[[], AbstractContextManager[None]] | None] = ContextVar("dirge_lend", default=None)
+
+
+def waiting() -> AbstractContextManager[None]:
+    """Enter around a wait that needs no CPU. It may raise on leaving (``errors.Cancelled``: the waiter's
+    operation was cancelled meanwhile)."""
+    hook = lend.get()
+    return nullcontext() if hook is None else hook()
