@@ -177,6 +177,28 @@ def test_faults_retried_resumed_or_rejected(registry, fault_proxy, tmp_path: Pat
     assert not [b for b in blobs if b.startswith(".tmp")], "a rejected blob left a temp file"
 
 
+def test_a_manifest_or_blob_damaged_once_is_fetched_again(registry, fault_proxy, tmp_path: Path) -> None:
+    """One transient fault in a manifest body (cut short, or a flipped byte: its digest is wrong) or a
+    flipped byte in a blob is fetched again from the same registry, not a failed pull (bench/soak.py
+    found both failing whole commands); a registry that keeps serving wrong bytes still fails it."""
+    payload = os.urandom(1 << 20)
+    layout = layout_with(tmp_path, [LayerBuilder().file("a", b"one").build(),
+                                    LayerBuilder().file("b", payload).build()])
+    push_layout(layout, "t", f"{registry.host}/once/app:1")
+    proxy = fault_proxy(registry)
+    proxy.fail(r"/manifests/", "reset_mid_body", method="GET")
+    proxy.fail(r"/manifests/", "corrupt_body", method="GET")
+    proxy.fail(r"/blobs/sha256", "corrupt_body", method="GET")
+    unpack(f"{proxy.host}/once/app:1", tmp_path / "ok", cache=Cache(tmp_path / "c1"))
+    assert (tmp_path / "ok/a").read_bytes() == b"one" and (tmp_path / "ok/b").read_bytes() == payload
+    assert sorted(k for _, _, k in proxy.faults_fired) == ["corrupt_body", "corrupt_body", "reset_mid_body"]
+
+    digest = pull_image(f"{proxy.host}/once/app:1", cache=Cache(tmp_path / "c1")).manifest_digest
+    proxy.fail(r"/manifests/", "corrupt_body", times=100, method="GET")
+    with pytest.raises(IntegrityError, match="manifest of"):
+        pull_image(f"{proxy.host}/once/app@{digest}", cache=Cache(tmp_path / "c2"))
+
+
 def streaming_image(tmp_path: Path, registry, repo: str) -> tuple[Path, str, bytes]:
     """A one-layer image whose first file comes early and whose 4 MiB random tail comes late; returns
     (layout, layer digest, tail). Incompressible, so a fault after 5 MiB lands inside the tail."""

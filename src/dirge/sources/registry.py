@@ -377,26 +377,28 @@ class RegistryClient:
 
     def _manifest_from(self, endpoint: Endpoint, ref: RegistryReference, reference: str, what: str,
                        scope: str) -> tuple[bytes, str, Digest]:
+        """One endpoint's manifest. A body cut short or bytes that hash wrong are fetched again, as a
+        blob is resumed: one transient fault never fails the pull, and the deadline bounds them all."""
         deadline = time.monotonic() + metadata_deadline()
-        response = self._call(endpoint, "GET", f"/v2/{ref.repository}/manifests/{reference}", scope, what,
-                              headers={"Accept": ACCEPT}, stream=True)
-        if response.status_code != 200:
-            self._raise_for(response, what, endpoint)
-        raw = _read_limited(response, MAX_MANIFEST_BYTES, deadline, what, "manifest")
-        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-        digest = Digest("sha256", hashlib.sha256(raw).hexdigest())
-        if reference.startswith("sha") and reference != str(digest):
-            expected = parse_digest(reference)
-            actual = Digest(expected.algorithm, hashlib.new(expected.algorithm, raw).hexdigest())
-            if actual != expected:
-                raise IntegrityError(f"manifest of {what}", reference, str(actual))
-            digest = expected
-        header = response.headers.get("Docker-Content-Digest")
-        if header and not reference.startswith("sha") and header != str(digest):
-            raise IntegrityError(f"manifest of {what} (Docker-Content-Digest)", header, str(digest))
-        if media_type not in INDEX_TYPES + MANIFEST_TYPES:
-            media_type = _media_type_of(raw) or media_type
-        return raw, media_type, digest
+        for attempt in range(1, self.attempts + 1):
+            response = self._call(endpoint, "GET", f"/v2/{ref.repository}/manifests/{reference}", scope, what,
+                                  headers={"Accept": ACCEPT}, stream=True)
+            if response.status_code != 200:
+                self._raise_for(response, what, endpoint)
+            try:
+                raw = _read_limited(response, MAX_MANIFEST_BYTES, deadline, what, "manifest")
+                digest = _manifest_digest(raw, reference, response.headers.get("Docker-Content-Digest"), what)
+            except (RegistryError, IntegrityError) as exc:
+                transient = isinstance(exc, IntegrityError) or exc.retryable
+                if not transient or attempt == self.attempts or time.monotonic() >= deadline:
+                    raise
+                _pause(retry_base() * attempt, None, what)
+                continue
+            media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+            if media_type not in INDEX_TYPES + MANIFEST_TYPES:
+                media_type = _media_type_of(raw) or media_type
+            return raw, media_type, digest
+        raise AssertionError("unreachable")
 
     # -- blobs --------------------------------------------------------------------------------
 
@@ -412,21 +414,13 @@ class RegistryClient:
         what = f"blob {desc.digest.short} of {ref.registry}/{ref.repository}"
         partial = partial or PartialBlob(final, desc, what)
         scope = f"repository:{ref.repository}:pull"
-        inherited = False  # the origin resumed bytes a failing mirror sent
-
-        def attempt(endpoint: Endpoint) -> None:
-            nonlocal inherited
-            inherited = endpoint is self.endpoints[-1] and len(self.endpoints) > 1 and partial.written > 0
-            self._download_from(endpoint, ref, partial, scope)
-
         try:
             try:
-                self._first_that_works(attempt)
+                self._first_that_works(lambda endpoint: self._download_from(endpoint, ref, partial, scope))
             except IntegrityError:
-                if not inherited:
-                    raise
-                # The mirror's part was wrong, not the origin's: the origin once more, from byte 0
-                # (_download_from restarted the blob: readers of the bad bytes start over).
+                # Wrong bytes: a failing mirror's part the origin resumed, or bytes damaged on the way. The
+                # origin once more, from byte 0 (_download_from restarted the blob: its readers start over);
+                # a registry that serves wrong bytes twice fails the pull.
                 self._download_from(self.endpoints[-1], ref, partial, scope)
             return partial.publish()
         except BaseException as exc:
@@ -478,6 +472,21 @@ class RegistryClient:
         except IntegrityError:
             partial.restart(wrong_bytes=True)  # this endpoint sent wrong bytes: the next one starts from zero
             raise
+
+
+def _manifest_digest(raw: bytes, reference: str, header: str | None, what: str) -> Digest:
+    """The digest of a manifest's bytes, checked against the digest it was asked by (or the registry's
+    ``Docker-Content-Digest`` for a tag)."""
+    digest = Digest("sha256", hashlib.sha256(raw).hexdigest())
+    if reference.startswith("sha") and reference != str(digest):
+        expected = parse_digest(reference)
+        actual = Digest(expected.algorithm, hashlib.new(expected.algorithm, raw).hexdigest())
+        if actual != expected:
+            raise IntegrityError(f"manifest of {what}", reference, str(actual))
+        digest = expected
+    if header and not reference.startswith("sha") and header != str(digest):
+        raise IntegrityError(f"manifest of {what} (Docker-Content-Digest)", header, str(digest))
+    return digest
 
 
 def _pause(seconds: float, stop: threading.Event | None, what: str) -> None:
