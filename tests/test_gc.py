@@ -178,6 +178,28 @@ def test_rmi_refuses_while_live_then_force_leaves_no_mount(tmp_path: Path, make_
     assert code != 0 and "no such image" in out
 
 
+def test_rmi_force_meeting_a_running_prepare_removes_nothing(tmp_path: Path, make_image) -> None:
+    """Refused because a prepare holds the base: the image's sessions and refs are all still there
+    (the soak found rmi --force had removed them before it refused)."""
+    cache_dir = tmp_path / "cache"
+    ref = make_image([files_layer("a", 10)])
+    session = prepare(ref, cache_dir, base_format="tree")
+    session.detach()
+    cache = Cache(cache_dir)
+    (key,) = cache.base_keys()
+    before = images(cache)
+    with cache.base_lease(key):  # what a running prepare holds
+        code, out = cli("rmi", ref, "--force", "--cache-dir", str(cache_dir))
+    assert code != 0
+    assert [s.id for s in Sessions(cache).list()] == [session.id]
+    assert images(cache) == before and ref in before[0].refs
+    assert "running prepare" in out and "nothing was removed" in out
+    assert session.path.joinpath("a", "f00000").exists()
+    code, out = cli("rmi", ref, "--force", "--cache-dir", str(cache_dir))
+    assert code == 0, out
+    assert cache.base_keys() == [] and Sessions(cache).list() == []
+
+
 def test_images_json(tmp_path: Path, make_image) -> None:
     cache_dir = tmp_path / "cache"
     shared = files_layer("s", 20)

@@ -248,33 +248,36 @@ def rmi(cache: Cache, names: list[str], force: bool = False) -> RmiReport:
             raise DirgeError(f"rmi {name}: no such image in the cache (see dirge images)")
         for hit in hits:
             chosen[hit.digest] = hit
-    sessions = Sessions(cache)
-    keys = {k for i in chosen.values() for k in i.bases}
-    users = [s for s in sessions.list() if s.base in keys and s.alive()]
-    if users and not force:
-        raise DirgeError(f"rmi: {len(users)} live session(s) use {', '.join(sorted(chosen))} "
-                         f"({', '.join(s.id for s in users)}); remove them first or use --force")
-    report = RmiReport(images=sorted(chosen))
-    for s in sessions.list():
-        if s.base in keys:  # live ones only with --force (checked above); dead ones are garbage anyway
-            sessions.remove(s.id)
-            report.sessions.append(s.id)
-    named = set(names) | {r for i in chosen.values() for r in i.refs}
-    ref_files = {f for i in chosen.values() for f in i.ref_files}
-    ref_files |= {str(path) for path, record in cache.ref_records() if record.get("ref") in named}
-    for ref_file in sorted(ref_files):  # what they resolved to, and what their names resolve to
-        Path(ref_file).unlink(missing_ok=True)
-        report.refs.append(ref_file)
-    for info in chosen.values():
-        for key in info.bases:
-            with _exclusive(cache, key) as free:
-                if not free:
-                    raise DirgeError(f"rmi {info.digest}: base {key} is in use by a running prepare; retry")
-                base = cache.load_base(key)
-                if base is not None:
-                    unmount_base(base)
-                remove_base_dir(cache, key)
-                report.bases.append(key)
+    owner = {k: i.digest for i in chosen.values() for k in i.bases}
+    with ExitStack() as held:
+        # Every base first, without waiting: one a running prepare holds refuses the whole rmi before
+        # anything is removed, and no new session can start on them while this runs.
+        for key in sorted(owner):
+            if not held.enter_context(_exclusive(cache, key)):
+                raise DirgeError(f"rmi {owner[key]}: base {key} is in use by a running prepare; nothing was "
+                                 "removed; retry when it has finished")
+        sessions = Sessions(cache)
+        users = [s for s in sessions.list() if s.base in owner and s.alive()]
+        if users and not force:
+            raise DirgeError(f"rmi: {len(users)} live session(s) use {', '.join(sorted(chosen))} "
+                             f"({', '.join(s.id for s in users)}); remove them first or use --force")
+        report = RmiReport(images=sorted(chosen))
+        for s in sessions.list():
+            if s.base in owner:  # live ones only with --force (checked above); dead ones are garbage anyway
+                sessions.remove(s.id)
+                report.sessions.append(s.id)
+        named = set(names) | {r for i in chosen.values() for r in i.refs}
+        ref_files = {f for i in chosen.values() for f in i.ref_files}
+        ref_files |= {str(path) for path, record in cache.ref_records() if record.get("ref") in named}
+        for ref_file in sorted(ref_files):  # what they resolved to, and what their names resolve to
+            Path(ref_file).unlink(missing_ok=True)
+            report.refs.append(ref_file)
+        for key in sorted(owner):
+            base = cache.load_base(key)
+            if base is not None:
+                unmount_base(base)
+            remove_base_dir(cache, key)
+            report.bases.append(key)
     return report
 
 
