@@ -7,6 +7,7 @@ deleted, the same operation succeeds."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -19,6 +20,7 @@ import dirge
 from dirge.cache import Cache
 from dirge.errors import DirgeError, NoSpace
 from dirge.layerbuild import LayerBuilder
+from dirge.reference import Digest
 from dirge.rootfs import prepare
 from dirge.session import Sessions
 from dirge.sources.layout import LayoutWriter
@@ -315,6 +317,43 @@ def test_cli_one_line(image: str, tmp_path: Path, small_fs, capsys: pytest.Captu
     assert leftovers(fs.mnt, set()) == []
     fs.unfill()
     assert main(["export", image, str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+
+
+def test_cache_records_on_a_full_filesystem(small_fs) -> None:
+    # The cache's small writes (a manifest or config blob, a ref record) on a filesystem with not a
+    # block left: NoSpace naming what and where, no temp file; with room again, both work.
+    fs = small_fs(16 * MiB, inodes=16384)  # blocks run out, not inodes
+    cache = Cache(fs.mnt / "cache")
+    data = os.urandom(64 * 1024)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    cache.put_blob(Digest("sha256", hashlib.sha256(b"x").hexdigest()), b"x")  # the directories exist
+    cache.record_ref("r/app:0", digest)
+    eat = fs.mnt / "eat"
+    eat.mkdir()
+
+    def fill() -> None:  # every block, one at a time, until the filesystem says no
+        try:
+            for i in range(100_000):
+                (eat / f"{i}-{random.random()}").write_bytes(b"x")
+        except OSError as exc:
+            assert exc.errno == 28
+
+    fill()
+    with pytest.raises(DirgeError) as err:
+        cache.put_blob(digest, data)
+    assert_no_space(err.value, str(digest), str(cache.blob_path(digest).parent))
+    fill()  # again: the failed write's blocks were given back
+    with pytest.raises(DirgeError) as err:
+        cache.record_ref("r/app:1", digest)
+    assert_no_space(err.value, "r/app:1")
+    temps = [p.name for d in (cache.blob_path(digest).parent, cache.refs_dir) for p in d.iterdir()
+             if p.name.startswith(".")]
+    assert temps == []
+    assert cache.lookup_ref("r/app:0") == digest and cache.lookup_ref("r/app:1") is None
+    shutil.rmtree(eat)
+    assert cache.put_blob(digest, data).read_bytes() == data
+    cache.record_ref("r/app:1", digest)
+    assert cache.lookup_ref("r/app:1") == digest
 
 
 def test_a_filesystem_full_before_the_session_starts(image: str, small_fs) -> None:

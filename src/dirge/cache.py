@@ -25,6 +25,7 @@ A base is published by one rename after its tree has been synced, so it is compl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -188,14 +189,9 @@ class Cache(Layout):
         final = self.blob_path(digest)
         if final.exists():  # content-addressed: same name, same bytes (and every read re-verifies)
             return final
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-")
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+        with raise_no_space(f"store blob {digest}", final.parent):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _write_replace(final, ".tmp-", data, sync=True)
         return final
 
     def get_blob(self, digest: Digest, size: int | None, limit: int) -> bytes | None:
@@ -218,10 +214,9 @@ class Cache(Layout):
 
     def record_ref(self, ref: str, digest: Digest) -> None:
         path = self._ref_path(ref)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ref-")  # unique per thread, not per pid
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({"ref": ref, "digest": str(digest), "time": time.time()}))
-        os.replace(tmp, path)
+        with raise_no_space(f"record ref {ref}", path.parent):
+            data = json.dumps({"ref": ref, "digest": str(digest), "time": time.time()}).encode()
+            _write_replace(path, ".ref-", data, sync=False)
 
     def ref_records(self) -> list[tuple[Path, dict[str, Any]]]:
         """Every ref record (its file and {"ref", "digest", "time"}); unreadable ones are skipped."""
@@ -314,3 +309,23 @@ class Cache(Layout):
 
     def base_keys(self) -> list[str]:
         return [p.name for p in self.bases()]
+
+
+def _write_replace(path: Path, prefix: str, data: bytes, *, sync: bool) -> None:
+    """``data`` into ``path`` by a temp file beside it (unique per thread, not per pid) and a rename;
+    on any failure (a full filesystem: a short write) the temp file is removed."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
