@@ -56,38 +56,14 @@ def main() -> None:
     try:
         images = [test_aio._image(work, n) for n in range(3)]
 
-        async def round_(cache: Path) -> tuple[float, float]:
-            stop = asyncio.Event()
-            gap = 0.0
-
-            async def ticker() -> None:
-                nonlocal gap
-                last = time.monotonic()
-                while not stop.is_set():
-                    await asyncio.sleep(0.01)
-                    now = time.monotonic()
-                    gap, last = max(gap, now - last), now
-
-            async def one(i: int) -> None:
-                async with aio.prepare(images[i % 3], cache, lock_timeout=300) as rootfs:
-                    test_aio._check_rootfs(rootfs, i % 3)
-
-            tick = asyncio.create_task(ticker())
-            await asyncio.sleep(0.05)
-            start = time.monotonic()
-            await asyncio.gather(*(one(i) for i in range(args.prepares)))
-            took = time.monotonic() - start
-            stop.set()
-            await tick
-            return gap, took
-
         print(f"{args.prepares} aio.prepare of 3 images, work slots {getattr(aio, 'WORK_SLOTS', '-')}: longest gap of a 10 ms ticker")
         rows: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}
         for run in range(args.runs):
             cache = work / f"cache{run}"
             collections.clear()
             for kind in ("cold", "warm"):
-                rows[kind].append(asyncio.run(round_(cache)))
+                gap, _, took = asyncio.run(test_aio.prepare_many(images, cache, args.prepares))
+                rows[kind].append((gap, took))
             print(f"  run {run + 1}: cold {rows['cold'][-1][0] * 1000:.0f} ms ({rows['cold'][-1][1]:.2f} s), "
                   f"warm {rows['warm'][-1][0] * 1000:.0f} ms ({rows['warm'][-1][1]:.2f} s), "
                   f"longest gen-2 gc {max(collections, default=0) * 1000:.0f} ms")

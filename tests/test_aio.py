@@ -91,42 +91,46 @@ def _leftovers(cache: Path) -> dict[str, list[str]]:
 NOTHING: dict[str, list[str]] = {"staging": [], "sessions": [], "mounts": [], "locks": []}
 
 
+async def prepare_many(images: list[str], cache: Path, count: int) -> tuple[float, list[str], float]:
+    """``count`` concurrent aio.prepare (image i % len(images), each checked, then closed) from this loop,
+    with a ticker task sleeping 10 ms at a time: (its longest gap between ticks, the session ids, seconds).
+    bench/aio_loop.py measures with it too."""
+    stop = asyncio.Event()
+    max_gap = 0.0
+
+    async def ticker() -> None:
+        nonlocal max_gap
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            max_gap = max(max_gap, now - last)
+            last = now
+
+    async def one(i: int) -> str:
+        n = i % len(images)
+        async with aio.prepare(images[n], cache, lock_timeout=300) as rootfs:
+            await asyncio.sleep(0)  # let the others run while this session is live
+            _check_rootfs(rootfs, n)
+            return rootfs.id
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.05)
+    start = time.monotonic()
+    ids = await asyncio.gather(*(one(i) for i in range(count)))
+    elapsed = time.monotonic() - start
+    stop.set()
+    await tick
+    return max_gap, list(ids), elapsed
+
+
 @needs_root
 def test_twenty_concurrent_prepares_keep_the_loop_responsive(tmp_path: Path) -> None:
     images = [_image(tmp_path, n) for n in range(3)]
     cache = tmp_path / "cache"
     # A fresh cache: the 20 prepares also race on the erofs probe (its record written once, safely)
 
-    async def main() -> tuple[float, list[str], float]:
-        stop = asyncio.Event()
-        max_gap = 0.0
-
-        async def ticker() -> None:
-            nonlocal max_gap
-            last = time.monotonic()
-            while not stop.is_set():
-                await asyncio.sleep(0.01)
-                now = time.monotonic()
-                max_gap = max(max_gap, now - last)
-                last = now
-
-        async def one(i: int) -> str:
-            n = i % 3
-            async with aio.prepare(images[n], cache, lock_timeout=120) as rootfs:
-                await asyncio.sleep(0)  # let the others run while this session is live
-                _check_rootfs(rootfs, n)
-                return rootfs.id
-
-        tick = asyncio.create_task(ticker())
-        await asyncio.sleep(0.05)
-        start = time.monotonic()
-        ids = await asyncio.gather(*(one(i) for i in range(20)))
-        elapsed = time.monotonic() - start
-        stop.set()
-        await tick
-        return max_gap, ids, elapsed
-
-    max_gap, ids, elapsed = asyncio.run(main())
+    max_gap, ids, elapsed = asyncio.run(prepare_many(images, cache, 20))
     print(f"20 prepares of 3 images: {elapsed:.2f}s, the loop's longest stall {max_gap * 1000:.0f} ms")
     assert len(set(ids)) == 20
     assert max_gap < 0.1, f"the event loop stalled {max_gap * 1000:.0f} ms"
