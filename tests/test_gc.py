@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -198,6 +199,43 @@ def test_rmi_force_meeting_a_running_prepare_removes_nothing(tmp_path: Path, mak
     code, out = cli("rmi", ref, "--force", "--cache-dir", str(cache_dir))
     assert code == 0, out
     assert cache.base_keys() == [] and Sessions(cache).list() == []
+
+
+@pytest.mark.parametrize("fmt", ["erofs", "ext4", "tar"])
+def test_gc_never_removes_a_base_an_export_is_reading(tmp_path: Path, make_image, monkeypatch: pytest.MonkeyPatch,
+                                                      fmt: str) -> None:
+    """An export from a cached base (or base disk) holds the base's lease while it reads: a gc with a
+    zero budget that runs meanwhile (here: just before the copy starts) skips it."""
+    if fmt == "erofs" and not _erofs_ok():
+        pytest.skip("needs root and erofs mounts: the erofs export clones a cached erofs base")
+    from dirge.fsimage import tarball
+
+    export_module = importlib.import_module("dirge.export")  # the module: dirge.export is also the function
+
+    cache = Cache(tmp_path / "cache")
+    ref = make_image([files_layer("a", 20)])
+    if fmt == "erofs":  # an erofs export writes from the layers unless a prepare left an erofs base
+        prepare(ref, cache.root, base_format="erofs").close()
+    export_module.export(ref, tmp_path / "first", format=fmt, cache=cache)  # the base (or disk) is cached now
+    keys = cache.base_keys()
+    assert keys
+    removed: list[str] = []
+
+    def gc_first(wrapped):  # type: ignore[no-untyped-def]
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            removed.extend(r.name for r in collect(cache, max_size=0, grace=0).removed if r.kind == "base")
+            return wrapped(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(export_module, "_clone", gc_first(export_module._clone))
+    monkeypatch.setattr(tarball, "write_tar", gc_first(tarball.write_tar))
+    result = export_module.export(ref, tmp_path / "second", format=fmt, cache=cache)
+    assert removed == [] and cache.base_keys() == keys
+    assert result.from_cache or fmt == "tar"
+    first, second = (tmp_path / "first").read_bytes(), (tmp_path / "second").read_bytes()
+    assert first == second
+    monkeypatch.undo()
+    assert collect(cache, max_size=0, grace=0).removed  # idle: now it goes
 
 
 def test_images_json(tmp_path: Path, make_image) -> None:

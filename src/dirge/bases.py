@@ -309,12 +309,17 @@ def base_rootfs(base: Base) -> Iterator[Path]:
     yield base.rootfs
 
 
-def cached_erofs_image(cache: Cache | None, digest: Digest) -> Path | None:
+def cached_erofs_image(cache: Cache | None, digest: Digest, leases: ExitStack) -> Path | None:
     """The published erofs image of ``digest`` in ``cache`` (either mode: its bytes do not depend on
-    it), or None."""
+    it), or None. Its base's lease is entered on ``leases``, so it stays until the caller closes them."""
     cache = cache if cache is not None else Cache()
     for rootless in (False, True):
         base = cache.find_base(digest, rootless, "erofs")
-        if base is not None and base.image_file.is_file():
+        if base is None:
+            continue
+        lease = leases.enter_context(ExitStack())
+        lease.enter_context(cache.base_lease(base.key))
+        if base.image_file.is_file():  # looked at again under the lease: gc may have just removed it
             return base.image_file
+        lease.close()
     return None

@@ -22,7 +22,7 @@ import glob
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,12 +102,13 @@ def _export_erofs(image: str, out: Path, platform: Platform | None, cache: "Cach
 
     source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds)
     try:
-        cached = cached_erofs_image(cache, resolved.manifest_digest)
-        with _replacing(out) as tmp:
-            if cached is not None:
-                _clone(cached, tmp)
-            else:
-                write_erofs(source, resolved, tmp, limits=limits, progress=progress)
+        with ExitStack() as leases:  # a cached base is read under its lease: gc cannot remove it meanwhile
+            cached = cached_erofs_image(cache, resolved.manifest_digest, leases)
+            with _replacing(out) as tmp:
+                if cached is not None:
+                    _clone(cached, tmp)
+                else:
+                    write_erofs(source, resolved, tmp, limits=limits, progress=progress)
     finally:
         source.close()
     return _file_result(out, "erofs", str(resolved.manifest_digest), cached is not None)
@@ -118,10 +119,11 @@ def _export_ext4(image: str, out: Path, platform: Platform | None, cache: "Cache
                  options: "DiskOptions | None") -> ExportResult:
     from .bases import DiskOptions, ensure_disk
 
-    base = ensure_disk(image, format="ext4", options=options or DiskOptions(), cache=cache, platform=platform,
-                       limits=limits, progress=progress, pull=pull, creds=creds)
-    with _replacing(out) as tmp:
-        _clone(base.image_file, tmp)
+    with ExitStack() as leases:  # the base disk is read under its lease: gc cannot remove it meanwhile
+        base = ensure_disk(image, format="ext4", options=options or DiskOptions(), cache=cache, platform=platform,
+                           limits=limits, progress=progress, pull=pull, creds=creds, leases=leases)
+        with _replacing(out) as tmp:
+            _clone(base.image_file, tmp)
     return _file_result(out, "ext4", str(base.digest), not base.created)
 
 
@@ -130,11 +132,12 @@ def _export_tar(image: str, out: Path, platform: Platform | None, cache: "Cache 
     from .bases import base_rootfs, ensure_base
     from .fsimage.tarball import write_tar
 
-    base = ensure_base(image, cache=cache, platform=platform, limits=limits, progress=progress, pull=pull,
-                       creds=creds)
-    with base_rootfs(base) as rootfs, _replacing(out) as tmp:
-        with open(tmp, "wb") as f:
-            write_tar(rootfs, f)
+    with ExitStack() as leases:  # the base is read under its lease: gc cannot remove it meanwhile
+        base = ensure_base(image, cache=cache, platform=platform, limits=limits, progress=progress, pull=pull,
+                           creds=creds, leases=leases)
+        with base_rootfs(base) as rootfs, _replacing(out) as tmp:
+            with open(tmp, "wb") as f:
+                write_tar(rootfs, f)
     return _file_result(out, "tar", str(base.digest), True)
 
 
