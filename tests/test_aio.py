@@ -138,6 +138,20 @@ def test_twenty_concurrent_prepares_keep_the_loop_responsive(tmp_path: Path) -> 
     assert _leftovers(cache)["sessions"] == [] and _leftovers(cache)["staging"] == []  # all closed
 
 
+def _observe_lending(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """An event set when an aio call starts a CPU-free wait (a lock another holder has): observed only,
+    the real method still lends the slot."""
+    event = threading.Event()
+    real_lend = aio._Relay._lend
+
+    def lend(self: aio._Relay) -> contextlib.AbstractContextManager[None]:
+        event.set()
+        return real_lend(self)
+
+    monkeypatch.setattr(aio._Relay, "_lend", lend)
+    return event
+
+
 @needs_root
 def test_a_prepare_waiting_for_a_lock_lends_its_work_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Operations run in few work slots (aio.WORK_SLOTS, 1 by default); one blocked on a lock another
@@ -152,14 +166,7 @@ def test_a_prepare_waiting_for_a_lock_lends_its_work_slot(tmp_path: Path, monkey
 
     asyncio.run(first())
     (lease,) = (cache / "locks").glob("*.lease")  # image 0's base: a prepare takes it shared
-    lent = threading.Event()
-    real_lend = aio._Relay._lend
-
-    def lend(self: aio._Relay) -> contextlib.AbstractContextManager[None]:
-        lent.set()  # observed only: the slot is given up by the real method
-        return real_lend(self)
-
-    monkeypatch.setattr(aio._Relay, "_lend", lend)
+    lent = _observe_lending(monkeypatch)
     fd = os.open(lease, os.O_RDWR | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # as gc holds it while it removes that base
@@ -177,6 +184,43 @@ def test_a_prepare_waiting_for_a_lock_lends_its_work_slot(tmp_path: Path, monkey
             return still_waiting
 
         assert asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        os.close(fd)
+    assert _leftovers(cache) == NOTHING
+
+
+@needs_root
+def test_a_prepare_waiting_for_a_lock_is_cancelled_while_it_waits(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel reaches a prepare blocked on a lock another holder keeps (gc removing its base, another
+    process building it): it stops waiting within a poll, not when the lock is free or times out."""
+    image = _image(tmp_path, 0, layers=1, files=10)
+    cache = tmp_path / "cache"
+
+    async def first() -> None:
+        async with aio.prepare(image, cache):
+            pass
+
+    asyncio.run(first())
+    (lease,) = (cache / "locks").glob("*.lease")
+    waiting = _observe_lending(monkeypatch)
+    fd = os.open(lease, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+        async def main() -> BaseException | None:
+            task = asyncio.ensure_future(aio.prepare(image, cache, lock_timeout=45))
+            assert await asyncio.to_thread(waiting.wait, 30), "the prepare never waited for the lease"
+            task.cancel()
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 30)  # the lock is still held throughout
+            except BaseException as exc:  # noqa: BLE001 - the outcome is what the test checks
+                return exc
+            return None
+
+        outcome = asyncio.run(main())
+        assert isinstance(outcome, asyncio.CancelledError), repr(outcome)
+        assert _leftovers(cache)["sessions"] == [] and _leftovers(cache)["staging"] == []
     finally:
         os.close(fd)
     assert _leftovers(cache) == NOTHING

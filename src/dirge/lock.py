@@ -11,7 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import LockTimeout
-from .waits import waiting
+from .waits import checkpoint, waiting
 
 _POLL = 0.05
 
@@ -58,6 +58,7 @@ class FileLock:
                     if not announced:  # held by another: announced once (aio lends its slot meanwhile)
                         wait.enter_context(waiting())
                         announced = True
+                    checkpoint()  # a cancelled aio call stops waiting here
                     time.sleep(_POLL)
         if not self.shared:  # readers leave the file alone: there may be many of them
             os.ftruncate(fd, 0)
