@@ -16,7 +16,7 @@ from treecmp import diff, ext4_disk_differences, snapshot
 
 from dirge.cache import Cache
 from dirge.cli import main
-from dirge.errors import BuildError, LockTimeout
+from dirge.errors import BuildError, DirgeError, LockTimeout
 from dirge.layerbuild import LayerBuilder
 from dirge.reference import LocalReference, RegistryReference, parse_reference
 from dirge.rootfs import prepare
@@ -234,6 +234,47 @@ def test_local_ref_to_an_image_in_buildah_storage(busybox_base, buildah_env, tmp
     assert not export.exists() and buildah.inspect(image.id) is None
     with pytest.raises(BuildError, match=r"no image .nothere:1. in buildah storage .* \$DIRGE_BUILDAH_ROOT"):
         unpack("local://nothere:1", tmp_path / "none", cache=cache)
+
+
+def test_exports_are_counted_evicted_and_removed_with_their_image(busybox_base, buildah_env, tmp_path: Path) -> None:
+    """A local image's OCI export under CACHE/exports counts toward the budget, is evicted least recently
+    used like a base (never while a prepare reads it), comes back when needed, and goes with rmi."""
+    from dirge.gc import collect, images, rmi, usage
+    from dirge.verify import disk_usage
+
+    cache = Cache(tmp_path / "cache")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Containerfile").write_text(f"FROM {busybox_base}\nRUN rm -rf /opt/data\n")
+    subprocess.run(Buildah(cache.root).command("bud", "--quiet", "--isolation", "chroot", "-t", "mine:1",
+                                               "-f", str(ctx / "Containerfile"), str(ctx)), check=True,
+                   capture_output=True)
+    prepare("local://mine:1", cache.root, base_format="tree").close()
+    (export,) = [p for p in (cache.root / "exports").iterdir()]
+    (info,) = images(cache)
+    assert info.exports == [export.name] and "local://mine:1" in info.refs
+    assert usage(cache) >= disk_usage(export) + sum(disk_usage(cache.base_dir(k)) for k in cache.base_keys())
+
+    reader, _ = open_local(LocalReference("mine:1"), cache.root)  # what a prepare reading it holds
+    try:
+        report = collect(cache, max_size=0, grace=0)
+        assert export.is_dir() and any(s.startswith("export ") for s in report.skipped), report.skipped
+        assert cache.base_keys() == []  # the base was idle: evicted
+        with pytest.raises(DirgeError, match="nothing was removed"):
+            rmi(cache, ["local://mine:1"])
+        assert export.is_dir() and images(cache)[0].refs
+    finally:
+        reader.close()
+    dry = collect(cache, max_size=0, grace=0, dry_run=True)
+    assert ("export", export.name) in {(r.kind, r.name) for r in dry.removed} and export.is_dir()
+    report = collect(cache, max_size=0, grace=0)
+    assert [r.name for r in report.removed if r.kind == "export"] == [export.name] and not export.exists()
+
+    with prepare("local://mine:1", cache.root, base_format="tree") as again:  # exported again from storage
+        assert not (again.path / "opt/data").exists() and (again.path / "bin/busybox").is_file()
+    assert export.is_dir()
+    removed = rmi(cache, ["local://mine:1"])
+    assert removed.exports == [export.name] and not export.exists() and images(cache) == []
 
 
 def test_export_of_an_image_removed_meanwhile_says_so(buildah_env, tmp_path: Path) -> None:

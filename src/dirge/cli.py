@@ -392,7 +392,8 @@ def images_cmd(cache_dir: Path | None, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Remove the live sessions using them first.")
 @cache_dir_option
 def rmi_cmd(images: tuple[str, ...], force: bool, cache_dir: Path | None) -> None:
-    """Remove cached IMAGES (a ref or a digest prefix): ref records, bases, disks. Blobs are left to gc."""
+    """Remove cached IMAGES (a ref or a digest prefix): ref records, bases, disks, local variants' exports.
+    Blobs are left to gc."""
     from .cache import Cache
     from .gc import rmi
 
@@ -404,7 +405,7 @@ def rmi_cmd(images: tuple[str, ...], force: bool, cache_dir: Path | None) -> Non
 
 
 @cli.command("gc")
-@click.option("--max-size", metavar="SIZE", help="Evict least-recently-used bases until the cache is this big.")
+@click.option("--max-size", metavar="SIZE", help="Evict least-recently-used bases, disks and exports until the cache is this big.")
 @click.option("--keep", metavar="DURATION", help="Never evict a base used within this long (e.g. 12h, 7d).")
 @click.option("--dry-run", is_flag=True, help="Remove nothing; report what gc would remove.")
 @cache_dir_option

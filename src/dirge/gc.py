@@ -4,9 +4,11 @@
 
 gc's order: sessions whose owner is gone; leftovers of killed processes (staging directories whose base
 lock is free, temp blobs no writer holds, trash, mounts nothing owns); blobs no ref record, base,
-session, snapshot or running prepare reaches; then least-recently-used bases until under the budget.
-A base is removed only under its lease and its build lock, both taken exclusively without waiting, and
-only if no live session and no snapshot names it (read after the lease is taken).
+session, snapshot or running prepare reaches; then least-recently-used bases (and base disks) and
+local variants' OCI exports until under the budget. A base is removed only under its lease and its
+build lock, both taken exclusively without waiting, and only if no live session and no snapshot names
+it (read after the lease is taken); an export only under its export lock, taken the same way (a
+prepare reading it holds it shared).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .errors import DirgeError, LockTimeout
 from .fsutil import mounts_under, remove_tree, unmount
 from .reference import canonicalize_image_ref
 from .session import Sessions
+from .sources.buildah import discard_export, export_digests, export_exclusive, exports
 from .verify import base_users, base_bytes, disk_usage, remove_base_dir
 
 TEMP_GRACE = 60.0  # seconds: a temp file or blob younger than this may be a writer's that is not yet locked/recorded
@@ -95,8 +98,10 @@ def _blob_files(cache: Cache) -> dict[str, int]:
 
 
 def usage(cache: Cache) -> int:
-    """What the budget counts: blobs and bases (sessions and snapshots are their owners', not the cache's)."""
-    return sum(_blob_files(cache).values()) + sum(base_bytes(cache, k) for k in cache.base_keys())
+    """What the budget counts: blobs, bases (and base disks) and local variants' exports (sessions and
+    snapshots are their owners', not the cache's)."""
+    return (sum(_blob_files(cache).values()) + sum(base_bytes(cache, k) for k in cache.base_keys())
+            + sum(disk_usage(p) for p in exports(cache.root)))
 
 
 def over_budget(cache: Cache, budget: int) -> bool:
@@ -127,6 +132,7 @@ class ImageInfo:
     last_used: float | None = None
     live_sessions: list[str] = field(default_factory=list)
     ref_files: list[str] = field(default_factory=list)
+    exports: list[str] = field(default_factory=list)  # a local variant's OCI exports (image ids) holding it
 
 
 def images(cache: Cache) -> list[ImageInfo]:
@@ -175,6 +181,12 @@ def images(cache: Cache) -> list[ImageInfo]:
             info.ref_files.append(str(path))
             if isinstance(record.get("time"), (int, float)):
                 info.created = min(info.created or record["time"], record["time"])
+    for path in exports(cache.root):
+        for digest in export_digests(path):
+            h = _hex(digest)
+            if h in found:  # an export of an image nothing else names is gc's to evict, not an image
+                found[h].exports.append(path.name)
+                found[h].bytes += disk_usage(path)
     blobs = _blob_files(cache)
     owners: dict[str, int] = {}
     per_image = {h: reachable(cache, [h]) & set(blobs) for h in found}
@@ -203,6 +215,7 @@ class RmiReport:
     refs: list[str] = field(default_factory=list)
     bases: list[str] = field(default_factory=list)
     sessions: list[str] = field(default_factory=list)
+    exports: list[str] = field(default_factory=list)
 
 
 def _match(name: str, all_images: list[ImageInfo]) -> list[ImageInfo]:
@@ -238,8 +251,8 @@ def _live_base_refs(cache: Cache) -> set[str]:
 
 
 def rmi(cache: Cache, names: list[str], force: bool = False) -> RmiReport:
-    """Remove images: their ref records and bases (erofs mounts first). Refused while live sessions use
-    them unless ``force`` (then those sessions go first). Blobs are left to gc."""
+    """Remove images: their ref records, bases (erofs mounts first) and local variants' exports. Refused
+    while live sessions use them unless ``force`` (then those sessions go first). Blobs are left to gc."""
     all_images = images(cache)
     chosen: dict[str, ImageInfo] = {}
     for name in names:
@@ -249,13 +262,18 @@ def rmi(cache: Cache, names: list[str], force: bool = False) -> RmiReport:
         for hit in hits:
             chosen[hit.digest] = hit
     owner = {k: i.digest for i in chosen.values() for k in i.bases}
+    export_owner = {e: i.digest for i in chosen.values() for e in i.exports}
     with ExitStack() as held:
-        # Every base first, without waiting: one a running prepare holds refuses the whole rmi before
-        # anything is removed, and no new session can start on them while this runs.
+        # Every base and export first, without waiting: one a running prepare holds refuses the whole
+        # rmi before anything is removed, and no new session can start on them while this runs.
         for key in sorted(owner):
             if not held.enter_context(_exclusive(cache, key)):
                 raise DirgeError(f"rmi {owner[key]}: base {key} is in use by a running prepare; nothing was "
                                  "removed; retry when it has finished")
+        for image_id in sorted(export_owner):
+            if not held.enter_context(export_exclusive(cache.root, image_id)):
+                raise DirgeError(f"rmi {export_owner[image_id]}: its export {image_id[:12]} is being written or "
+                                 "read by a running prepare; nothing was removed; retry when it has finished")
         sessions = Sessions(cache)
         users = [s for s in sessions.list() if s.base in owner and s.alive()]
         if users and not force:
@@ -278,6 +296,9 @@ def rmi(cache: Cache, names: list[str], force: bool = False) -> RmiReport:
                 unmount_base(base)
             remove_base_dir(cache, key)
             report.bases.append(key)
+        for image_id in sorted(export_owner):
+            discard_export(cache.root, image_id)
+            report.exports.append(image_id)
     return report
 
 
@@ -286,7 +307,7 @@ def rmi(cache: Cache, names: list[str], force: bool = False) -> RmiReport:
 
 @dataclass
 class Removal:
-    kind: str  # session, staging, temp, trash, mount, blob, base
+    kind: str  # session, staging, temp, trash, export, mount, blob, base
     name: str
     bytes: int
 
@@ -328,6 +349,27 @@ def _unlocked_and_old(path: Path, grace: float, now: float) -> bool:
         os.close(fd)
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _evict_export(cache: Cache, image_id: str, report: GcReport, dry_run: bool) -> int:
+    """A local variant's export, unless a prepare is writing or reading it: the bytes freed. The next
+    prepare that needs it (its base gone too) exports it again from buildah's storage."""
+    with export_exclusive(cache.root, image_id) as free:
+        if not free:
+            report.skipped.append(f"export {image_id[:12]}: being written or read")
+            return 0
+        size = disk_usage(cache.exports_dir / image_id)
+        report.removed.append(Removal("export", image_id, size))
+        if not dry_run:
+            discard_export(cache.root, image_id)
+        return size
+
+
 def _old(path: Path, grace: float, now: float) -> bool:
     try:
         return now - path.lstat().st_mtime >= grace
@@ -337,9 +379,9 @@ def _old(path: Path, grace: float, now: float) -> bool:
 
 def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = None, dry_run: bool = False,
             grace: float = TEMP_GRACE) -> GcReport:
-    """Collect the cache's garbage (module doc). ``max_size``: then evict least-recently-used bases until
-    the cache is at most that big; ``keep``: never evict a base used within that many seconds (and with
-    no ``max_size``, evict every base unused for longer). ``dry_run``: remove nothing, report the same."""
+    """Collect the cache's garbage (module doc). ``max_size``: then evict least-recently-used bases and
+    exports until the cache is at most that big; ``keep``: never evict one used within that many seconds
+    (and with no ``max_size``, evict every one unused for longer). ``dry_run``: remove nothing, report the same."""
     report = GcReport(dry_run, max_size)
     report.size_before = usage(cache)
     now = time.time()
@@ -433,28 +475,34 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
             if not dry_run:
                 (cache.blobs_dir / h).unlink(missing_ok=True)
 
-    # 4. least-recently-used bases, until under the budget (or, with only --keep, all unused for longer)
+    # 4. least-recently-used bases (and base disks) and local variants' exports, until under the budget
+    #    (or, with only --keep, all unused for longer)
     current = report.size_before - sum(r.bytes for r in report.removed if r.kind == "blob")
     if max_size is not None or keep is not None:
-        for key in sorted(cache.base_keys(), key=cache.last_used):
+        candidates = [(cache.last_used(key), "base", key) for key in cache.base_keys()]
+        candidates += [(_mtime(path), "export", path.name) for path in exports(cache.root)]
+        for used, kind, name in sorted(candidates):
             if max_size is not None and current <= max_size:
                 break
-            if keep is not None and now - cache.last_used(key) < keep:
+            if keep is not None and now - used < keep:
                 continue
-            with _exclusive(cache, key) as free:
+            if kind == "export":
+                current -= _evict_export(cache, name, report, dry_run)
+                continue
+            with _exclusive(cache, name) as free:
                 if not free:
-                    report.skipped.append(f"base {key}: in use by a running prepare")
+                    report.skipped.append(f"base {name}: in use by a running prepare")
                     continue
-                if key in _live_base_refs(cache):  # read under the lease: no new session can appear now
-                    report.skipped.append(f"base {key}: used by a live session or a snapshot")
+                if name in _live_base_refs(cache):  # read under the lease: no new session can appear now
+                    report.skipped.append(f"base {name}: used by a live session or a snapshot")
                     continue
-                size = base_bytes(cache, key)
-                report.removed.append(Removal("base", key, size))
+                size = base_bytes(cache, name)
+                report.removed.append(Removal("base", name, size))
                 current -= size
                 if not dry_run:
-                    base = cache.load_base(key)
+                    base = cache.load_base(name)
                     if base is not None:
                         unmount_base(base)
-                    remove_base_dir(cache, key)
+                    remove_base_dir(cache, name)
     report.size_after = report.size_before if dry_run else usage(cache)
     return report

@@ -16,13 +16,14 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from ..cache import Layout
-from ..errors import BuildError
+from ..errors import BuildError, LockTimeout
 from ..fsutil import syncfs
 from ..image import Descriptor
 from ..lock import FileLock
@@ -186,6 +187,43 @@ def _export_lock(cache_root: Path, image_id: str) -> Path:
     return Layout(cache_root).lock_path(f"export-{image_id}")
 
 
+def exports(cache_root: Path) -> list[Path]:
+    """The published exports (``exports/<image id>``), not the temp or trash directories beside them."""
+    directory = Layout(cache_root).exports_dir
+    return sorted(p for p in directory.iterdir() if _IMAGE_ID.match(p.name)) if directory.is_dir() else []
+
+
+def export_digests(path: Path) -> set[str]:
+    """The manifest digests an export's ``index.json`` names (an unreadable one names none)."""
+    try:
+        index = json.loads((path / "index.json").read_text())
+        return {m["digest"] for m in index.get("manifests", []) if isinstance(m.get("digest"), str)}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return set()
+
+
+@contextmanager
+def export_exclusive(cache_root: Path, image_id: str) -> Iterator[bool]:
+    """The export's lock, exclusive, without waiting (gc, rmi): False while an export is being written
+    or read. Held, the export may be removed with ``discard_export``."""
+    lock = FileLock(_export_lock(cache_root, image_id), 0)
+    try:
+        lock.acquire()
+    except LockTimeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def discard_export(cache_root: Path, image_id: str) -> None:
+    """Remove an export (its lock held: ``export_exclusive``); the next read exports it again from
+    buildah's storage."""
+    _discard(Layout(cache_root).exports_dir / image_id)
+
+
 def _discard(path: Path) -> None:
     """Rename away first, so no reader ever sees a half-deleted layout under the real name."""
     if not path.exists():
@@ -211,12 +249,19 @@ class ExportSource(LayoutSource):
 
 
 def _open_export(buildah: Buildah, image: LocalImage, cache_root: Path, what: str) -> ExportSource:
-    layout = export_image(buildah, image, cache_root, what)
-    lock = FileLock(_export_lock(cache_root, image.id), shared=True)
-    lock.acquire()
-    if not (layout / "index.json").exists():  # retired by a rebuild between the export and the lock
+    for _ in range(2):  # gc may remove an idle export between its check and our lock: export it again
+        layout = export_image(buildah, image, cache_root, what)
+        lock = FileLock(_export_lock(cache_root, image.id), shared=True)
+        lock.acquire()
+        if (layout / "index.json").exists():
+            break
         lock.release()
+    else:  # gone twice: a rebuild retired the image meanwhile
         raise _replaced(f"open {what}", image)
+    try:
+        os.utime(layout)  # its last use, for gc's least-recently-used order
+    except OSError:
+        pass
     return ExportSource(layout, lock)
 
 
