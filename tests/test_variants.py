@@ -205,14 +205,19 @@ def test_build_args_pass_through_and_cli(busybox_base, buildah_env, tmp_path: Pa
     assert listed["argvm"]["from"] == [busybox_base]
 
 
-def test_local_ref_to_an_image_in_buildah_storage(busybox_base, buildah_env, tmp_path: Path) -> None:
-    cache = Cache(tmp_path / "cache")
-    ctx = tmp_path / "ctx"
+def build_mine(cache: Cache, base: str, ctx: Path) -> None:
+    """``mine:1`` in dirge's buildah storage, built straight with buildah (not a variant): ``base`` minus
+    /opt/data."""
     ctx.mkdir()
-    (ctx / "Containerfile").write_text(f"FROM {busybox_base}\nRUN rm -rf /opt/data\n")
+    (ctx / "Containerfile").write_text(f"FROM {base}\nRUN rm -rf /opt/data\n")
     subprocess.run(Buildah(cache.root).command("bud", "--quiet", "--isolation", "chroot", "-t", "mine:1",
                                                "-f", str(ctx / "Containerfile"), str(ctx)), check=True,
                    capture_output=True)
+
+
+def test_local_ref_to_an_image_in_buildah_storage(busybox_base, buildah_env, tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    build_mine(cache, busybox_base, tmp_path / "ctx")
     unpack("local://mine:1", tmp_path / "out", cache=cache)
     assert not (tmp_path / "out/opt/data").exists() and (tmp_path / "out/bin/busybox").is_file()
 
@@ -243,12 +248,7 @@ def test_exports_are_counted_evicted_and_removed_with_their_image(busybox_base, 
     from dirge.verify import disk_usage
 
     cache = Cache(tmp_path / "cache")
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
-    (ctx / "Containerfile").write_text(f"FROM {busybox_base}\nRUN rm -rf /opt/data\n")
-    subprocess.run(Buildah(cache.root).command("bud", "--quiet", "--isolation", "chroot", "-t", "mine:1",
-                                               "-f", str(ctx / "Containerfile"), str(ctx)), check=True,
-                   capture_output=True)
+    build_mine(cache, busybox_base, tmp_path / "ctx")
     prepare("local://mine:1", cache.root, base_format="tree").close()
     (export,) = [p for p in (cache.root / "exports").iterdir()]
     (info,) = images(cache)
