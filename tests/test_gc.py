@@ -18,7 +18,7 @@ from conftest import needs_root
 from dirge.cache import Cache
 from dirge.cli import main
 from dirge.fsimage.mount import erofs_supported, mounts_under
-from dirge.gc import collect, images, rmi, usage
+from dirge.gc import collect, images, reachable, rmi, usage
 from dirge.errors import DirgeError
 from dirge.layerbuild import LayerBuilder
 from dirge.rootfs import prepare
@@ -354,6 +354,42 @@ def test_keep_spares_recently_used_bases(tmp_path: Path, make_image) -> None:
     assert len(cache.base_keys()) == 1
     code, out = cli("gc", "--keep", "1d", "--cache-dir", str(cache_dir))
     assert code == 0 and "freed: nothing" in out
+
+
+def test_over_budget_gc_evicts_the_least_recently_used_refs_and_their_blobs(tmp_path: Path, make_image) -> None:
+    """Step 5: with every idle base gone and the cache still over budget, the least recently used
+    images that are only ref records and blobs go, oldest first; an image a live session uses stays."""
+    cache_dir = tmp_path / "cache"
+    live_ref, old, new = (make_image([files_layer(p, 40, 1024)]) for p in ("l", "o", "n"))
+    live = prepare(live_ref, cache_dir, base_format="tree")
+    prepare(old, cache_dir, base_format="tree").close()
+    prepare(new, cache_dir, base_format="tree").close()
+    cache = Cache(cache_dir)
+    by_ref = {i.refs[0]: i for i in images(cache)}
+    everything = collect(cache, max_size=0, dry_run=True, grace=0)
+    ref_of = {r.name: r.bytes for r in everything.removed if r.kind == "ref"}
+    assert {Path(f).name for f in by_ref[old].ref_files + by_ref[new].ref_files} == set(ref_of)  # not live's
+
+    held = {f"sha256:{p.name}" for p in cache.blobs_dir.iterdir()}
+    blobs = {i.refs[0]: {f"sha256:{h}" for h in reachable(cache, [i.digest[7:]])} & held for i in by_ref.values()}
+    assert all(blobs.values())
+    freed = {r.name: r.bytes for r in everything.removed if r.kind in ("blob", "base")}
+    budget = everything.size_before - sum(freed.values()) + sum(freed[b] for b in blobs[new])
+    # (room for the live and the newer image's blobs, not the old one's; ref records are not counted)
+    before = tree_state(cache_dir)
+    dry = collect(cache, max_size=budget, dry_run=True, grace=0)
+    assert tree_state(cache_dir) == before, "a dry run removed something"
+    real = collect(cache, max_size=budget, grace=0)
+    assert sorted((r.kind, r.name) for r in real.removed) == sorted((r.kind, r.name) for r in dry.removed)
+    assert usage(cache) <= budget
+    left = {i.refs[0] for i in images(cache)}
+    assert old not in left and new in left and live_ref in left  # the oldest went; that was enough
+    held = {f"sha256:{p.name}" for p in cache.blobs_dir.iterdir()}
+    assert blobs[old].isdisjoint(held) and blobs[new] <= held and blobs[live_ref] <= held
+    live.close()
+    with prepare(old, cache_dir, base_format="tree") as again:  # from its layout, as before
+        assert (again.path / "o/f00039").stat().st_size == 1024
+        assert verify_cache(cache).ok
 
 
 def test_sigkilled_prepare_mid_download_leaves_nothing_after_gc(registry, fault_proxy, tmp_path: Path) -> None:

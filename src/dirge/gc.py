@@ -5,7 +5,8 @@
 gc's order: sessions whose owner is gone; leftovers of killed processes (staging directories whose base
 lock is free, temp blobs no writer holds, trash, mounts nothing owns); blobs no ref record, base,
 session, snapshot or running prepare reaches; then least-recently-used bases (and base disks) and
-local variants' OCI exports until under the budget. A base is removed only under its lease and its
+local variants' OCI exports until under the budget; still over it, the least-recently-used images
+left with only ref records and blobs lose their records, and their blobs are swept. A base is removed only under its lease and its
 build lock, both taken exclusively without waiting, and only if no live session and no snapshot names
 it (read after the lease is taken); an export only under its export lock, taken the same way (a
 prepare reading it holds it shared).
@@ -307,7 +308,7 @@ def rmi(cache: Cache, names: list[str], force: bool = False) -> RmiReport:
 
 @dataclass
 class Removal:
-    kind: str  # session, staging, temp, trash, export, mount, blob, base
+    kind: str  # session, staging, temp, trash, export, mount, blob, base, ref
     name: str
     bytes: int
 
@@ -380,7 +381,7 @@ def _old(path: Path, grace: float, now: float) -> bool:
 def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = None, dry_run: bool = False,
             grace: float = TEMP_GRACE) -> GcReport:
     """Collect the cache's garbage (module doc). ``max_size``: then evict least-recently-used bases and
-    exports until the cache is at most that big; ``keep``: never evict one used within that many seconds
+    exports (then images that are only ref records and blobs) until the cache is at most that big; ``keep``: never evict one used within that many seconds
     (and with no ``max_size``, evict every one unused for longer). ``dry_run``: remove nothing, report the same."""
     report = GcReport(dry_run, max_size)
     report.size_before = usage(cache)
@@ -450,30 +451,8 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
                 unmount(point)
 
     # 3. blobs nothing reaches
-    roots: set[str] = set()
-    for _, record in cache.ref_records():
-        roots.add(_hex(record.get("digest")) or "")
-    for key in cache.base_keys():
-        roots.add(_hex(_base_meta(cache, key).get("digest")) or "")
-        roots.add(key[:64])
-    for s in sessions.list():
-        roots.add(_hex(s.digest) or "")
-    for m in sessions.snapshot_list():
-        roots.add(_hex(m.get("digest")) or "")
-    for lease in cache.locks_dir.glob("*.lease"):  # a running prepare's image, even if its ref just went
-        try:
-            with cache.base_lease(lease.name.removesuffix(".lease"), 0, shared=False):
-                pass
-        except LockTimeout:
-            roots.add(lease.name[:64])
-        except DirgeError:
-            continue
-    keep_blobs = reachable(cache, roots)
-    for h, size in sorted(_blob_files(cache).items()):
-        if h not in keep_blobs and _unlocked_and_old(cache.blobs_dir / h, grace, now):
-            report.removed.append(Removal("blob", f"sha256:{h}", size))
-            if not dry_run:
-                (cache.blobs_dir / h).unlink(missing_ok=True)
+    roots, leased = _roots(cache, sessions, report, set())
+    _sweep_blobs(cache, roots, report, grace, now, dry_run)
 
     # 4. least-recently-used bases (and base disks) and local variants' exports, until under the budget
     #    (or, with only --keep, all unused for longer)
@@ -504,5 +483,85 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
                     if base is not None:
                         unmount_base(base)
                     remove_base_dir(cache, name)
+    # 5. still over the budget: least-recently-used images that have nothing left but ref records and
+    #    blobs (no base, export, live session, snapshot or running prepare): their refs, then their blobs
+    if max_size is not None and current > max_size:
+        gone = {r.name for r in report.removed if r.kind in ("base", "export")}
+        ref_times = {str(path): float(record["time"]) for path, record in cache.ref_records()
+                     if isinstance(record.get("time"), (int, float))}
+        snapshots = {_hex(m.get("digest")) for m in sessions.snapshot_list()}
+        reaching: dict[str, list[ImageInfo]] = {}
+        for info in images(cache):
+            for ref_file in info.ref_files:
+                reaching.setdefault(ref_file, []).append(info)
+
+        def evictable(info: ImageInfo) -> bool:
+            h = info.digest[7:]
+            return (set(info.bases) | set(info.exports)) <= gone and not info.live_sessions \
+                and h not in snapshots and h not in leased
+
+        def last_use(ref_file: str) -> float:
+            return max([ref_times.get(ref_file, 0.0)] + [i.last_used or 0.0 for i in reaching[ref_file]])
+
+        skip: set[str] = set()
+        for ref_file in sorted(reaching, key=last_use):
+            if current <= max_size:
+                break
+            if keep is not None and now - last_use(ref_file) < keep:
+                continue
+            if not all(evictable(i) for i in reaching[ref_file]):
+                continue
+            skip.add(ref_file)
+            size = disk_usage(Path(ref_file))
+            report.removed.append(Removal("ref", Path(ref_file).name, size))  # (freed, not in the budget)
+            if not dry_run:
+                Path(ref_file).unlink(missing_ok=True)
+            current -= _sweep_blobs(cache, _roots(cache, sessions, report, skip)[0], report, grace, now, dry_run)
     report.size_after = report.size_before if dry_run else usage(cache)
     return report
+
+
+def _roots(cache: Cache, sessions: Sessions, report: GcReport, skip_refs: set[str]) -> tuple[set[str], set[str]]:
+    """The manifest digests (hex) the cache's blobs are kept for: ref records (but ``skip_refs``), bases,
+    sessions, snapshots and running prepares (held leases); and the last of those alone. What ``report``
+    already removed is left out, so a dry run reaches what the real run then does."""
+    removed = {(r.kind, r.name) for r in report.removed}
+    roots: set[str] = set()
+    for path, record in cache.ref_records():
+        if str(path) not in skip_refs:
+            roots.add(_hex(record.get("digest")) or "")
+    for key in cache.base_keys():
+        if ("base", key) not in removed:
+            roots.add(_hex(_base_meta(cache, key).get("digest")) or "")
+            roots.add(key[:64])
+    for s in sessions.list():
+        if ("session", s.id) not in removed:
+            roots.add(_hex(s.digest) or "")
+    for m in sessions.snapshot_list():
+        roots.add(_hex(m.get("digest")) or "")
+    leased: set[str] = set()
+    for lease in cache.locks_dir.glob("*.lease"):  # a running prepare's image, even if its ref just went
+        try:
+            with cache.base_lease(lease.name.removesuffix(".lease"), 0, shared=False):
+                pass
+        except LockTimeout:
+            leased.add(lease.name[:64])
+        except DirgeError:
+            continue
+    return roots | leased, leased
+
+
+def _sweep_blobs(cache: Cache, roots: set[str], report: GcReport, grace: float, now: float, dry_run: bool) -> int:
+    """Remove (report) the blobs ``roots`` do not reach and no writer may still record (the grace
+    period); returns the bytes. Blobs this report already removed are not counted again."""
+    done = {r.name for r in report.removed if r.kind == "blob"}
+    keep_blobs = reachable(cache, roots)
+    freed = 0
+    for h, size in sorted(_blob_files(cache).items()):
+        if h in keep_blobs or f"sha256:{h}" in done or not _unlocked_and_old(cache.blobs_dir / h, grace, now):
+            continue
+        report.removed.append(Removal("blob", f"sha256:{h}", size))
+        freed += size
+        if not dry_run:
+            (cache.blobs_dir / h).unlink(missing_ok=True)
+    return freed
