@@ -11,16 +11,19 @@ import fcntl
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import needs_root
-from dirge import aio
+from dirge import aio, waits
+from dirge.apply.tar import Entry, EntryStream
 from dirge.cache import Cache
 from dirge.errors import Cancelled, DirgeError
 from dirge.layerbuild import LayerBuilder
 from dirge.rootfs import PreparedRootfs
+from dirge.session import Sessions
 from dirge.sources.layout import LayoutWriter
 
 LAYERS = 6
@@ -287,21 +290,26 @@ def test_cancel_mid_unpack_leaves_nothing_behind(tmp_path: Path, via: str) -> No
 
 
 @needs_root
-def test_a_session_completed_despite_a_late_cancel_is_closed(tmp_path: Path) -> None:
-    """Cancelled at the last layer's event, the worker has no later progress call to stop at: it
-    finishes (the base is published, as a finished build should be), and the session it made is closed."""
+def test_a_session_completed_despite_a_late_cancel_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled once the session exists, the worker has no later cancellation point: it finishes (the
+    base is published, as a finished build should be), and the session it made is closed."""
     image = _image(tmp_path, 0, layers=2, files=50)
     cache = tmp_path / "cache"
+    create = Sessions.create
 
     async def main() -> BaseException | None:
+        loop = asyncio.get_running_loop()
         task: asyncio.Future[object]
 
-        def on_progress(what: str, index: int, count: int) -> None:
-            if index == count - 1:
-                task.cancel()
+        def create_then_cancel(self: Sessions, *args: object, **kwargs: object) -> object:
+            info = create(self, *args, **kwargs)  # type: ignore[arg-type]
+            loop.call_soon_threadsafe(task.cancel)  # queued before the worker's result: seen first
+            return info
+
+        monkeypatch.setattr(Sessions, "create", create_then_cancel)
 
         async def hold() -> None:
-            async with aio.prepare(image, cache, progress=on_progress):
+            async with aio.prepare(image, cache):
                 raise AssertionError("the prepare was not cancelled")
 
         task = asyncio.ensure_future(hold())
@@ -314,6 +322,53 @@ def test_a_session_completed_despite_a_late_cancel_is_closed(tmp_path: Path) -> 
     assert isinstance(asyncio.run(main()), asyncio.CancelledError)
     assert _leftovers(cache) == NOTHING
     assert len(list((cache / "bases").iterdir())) == 1
+
+
+@needs_root
+def test_a_cancel_mid_layer_stops_within_the_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image whose files are all in one layer: a cancel that arrives while that layer is applied stops
+    it within a batch of entries, not once the whole layer (and the base) is done."""
+    files = 12_000
+    image = _image(tmp_path, 0, layers=1, files=files)
+    cache = tmp_path / "cache"
+    entries = EntryStream.__iter__
+    applied: list[int] = []  # entries of the big layer handed to the applier: before, after the cancel
+
+    async def main() -> BaseException | None:
+        loop = asyncio.get_running_loop()
+        task: asyncio.Future[object]
+
+        def counted(self: EntryStream) -> Iterator[Entry]:
+            hook = waits.cancelled.get()
+            relay = getattr(hook, "__self__")  # the call's relay: its stop flag is what cancel sets
+            big = False
+            for n, entry in enumerate(entries(self)):
+                big = big or b"l0/f" in entry.name
+                if n == 10 and big:
+                    loop.call_soon_threadsafe(task.cancel)
+                    relay.stop.wait(60)  # the loop has seen the cancel; the entries go on from here
+                    applied.append(n)
+                yield entry
+            if big:
+                applied.append(-1)  # the layer ran to its end
+
+        monkeypatch.setattr(EntryStream, "__iter__", counted)
+
+        async def hold() -> None:
+            async with aio.prepare(image, cache):
+                raise AssertionError("the prepare was not cancelled")
+
+        task = asyncio.ensure_future(hold())
+        try:
+            await task
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+        return None
+
+    assert isinstance(asyncio.run(main()), asyncio.CancelledError)
+    assert applied == [10], applied  # cancelled mid-layer, and the layer never reached its end
+    assert _leftovers(cache) == NOTHING
+    assert not list((cache / "bases").iterdir())
 
 
 @needs_root

@@ -19,17 +19,18 @@ an async iterator of ``ProgressEvent`` that ends when the operation ends. ``aio.
 ``on_bytes(desc, done)`` the same way.
 
 Cancellation: cancelling the awaiting task sets a flag that the worker thread sees at its next progress
-or download callback or lock poll, where it raises ``errors.Cancelled``; the sync pipeline then undoes what it began
+or download callback, lock poll or batch of a layer's entries, where it raises ``errors.Cancelled``; the sync pipeline then undoes what it began
 (staging removed, lock released, temp files deleted) as it does for any error. The task waits for
 the worker's end (a second cancel does not cut that short), closes a session that was completed
-anyway, then raises CancelledError. The unpack pipeline calls ``progress`` once per layer, before it
-starts that layer, so a prepare stops at the next layer boundary (a layer being applied is finished
-first), and one waiting for a lock another holder has stops within one poll (50 ms).
+anyway, then raises CancelledError. The unpack pipeline calls ``progress`` once per layer, and the
+layer's stream checks once per batch of entries (``waits.checkpoint``, at most 2,048 tar items): a
+prepare stops within the layer being applied, and one waiting for a lock another holder has stops
+within one poll (50 ms).
 
 Work slots: the sync core is Python work that holds the GIL, and a thread that wants the GIL waits
 behind every other runnable one (CPython hands it over every 5 ms, to any waiter): 20 operations in 20
 threads stalled the loop ~40-110 ms on 2 CPUs, one at a time ~15-35 ms. So an operation's thread runs
-only while it holds one of ``WORK_SLOTS`` slots (``$DIRGE_AIO_WORKERS``, default 2; on CPython the
+only while it holds one of ``WORK_SLOTS`` slots (``$DIRGE_AIO_WORKERS``, default 1; on CPython the
 others would mostly wait for the GIL anyway), and lends it to another operation while it waits without
 using the CPU (``dirge.waits``: a lock another holder has, a layer's next bytes still downloading).
 Waiting for a slot, and each poll of a lock another holder has, are cancellation points too.

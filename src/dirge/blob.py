@@ -19,7 +19,7 @@ from isal import igzip
 
 from .errors import DirgeError, ImageError, IntegrityError
 from .reference import Digest
-from .waits import waiting
+from .waits import checkpoint, waiting
 
 CHUNK = 1 << 20
 _QUEUE_DEPTH = 8  # batches in flight: at most ~8 MiB of decompressed data
@@ -266,6 +266,7 @@ class _Pipe:
         while not self._done:
             if self._stop.is_set():  # once per batch, so a stage stopped mid-stream ends promptly
                 raise _Stop(f"{self.what}: reading stopped")
+            checkpoint()  # and a dirge.aio call cancelled mid-layer stops here, not at the next layer
             try:
                 item = self._queue.get(timeout=_LEND_AFTER)
             except queue.Empty:  # the stage upstream is stalled, on a download most often (not on parsing,

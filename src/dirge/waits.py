@@ -7,8 +7,8 @@ crowd of threads for the GIL) and sets ``lend`` for that thread: while it waits,
 runs in its slot. Without ``lend`` set (the CLI, the sync API) ``waiting()`` does nothing.
 
 A wait that may last (a lock held by another process for minutes) also calls ``checkpoint()`` as it
-polls: ``dirge.aio`` sets ``cancelled`` so that a cancelled call stops there (``errors.Cancelled``)
-instead of once it has the lock."""
+polls, and a layer's stream calls it once per batch of entries: ``dirge.aio`` sets ``cancelled`` so
+that a cancelled call stops there (``errors.Cancelled``) instead of once it has the lock or the layer."""
 
 from __future__ import annotations
 
