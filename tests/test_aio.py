@@ -11,7 +11,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -289,6 +289,29 @@ def test_cancel_mid_unpack_leaves_nothing_behind(tmp_path: Path, via: str) -> No
     assert _leftovers(cache)["sessions"] == []
 
 
+def _prepare_cancelled_by(image: str, cache: Path, arm: Callable[[Callable[[], object]], None]) -> BaseException | None:
+    """How an ``aio.prepare`` held open ends when ``arm(cancel)`` has planted a call to ``cancel`` (which
+    cancels the awaiting task from any thread) somewhere in the sync pipeline."""
+
+    async def main() -> BaseException | None:
+        loop = asyncio.get_running_loop()
+        task: asyncio.Future[object]
+        arm(lambda: loop.call_soon_threadsafe(task.cancel))
+
+        async def hold() -> None:
+            async with aio.prepare(image, cache):
+                raise AssertionError("the prepare was not cancelled")
+
+        task = asyncio.ensure_future(hold())
+        try:
+            await task
+        except BaseException as exc:  # noqa: BLE001 - the outcome is what the tests check
+            return exc
+        return None
+
+    return asyncio.run(main())
+
+
 @needs_root
 def test_a_session_completed_despite_a_late_cancel_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Cancelled once the session exists, the worker has no later cancellation point: it finishes (the
@@ -297,29 +320,15 @@ def test_a_session_completed_despite_a_late_cancel_is_closed(tmp_path: Path, mon
     cache = tmp_path / "cache"
     create = Sessions.create
 
-    async def main() -> BaseException | None:
-        loop = asyncio.get_running_loop()
-        task: asyncio.Future[object]
-
+    def arm(cancel: Callable[[], object]) -> None:
         def create_then_cancel(self: Sessions, *args: object, **kwargs: object) -> object:
             info = create(self, *args, **kwargs)  # type: ignore[arg-type]
-            loop.call_soon_threadsafe(task.cancel)  # queued before the worker's result: seen first
+            cancel()  # queued on the loop before the worker's result: seen first
             return info
 
         monkeypatch.setattr(Sessions, "create", create_then_cancel)
 
-        async def hold() -> None:
-            async with aio.prepare(image, cache):
-                raise AssertionError("the prepare was not cancelled")
-
-        task = asyncio.ensure_future(hold())
-        try:
-            await task
-        except BaseException as exc:  # noqa: BLE001
-            return exc
-        return None
-
-    assert isinstance(asyncio.run(main()), asyncio.CancelledError)
+    assert isinstance(_prepare_cancelled_by(image, cache, arm), asyncio.CancelledError)
     assert _leftovers(cache) == NOTHING
     assert len(list((cache / "bases").iterdir())) == 1
 
@@ -328,44 +337,28 @@ def test_a_session_completed_despite_a_late_cancel_is_closed(tmp_path: Path, mon
 def test_a_cancel_mid_layer_stops_within_the_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An image whose files are all in one layer: a cancel that arrives while that layer is applied stops
     it within a batch of entries, not once the whole layer (and the base) is done."""
-    files = 12_000
-    image = _image(tmp_path, 0, layers=1, files=files)
+    image = _image(tmp_path, 0, layers=1, files=12_000)
     cache = tmp_path / "cache"
     entries = EntryStream.__iter__
-    applied: list[int] = []  # entries of the big layer handed to the applier: before, after the cancel
+    applied: list[int] = []  # the big layer's entry at which the cancel came; -1: it reached its end
 
-    async def main() -> BaseException | None:
-        loop = asyncio.get_running_loop()
-        task: asyncio.Future[object]
-
+    def arm(cancel: Callable[[], object]) -> None:
         def counted(self: EntryStream) -> Iterator[Entry]:
-            hook = waits.cancelled.get()
-            relay = getattr(hook, "__self__")  # the call's relay: its stop flag is what cancel sets
+            relay = getattr(waits.cancelled.get(), "__self__")  # the call's relay: cancel sets its stop
             big = False
             for n, entry in enumerate(entries(self)):
                 big = big or b"l0/f" in entry.name
                 if n == 10 and big:
-                    loop.call_soon_threadsafe(task.cancel)
+                    cancel()
                     relay.stop.wait(60)  # the loop has seen the cancel; the entries go on from here
                     applied.append(n)
                 yield entry
             if big:
-                applied.append(-1)  # the layer ran to its end
+                applied.append(-1)
 
         monkeypatch.setattr(EntryStream, "__iter__", counted)
 
-        async def hold() -> None:
-            async with aio.prepare(image, cache):
-                raise AssertionError("the prepare was not cancelled")
-
-        task = asyncio.ensure_future(hold())
-        try:
-            await task
-        except BaseException as exc:  # noqa: BLE001
-            return exc
-        return None
-
-    assert isinstance(asyncio.run(main()), asyncio.CancelledError)
+    assert isinstance(_prepare_cancelled_by(image, cache, arm), asyncio.CancelledError)
     assert applied == [10], applied  # cancelled mid-layer, and the layer never reached its end
     assert _leftovers(cache) == NOTHING
     assert not list((cache / "bases").iterdir())
