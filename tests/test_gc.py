@@ -457,3 +457,44 @@ def test_killed_buildah_export_leftovers_go_once_their_lock_is_free(tmp_path: Pa
     report = collect(cache, grace=0)
     assert not partial.exists()
     assert {r.name for r in report.removed if r.kind == "export"} == {partial.name}
+
+
+def test_gc_removes_boot_leftovers_of_kernels_gone_or_superseded(tmp_path: Path, monkeypatch) -> None:
+    """``dirge boot``'s cache: an initramfs whose kernel's modules are gone, an older initramfs of the same
+    kernel and root kind, a verdict for a kernel file that is gone and a killed writer's temp file go;
+    the newest initramfs of an installed kernel and a verdict for a kernel that exists stay."""
+    import dirge.gc
+
+    modules = tmp_path / "modules"
+    (modules / "6.1.0-9-amd64").mkdir(parents=True)
+    monkeypatch.setattr(dirge.gc, "MODULES_ROOT", modules)
+    kernel = tmp_path / "vmlinuz-6.1.0-9-amd64"
+    kernel.write_bytes(b"kernel")
+    cache = Cache(tmp_path / "cache")
+    cache.boot_dir.mkdir(parents=True)
+    long_ago = time.time() - 3600
+
+    def put(path: Path, data: bytes, mtime: float) -> Path:
+        path.write_bytes(data)
+        os.utime(path, (mtime, mtime))
+        return path
+
+    keep = [put(cache.initramfs_path("6.1.0-9-amd64", "ext4", "b" * 16), b"new", long_ago + 10),
+            put(cache.initramfs_path("6.1.0-9-amd64", "erofs", "c" * 16), b"erofs", long_ago),
+            put(cache.accel_record_path("1" * 16), json.dumps({"kvm": False, "kernel": str(kernel)}).encode(), long_ago)]
+    gone = [put(cache.initramfs_path("6.1.0-9-amd64", "ext4", "a" * 16), b"old", long_ago),
+            put(cache.initramfs_path("5.10.0-1-amd64", "9p", "d" * 16), b"no modules", long_ago),
+            put(cache.accel_record_path("2" * 16), json.dumps({"kvm": True, "kernel": "/boot/nowhere"}).encode(), long_ago),
+            put(cache.boot_dir / f".{cache.initramfs_path('6.1.0-9-amd64', '9p', 'e' * 16).name}.1.tmp", b"half", long_ago)]
+    fresh_temp = cache.boot_dir / ".accel-3333333333333333.json.77"
+    fresh_temp.write_bytes(b"being written")
+    assert sorted((r, k) for _, r, k in cache.initramfs_images()) == [
+        ("5.10.0-1-amd64", "9p"), ("6.1.0-9-amd64", "erofs"), ("6.1.0-9-amd64", "ext4"), ("6.1.0-9-amd64", "ext4")]
+
+    dry = collect(cache, dry_run=True)
+    assert all(p.exists() for p in keep + gone)
+    real = collect(cache)
+    assert sorted((r.kind, r.name) for r in real.removed) == sorted((r.kind, r.name) for r in dry.removed)
+    assert sorted(r.name for r in real.removed if r.kind in ("boot", "temp")) == sorted(
+        str(p.relative_to(cache.root)) for p in gone)
+    assert all(p.exists() for p in keep + [fresh_temp]) and not any(p.exists() for p in gone)

@@ -18,6 +18,8 @@ pipeline and no session.
       trash/                      what gc/rmi/session rm is removing (renamed here first, then deleted)
       buildah/, exports/<id>/     local variants: buildah storage and OCI exports (sources/buildah.py)
       sessions/, snapshots/       see session/
+      boot/initramfs-<release>-<root kind>-<hash>.cpio, boot/accel-<hash>.json
+                                  ``dirge boot``'s initramfs images and ``--accel auto`` verdicts (vm/)
 
 No name under the cache is ever derived from ref text: refs are hashed, bases are named by digest.
 A base is published by one rename after its tree has been synced, so it is complete or absent.
@@ -125,6 +127,23 @@ class Layout:
     def boot_dir(self) -> Path:
         """Initramfs images and accelerator verdicts (``vm/``)."""
         return self.root / "boot"
+
+    def initramfs_path(self, release: str, kind: str, tag: str) -> Path:
+        """``vm/``'s initramfs for kernel ``release`` booting a ``kind`` root; ``tag``: its content's hash."""
+        return self.boot_dir / f"initramfs-{release}-{kind}-{tag}.cpio"
+
+    def initramfs_images(self) -> list[tuple[Path, str, str]]:
+        """Every cached initramfs: (path, kernel release, root kind)."""
+        found = []
+        for path in sorted(self.boot_dir.glob("initramfs-*.cpio")) if self.boot_dir.is_dir() else []:
+            release, _, rest = path.name[len("initramfs-"):-len(".cpio")].rpartition("-")[0].rpartition("-")
+            if release:
+                found.append((path, release, rest))
+        return found
+
+    def accel_record_path(self, key: str) -> Path:
+        """``vm/``'s remembered ``--accel auto`` verdict for one QEMU, kernel and host kernel."""
+        return self.boot_dir / f"accel-{key}.json"
 
     @property
     def erofs_probe_path(self) -> Path:

@@ -3,7 +3,8 @@
 "Cache lifecycle: records, leases, gc".
 
 gc's order: sessions whose owner is gone; leftovers of killed processes (staging directories whose base
-lock is free, temp blobs no writer holds, trash, mounts nothing owns); blobs no ref record, base,
+lock is free, temp blobs no writer holds, trash, mounts nothing owns) and of ``dirge boot`` (initramfs
+images of kernels gone or superseded, accelerator verdicts of kernels gone); blobs no ref record, base,
 session, snapshot or running prepare reaches; then least-recently-used bases (and base disks) and
 local variants' OCI exports until under the budget; still over it, the least-recently-used images
 left with only ref records and blobs lose their records, and their blobs are swept. A base is removed only under its lease and its
@@ -308,7 +309,7 @@ def rmi(cache: Cache, names: list[str], force: bool = False) -> RmiReport:
 
 @dataclass
 class Removal:
-    kind: str  # session, staging, temp, trash, export, mount, blob, base, ref
+    kind: str  # session, staging, temp, trash, export, mount, blob, base, ref, boot
     name: str
     bytes: int
 
@@ -441,6 +442,7 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
         report.removed.append(Removal("export", entry.name, disk_usage(entry)))
         if not dry_run:
             remove_tree(entry)
+    _boot_leftovers(cache, report, grace, now, dry_run)
     for point in mounts_under(cache.root):
         rel = point.relative_to(cache.root.resolve()).parts if point.is_relative_to(cache.root.resolve()) else ()
         stale = (len(rel) >= 2 and rel[0] == "sessions" and not (cache.sessions_dir / rel[1] / "session.json").exists()) \
@@ -519,6 +521,39 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
             current -= _sweep_blobs(cache, _roots(cache, sessions, report, skip)[0], report, grace, now, dry_run)
     report.size_after = report.size_before if dry_run else usage(cache)
     return report
+
+
+MODULES_ROOT = Path("/lib/modules")  # where an installed kernel keeps its modules (vm/initramfs's Kernel)
+
+
+def _boot_leftovers(cache: Cache, report: GcReport, grace: float, now: float, dry_run: bool) -> None:
+    """``dirge boot``'s cache: temp files of killed writers; initramfs images of kernels no longer
+    installed, or superseded (same kernel and root kind, older: busybox or the modules changed since);
+    accelerator verdicts for kernels no longer there. Each is rebuilt when next needed."""
+    stale: list[tuple[str, Path]] = []
+    if cache.boot_dir.is_dir():
+        stale += [("temp", p) for p in sorted(cache.boot_dir.glob(".*")) if _old(p, grace, now)]
+    newest: dict[tuple[str, str], Path] = {}
+    for path, release, kind in cache.initramfs_images():
+        if not (MODULES_ROOT / release).is_dir():
+            stale.append(("boot", path))
+            continue
+        best = newest.setdefault((release, kind), path)
+        if best != path:
+            older, newer = sorted((best, path), key=_mtime)
+            newest[(release, kind)] = newer
+            stale.append(("boot", older))
+    for path in sorted(cache.boot_dir.glob("accel-*.json")) if cache.boot_dir.is_dir() else []:
+        try:
+            kernel = json.loads(path.read_text()).get("kernel")
+        except (OSError, ValueError, AttributeError):
+            kernel = None
+        if not isinstance(kernel, str) or not Path(kernel).exists():
+            stale.append(("boot", path))
+    for kind, path in stale:
+        report.removed.append(Removal(kind, str(path.relative_to(cache.root)), disk_usage(path)))
+        if not dry_run:
+            path.unlink(missing_ok=True)
 
 
 def _roots(cache: Cache, sessions: Sessions, report: GcReport, skip_refs: set[str]) -> tuple[set[str], set[str]]:

@@ -230,7 +230,7 @@ def build_initramfs(kernel: Kernel, root_kind: str, cache_dir: Path) -> Path:
     digest = hashlib.sha256(STAGE1.encode() + busybox + kernel.release.encode())
     for m, data in module_data:
         digest.update(m.encode() + hashlib.sha256(data).digest())
-    out = Layout(cache_dir).boot_dir / f"initramfs-{kernel.release}-{root_kind}-{digest.hexdigest()[:16]}.cpio"
+    out = Layout(cache_dir).initramfs_path(kernel.release, root_kind, digest.hexdigest()[:16])
     if out.exists():
         return out
     dirs = ["bin", "dev", "proc", "sys", "newroot", "etc", "lib", "lib/modules"]

@@ -176,7 +176,7 @@ def choose_accel(accel: str, kernel: Kernel, cache_dir: Path, qemu: str | None =
         return "tcg"
     qemu = qemu or find_qemu()
     key = hashlib.sha256(f"{qemu}\0{kernel.path}\0{kernel.release}\0{os.uname().release}".encode()).hexdigest()[:16]
-    record = Layout(cache_dir).boot_dir / f"accel-{key}.json"
+    record = Layout(cache_dir).accel_record_path(key)
     try:
         return "kvm" if json.loads(record.read_text())["kvm"] else "tcg"
     except (OSError, ValueError, KeyError, TypeError):
