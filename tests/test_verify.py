@@ -108,3 +108,39 @@ def test_repair_keeps_a_base_a_live_session_stands_on(tmp_path: Path, make_image
     report = verify_cache(cache, repair=True)
     assert report.repaired == [base.key] and cache.base_keys() == []
     assert verify_cache(cache).ok
+
+
+def test_verify_finds_a_damaged_ext4_base_disk_and_repair_heals(tmp_path: Path, make_image) -> None:
+    """A cached ext4 base disk (what disk sessions and exports are cloned from): a byte flipped in place
+    (same size) and a truncation are each found; ``--repair`` removes it and the next prepare rebuilds it."""
+    cache_dir = tmp_path / "cache"
+    ref = make_image([image_layer("disk")])
+    prepare(ref, cache_dir, disk="ext4").close()
+    cache = Cache(cache_dir)
+    (base,) = [cache.load_base(k) for k in cache.base_keys()]
+    assert base.format == "ext4" and verify_cache(cache).ok
+    disk = base.image_file
+    size = disk.stat().st_size
+    for damage in ("flip", "truncate"):
+        with open(disk, "r+b") as f:
+            if damage == "flip":
+                f.seek(1024 + 56)  # the superblock's magic: still the same size
+                magic = f.read(1)
+                f.seek(1024 + 56)
+                f.write(bytes([magic[0] ^ 0x01]))
+            else:
+                f.truncate(size // 2)
+        code, out = cli("cache", "verify", "--json", "--cache-dir", str(cache_dir))
+        assert code == 1
+        problems = [(p["kind"], p["what"], p["name"]) for p in json.loads(out)["problems"]]
+        assert problems == [("base", "changed" if damage == "flip" else "truncated", base.key)], (damage, problems)
+        if damage == "flip":
+            with open(disk, "r+b") as f:  # undone: the record matches again
+                f.seek(1024 + 56)
+                f.write(magic)
+            assert verify_cache(cache).ok
+    code, out = cli("cache", "verify", "--repair", "--cache-dir", str(cache_dir))
+    assert code == 1 and "repaired" in out and cache.base_keys() == []
+    prepare(ref, cache_dir, disk="ext4").close()
+    assert [cache.load_base(k).format for k in cache.base_keys()] == ["ext4"]
+    assert verify_cache(cache).ok
