@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_root
-from dirge import aio, waits
+from dirge import aio, blob, waits
 from dirge.apply.tar import Entry, EntryStream
 from dirge.cache import Cache
 from dirge.errors import Cancelled, DirgeError
@@ -357,9 +357,19 @@ def test_a_cancel_mid_layer_stops_within_the_layer(tmp_path: Path, monkeypatch: 
                 applied.append(-1)
 
         monkeypatch.setattr(EntryStream, "__iter__", counted)
+        monkeypatch.setattr(blob, "checkpoint", checkpoint)
+
+    stopped: list[Cancelled] = []
+
+    def checkpoint() -> None:  # the layer stream's: it is where the call stops (not a lent wait)
+        try:
+            waits.checkpoint()
+        except Cancelled as exc:
+            stopped.append(exc)
+            raise
 
     assert isinstance(_prepare_cancelled_by(image, cache, arm), asyncio.CancelledError)
-    assert applied == [10], applied  # cancelled mid-layer, and the layer never reached its end
+    assert applied == [10] and len(stopped) == 1, (applied, stopped)  # mid-layer; never reached its end
     assert _leftovers(cache) == NOTHING
     assert not list((cache / "bases").iterdir())
 

@@ -392,6 +392,29 @@ def test_over_budget_gc_evicts_the_least_recently_used_refs_and_their_blobs(tmp_
         assert verify_cache(cache).ok
 
 
+def test_evicting_the_base_of_an_image_without_a_ref_record_frees_its_blobs_too(tmp_path: Path, make_image) -> None:
+    """An image prepared by digest has no ref record: once its base goes, its blobs reach nothing, and
+    gc counts them as freed at once instead of evicting the next base (or a ref) to get under budget."""
+    cache_dir = tmp_path / "cache"
+    unnamed, named = make_image([files_layer("u", 40, 1024)]), make_image([files_layer("n", 40, 1024)])
+    prepare(unnamed, cache_dir, base_format="tree").close()  # least recently used
+    prepare(named, cache_dir, base_format="tree").close()
+    cache = Cache(cache_dir)
+    by_ref = {i.refs[0]: i for i in images(cache)}
+    for ref_file in by_ref[unnamed].ref_files:  # as if prepared by digest: nothing names it
+        Path(ref_file).unlink()
+    held = {p.name for p in cache.blobs_dir.iterdir()}
+    own = reachable(cache, [by_ref[unnamed].digest[7:]]) & held
+    assert own and own.isdisjoint(reachable(cache, [by_ref[named].digest[7:]]))
+    budget = usage(cache) - by_ref[unnamed].bytes  # its base and the blobs only it uses
+    dry = collect(cache, max_size=budget, dry_run=True, grace=0)
+    report = collect(cache, max_size=budget, grace=0)
+    assert sorted((r.kind, r.name) for r in report.removed) == sorted((r.kind, r.name) for r in dry.removed)
+    assert sorted(r.kind for r in report.removed) == ["base"] + ["blob"] * len(own), report.removed
+    assert usage(cache) <= budget
+    assert [i.refs[0] for i in images(cache)] == [named] and len(cache.base_keys()) == 1
+
+
 def test_sigkilled_prepare_mid_download_leaves_nothing_after_gc(registry, fault_proxy, tmp_path: Path) -> None:
     """A prepare killed while its layer downloads (and is applied as it arrives) leaves a staging
     directory and a temp blob behind: gc --dry-run names both, gc removes both."""
@@ -479,10 +502,10 @@ def test_gc_removes_boot_leftovers_of_kernels_gone_or_superseded(tmp_path: Path,
         os.utime(path, (mtime, mtime))
         return path
 
-    keep = [put(cache.initramfs_path("6.1.0-9-amd64", "ext4", "b" * 16), b"new", long_ago + 10),
+    keep = [put(cache.initramfs_path("6.1.0-9-amd64", "ext4", "a" * 16), b"new", long_ago + 10),  # newest, not last
             put(cache.initramfs_path("6.1.0-9-amd64", "erofs", "c" * 16), b"erofs", long_ago),
             put(cache.accel_record_path("1" * 16), json.dumps({"kvm": False, "kernel": str(kernel)}).encode(), long_ago)]
-    gone = [put(cache.initramfs_path("6.1.0-9-amd64", "ext4", "a" * 16), b"old", long_ago),
+    gone = [put(cache.initramfs_path("6.1.0-9-amd64", "ext4", "b" * 16), b"old", long_ago),
             put(cache.initramfs_path("5.10.0-1-amd64", "9p", "d" * 16), b"no modules", long_ago),
             put(cache.accel_record_path("2" * 16), json.dumps({"kvm": True, "kernel": "/boot/nowhere"}).encode(), long_ago),
             put(cache.boot_dir / f".{cache.initramfs_path('6.1.0-9-amd64', '9p', 'e' * 16).name}.1.tmp", b"half", long_ago)]

@@ -453,14 +453,17 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
                 unmount(point)
 
     # 3. blobs nothing reaches
-    roots, leased = _roots(cache, sessions, report, set())
-    _sweep_blobs(cache, roots, report, grace, now, dry_run)
+    _sweep_blobs(cache, sessions, report, set(), grace, now, dry_run)
 
     # 4. least-recently-used bases (and base disks) and local variants' exports, until under the budget
     #    (or, with only --keep, all unused for longer)
     current = report.size_before - sum(r.bytes for r in report.removed if r.kind == "blob")
+    base_used: dict[str, float] = {}  # digest (hex) → its bases' last use, as it was before step 4
     if max_size is not None or keep is not None:
         candidates = [(cache.last_used(key), "base", key) for key in cache.base_keys()]
+        for used, _, key in candidates:
+            h = _hex(_base_meta(cache, key).get("digest")) or ""
+            base_used[h] = max(base_used.get(h, 0.0), used)
         candidates += [(_mtime(path), "export", path.name) for path in exports(cache.root)]
         for used, kind, name in sorted(candidates):
             if max_size is not None and current <= max_size:
@@ -485,6 +488,8 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
                     if base is not None:
                         unmount_base(base)
                     remove_base_dir(cache, name)
+            # an image with no ref record (prepared by digest) leaves blobs nothing reaches: counted free
+            current -= _sweep_blobs(cache, sessions, report, set(), grace, now, dry_run)
     # 5. still over the budget: least-recently-used images that have nothing left but ref records and
     #    blobs (no base, export, live session, snapshot or running prepare): their refs, then their blobs
     if max_size is not None and current > max_size:
@@ -497,28 +502,27 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
             for ref_file in info.ref_files:
                 reaching.setdefault(ref_file, []).append(info)
 
-        def evictable(info: ImageInfo) -> bool:
-            h = info.digest[7:]
-            return (set(info.bases) | set(info.exports)) <= gone and not info.live_sessions \
-                and h not in snapshots and h not in leased
-
-        def last_use(ref_file: str) -> float:
-            return max([ref_times.get(ref_file, 0.0)] + [i.last_used or 0.0 for i in reaching[ref_file]])
+        def last_use(ref_file: str) -> float:  # (base uses from before step 4: a dry run's are the same)
+            return max([ref_times.get(ref_file, 0.0)] + [base_used.get(i.digest[7:], 0.0) for i in reaching[ref_file]])
 
         skip: set[str] = set()
         for ref_file in sorted(reaching, key=last_use):
             if current <= max_size:
                 break
-            if keep is not None and now - last_use(ref_file) < keep:
+            if (keep is not None and now - last_use(ref_file) < keep) or not _old(Path(ref_file), grace, now):
+                continue  # (a record just written may be a starting prepare's, not yet under its lease)
+            roots, leased = _roots(cache, sessions, report, skip | {ref_file})  # leases as they are now
+            if not all((set(i.bases) | set(i.exports)) <= gone and not i.live_sessions
+                       and i.digest[7:] not in snapshots | leased for i in reaching[ref_file]):
                 continue
-            if not all(evictable(i) for i in reaching[ref_file]):
-                continue
+            freeable = _unreached(cache, roots, report, grace, now)
+            if not freeable:
+                continue  # its blobs are shared or too young: removing the record would free nothing
             skip.add(ref_file)
-            size = disk_usage(Path(ref_file))
-            report.removed.append(Removal("ref", Path(ref_file).name, size))  # (freed, not in the budget)
+            report.removed.append(Removal("ref", Path(ref_file).name, disk_usage(Path(ref_file))))  # (not budgeted)
             if not dry_run:
                 Path(ref_file).unlink(missing_ok=True)
-            current -= _sweep_blobs(cache, _roots(cache, sessions, report, skip)[0], report, grace, now, dry_run)
+            current -= _remove_blobs(cache, freeable, report, dry_run)
     report.size_after = report.size_before if dry_run else usage(cache)
     return report
 
@@ -532,7 +536,7 @@ def _boot_leftovers(cache: Cache, report: GcReport, grace: float, now: float, dr
     accelerator verdicts for kernels no longer there. Each is rebuilt when next needed."""
     stale: list[tuple[str, Path]] = []
     if cache.boot_dir.is_dir():
-        stale += [("temp", p) for p in sorted(cache.boot_dir.glob(".*")) if _old(p, grace, now)]
+        stale += [("temp", p) for p in sorted(cache.boot_dir.glob(".*")) if p.is_file() and _old(p, grace, now)]
     newest: dict[tuple[str, str], Path] = {}
     for path, release, kind in cache.initramfs_images():
         if not (MODULES_ROOT / release).is_dir():
@@ -586,17 +590,25 @@ def _roots(cache: Cache, sessions: Sessions, report: GcReport, skip_refs: set[st
     return roots | leased, leased
 
 
-def _sweep_blobs(cache: Cache, roots: set[str], report: GcReport, grace: float, now: float, dry_run: bool) -> int:
-    """Remove (report) the blobs ``roots`` do not reach and no writer may still record (the grace
-    period); returns the bytes. Blobs this report already removed are not counted again."""
+def _unreached(cache: Cache, roots: set[str], report: GcReport, grace: float, now: float) -> dict[str, int]:
+    """The blobs (hex → bytes) ``roots`` do not reach, that no writer may still record (the grace period)
+    and that ``report`` has not removed already."""
     done = {r.name for r in report.removed if r.kind == "blob"}
     keep_blobs = reachable(cache, roots)
-    freed = 0
-    for h, size in sorted(_blob_files(cache).items()):
-        if h in keep_blobs or f"sha256:{h}" in done or not _unlocked_and_old(cache.blobs_dir / h, grace, now):
-            continue
+    return {h: size for h, size in sorted(_blob_files(cache).items())
+            if h not in keep_blobs and f"sha256:{h}" not in done and _unlocked_and_old(cache.blobs_dir / h, grace, now)}
+
+
+def _remove_blobs(cache: Cache, blobs: dict[str, int], report: GcReport, dry_run: bool) -> int:
+    for h, size in blobs.items():
         report.removed.append(Removal("blob", f"sha256:{h}", size))
-        freed += size
         if not dry_run:
             (cache.blobs_dir / h).unlink(missing_ok=True)
-    return freed
+    return sum(blobs.values())
+
+
+def _sweep_blobs(cache: Cache, sessions: Sessions, report: GcReport, skip_refs: set[str], grace: float, now: float,
+                 dry_run: bool) -> int:
+    """Remove (report) the blobs nothing but ``skip_refs`` reaches; returns the bytes."""
+    roots, _ = _roots(cache, sessions, report, skip_refs)
+    return _remove_blobs(cache, _unreached(cache, roots, report, grace, now), report, dry_run)

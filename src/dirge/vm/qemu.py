@@ -190,6 +190,6 @@ def choose_accel(accel: str, kernel: Kernel, cache_dir: Path, qemu: str | None =
         works = False
     record.parent.mkdir(parents=True, exist_ok=True)
     tmp = record.with_name(f".{record.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"kvm": works, "kernel": str(kernel.path), "probed": time.time()}))
+    tmp.write_text(json.dumps({"kvm": works, "kernel": str(kernel.path.resolve()), "probed": time.time()}))
     os.replace(tmp, record)
     return "kvm" if works else "tcg"
