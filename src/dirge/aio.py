@@ -19,10 +19,10 @@ an async iterator of ``ProgressEvent`` that ends when the operation ends. ``aio.
 ``on_bytes(desc, done)`` the same way.
 
 Cancellation: cancelling the awaiting task sets a flag that the worker thread sees at its next progress
-or download callback, lock poll or batch of a layer's entries, where it raises ``errors.Cancelled``; the sync pipeline then undoes what it began
-(staging removed, lock released, temp files deleted) as it does for any error. The task waits for
-the worker's end (a second cancel does not cut that short), closes a session that was completed
-anyway, then raises CancelledError. The unpack pipeline calls ``progress`` once per layer, and the
+or download callback, lock poll or batch of a layer's entries, where it raises ``errors.Cancelled``; the
+sync pipeline then undoes what it began (staging removed, lock released, temp files deleted) as it does
+for any error. The task waits for the worker's end (a second cancel does not cut that short), closes
+a session that was completed anyway, then raises CancelledError. The unpack pipeline calls ``progress`` once per layer, and the
 layer's stream checks once per batch of entries (``waits.checkpoint``, at most 2,048 tar items): a
 prepare stops within the layer being applied, and one waiting for a lock another holder has stops
 within one poll (50 ms).

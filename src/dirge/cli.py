@@ -405,7 +405,8 @@ def rmi_cmd(images: tuple[str, ...], force: bool, cache_dir: Path | None) -> Non
 
 
 @cli.command("gc")
-@click.option("--max-size", metavar="SIZE", help="Evict least-recently-used bases, disks and exports until the cache is this big.")
+@click.option("--max-size", metavar="SIZE", help="Evict least-recently-used bases, disks and exports (then images that are only "
+              "ref records and blobs) until the cache is this big.")
 @click.option("--keep", metavar="DURATION", help="Never evict a base used within this long (e.g. 12h, 7d).")
 @click.option("--dry-run", is_flag=True, help="Remove nothing; report what gc would remove.")
 @cache_dir_option

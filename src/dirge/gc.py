@@ -6,11 +6,11 @@ gc's order: sessions whose owner is gone; leftovers of killed processes (staging
 lock is free, temp blobs no writer holds, trash, mounts nothing owns) and of ``dirge boot`` (initramfs
 images of kernels gone or superseded, accelerator verdicts of kernels gone); blobs no ref record, base,
 session, snapshot or running prepare reaches; then least-recently-used bases (and base disks) and
-local variants' OCI exports until under the budget; still over it, the least-recently-used images
-left with only ref records and blobs lose their records, and their blobs are swept. A base is removed only under its lease and its
-build lock, both taken exclusively without waiting, and only if no live session and no snapshot names
-it (read after the lease is taken); an export only under its export lock, taken the same way (a
-prepare reading it holds it shared).
+local variants' OCI exports until under the budget; still over it, the least-recently-used images left
+with only ref records and blobs lose their records, and their blobs are swept. A base is removed only
+under its lease and its build lock, both taken exclusively without waiting, and only if no live session
+and no snapshot names it (read after the lease is taken); an export only under its export lock, taken
+the same way (a prepare reading it holds it shared).
 """
 
 from __future__ import annotations
@@ -382,8 +382,9 @@ def _old(path: Path, grace: float, now: float) -> bool:
 def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = None, dry_run: bool = False,
             grace: float = TEMP_GRACE) -> GcReport:
     """Collect the cache's garbage (module doc). ``max_size``: then evict least-recently-used bases and
-    exports (then images that are only ref records and blobs) until the cache is at most that big; ``keep``: never evict one used within that many seconds
-    (and with no ``max_size``, evict every one unused for longer). ``dry_run``: remove nothing, report the same."""
+    exports (then images that are only ref records and blobs) until the cache is at most that big;
+    ``keep``: never evict one used within that many seconds (and with no ``max_size``, evict every one
+    unused for longer). ``dry_run``: remove nothing, report the same."""
     report = GcReport(dry_run, max_size)
     report.size_before = usage(cache)
     now = time.time()
@@ -512,8 +513,9 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
             if (keep is not None and now - last_use(ref_file) < keep) or not _old(Path(ref_file), grace, now):
                 continue  # (a record just written may be a starting prepare's, not yet under its lease)
             roots, leased = _roots(cache, sessions, report, skip | {ref_file})  # leases as they are now
-            if not all((set(i.bases) | set(i.exports)) <= gone and not i.live_sessions
-                       and i.digest[7:] not in snapshots | leased for i in reaching[ref_file]):
+            pinned = snapshots | leased
+            if not all((set(i.bases) | set(i.exports)) <= gone and not i.live_sessions and i.digest[7:] not in pinned
+                       for i in reaching[ref_file]):
                 continue
             freeable = _unreached(cache, roots, report, grace, now)
             if not freeable:
@@ -534,9 +536,9 @@ def _boot_leftovers(cache: Cache, report: GcReport, grace: float, now: float, dr
     """``dirge boot``'s cache: temp files of killed writers; initramfs images of kernels no longer
     installed, or superseded (same kernel and root kind, older: busybox or the modules changed since);
     accelerator verdicts for kernels no longer there. Each is rebuilt when next needed."""
-    stale: list[tuple[str, Path]] = []
-    if cache.boot_dir.is_dir():
-        stale += [("temp", p) for p in sorted(cache.boot_dir.glob(".*")) if p.is_file() and _old(p, grace, now)]
+    if not cache.boot_dir.is_dir():
+        return
+    stale = [("temp", p) for p in sorted(cache.boot_dir.glob(".*")) if p.is_file() and _old(p, grace, now)]
     newest: dict[tuple[str, str], Path] = {}
     for path, release, kind in cache.initramfs_images():
         if not (MODULES_ROOT / release).is_dir():
@@ -547,7 +549,7 @@ def _boot_leftovers(cache: Cache, report: GcReport, grace: float, now: float, dr
             older, newer = sorted((best, path), key=_mtime)
             newest[(release, kind)] = newer
             stale.append(("boot", older))
-    for path in sorted(cache.boot_dir.glob("accel-*.json")) if cache.boot_dir.is_dir() else []:
+    for path in sorted(cache.boot_dir.glob("accel-*.json")):
         try:
             kernel = json.loads(path.read_text()).get("kernel")
         except (OSError, ValueError, AttributeError):
