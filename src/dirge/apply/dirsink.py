@@ -7,7 +7,8 @@ utime-d or unlinked outside the root, whatever symlinks or hardlinks the image h
 tree and the disk disagreed.
 
 Metadata order: data, owner, mode (chown clears setuid), xattrs (chown and writes clear
-``security.capability``), times; directory modes (rootless) and times last, after every layer.
+``security.capability``), times; directory modes (rootless), default ACLs (the kernel copies them into
+every child made after them; GNU tar too sets them last) and times last, after every layer.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from . import tree
 
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DEFAULT_ACL = "system.posix_acl_default"
 
 
 _P = ParamSpec("_P")
@@ -219,7 +221,8 @@ class DirSink:
             if node.children is None:
                 continue
             fix_mode = self.fs.rootless and node.mode & 0o700 != 0o700
-            if node.mtime_ns is None and not fix_mode:
+            default_acl = node.xattrs.get(_DEFAULT_ACL)
+            if node.mtime_ns is None and not fix_mode and default_acl is None:
                 continue  # made as a parent: the image gave it no metadata
             try:
                 fd = self.root.open_nofollow(parts, os.O_RDONLY | os.O_DIRECTORY)
@@ -228,6 +231,8 @@ class DirSink:
             try:
                 if fix_mode:
                     os.fchmod(fd, node.mode)
+                if default_acl is not None:
+                    self.fs.set_xattr(fd, _DEFAULT_ACL, default_acl, _path(parts))
                 if node.mtime_ns is not None:
                     os.utime(fd, ns=_times(node))
             finally:
@@ -235,6 +240,8 @@ class DirSink:
 
     def _set_xattrs(self, target: int | bytes, node: Node, parts: Parts) -> None:
         for key, value in node.xattrs.items():
+            if key == _DEFAULT_ACL and node.children is not None:
+                continue  # set in finish(): until then the kernel would give it to every new child
             self.fs.set_xattr(target, key, value, _path(parts))
 
 

@@ -129,6 +129,8 @@ class Applier:
 
     def _apply_entry(self, stream: EntryStream, entry: Entry) -> None:
         self._check_limits(entry)
+        for note in entry.notes or ():  # what the parser had to leave out (an unusable ACL, say)
+            self.report.skip(b"/".join(entry.parts), note)
         parts = entry.parts
         kind = entry.type
         if not parts:

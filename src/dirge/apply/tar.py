@@ -1,7 +1,13 @@
 """A streaming tar reader: what GNU tar reads, with GNU tar's result (tests/test_tar_dialects.py): v7,
 ustar, star, PAX (xattrs, sparse 0.0/0.1/1.0, global and Solaris ``X`` headers), GNU (long names, sparse,
-dump directories, volume labels), base-256 numbers, signed checksums. GNU multi-volume members and
-unknown entry types are refused (GNU tar extracts the latter as regular files, with a warning).
+dump directories, volume labels), base-256 numbers, signed checksums, POSIX ACLs (star's
+``SCHILY.acl.*`` text and Solaris ``A`` headers, as ``system.posix_acl_*`` xattrs). GNU multi-volume
+members and unknown entry types are refused (GNU tar extracts the latter as regular files, with a warning).
+
+Entry types that carry no data (directories, links, devices, FIFOs) take no data blocks whatever their
+size field says, as GNU tar, libarchive and Python's ``tarfile`` read them. The one exception the pax
+standard makes: a hardlink in a pax archive may carry the file's data (``pax -o linkdata``); GNU tar
+never reads it, so it is skipped only where the next block is not a header.
 
 Written here rather than taken from ``tarfile`` so that every header is bounded (a hostile PAX or
 long-name header cannot make us buffer gigabytes), names stay raw bytes, and file data can be copied
@@ -11,7 +17,9 @@ from the decompressed stream straight into a file descriptor.
 from __future__ import annotations
 
 import base64
+import bisect
 import re
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -30,7 +38,9 @@ _CONT = b"7"
 _PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK, _GNU_SPARSE = b"x", b"g", b"L", b"K", b"S"
 _GNU_DUMPDIR, _GNU_VOLHDR, _GNU_MULTIVOL = b"D", b"V", b"M"
 _SOLARIS_PAX = b"X"  # Solaris tar's extended header: read like ``x``, as GNU tar does
+_SOLARIS_ACL = b"A"  # Solaris tar's ACL of the next member (libarchive reads it; GNU tar does not know it)
 _KNOWN = (REG, LINK, SYMLINK, CHR, BLK, DIR, FIFO, _GNU_VOLHDR)
+_NO_DATA = (LINK, SYMLINK, CHR, BLK, DIR, FIFO)
 
 
 @dataclass(slots=True)
@@ -55,6 +65,9 @@ class Entry:
     # Filled in by ``tokens`` on the parsing thread: the cleaned path, and small files' data.
     parts: tuple[bytes, ...] = ()
     inline: list[memoryview] | None = None
+    # What of the member could not be kept (an ACL naming a user without a numeric id, say): GNU tar
+    # warns and goes on; the applier lists these in ``Report.skipped``.
+    notes: list[str] | None = None
 
     def __len__(self) -> int:  # what an entry weighs in the producer's batches
         return BLOCK + (self.size if self.inline is not None else 0)
@@ -108,6 +121,12 @@ class ByteStream:
             parts.append(piece.tobytes())
             got += len(piece)
         return b"".join(parts)
+
+    def unread(self, data: bytes) -> None:
+        """Put back ``data``, just read (a one-block look-ahead: rare, so the copy does not matter)."""
+        self._buf = memoryview(data + self._buf[self._pos:].tobytes())
+        self._pos = 0
+        self.offset -= len(data)
 
     def skip(self, n: int) -> None:
         while n > 0:
@@ -223,6 +242,133 @@ def _xattr_name(name: str) -> str:
     return name
 
 
+# -- POSIX ACLs --------------------------------------------------------------------------------------------
+# Text (star's ``SCHILY.acl.access``/``.default``, Solaris ``A`` headers, GNU tar's and bsdtar's output)
+# to the kernel's xattr form (include/uapi/linux/posix_acl_xattr.h: version 2, then (tag, perm, id)).
+
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+_ACL_UNDEFINED_ID = 0xFFFFFFFF
+_ACL_TAGS = {"user": (_ACL_USER_OBJ, _ACL_USER), "u": (_ACL_USER_OBJ, _ACL_USER),
+             "group": (_ACL_GROUP_OBJ, _ACL_GROUP), "g": (_ACL_GROUP_OBJ, _ACL_GROUP),
+             "mask": (_ACL_MASK, None), "m": (_ACL_MASK, None), "other": (_ACL_OTHER, None), "o": (_ACL_OTHER, None)}
+ACL_ACCESS, ACL_DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
+
+
+class _AclUnusable(Exception):
+    """An ACL GNU tar would warn about and leave out (the member itself is extracted)."""
+
+
+def _acl_perm(text: str) -> int:
+    perm = 0
+    for ch in text:
+        bit = {"r": 4, "w": 2, "x": 1, "-": 0}.get(ch)
+        if bit is None:
+            raise _AclUnusable(f"bad permissions {text[:20]!r}")
+        perm |= bit
+    return perm
+
+
+def split_acl_text(text: str) -> tuple[list[str], list[str]]:
+    """Entries of an ACL text, as (access, default): ``default:``/``d:`` prefixes (or Solaris'
+    ``defaultuser:``) mark default entries; ``#`` starts a comment; entries end at ``,`` or a newline."""
+    access: list[str] = []
+    default: list[str] = []
+    for raw in re.split(r"[,\n]", text):
+        item = raw.split("#", 1)[0].strip()
+        if not item:
+            continue
+        for prefix in ("default:", "d:", "default"):
+            if item.startswith(prefix) and item[len(prefix):].split(":", 1)[0] in _ACL_TAGS:
+                default.append(item[len(prefix):])
+                break
+        else:
+            access.append(item)
+    return access, default
+
+
+def acl_entries(items: list[str]) -> list[tuple[int, int, int]]:
+    """``(tag, perm, id)`` entries in the kernel's order; named entries keep only their numeric id: star
+    and bsdtar append it as a fourth field (``user:lisa:rwx:1001``), a bare number is one too. A name
+    without a number is refused, not looked up on the host (the image's users are not the host's)."""
+    entries: list[tuple[int, int, int]] = []
+    for item in items:
+        fields = item.split(":")
+        tags = _ACL_TAGS.get(fields[0])
+        if tags is None or len(fields) not in (2, 3, 4):
+            raise _AclUnusable(f"malformed entry {item[:40]!r}")
+        if len(fields) == 2:  # Solaris: "mask:rwx", "other:r--"
+            if tags[1] is not None:
+                raise _AclUnusable(f"malformed entry {item[:40]!r}")
+            qualifier, perm = "", fields[1]
+        else:
+            qualifier, perm = fields[1], fields[2]
+        if not qualifier:
+            entries.append((tags[0], _acl_perm(perm), _ACL_UNDEFINED_ID))
+            continue
+        if tags[1] is None:
+            raise _AclUnusable(f"malformed entry {item[:40]!r}")
+        number = fields[3] if len(fields) == 4 else qualifier
+        if not number.isdigit() or int(number) > _MAX_ID:
+            raise _AclUnusable(f"{fields[0]} {qualifier!r} has no numeric id")
+        entries.append((tags[1], _acl_perm(perm), int(number)))
+    entries.sort()
+    counts = {tag: sum(1 for t, _, _ in entries if t == tag) for tag in (_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER, _ACL_MASK)}
+    named = [(t, i) for t, _, i in entries if t in (_ACL_USER, _ACL_GROUP)]
+    # What the kernel's posix_acl_valid() accepts.
+    if (counts[_ACL_USER_OBJ] != 1 or counts[_ACL_GROUP_OBJ] != 1 or counts[_ACL_OTHER] != 1 or counts[_ACL_MASK] > 1
+            or (named and not counts[_ACL_MASK]) or len(set(named)) != len(named)):
+        raise _AclUnusable("not a valid ACL")
+    return entries
+
+
+def acl_xattr(entries: list[tuple[int, int, int]]) -> bytes:
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def acl_mode(entries: list[tuple[int, int, int]]) -> tuple[int, bool]:
+    """The permission bits an access ACL gives the file, and whether it says more than they do (the
+    kernel's posix_acl_equiv_mode(): with no named entry and no mask, it keeps no xattr)."""
+    perms = {tag: perm for tag, perm, _ in entries}
+    group = perms.get(_ACL_MASK, perms[_ACL_GROUP_OBJ])
+    extended = any(tag in (_ACL_USER, _ACL_GROUP, _ACL_MASK) for tag, _, _ in entries)
+    return (perms[_ACL_USER_OBJ] << 6) | (group << 3) | perms[_ACL_OTHER], extended
+
+
+def _apply_acls(entry: Entry, access: list[str], default: list[str]) -> None:
+    """An entry's ACLs as GNU tar ``--acls`` leaves them: the access ACL sets the permission bits (its
+    mask the group bits) and becomes ``system.posix_acl_access`` only if it says more than the mode; a
+    default ACL counts on directories only. An unusable ACL is left out with a note, as GNU tar warns."""
+    for which, items in ((ACL_ACCESS, access), (ACL_DEFAULT, default)):
+        if not items or (which == ACL_DEFAULT and entry.type != DIR):
+            continue
+        try:
+            entries = acl_entries(items)
+        except _AclUnusable as exc:
+            entry.notes = (entry.notes or []) + [f"{which} left out: {exc}"]
+            continue
+        if which == ACL_DEFAULT:
+            entry.xattrs[ACL_DEFAULT] = acl_xattr(entries)
+            continue
+        perms, extended = acl_mode(entries)
+        entry.mode = (entry.mode & ~0o777) | perms
+        if extended:
+            entry.xattrs[ACL_ACCESS] = acl_xattr(entries)
+        else:
+            entry.xattrs.pop(ACL_ACCESS, None)
+
+
+def _solaris_acl(data: bytes) -> tuple[list[str], list[str]] | str:
+    """A Solaris ``A`` header's body: octal digits (the ACL type and entry count), NUL, the ACL text in
+    Solaris' form, NUL. POSIX-draft ACLs only (type 01000000, as libarchive); NFSv4 ones have no
+    ``system.posix_acl_*`` form. Returns (access, default) entries, or why not."""
+    digits, _, rest = data.partition(b"\0")
+    if not digits or not _OCTAL.fullmatch(digits) or len(digits) > 8:
+        return "malformed Solaris ACL header"
+    if int(digits, 8) & ~0o777777 != 0o1000000:
+        return f"Solaris ACL of type {int(digits, 8) & ~0o777777:o} (not a POSIX ACL) left out"
+    return split_acl_text(rest.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"))
+
+
 def _read_special(stream: ByteStream, size: int, kind: str) -> bytes:
     if size > MAX_SPECIAL_SIZE:
         raise TarFormatError(f"{kind} header of {size} bytes exceeds the {MAX_SPECIAL_SIZE} byte bound")
@@ -237,8 +383,11 @@ class TarReader:
     def __init__(self, stream: ByteStream) -> None:
         self.stream = stream
         self._global: dict[str, list[bytes]] = {}
-        self._data_left = 0  # unread data bytes of the current entry
-        self._padding = 0
+        # The current member's data: ``(skip, take)`` steps over the bytes stored for it (one step but
+        # for sparse members), and how many of those bytes (padding included) are still unread.
+        self._steps: list[tuple[int, int]] = []
+        self._step = 0
+        self._member_left = 0
 
     def __iter__(self) -> Iterator[Entry]:
         while True:
@@ -248,15 +397,24 @@ class TarReader:
             yield entry
 
     def data(self, entry: Entry) -> Iterator[memoryview]:
-        """The stored bytes of the current entry, in pieces (for sparse files: the data regions back to back)."""
-        left = self._data_left
-        while left > 0:
-            piece = self.stream.read_up_to(left)
-            if not piece:
-                raise TarFormatError(f"tar stream truncated inside {entry.name!r}")
-            left -= len(piece)
-            self._data_left = left
-            yield piece
+        """The data of the current entry, in pieces (for sparse files: the pieces of ``entry.sparse``
+        back to back)."""
+        steps, stream = self._steps, self.stream
+        while self._step < len(steps):
+            skip, take = steps[self._step]
+            if skip:
+                stream.skip(skip)
+                self._member_left -= skip
+                steps[self._step] = (0, take)
+            while take > 0:
+                piece = stream.read_up_to(take)
+                if not piece:
+                    raise TarFormatError(f"tar stream truncated inside {entry.name!r}")
+                take -= len(piece)
+                self._member_left -= len(piece)
+                steps[self._step] = (0, take)
+                yield piece
+            self._step += 1
 
     def next(self) -> Entry | None:
         while True:
@@ -267,11 +425,12 @@ class TarReader:
 
     def _next(self) -> Entry | None:
         stream = self.stream
-        if self._data_left or self._padding:
+        if self._member_left:
             self._skip_data()
         pax: dict[str, list[bytes]] = {}
         longname: bytes | None = None
         longlink: bytes | None = None
+        solaris_acl: tuple[list[str], list[str]] | str | None = None
         special = 0  # bytes of PAX / long-name headers in front of this entry
         while True:
             first = stream.read_up_to(BLOCK)
@@ -290,7 +449,7 @@ class TarReader:
                 raise TarFormatError("negative size in tar header")
             if typeflag == _SOLARIS_PAX:
                 typeflag = _PAX
-            if typeflag in (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK) and size <= MAX_SPECIAL_SIZE:
+            if typeflag in (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK, _SOLARIS_ACL) and size <= MAX_SPECIAL_SIZE:
                 special += size
                 if special > 4 * MAX_SPECIAL_SIZE:
                     raise TarFormatError(f"more than {4 * MAX_SPECIAL_SIZE} bytes of extended headers for one entry")
@@ -308,6 +467,9 @@ class TarReader:
                 continue
             if typeflag == _GNU_LONGLINK:
                 longlink = _cstr(_read_special(stream, size, "GNU long link"))
+                continue
+            if typeflag == _SOLARIS_ACL:
+                solaris_acl = _solaris_acl(_read_special(stream, size, "Solaris ACL"))
                 continue
             break
 
@@ -347,27 +509,103 @@ class TarReader:
         if typeflag == _GNU_SPARSE:
             entry.type = REG
             entry.sparse = self._gnu_old_sparse(header)
-            entry.realsize = _parse_number(header[483:495])
         merged = {**self._global, **pax} if self._global else pax
+        acl_access: list[str] = []
+        acl_default: list[str] = []
         if merged:
             sparse_v1 = self._apply_pax(entry, merged)
+            if "SCHILY.acl.access" in merged:
+                acl_access = split_acl_text(merged["SCHILY.acl.access"][-1].decode("utf-8", "surrogateescape"))[0]
+            if "SCHILY.acl.default" in merged:
+                acl_default = split_acl_text(merged["SCHILY.acl.default"][-1].decode("utf-8", "surrogateescape"))[0]
         if entry.type == REG and entry.sparse is None and not sparse_v1 and entry.name.endswith(b"/"):
             entry.type = DIR  # old (BSD) tars mark directories by a trailing slash only; GNU tar agrees
         if entry.type not in _KNOWN:  # GNU tar would extract these as regular files, with a warning
             raise TarFormatError(f"unsupported tar entry type {entry.type!r} for {entry.name!r}")
-        self._data_left = entry.size
-        self._padding = -entry.size % BLOCK
+        if isinstance(solaris_acl, str):
+            entry.notes = [solaris_acl]
+        elif solaris_acl is not None:
+            acl_access, acl_default = solaris_acl
+        if acl_access or acl_default:
+            _apply_acls(entry, acl_access, acl_default)
+        stored = entry.size  # what the archive holds for this member
+        if entry.type in _NO_DATA:
+            entry.size = 0
+            if typeflag != _GNU_DUMPDIR and not (entry.type == LINK and stored and merged and self._link_data_follows()):
+                stored = 0  # GNU tar, libarchive and tarfile read no data for these, whatever the size says
+        self._steps, self._step = [(0, entry.size)], 0
+        self._member_left = stored + (-stored % BLOCK)
         if sparse_v1:
             entry.sparse = self._pax_sparse_v1_map(entry)
+            stored = entry.size
+        if entry.sparse is not None:
+            self._plan_sparse(entry, stored)
         return entry
 
+    def _link_data_follows(self) -> bool:
+        """Whether a pax hardlink's size is data that follows (``pax -o linkdata``: the pax standard allows
+        it) rather than a size field GNU tar ignores: data, unless the next block is a header or the end."""
+        block = self.stream.read_up_to(BLOCK).tobytes()
+        while block and len(block) < BLOCK:
+            more = self.stream.read_up_to(BLOCK - len(block))
+            if not more:
+                break
+            block += more.tobytes()
+        self.stream.unread(block)
+        if len(block) < BLOCK or block == bytes(BLOCK):
+            return False
+        try:
+            return not _checksum_ok(block)
+        except TarFormatError:
+            return True
+
     def _skip_data(self) -> None:
-        self.stream.skip(self._data_left + self._padding)
-        self._data_left = self._padding = 0
+        self.stream.skip(self._member_left)
+        self._member_left = 0
+        self._steps, self._step = [], 0
 
     def finish_entry(self) -> None:
         """Skip what the caller did not read of the current entry, and its padding."""
         self._skip_data()
+
+    def _plan_sparse(self, entry: Entry, stored: int) -> None:
+        """GNU tar's extraction of a sparse member, replayed on its map: each region's data starts at a
+        block boundary of the stored data (GNU tar reads a region in whole blocks) and is written at the
+        region's offset, later regions over earlier ones; a zero-length region truncates the file at its
+        offset (how GNU tar's writers end a file in a hole: the logical size is where the replay ends,
+        whatever a realsize field says). What survives becomes ``entry.sparse`` (disjoint, in stream
+        order), ``entry.size`` its total and ``entry.realsize`` the file's size; stored bytes the map does
+        not use are skipped, as GNU tar skips them."""
+        regions = entry.sparse or []
+        starts: list[int] = []
+        pos = size = 0
+        ordered = True
+        for off, length in regions:
+            if off < 0 or length < 0:
+                raise TarFormatError(f"{entry.name!r}: negative sparse map entry")
+            starts.append(pos)
+            pos += -(-length // BLOCK) * BLOCK
+            ordered = ordered and off >= size
+            size = off if length == 0 else max(size, off + length)
+        if pos > stored + (-stored % BLOCK):
+            raise TarFormatError(f"{entry.name!r}: the sparse map needs {pos} bytes of data, {stored} are stored")
+        if ordered:  # every writer's case: regions in order, none over another
+            live = [[(off, off + length)] if length else [] for off, length in regions]
+        else:
+            live = _live_pieces(regions)
+        entry.sparse, steps = [], []
+        at = 0
+        for (off, _), start, pieces in zip(regions, starts, live):
+            for lo, hi in pieces:
+                where = start + lo - off
+                steps.append((where - at, hi - lo))
+                entry.sparse.append((lo, hi - lo))
+                at = where + hi - lo
+        entry.size = sum(length for _, length in entry.sparse)
+        entry.realsize = size
+        self._steps, self._step = steps, 0
+        if len(entry.sparse) > MAX_SPARSE_ENTRIES:
+            raise TarFormatError("too many sparse regions")
 
     def _gnu_old_sparse(self, header: bytes) -> list[tuple[int, int]]:
         regions: list[tuple[int, int]] = []
@@ -463,8 +701,45 @@ class TarReader:
             raise TarFormatError(f"sparse map of {entry.name!r} has {count} regions")
         regions = [(next_number(), next_number()) for _ in range(count)]
         entry.size -= consumed
-        self._data_left = entry.size
+        self._member_left -= consumed
         return regions
+
+
+def _live_pieces(regions: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """For a sparse map out of order or overlapping (no writer makes one, GNU tar replays it): per region,
+    the ``[lo, hi)`` parts of it that no later region overwrites and no later truncation cuts off. Walked
+    backwards, with the union of later regions kept as sorted disjoint intervals."""
+    covered: list[tuple[int, int]] = []
+    cut = 1 << 63
+    out: list[list[tuple[int, int]]] = [[] for _ in regions]
+    for i in range(len(regions) - 1, -1, -1):
+        off, length = regions[i]
+        if not length:
+            cut = min(cut, off)
+            continue
+        lo, hi = off, min(off + length, cut)
+        j = max(bisect.bisect_right(covered, (lo, lo)) - 1, 0)
+        for a, b in covered[j:]:
+            if lo >= hi or a >= hi:
+                break
+            if b <= lo:
+                continue
+            if a > lo:
+                out[i].append((lo, a))
+            lo = b
+        if lo < hi:
+            out[i].append((lo, hi))
+        # the region joins the union (merged with what it touches)
+        a, b = off, off + length
+        j = bisect.bisect_left(covered, (a, a))
+        if j and covered[j - 1][1] >= a:
+            j -= 1
+        k = j
+        while k < len(covered) and covered[k][0] <= b:
+            a, b = min(a, covered[k][0]), max(b, covered[k][1])
+            k += 1
+        covered[j:k] = [(a, b)]
+    return out
 
 
 Token = Entry | memoryview
