@@ -482,6 +482,43 @@ def test_an_acl_naming_a_user_without_an_id_is_left_out_and_reported(make_image,
                for s in result.report.skipped), result.report.skipped
 
 
+# Archives GNU tar extracts that go past one of the parser's limits: they stop only there, with an error
+# naming it, and a raised limit (``--limit NAME=N``) lets them through with GNU tar's result.
+def _sparse_many(regions: int) -> bytes:
+    return (pax([("GNU.sparse.major", "0"), ("GNU.sparse.minor", "1"), ("GNU.sparse.name", "many"),
+                 ("GNU.sparse.size", str(regions * 8192)), ("GNU.sparse.numblocks", str(regions)),
+                 ("GNU.sparse.map", ",".join("%d,512" % (i * 8192) for i in range(regions)))])
+            + member(b"GNUSparseFile.0/many", b"s" * 512 * regions) + END)
+
+
+OVER_LIMITS = {
+    "max_header_bytes": (pax([("comment", "c" * (2 << 20)), ("SCHILY.xattr.user.k", "v")])
+                         + member(b"file", b"after a 2 MiB PAX header") + END, 3 << 20),
+    "max_global_records": (pax([(f"comment.{i}", "v") for i in range(100)] + [("uid", "77")], b"g",
+                               b"pax_global_header") + member(b"file", b"owned by a global record") + END, 200),
+    "max_sparse_regions": (_sparse_many(300), 1000),
+}
+
+
+@pytest.mark.parametrize("limit", list(OVER_LIMITS))
+def test_only_a_named_settable_limit_stops_what_gnu_tar_extracts(limit: str, make_image, tmp_path: Path) -> None:
+    import dataclasses
+
+    from dirge.apply.layer import Limits
+    from dirge.cli import _limits
+    from dirge.errors import LimitExceeded
+
+    archive, enough = OVER_LIMITS[limit]
+    reference = gnu_reference(archive, tmp_path)
+    ref = make_image([archive])
+    low = dataclasses.replace(Limits(), **{limit: 100 if limit == "max_sparse_regions" else getattr(Limits(), limit)})
+    with pytest.raises(LimitExceeded, match=f"limit {limit} .*--limit {limit}=N"):
+        unpack(ref, tmp_path / "stopped", limits=low)
+    assert _limits((f"{limit}={enough}",)) == dataclasses.replace(Limits(), **{limit: enough})
+    unpack(ref, tmp_path / "tree", limits=_limits((f"{limit}={enough}",)))
+    assert_same(snapshot(tmp_path / "tree"), reference, "tree")
+
+
 REFUSED = {
     # GNU tar cannot extract a member continued from another volume either (it says so and exits 2).
     "gnu-multi-volume": (member(b"continued", b"rest of a file", type_=b"M") + member(b"after", b"x") + END,

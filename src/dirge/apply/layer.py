@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from ..errors import LimitExceeded, UnpackError, UnsafeLayer
 from .fs import Report
 from .root import clean_path
-from .tar import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, EntryStream
+from .tar import (BLK, CHR, DIR, FIFO, LINK, MAX_GLOBAL_RECORDS, MAX_HEADER_BYTES, MAX_SPARSE_REGIONS, REG, SYMLINK,
+                  Entry, EntryStream)
 from .tree import NO_XATTRS, NODE_BYTES, Node, Parts, Sink
 from . import tree
 
@@ -47,16 +48,22 @@ class Limits:
 
     ``max_tree_bytes`` bounds the merge engine's in-memory tree (an estimate: ``tree.NODE_BYTES`` per
     node plus names, link targets and xattrs; 2 GiB is about 6 million entries), so a huge entry count
-    stops with an error, not an OOM."""
+    stops with an error, not an OOM. The tar parser's own bounds: ``max_header_bytes`` for a member's
+    extended headers together (PAX, GNU long names, a Solaris ACL; each global PAX header alone),
+    ``max_sparse_regions`` for one sparse map, ``max_global_records`` for the global PAX records in force."""
 
     max_total_bytes: int = 64 << 30
     max_entries: int = 4_000_000
     max_depth: int = 256
     max_file_bytes: int = 16 << 30
     max_tree_bytes: int = 2 << 30
+    max_header_bytes: int = MAX_HEADER_BYTES
+    max_sparse_regions: int = MAX_SPARSE_REGIONS
+    max_global_records: int = MAX_GLOBAL_RECORDS
 
     def __post_init__(self) -> None:
-        for name in ("max_total_bytes", "max_entries", "max_depth", "max_file_bytes", "max_tree_bytes"):
+        for name in ("max_total_bytes", "max_entries", "max_depth", "max_file_bytes", "max_tree_bytes",
+                     "max_header_bytes", "max_sparse_regions", "max_global_records"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"limit {name} must be positive")
 

@@ -22,15 +22,21 @@ import re
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ..errors import ImageError
+from ..errors import ImageError, LimitExceeded
 from .root import clean_path
 
+if TYPE_CHECKING:
+    from .layer import Limits
+
 BLOCK = 512
-# Go's archive/tar uses the same bound for PAX and GNU long-name headers.
-MAX_SPECIAL_SIZE = 1 << 20
-MAX_SPARSE_ENTRIES = 1 << 16
-# Global records are merged into every later entry: keep them few, or each entry costs them all.
+# Defaults of the parser's limits (``Limits.max_header_bytes`` etc., settable with ``--limit``):
+# the extended headers of one member together (PAX, GNU long names, a Solaris ACL; Go's archive/tar
+# bounds each at 1 MiB too), the regions of one sparse map, and global PAX records, which are merged
+# into every later entry (so each entry costs them all).
+MAX_HEADER_BYTES = 1 << 20
+MAX_SPARSE_REGIONS = 1 << 16
 MAX_GLOBAL_RECORDS = 64
 
 REG, LINK, SYMLINK, CHR, BLK, DIR, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
@@ -369,9 +375,9 @@ def _solaris_acl(data: bytes) -> tuple[list[str], list[str]] | str:
     return split_acl_text(rest.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"))
 
 
-def _read_special(stream: ByteStream, size: int, kind: str) -> bytes:
-    if size > MAX_SPECIAL_SIZE:
-        raise TarFormatError(f"{kind} header of {size} bytes exceeds the {MAX_SPECIAL_SIZE} byte bound")
+def _read_special(stream: ByteStream, size: int, limit: int) -> bytes:
+    if size > limit:
+        raise LimitExceeded("max_header_bytes", size, limit)
     data = stream.read_exact(size)
     stream.skip(-size % BLOCK)
     return data
@@ -380,8 +386,11 @@ def _read_special(stream: ByteStream, size: int, kind: str) -> bytes:
 class TarReader:
     """Iterate entries; the caller reads each entry's data (or not) before asking for the next."""
 
-    def __init__(self, stream: ByteStream) -> None:
+    def __init__(self, stream: ByteStream, limits: "Limits | None" = None) -> None:
         self.stream = stream
+        self.max_header_bytes = limits.max_header_bytes if limits else MAX_HEADER_BYTES
+        self.max_sparse_regions = limits.max_sparse_regions if limits else MAX_SPARSE_REGIONS
+        self.max_global_records = limits.max_global_records if limits else MAX_GLOBAL_RECORDS
         self._global: dict[str, list[bytes]] = {}
         # The current member's data: ``(skip, take)`` steps over the bytes stored for it (one step but
         # for sparse members), and how many of those bytes (padding included) are still unread.
@@ -449,27 +458,27 @@ class TarReader:
                 raise TarFormatError("negative size in tar header")
             if typeflag == _SOLARIS_PAX:
                 typeflag = _PAX
-            if typeflag in (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK, _SOLARIS_ACL) and size <= MAX_SPECIAL_SIZE:
+            if typeflag in (_PAX, _GNU_LONGNAME, _GNU_LONGLINK, _SOLARIS_ACL):
                 special += size
-                if special > 4 * MAX_SPECIAL_SIZE:
-                    raise TarFormatError(f"more than {4 * MAX_SPECIAL_SIZE} bytes of extended headers for one entry")
+                if special > self.max_header_bytes:
+                    raise LimitExceeded("max_header_bytes", special, self.max_header_bytes)
             if typeflag in (_PAX, _PAX_GLOBAL):
                 if typeflag == _PAX_GLOBAL:  # like GNU tar: a global header replaces the previous one's records
                     self._global = target = {}
                 else:
                     target = pax
-                _parse_pax(_read_special(stream, size, "PAX"), target)
-                if len(self._global) > MAX_GLOBAL_RECORDS:
-                    raise TarFormatError(f"more than {MAX_GLOBAL_RECORDS} global PAX records")
+                _parse_pax(_read_special(stream, size, self.max_header_bytes), target)
+                if len(self._global) > self.max_global_records:
+                    raise LimitExceeded("max_global_records", len(self._global), self.max_global_records)
                 continue
             if typeflag == _GNU_LONGNAME:
-                longname = _cstr(_read_special(stream, size, "GNU long name"))
+                longname = _cstr(_read_special(stream, size, self.max_header_bytes))
                 continue
             if typeflag == _GNU_LONGLINK:
-                longlink = _cstr(_read_special(stream, size, "GNU long link"))
+                longlink = _cstr(_read_special(stream, size, self.max_header_bytes))
                 continue
             if typeflag == _SOLARIS_ACL:
-                solaris_acl = _solaris_acl(_read_special(stream, size, "Solaris ACL"))
+                solaris_acl = _solaris_acl(_read_special(stream, size, self.max_header_bytes))
                 continue
             break
 
@@ -604,8 +613,8 @@ class TarReader:
         entry.size = sum(length for _, length in entry.sparse)
         entry.realsize = size
         self._steps, self._step = steps, 0
-        if len(entry.sparse) > MAX_SPARSE_ENTRIES:
-            raise TarFormatError("too many sparse regions")
+        if len(entry.sparse) > self.max_sparse_regions:  # (a region overwritten in part leaves two)
+            raise LimitExceeded("max_sparse_regions", len(entry.sparse), self.max_sparse_regions)
 
     def _gnu_old_sparse(self, header: bytes) -> list[tuple[int, int]]:
         regions: list[tuple[int, int]] = []
@@ -623,8 +632,8 @@ class TarReader:
             block = self.stream.read_exact(BLOCK)
             take(block, 0, 21)
             extended = block[504]
-            if len(regions) > MAX_SPARSE_ENTRIES:
-                raise TarFormatError("too many sparse regions")
+            if len(regions) > self.max_sparse_regions:
+                raise LimitExceeded("max_sparse_regions", len(regions), self.max_sparse_regions)
         return regions
 
     def _apply_pax(self, entry: Entry, pax: dict[str, list[bytes]]) -> bool:
@@ -666,13 +675,17 @@ class TarReader:
                 sparse_v1 = True
             elif "GNU.sparse.map" in pax:  # 0.1
                 nums = _ints(pax["GNU.sparse.map"][-1], "GNU.sparse.map")
-                if len(nums) % 2 or len(nums) > 2 * MAX_SPARSE_ENTRIES:
+                if len(nums) % 2:
                     raise TarFormatError("malformed GNU.sparse.map")
+                if len(nums) > 2 * self.max_sparse_regions:
+                    raise LimitExceeded("max_sparse_regions", len(nums) // 2, self.max_sparse_regions)
                 entry.sparse = list(zip(nums[0::2], nums[1::2]))
             else:  # 0.0: repeated offset/numbytes records
                 offs, lens = pax.get("GNU.sparse.offset", []), pax.get("GNU.sparse.numbytes", [])
-                if len(offs) != len(lens) or len(offs) > MAX_SPARSE_ENTRIES:
+                if len(offs) != len(lens):
                     raise TarFormatError("malformed GNU sparse 0.0 map")
+                if len(offs) > self.max_sparse_regions:
+                    raise LimitExceeded("max_sparse_regions", len(offs), self.max_sparse_regions)
                 entry.sparse = [(_ints(o, "GNU sparse offset")[0], _ints(n, "GNU sparse numbytes")[0])
                                 for o, n in zip(offs, lens) if o.strip() and n.strip()]
         return sparse_v1
@@ -697,8 +710,10 @@ class TarReader:
                 raise TarFormatError(f"malformed sparse map in {entry.name!r}") from None
 
         count = next_number()
-        if count < 0 or count > MAX_SPARSE_ENTRIES:
-            raise TarFormatError(f"sparse map of {entry.name!r} has {count} regions")
+        if count < 0:
+            raise TarFormatError(f"malformed sparse map in {entry.name!r}")
+        if count > self.max_sparse_regions:
+            raise LimitExceeded("max_sparse_regions", count, self.max_sparse_regions)
         regions = [(next_number(), next_number()) for _ in range(count)]
         entry.size -= consumed
         self._member_left -= consumed
@@ -746,10 +761,10 @@ Token = Entry | memoryview
 INLINE_BYTES = 64 << 10  # smaller files travel inside their Entry, not as separate tokens
 
 
-def tokens(chunks: Iterator[bytes]) -> Iterator[Token]:
+def tokens(chunks: Iterator[bytes], limits: "Limits | None" = None) -> Iterator[Token]:
     """Flatten a tar stream to ``Entry, data, data, Entry, ...`` (run on the decompression thread, so
     header parsing overlaps with the filesystem work of the applier)."""
-    reader = TarReader(ByteStream(chunks))
+    reader = TarReader(ByteStream(chunks), limits)
     for entry in reader:
         entry.parts = clean_path(entry.name)
         if entry.size <= INLINE_BYTES:
