@@ -314,7 +314,7 @@ def acl_entries(items: list[str]) -> list[tuple[int, int, int]]:
         if tags[1] is None:
             raise _AclUnusable(f"malformed entry {item[:40]!r}")
         number = fields[3] if len(fields) == 4 else qualifier
-        if not number.isdigit() or int(number) > _MAX_ID:
+        if not (number.isascii() and number.isdigit()) or int(number) > _MAX_ID:
             raise _AclUnusable(f"{fields[0]} {qualifier!r} has no numeric id")
         entries.append((tags[1], _acl_perm(perm), int(number)))
     entries.sort()
@@ -407,23 +407,21 @@ class TarReader:
 
     def data(self, entry: Entry) -> Iterator[memoryview]:
         """The data of the current entry, in pieces (for sparse files: the pieces of ``entry.sparse``
-        back to back)."""
+        back to back). Read once, whole or not at all: what is left is skipped by the next ``next()``."""
         steps, stream = self._steps, self.stream
         while self._step < len(steps):
             skip, take = steps[self._step]
+            self._step += 1
             if skip:
                 stream.skip(skip)
                 self._member_left -= skip
-                steps[self._step] = (0, take)
             while take > 0:
                 piece = stream.read_up_to(take)
                 if not piece:
                     raise TarFormatError(f"tar stream truncated inside {entry.name!r}")
                 take -= len(piece)
                 self._member_left -= len(piece)
-                steps[self._step] = (0, take)
                 yield piece
-            self._step += 1
 
     def next(self) -> Entry | None:
         while True:
@@ -519,8 +517,8 @@ class TarReader:
             entry.type = REG
             entry.sparse = self._gnu_old_sparse(header)
         merged = {**self._global, **pax} if self._global else pax
-        acl_access: list[str] = []
-        acl_default: list[str] = []
+        acl_access: list[str] | None = None
+        acl_default: list[str] | None = None
         if merged:
             sparse_v1 = self._apply_pax(entry, merged)
             if "SCHILY.acl.access" in merged:
@@ -535,14 +533,16 @@ class TarReader:
             entry.notes = [solaris_acl]
         elif solaris_acl is not None:
             acl_access, acl_default = solaris_acl
-        if acl_access or acl_default:
-            _apply_acls(entry, acl_access, acl_default)
+        if (acl_access or acl_default) and entry.type not in (SYMLINK, LINK):  # (a link has its target's)
+            _apply_acls(entry, acl_access or [], acl_default or [])
+        if entry.type != REG:  # a sparse map means nothing on other types (and its 1.0 form is not there)
+            entry.sparse, entry.realsize, sparse_v1 = None, None, False
         stored = entry.size  # what the archive holds for this member
         if entry.type in _NO_DATA:
             entry.size = 0
             if typeflag != _GNU_DUMPDIR and not (entry.type == LINK and stored and merged and self._link_data_follows()):
                 stored = 0  # GNU tar, libarchive and tarfile read no data for these, whatever the size says
-        self._steps, self._step = [(0, entry.size)], 0
+        self._steps, self._step = [(0, entry.size)] if entry.size else [], 0
         self._member_left = stored + (-stored % BLOCK)
         if sparse_v1:
             entry.sparse = self._pax_sparse_v1_map(entry)
@@ -571,7 +571,7 @@ class TarReader:
     def _skip_data(self) -> None:
         self.stream.skip(self._member_left)
         self._member_left = 0
-        self._steps, self._step = [], 0
+        self._step = len(self._steps)
 
     def finish_entry(self) -> None:
         """Skip what the caller did not read of the current entry, and its padding."""
