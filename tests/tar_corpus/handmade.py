@@ -215,10 +215,42 @@ def _sparse_old(name: str, realsize: int, regions: list[int], data: bytes) -> by
     return out + pad(data)
 
 
-SPARSE_WRITERS = {"0.0": _sparse_00, "0.1": _sparse_01, "1.0": _sparse_10, "old": _sparse_old}
+def _star_times() -> dict[int, bytes]:
+    """star's header tail (GNU tar's ``struct star_header``): atime and ctime ended by a space, "tar\\0"."""
+    return {476: b"%011o " % 1_400_000_000, 488: b"%011o " % 1_400_000_001, 508: b"tar\0"}
 
 
-def _sparse_cases(write) -> bytes:
+def _sparse_star(name: str, realsize: int, regions: list[int], data: bytes, *, in_header: bool = True) -> bytes:
+    """star's ``S`` (GNU tar's ``struct star_in_header``): ustar magic, four regions at 356 with the
+    extension flag at 355 and the realsize at 452; in star's newer layout (``in_header=False``) every
+    region is in the extension blocks (21 each, flag at 504)."""
+    pairs = list(zip(regions[0::2], regions[1::2]))
+
+    def slots(chunk: list[tuple[int, int]]) -> bytes:
+        return b"".join(octal(off, 12) + octal(length, 12) for off, length in chunk)
+
+    head, rest = (pairs[:4], pairs[4:]) if in_header else ([], pairs)
+    fields = {356: slots(head), 355: b"\1" if rest else b"\0", 452: octal(realsize, 12), **_star_times()}
+    out = header(name.encode(), b"S", size=len(data), fields=fields)
+    while rest or not in_header:
+        in_header = True
+        chunk, rest = rest[:21], rest[21:]
+        block = bytearray(512)
+        block[0:24 * len(chunk)] = slots(chunk)
+        block[504] = 1 if rest else 0
+        out += bytes(block)
+    return out + pad(data)
+
+
+def _sparse_star_new(name: str, realsize: int, regions: list[int], data: bytes) -> bytes:
+    return _sparse_star(name, realsize, regions, data, in_header=False)
+
+
+SPARSE_WRITERS = {"0.0": _sparse_00, "0.1": _sparse_01, "1.0": _sparse_10, "old": _sparse_old, "star": _sparse_star,
+                  "star-new": _sparse_star_new}
+
+
+def _sparse_cases(write, name: str) -> bytes:
     """Maps GNU tar extracts though no GNU tar writes them. GNU tar replays a map: each region's data
     starts on a block of its own, is written at its offset (later regions over earlier ones), and a
     zero-length region truncates the file there; the size is where that ends, whatever the realsize
@@ -226,7 +258,8 @@ def _sparse_cases(write) -> bytes:
     a, b, c = b"a" * 100, b"b" * 10, b"c" * 700
     return (write("realsize-larger", 10_000, [0, 100, 5000, 0], a)
             + write("no-end-marker", 10_000, [0, 100], a)
-            + write("more-stored-than-mapped", 5000, [0, 100, 5000, 0], a + b"x" * 900)
+            # (GNU tar skips the rest, except after star's newer layout, where it loses its place)
+            + (write("more-stored-than-mapped", 5000, [0, 100, 5000, 0], a + b"x" * 900) if name != "star-new" else b"")
             + write("truncated-in-the-middle", 5000, [0, 100, 50, 0, 1000, 10], pad(a) + b)
             + write("out-of-order", 5000, [1000, 10, 0, 100], pad(b) + a)
             + write("overlapping", 5000, [0, 700, 100, 100, 650, 0, 2000, 10], pad(c) + pad(a) + b)
@@ -246,7 +279,7 @@ GNU_REFERENCE: dict[str, bytes] = {
     "nodata-sizes": _nodata_sizes(),
     "pax-size-on-nodata": _pax_size_on_nodata(),
     "star-acls-numeric": _star_acls_numeric(),
-    **{f"gnu-sparse-{v}-replay": _sparse_cases(w) for v, w in SPARSE_WRITERS.items()},
+    **{f"gnu-sparse-{v}-replay": _sparse_cases(w, v) for v, w in SPARSE_WRITERS.items()},
     "gnu-sparse-realsize-smaller": _sparse_realsize_smaller(),
 }
 # Compared with bsdtar, which reads these as their writers meant (GNU tar does not).

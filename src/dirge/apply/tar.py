@@ -1,5 +1,5 @@
 """A streaming tar reader: what GNU tar reads, with GNU tar's result (tests/test_tar_dialects.py): v7,
-ustar, star, PAX (xattrs, sparse 0.0/0.1/1.0, global and Solaris ``X`` headers), GNU (long names, sparse,
+ustar, star (sparse too), PAX (xattrs, sparse 0.0/0.1/1.0, global and Solaris ``X`` headers), GNU (long names, sparse,
 dump directories, volume labels), base-256 numbers, signed checksums, POSIX ACLs (star's
 ``SCHILY.acl.*`` text and Solaris ``A`` headers, as ``system.posix_acl_*`` xattrs). GNU multi-volume
 members and unknown entry types are refused (GNU tar extracts the latter as regular files, with a warning).
@@ -162,6 +162,13 @@ def _parse_number(field_: bytes) -> int:
         if not _OCTAL.fullmatch(text):
             raise TarFormatError(f"bad numeric field {field_!r} in tar header")
     return int(text or b"0", 8)
+
+
+def _is_star(header: bytes) -> bool:
+    """GNU tar's test for a star header: ustar magic, and atime and ctime fields (476, 488) in octal
+    ended by a space where ustar's prefix would go on."""
+    return (header[257:263] == b"ustar\0" and header[475] == 0 and 48 <= header[476] <= 55 and header[487] == 32
+            and 48 <= header[488] <= 55 and header[499] == 32)
 
 
 def _cstr(field_: bytes) -> bytes:
@@ -617,21 +624,29 @@ class TarReader:
             raise LimitExceeded("max_sparse_regions", len(entry.sparse), self.max_sparse_regions)
 
     def _gnu_old_sparse(self, header: bytes) -> list[tuple[int, int]]:
+        """An ``S`` header's map, read as GNU tar reads it: old GNU keeps 4 regions in the header (an
+        extension flag at 482), star 4 at 356 (flag at 355; in star's newer layout all of them in the
+        extension blocks); each extension block holds 21 and its own flag at 504. A slot whose size
+        field is empty ends the map, extension blocks included."""
         regions: list[tuple[int, int]] = []
 
-        def take(block: bytes, start: int, count: int) -> None:
+        def take(block: bytes, start: int, count: int) -> bool:
             for i in range(count):
                 off = start + 24 * i
-                if block[off] == 0:
-                    return
+                if block[off + 12] == 0:
+                    return False
                 regions.append((_parse_number(block[off:off + 12]), _parse_number(block[off + 12:off + 24])))
+            return True
 
-        take(header, 386, 4)
-        extended = header[482]
+        if not _is_star(header):
+            extended = take(header, 386, 4) and header[482]
+        elif header[345] == 0 and header[356 + 10] != 0:
+            extended = take(header, 356, 4) and header[355]
+        else:
+            extended = 1
         while extended:
             block = self.stream.read_exact(BLOCK)
-            take(block, 0, 21)
-            extended = block[504]
+            extended = take(block, 0, 21) and block[504]
             if len(regions) > self.max_sparse_regions:
                 raise LimitExceeded("max_sparse_regions", len(regions), self.max_sparse_regions)
         return regions
