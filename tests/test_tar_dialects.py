@@ -482,6 +482,16 @@ def test_an_acl_naming_a_user_without_an_id_is_left_out_and_reported(make_image,
                for s in result.report.skipped), result.report.skipped
 
 
+def test_a_solaris_nfsv4_acl_is_left_out_and_reported(make_image, tmp_path: Path) -> None:
+    """Solaris ``A`` headers also carry NFSv4 ACLs (type 2), which have no POSIX ACL form."""
+    archive = (member(b"file", b"2000002\0owner@:rwxp:allow,everyone@:r:allow\0", type_=b"A")
+               + member(b"file", b"x", mode=0o640) + END)
+    result = unpack(make_image([archive]), tmp_path / "tree")
+    assert (tmp_path / "tree/file").read_bytes() == b"x"
+    assert os.listxattr(tmp_path / "tree/file") == []
+    assert "file: Solaris ACL of type 2000000 (not a POSIX ACL) left out" in result.report.skipped
+
+
 # Archives GNU tar extracts that go past one of the parser's limits: they stop only there, with an error
 # naming it, and a raised limit (``--limit NAME=N``) lets them through with GNU tar's result.
 def _sparse_many(regions: int) -> bytes:
@@ -597,3 +607,24 @@ def test_corpus_exercises_its_dialect(name: str, corpus) -> None:
     archive, _ = corpus(name)
     missing = EXPECTED_FEATURES[name] - header_features(archive.read_bytes())
     assert not missing, f"{name} lacks {sorted(missing)}"
+
+
+def test_sparse_replay_keeps_what_a_byte_by_byte_replay_keeps() -> None:
+    """Maps out of order, overlapping and truncating (zero-length regions): the pieces dirge keeps are
+    exactly the bytes GNU tar's replay leaves, each from the last region that wrote it."""
+    import random
+
+    from dirge.apply.tar import _live_pieces
+
+    rng = random.Random(18)
+    for _ in range(3000):
+        regions = [(rng.randint(0, 60), rng.choice([0, rng.randint(1, 20)])) for _ in range(rng.randint(1, 8))]
+        owner: dict[int, int] = {}
+        for i, (off, length) in enumerate(regions):
+            if not length:
+                owner = {x: w for x, w in owner.items() if x < off}
+            owner.update((x, i) for x in range(off, off + length))
+        kept = _live_pieces(regions)
+        for i, pieces in enumerate(kept):
+            assert all(a < b for a, b in pieces) and all(pieces[j][1] <= pieces[j + 1][0] for j in range(len(pieces) - 1))
+            assert {x for a, b in pieces for x in range(a, b)} == {x for x, w in owner.items() if w == i}, regions

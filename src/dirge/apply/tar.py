@@ -748,10 +748,10 @@ def _live_pieces(regions: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
             cut = min(cut, off)
             continue
         lo, hi = off, min(off + length, cut)
-        j = max(bisect.bisect_right(covered, (lo, lo)) - 1, 0)
-        for a, b in covered[j:]:
-            if lo >= hi or a >= hi:
-                break
+        k = max(bisect.bisect_right(covered, (lo, lo)) - 1, 0)
+        while k < len(covered) and lo < hi and covered[k][0] < hi:
+            a, b = covered[k]
+            k += 1
             if b <= lo:
                 continue
             if a > lo:
