@@ -23,7 +23,7 @@ import errno
 import os
 from dataclasses import dataclass
 
-from ..errors import LimitExceeded, UnpackError, UnsafeLayer
+from ..errors import DirgeError, LimitExceeded, UnpackError, UnsafeLayer
 from .fs import Report
 from .root import clean_path
 from .tar import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, EntryStream
@@ -98,9 +98,11 @@ class Applier:
         for entry in stream:
             try:
                 self._apply_entry(stream, entry)
+            except DirgeError:  # a decision already made (the engine's, a sink's, the host's): keep its class
+                raise
             except OSError as exc:
                 raise UnpackError(f"write {_name(entry)}: {exc.strerror or exc}") from exc
-            except (ValueError, OverflowError) as exc:  # values the kernel interfaces refuse
+            except (ValueError, OverflowError) as exc:  # values the kernel interfaces refuse for this entry
                 raise UnsafeLayer(_name(entry), str(exc)) from exc
         self.report.layers += 1
 

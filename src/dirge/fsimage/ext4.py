@@ -68,7 +68,7 @@ from ..apply import tree
 from ..apply.tree import Node, Parts
 from ..fsutil import fd_path, raise_no_space
 from .imagesink import XATTR_ACLS, Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
-from ..errors import ImageError
+from ..errors import SinkError
 
 from ..apply.tar import sparse_pieces
 
@@ -93,7 +93,7 @@ Extent = tuple[int, int, int]  # (logical block, physical block, length)
 
 
 
-class Ext4Error(ImageError, ValueError):
+class Ext4Error(SinkError):
     """The tree holds something an ext4 image cannot represent (or a caller broke the Sink contract)."""
 
     def __init__(self, what: str) -> None:
