@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import needs_root, needs_tool
+from conftest import needs_root, needs_tool, require
 from dirge import unpack
 from dirge.apply.fs import Report
 from dirge.apply.tree import BLK, CHR, FIFO, SOCK, Node
@@ -223,9 +223,9 @@ def test_everything_mounts_as_the_directory_sink_writes_it(tmp_path: Path, mount
     assert os.lstat(mnt / "l59").st_blocks == 0 and os.lstat(mnt / "l60").st_blocks == 8
     assert os.getxattr(mnt / "d/acl", "system.posix_acl_access") == ACCESS_ACL
     assert os.getxattr(mnt / "dacl", "system.posix_acl_default") == DEFAULT_ACL
-    if shutil.which("getfacl"):
-        acl = subprocess.run(["getfacl", "-n", "-p", str(mnt / "d/acl")], capture_output=True, text=True).stdout
-        assert "user:1000:r-x" in acl and "mask::rwx" in acl
+    require(shutil.which("getfacl") is not None, "needs getfacl (acl, installed by scripts/setup.sh --test)")
+    acl = subprocess.run(["getfacl", "-n", "-p", str(mnt / "d/acl")], capture_output=True, text=True).stdout
+    assert "user:1000:r-x" in acl and "mask::rwx" in acl
     assert os.getxattr(mnt / "ping", "security.capability") == CAPABILITY
     assert os.getxattr(mnt / "fat", "user.fat") == b"f" * 3000
     assert os.lstat(mnt / "sparse").st_blocks == 24  # blocks 0, 146, 147: the holes are not allocated
