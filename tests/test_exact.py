@@ -99,3 +99,61 @@ def test_whiteouts_hide_lower_layers_only_in_any_order(case: str, tmp_path: Path
         assert set(ours["entries"]) == kept | {"c", "c/keep"}, sink
         differences = diff(ours, reference)
         assert not differences, f"{sink} vs umoci:\n" + "\n".join(differences)
+
+
+# -- no umask, no cwd in the output ------------------------------------------------------------------
+
+_RUN_UNDER_UMASK = """
+import os, sys
+from pathlib import Path
+os.umask(int(sys.argv[2], 8))
+from dirge import unpack
+from dirge.session.customize import FileSpec, add_user, write_files
+from dirge.unpack import open_image, write_erofs, write_ext4
+ref = sys.argv[1]
+unpack(ref, "tree")  # relative to the cwd, as a caller may give it
+write_files("tree", {"/new/deep/f": FileSpec(b"f", 0o640), "/etc/motd": b"hi"})
+add_user("tree", "alice", 1000)  # /home is not in the image: made as a parent
+source, resolved = open_image(ref)
+try:
+    write_erofs(source, resolved, Path("img.erofs"))
+    write_ext4(source, resolved, Path("img.ext4"))
+finally:
+    source.close()
+"""
+
+
+def umask_layers() -> list[bytes]:
+    lower = (LayerBuilder().file("a/b/c/f", b"implicit parents", mode=0o666).file("a/x", b"x", mode=0o777)
+             .dir("d", mode=0o777).fifo("d/p", mode=0o666).symlink("d/l", "../a/x").build())
+    upper = LayerBuilder().file("d/e/f", b"implicit under a declared 0777", mode=0o664).build()
+    return [lower, upper]
+
+
+@pytest.mark.parametrize("umask", ["027", "077"])
+def test_output_does_not_depend_on_umask_or_cwd(umask: str, tmp_path: Path, make_image) -> None:
+    """The same image unpacked, customised (files=, add_user) and exported under umask 022 and
+    ``umask``, each from its own cwd with relative paths: the same trees, byte-identical images."""
+    ref = make_image(umask_layers())
+    src = str(Path(__import__("dirge").__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    runs = {}
+    for mask in ("022", umask):
+        cwd = tmp_path / f"umask{mask}"
+        cwd.mkdir()
+        proc = subprocess.run([sys.executable, "-c", _RUN_UNDER_UMASK, ref, mask], cwd=cwd, env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        runs[mask] = cwd
+    base, other = runs["022"], runs[umask]
+    # customisation writes files now: their mtimes are the clock's, everything else must be equal
+    differences = diff(snapshot(other / "tree", mtimes=False, with_root=True),
+                       snapshot(base / "tree", mtimes=False, with_root=True))
+    assert not differences, f"umask {umask} vs 022:\n" + "\n".join(differences)
+    tree = snapshot(base / "tree", with_root=True)["entries"]
+    for implicit in (".", "a", "a/b", "a/b/c", "d/e", "new", "new/deep", "home"):
+        assert (tree[implicit]["mode"], tree[implicit]["uid"], tree[implicit]["gid"]) == (0o755, 0, 0), implicit
+    assert tree["a/x"]["mode"] == 0o777 and tree["d"]["mode"] == 0o777 and tree["d/p"]["mode"] == 0o666
+    assert (tree["home/alice"]["mode"], tree["home/alice"]["uid"]) == (0o755, 1000)
+    for image in ("img.erofs", "img.ext4"):
+        assert file_sha256(other / image) == file_sha256(base / image), f"{image} differs under umask {umask}"
