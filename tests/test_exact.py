@@ -157,3 +157,77 @@ def test_output_does_not_depend_on_umask_or_cwd(umask: str, tmp_path: Path, make
     assert (tree["home/alice"]["mode"], tree["home/alice"]["uid"]) == (0o755, 1000)
     for image in ("img.erofs", "img.ext4"):
         assert file_sha256(other / image) == file_sha256(base / image), f"{image} differs under umask {umask}"
+
+
+# -- tar's -1 owner ---------------------------------------------------------------------------------
+
+def unset_owner_layers() -> list[bytes]:
+    """What GNU tar and Python's tarfile write for an id of 4294967295: GNU base-256 and a PAX record."""
+    gnu = (LayerBuilder(tarfile.GNU_FORMAT).file("gnu-both", b"g", uid=UNSET, gid=UNSET)
+           .dir("gnu-dir", mode=0o750, uid=7, gid=UNSET).file("gnu-dir/f", b"f", mode=0o4755, uid=UNSET, gid=9)
+           .build())
+    pax = (LayerBuilder().file("pax-uid", b"p", uid=UNSET, gid=3).dir("pax-dir", mode=0o700, uid=UNSET, gid=UNSET)
+           .symlink("pax-dir/l", "../pax-uid", uid=UNSET, gid=4).file("pax-ok", b"ok", uid=5, gid=5).build())
+    return [gnu, pax]
+
+
+def gnu_tar_extract(layers: list[bytes], dest: Path) -> dict[str, Any]:
+    """GNU tar as root (owners and modes kept, ids as numbers), layer after layer."""
+    dest.mkdir()
+    for i, layer in enumerate(layers):
+        tar = dest.parent / f"layer{i}.tar"
+        tar.write_bytes(layer)
+        subprocess.run(["tar", "--numeric-owner", "-xpf", str(tar), "-C", str(dest)], check=True, capture_output=True)
+    return snapshot(dest)
+
+
+def test_owner_minus_one_is_left_to_the_extracting_user(tmp_path: Path, make_image) -> None:
+    """An owner or group of 4294967295 is extracted as GNU tar does as root (0), in every sink, and each
+    such path is in ``Report.skipped``."""
+    layers = unset_owner_layers()
+    ref = make_image(layers)
+    reference = gnu_tar_extract(layers, tmp_path / "gnu-tar")
+    assert (reference["entries"]["gnu-both"]["uid"], reference["entries"]["gnu-both"]["gid"]) == (0, 0)
+    for sink, (ours, report) in all_sinks(ref, tmp_path / "sinks").items():
+        differences = diff(ours, reference)
+        assert not differences, f"{sink} vs GNU tar:\n" + "\n".join(differences)
+        skipped = {line.split(":", 1)[0] for line in report.skipped if "4294967295" in line}
+        assert skipped == {"gnu-both", "gnu-dir", "gnu-dir/f", "pax-uid", "pax-dir", "pax-dir/l"}, (sink, report.skipped)
+
+
+def test_owner_minus_one_rootless_is_the_callers(tmp_path: Path, make_image) -> None:
+    """Rootless, an id of -1 is what an owner 0 is there: the caller's (no ``user.rootlesscontainers``
+    entry for it), while the other id of the pair is kept."""
+    ref = make_image(unset_owner_layers())
+    result = unpack(ref, tmp_path / "rootless", rootless=True)
+    dest = tmp_path / "rootless"
+    assert ROOTLESS_XATTR not in os.listxattr(dest / "gnu-both")
+    assert decode_rootless_owner(os.getxattr(dest / "gnu-dir", ROOTLESS_XATTR)) == (7, 0)
+    assert decode_rootless_owner(os.getxattr(dest / "gnu-dir/f", ROOTLESS_XATTR)) == (0, 9)
+    assert decode_rootless_owner(os.getxattr(dest / "pax-ok", ROOTLESS_XATTR)) == (5, 5)
+    assert any(line.startswith("gnu-both: ") and "4294967295" in line for line in result.report.skipped)
+
+
+def _cpython_testtar() -> Path | None:
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for pattern in (f"{stdlib}/test/archivetestdata/testtar.tar", f"{stdlib}/test/testtar.tar",
+                    "/usr/lib/python3*/test/archivetestdata/testtar.tar", "/usr/lib/python3*/test/testtar.tar"):
+        found = sorted(glob.glob(pattern))
+        if found:
+            return Path(found[-1])
+    return None
+
+
+def test_cpython_testtar_owner_minus_one(tmp_path: Path, make_image) -> None:
+    """CPython's own test archive, whose gnu/regtype-gnu-uid has owner and group 4294967295, is accepted
+    by every sink, and that member comes out as GNU tar extracts it."""
+    archive = _cpython_testtar()
+    if archive is None:
+        pytest.skip("CPython's test package (testtar.tar) is not installed")
+    layer = archive.read_bytes()
+    ref = make_image([layer])
+    reference = gnu_tar_extract([layer], tmp_path / "gnu-tar")["entries"]["gnu/regtype-gnu-uid"]
+    assert (reference["uid"], reference["gid"]) == (0, 0)
+    for sink, (ours, report) in all_sinks(ref, tmp_path / "sinks").items():
+        assert ours["entries"]["gnu/regtype-gnu-uid"] == reference, sink
+        assert any(line.startswith("gnu/regtype-gnu-uid: ") for line in report.skipped), (sink, report.skipped)

@@ -31,7 +31,7 @@ from .tar import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, EntryStream
 from .tree import NO_XATTRS, NODE_BYTES, Node, Parts, Sink
 from . import tree
 
-_MAX_ID = (1 << 32) - 2  # ids the kernel accepts; (uid_t)-1 means "no change"
+_UNSET_ID = (1 << 32) - 1  # tar's -1: GNU tar chowns with it, i.e. leaves the id to the extracting user
 
 OPAQUE = b".wh..wh..opq"
 WHITEOUT_PREFIX = b".wh."
@@ -201,16 +201,24 @@ class Applier:
         return node
 
     def _set_metadata(self, node: Node, entry: Entry) -> None:
-        # A ustar id field of "-1" (or a negative base-256 one) parses as -1, which chown reads as "no change":
-        # the tree would silently keep another owner (found by tests/test_fuzz.py).
-        if not (0 <= entry.uid <= _MAX_ID and 0 <= entry.gid <= _MAX_ID):
+        # A negative base-256 id parses as -1, which chown reads as "no change": the tree would silently
+        # keep another owner (found by tests/test_fuzz.py); GNU tar refuses it too.
+        if not (0 <= entry.uid <= _UNSET_ID and 0 <= entry.gid <= _UNSET_ID):
             raise UnsafeLayer(_display(entry.parts), f"owner {entry.uid}:{entry.gid} out of range")
+        uid, gid = entry.uid, entry.gid
+        if _UNSET_ID in (uid, gid):
+            # 4294967295 is (uid_t)-1: GNU tar, as root, chowns with it and so leaves the id to whoever
+            # extracts (root: 0; rootless: the caller, as an owner 0 is). Every sink gets 0, said in the report.
+            which = " and ".join(w for w, v in (("owner", uid), ("group", gid)) if v == _UNSET_ID)
+            self.report.skip(b"/".join(entry.parts), f"{which} 4294967295 (tar's -1) not set: left to the "
+                             "extracting user (0), as GNU tar does")
+            uid, gid = (0 if uid == _UNSET_ID else uid), (0 if gid == _UNSET_ID else gid)
         # Seconds must fit a 64-bit time_t, or a directory's utime in Sink.finish() overflows (tests/test_fuzz.py).
         for ns in (entry.mtime_ns, entry.atime_ns):
             if ns is not None and not -(1 << 63) <= ns // 1_000_000_000 < 1 << 63:
                 raise UnsafeLayer(_display(entry.parts), "timestamp out of range")
         node.mode = entry.mode & 0o7777
-        node.uid, node.gid = entry.uid, entry.gid
+        node.uid, node.gid = uid, gid
         node.mtime_ns, node.atime_ns = entry.mtime_ns, entry.atime_ns
         node.xattrs = entry.xattrs or NO_XATTRS  # the entry is dropped after this: no copy
 
