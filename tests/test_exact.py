@@ -30,7 +30,6 @@ from treecmp import diff, file_sha256, snapshot
 
 pytestmark = [needs_root, needs_tool("umoci", "fsck.erofs", "e2fsck", "tar")]
 
-SINKS = ("tree", "erofs", "ext4")
 UNSET = 4294967295  # tar's -1
 
 
@@ -231,3 +230,44 @@ def test_cpython_testtar_owner_minus_one(tmp_path: Path, make_image) -> None:
     for sink, (ours, report) in all_sinks(ref, tmp_path / "sinks").items():
         assert ours["entries"]["gnu/regtype-gnu-uid"] == reference, sink
         assert any(line.startswith("gnu/regtype-gnu-uid: ") for line in report.skipped), (sink, report.skipped)
+
+
+# -- one mtime rule for directories no entry names ------------------------------------------------------
+
+def image_with_created(tmp_path: Path, layers: list[bytes], created: str | None) -> str:
+    """An uncompressed layout whose config has ``created`` (``make_image`` writes none)."""
+    writer = LayoutWriter(tmp_path / "layout")
+    plat = host_platform()
+    descs = [writer.add_blob(layer, "application/vnd.oci.image.layer.v1.tar") for layer in layers]
+    config = {"architecture": plat.architecture, "os": plat.os, "config": {},
+              "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(x).hexdigest() for x in layers]},
+              **({"created": created} if created else {})}
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": writer.add_json(config, OCI_CONFIG),
+                "layers": descs}
+    writer.tag(writer.add_json(manifest, OCI_MANIFEST), "t")
+    return f"oci:{writer.path}:t"
+
+
+def implicit_layers() -> list[bytes]:
+    lower = (LayerBuilder().dir("s", mode=0o2775, gid=50).file("top/deep/f", b"f")
+             .symlink("dang", "made/here").dir("named", mode=0o700, mtime=1_234_567_890).build())
+    upper = LayerBuilder().file("s/t/u/f", b"under setgid").file("dang/f", b"via a dangling link").build()
+    return [lower, upper]
+
+
+@pytest.mark.parametrize("created", [None, "2021-06-01T12:00:00Z"])
+def test_implicit_parents_same_mode_owner_and_mtime_in_every_sink(created: str | None, tmp_path: Path) -> None:
+    """Directories no entry names (parents, a dangling link's target, one under a setgid directory, and
+    the root when no layer names it) are 0755 root:root with the image's build time (config ``created``,
+    else 0) as mtime, in the tree, the erofs image and the ext4 disk alike."""
+    ref = image_with_created(tmp_path, implicit_layers(), created)
+    expected_ns = 1_622_548_800 * 10**9 if created else 0
+    outputs = all_sinks(ref, tmp_path / "sinks", all_mtimes=True, with_root=True)
+    tree = outputs["tree"][0]
+    for implicit in (".", "top", "top/deep", "s/t", "s/t/u", "made", "made/here"):
+        entry = tree["entries"][implicit]
+        assert (entry["mode"], entry["uid"], entry["gid"], entry["mtime"]) == (0o755, 0, 0, expected_ns), implicit
+    assert tree["entries"]["named"]["mtime"] == 1_234_567_890 * 10**9
+    for sink in ("erofs", "ext4"):
+        differences = diff(outputs[sink][0], tree)
+        assert not differences, f"{sink} vs tree:\n" + "\n".join(differences)

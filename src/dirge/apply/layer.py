@@ -76,11 +76,14 @@ def _cost(name: bytes, node: Node) -> int:
 class Applier:
     """Applies layers to the tree and through ``sink``; ``finish()`` hands the sink the final tree."""
 
-    def __init__(self, sink: Sink, report: Report, limits: Limits = Limits()) -> None:
+    def __init__(self, sink: Sink, report: Report, limits: Limits = Limits(), *, implicit_mtime_ns: int = 0) -> None:
+        """``implicit_mtime_ns``: the mtime of directories no entry names (implicit parents, and the root
+        unless a layer names it), the same in every sink: the image's build time (``image_identity``)."""
         self.sink = sink
         self.report = report
         self.limits = limits
-        self.root = Node(tree.DIR, 0o755)
+        self._implicit_mtime_ns = implicit_mtime_ns
+        self.root = Node(tree.DIR, 0o755, mtime_ns=implicit_mtime_ns)
         self.root.links = 1
         self._layer = -1
         self._written: set[Parts] = set()  # canonical paths this layer wrote (whiteouts spare them)
@@ -255,8 +258,8 @@ class Applier:
         """The directory at ``parts``: its canonical path and the nodes from the root down to it.
 
         Symlinks are followed inside the root (absolute targets from the root, ``..`` stops there);
-        with ``create``, missing directories are made (0755, as tar does), a dangling symlink's target
-        included. None if absent (or not a directory) without ``create``."""
+        with ``create``, missing directories are made (0755 root:root, as tar does; the implicit mtime),
+        a dangling symlink's target included. None if absent (or not a directory) without ``create``."""
         canon: list[bytes] = []
         chain = [self.root]
         pending = list(reversed(parts))
@@ -276,7 +279,7 @@ class Applier:
             if child is None:
                 if not create:
                     return None
-                child = Node(tree.DIR, 0o755)
+                child = Node(tree.DIR, 0o755, mtime_ns=self._implicit_mtime_ns)
                 child.touched = -1
                 self._insert(here, name, child)
             elif child.kind == tree.LNK:
