@@ -55,7 +55,8 @@ class DirSink:
     """Writes the merged image into the existing directory ``dest``."""
 
     def __init__(self, dest: str | os.PathLike[str], fs: PrivilegedFS, max_depth: int = 256) -> None:
-        self.root = Root(dest, max_depth)
+        # Parents no entry named are 0755 root:root in the tree: the same on disk (rootless: the caller's).
+        self.root = Root(dest, max_depth, owner=None if fs.rootless else (0, 0))
         self.dest = os.fsdecode(os.fspath(dest))
         self.fs = fs
         self._umask = current_umask()
@@ -212,21 +213,19 @@ class DirSink:
         return True
 
     def finish(self, root: Node) -> None:
-        """Directory modes (rootless) and times, children before parents: a parent whose final mode
-        denies us entry is set after everything below it."""
+        """Every directory's mode and times, children before parents: a parent whose final mode denies
+        us entry (rootless) is set after everything below it. The mode is set wherever the disk differs:
+        the destination itself was made by the caller, under the caller's umask."""
         self.root.forget()
         for parts, node in reversed(walk(root)):
             if node.children is None:
                 continue
-            fix_mode = self.fs.rootless and node.mode & 0o700 != 0o700
-            if node.mtime_ns is None and not fix_mode:
-                continue  # made as a parent: the image gave it no metadata
             try:
                 fd = self.root.open_nofollow(parts, os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
                 continue
             try:
-                if fix_mode:
+                if stat.S_IMODE(os.fstat(fd).st_mode) != node.mode:
                     os.fchmod(fd, node.mode)
                 if node.mtime_ns is not None:
                     os.utime(fd, ns=_times(node))

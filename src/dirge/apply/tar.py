@@ -177,7 +177,7 @@ def _parse_pax(data: bytes, into: dict[str, list[bytes]]) -> None:
         pos = end
 
 
-_MAX_ID = (1 << 32) - 2  # ids the kernel accepts; (uid_t)-1 means "no change"
+_MAX_ID = (1 << 32) - 1  # uid_t; 4294967295 (tar's -1) is read, and mapped by the merge engine (layer.py)
 _MAX_NS = (1 << 63) - 1
 
 
