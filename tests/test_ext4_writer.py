@@ -407,6 +407,24 @@ def test_contract_errors(tmp_path: Path) -> None:
     sink.close()
 
 
+@needs_e2fs
+def test_largest_file_and_one_byte_more(tmp_path: Path) -> None:
+    """A sparse file may claim any size: ext4's largest (2^32 - 1 blocks, its last byte written) is
+    stored; one byte more is an Ext4Error naming the file (it was a struct.error from the extent
+    packer at finish)."""
+    image = tmp_path / "img.ext4"
+    t = Tree(ext4_sink(image))
+    top = fmt.MAX_FILE_SIZE
+    t.file("largest", b"z", sparse=[(top - 1, 1)], realsize=top)
+    t.finish()
+    fsck(image)
+    stat_out = subprocess.run(["debugfs", "-R", "stat /largest", str(image)], capture_output=True, text=True).stdout
+    assert f"Size: {top}" in stat_out and f"({(1 << 32) - 2}):" in stat_out  # the extent of the last block
+    t = Tree(ext4_sink(tmp_path / "over.ext4"))
+    with pytest.raises(Ext4Error, match="over: a 17592186040321-byte file exceeds ext4's largest file"):
+        t.file("over", b"z", sparse=[(top, 1)], realsize=top + 1)
+
+
 @needs_root
 @needs_e2fs
 def test_pipeline_equals_unpack(tmp_path: Path, make_image, mounted: Any) -> None:

@@ -532,6 +532,9 @@ class Ext4Sink(TreeImageSink):
             self._free(p, n)
 
     def file(self, parts: Parts, parent: Node, node: Node, entry: Entry, stream: EntryStream) -> None:
+        if node.size > fmt.MAX_FILE_SIZE:  # a sparse file may claim any size; its blocks could not be mapped
+            raise Ext4Error(f"{show(parts)}: a {node.size}-byte file exceeds ext4's largest file "
+                            f"({fmt.MAX_FILE_SIZE} bytes)")
         if entry.sparse is not None and node.size:
             self._sparse(parts, node, entry, stream)
             return
