@@ -11,6 +11,7 @@ import re
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,7 @@ def _layer(tmp: Path, name: str, members: list[str], synthetic: Path | None = No
 
 
 @pytest.fixture(scope="module")
-def host_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+def host_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``oci:LAYOUT:t``: two gzip layers of the host's files, at least ``ENTRIES`` entries (small
     synthetic files top it up on a host with fewer)."""
     tmp = tmp_path_factory.mktemp("host-image")
@@ -88,7 +89,9 @@ def host_image(tmp_path_factory: pytest.TempPathFactory) -> str:
             (d / f"f{i:06d}").write_bytes(b"x" * (i % 9000))
     layers = [_layer(tmp, "share", share), _layer(tmp, "libs", libs, synthetic)]
     LayoutWriter(tmp / "layout").add_image(layers, tag="t")
-    return f"oci:{tmp / 'layout'}:t"
+    del layers
+    yield f"oci:{tmp / 'layout'}:t"
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fsck(image: Path) -> None:
