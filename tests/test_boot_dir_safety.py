@@ -1,5 +1,6 @@
-"""``dirge boot --disk dir`` is safe for the host: guest root's chown/chmod/mknod never become a setuid-root
-file or a device node on the host (QEMU's 9p in mapped-xattr mode, ``vm.share``)."""
+"""``dirge boot --disk dir`` is safe for the host and faithful to the image: guest root's chown/chmod/mknod
+never become a setuid-root file or a device node on the host (QEMU's 9p in mapped-xattr mode, ``vm.share``),
+while the guest sees the image's owners, modes, setuid bits, ACLs and file capabilities as a disk boot does."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from dirge.layerbuild import LayerBuilder
 from dirge.session import Sessions
 from dirge.vm import boot
 from dirge.vm.guest import find_busybox
-from dirge.vm.share import map_session, unmap_session
+from dirge.vm.share import capfiles_text, map_session, setcaps_program, unmap_session
 
 # What `setcap cap_net_raw=ep` writes (VFS_CAP_REVISION_2 | effective; permitted = 1 << CAP_NET_RAW).
 CAP_NET_RAW_EP = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
@@ -77,6 +78,20 @@ def _boot(ref: str, cache_dir: Path, disk: str, script: str, **kwargs) -> tuple[
 
 
 @needs_boot
+@pytest.mark.parametrize("disk", ["dir", "ext4", "erofs"])
+def test_setuid_files_acls_and_file_capabilities_reach_the_guest(disk: str, privileged_image: str,
+                                                                 cache_dir: Path) -> None:
+    # Run as the image's user 1000: the capability must be effective where the kernel execs the file.
+    status, lines, _ = _boot(privileged_image, cache_dir, disk, "stat -c '%n %u:%g %a' /usr/bin/sudo /usr/bin/ping; "
+                             "/probe /usr/bin/ping security.capability x | tail -n 1; "
+                             "/opt/cat /proc/self/status | grep CapEff; "
+                             "/probe /data/acl system.posix_acl_access x | tail -n 1")
+    assert status == 0, lines
+    assert lines == ["/usr/bin/sudo 0:0 4755", "/usr/bin/ping 0:0 755", f"xattr={CAP_NET_RAW_EP.hex()}",
+                     "CapEff:\t0000000000002000", f"xattr={ACL.hex()}"]
+
+
+@needs_boot
 def test_guest_root_makes_no_setuid_root_file_or_device_node_on_the_host(privileged_image: str,
                                                                          cache_dir: Path) -> None:
     status, lines, session = _boot(
@@ -116,15 +131,21 @@ def test_map_and_unmap_session_round_trip(tmp_path: Path) -> None:
     root = tmp_path / "rootfs"
     (root / "usr" / "bin").mkdir(parents=True)
     (root / "usr" / "bin" / "ping").write_bytes(b"elf")
+    os.setxattr(root / "usr" / "bin" / "ping", "security.capability", CAP_NET_RAW_EP)
+    (root / "acl").write_bytes(b"x")
+    os.setxattr(root / "acl", "system.posix_acl_access", ACL)
     os.symlink("usr/bin/ping", root / "link")
     os.chown(root / "link", 7, 8, follow_symlinks=False)
     os.utime(root / "link", ns=(1_000_000_000, 1_000_000_000), follow_symlinks=False)
     os.utime(root, ns=(2_000_000_000, 2_000_000_000))
-    map_session(root)
+    caps = map_session(root)
+    assert caps == [(b"/usr/bin/ping", CAP_NET_RAW_EP)]
+    assert capfiles_text(caps) == b"0 L3Vzci9iaW4vcGluZw==\n"
     link = root / "link"
     assert stat.S_ISREG(link.lstat().st_mode) and link.read_bytes() == b"usr/bin/ping"
     assert os.getxattr(link, "user.virtfs.mode") == struct.pack("<I", 0o120777)
     assert os.getxattr(link, "user.virtfs.uid") == struct.pack("<I", 7)
+    assert os.getxattr(root / "acl", "user.virtfs.system.posix_acl_access") == ACL
     assert root.stat().st_mtime_ns == 2_000_000_000, "a directory's times survive the conversion"
     made = root / "guest-made"  # a symlink the guest made: QEMU wrote it in mapped form
     made.write_bytes(b"/etc/passwd")
@@ -135,3 +156,21 @@ def test_map_and_unmap_session_round_trip(tmp_path: Path) -> None:
     st = link.lstat()
     assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (7, 8, 1_000_000_000)
     assert root.stat().st_mtime_ns == 2_000_000_000
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, security.capability)")
+def test_setcaps_program_sets_each_capability(tmp_path: Path) -> None:
+    caps = tmp_path / ".dirge" / "caps"
+    caps.mkdir(parents=True)
+    values = [CAP_NET_RAW_EP, struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)]
+    for i in range(len(values)):
+        (caps / str(i)).write_bytes(b"x")
+    program = tmp_path / ".dirge" / "setcaps"
+    program.write_bytes(setcaps_program(values))
+    program.chmod(0o700)
+    done = subprocess.run(["chroot", str(tmp_path), "/.dirge/setcaps"], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert [os.getxattr(caps / str(i), "security.capability") for i in range(2)] == values
+    (caps / "1").unlink()
+    failed = subprocess.run(["chroot", str(tmp_path), "/.dirge/setcaps"], capture_output=True)
+    assert failed.returncode == 1 and b"cannot set a file capability" in failed.stderr

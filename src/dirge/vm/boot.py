@@ -29,7 +29,7 @@ from ..session.customize import DirWriter, Ext4DiskWriter
 from .guest import GuestSpec, install_guest
 from .initramfs import build_initramfs, find_kernel
 from .qemu import ConsoleFn, Drive, VmSpec, choose_accel, find_qemu, run_vm
-from .share import map_session, unmap_session
+from .share import capfiles_text, map_session, setcaps_program, unmap_session
 
 __all__ = ["BOOT_DISKS", "BOOT_FAILED", "BOOT_TIMED_OUT", "BootResult", "Booted", "boot", "boot_session"]
 
@@ -114,24 +114,28 @@ def boot_session(prepared: PreparedRootfs, *, cache_dir: Path, kernel: str | os.
                 memory=memory, cpus=cpus, accel=chosen)
     with contextlib.ExitStack() as stack:
         if virtiofsd:
-            assert share is not None
+            assert share is not None and writer is not None
+            writer.write_file("/.dirge/capfiles", b"", 0o600, 0, 0)  # virtio-fs serves capabilities itself
             vm.virtiofs_socket = stack.enter_context(_virtiofsd(virtiofsd, share))
         elif share is not None and writer is not None:
-            stack.enter_context(_mapped_share(share))
+            stack.enter_context(_mapped_share(writer, share))
         launched = time.monotonic()
         status = run_vm(vm, nonce, timeout=timeout, console=console, qemu=qemu, kernel_log=kernel_log)
     return Booted(status, chosen, launched - started, time.monotonic() - launched)
 
 
 @contextlib.contextmanager
-def _mapped_share(share: Path) -> Iterator[None]:
-    """The session in the form QEMU's mapped-xattr 9p serves (``vm.share``) while the VM runs; its
-    symlinks are real again afterwards."""
+def _mapped_share(writer: DirWriter, share: Path) -> Iterator[None]:
+    """The session in the form QEMU's mapped-xattr 9p serves (``vm.share``) while the VM runs, with the
+    guest init's list of files to give their capabilities; symlinks are real again afterwards."""
     try:
         try:
-            map_session(share)
+            caps = map_session(share)
         except OSError as e:
             raise BootError(f"boot: cannot prepare {share} for 9p: {e}") from e
+        writer.write_file("/.dirge/capfiles", capfiles_text(caps), 0o600, 0, 0)
+        writer.write_file("/.dirge/setcaps", setcaps_program([value for _, value in caps]), 0o700, 0, 0)
+        writer.mkdir("/.dirge/caps", 0o700, 0, 0)
         yield
     finally:
         unmap_session(share)
