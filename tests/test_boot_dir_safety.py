@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_root, needs_tool
 from guestprobe import build_probe
 from test_boot import TIMEOUT, needs_boot
 
@@ -126,7 +127,7 @@ def test_guest_root_makes_no_setuid_root_file_or_device_node_on_the_host(privile
 
 # --- the pieces, without a VM
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (owners, security.capability)")
+@needs_root
 def test_map_and_unmap_session_round_trip(tmp_path: Path) -> None:
     root = tmp_path / "rootfs"
     (root / "usr" / "bin").mkdir(parents=True)
@@ -158,7 +159,8 @@ def test_map_and_unmap_session_round_trip(tmp_path: Path) -> None:
     assert root.stat().st_mtime_ns == 2_000_000_000
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, security.capability)")
+@needs_root
+@needs_tool("chroot")
 def test_setcaps_program_sets_each_capability(tmp_path: Path) -> None:
     caps = tmp_path / ".dirge" / "caps"
     caps.mkdir(parents=True)
