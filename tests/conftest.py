@@ -23,6 +23,20 @@ def needs_tool(*tools: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (installed by scripts/setup.sh --test)")
 
 
+def require(condition: bool, reason: str) -> None:
+    """Inside a test, for a capability one part of it needs: skip the test unless ``condition`` (under
+    ``CI=true`` tests/ci_skips.py turns the skip into a failure). Never check less instead of skipping."""
+    if not condition:
+        pytest.skip(reason)
+
+
+def erofs_mounts() -> bool:
+    """Root on a kernel that mounts erofs (what erofs bases and their sessions need)."""
+    from dirge.fsimage.mount import erofs_supported
+
+    return os.geteuid() == 0 and erofs_supported()
+
+
 @pytest.fixture(autouse=True)
 def _unmount_leftovers(request: pytest.FixtureRequest):
     """Erofs bases stay mounted in their cache (that is the design): unmount whatever a test left under

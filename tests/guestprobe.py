@@ -1,6 +1,6 @@
 """A static x86-64 program with no libc, for images that hold nothing else: it prints its working
-directory, its environment and (given PATH NAME) one xattr, so a booted guest can be judged from its
-console. Built with binutils (``as``, ``ld``) from the source below."""
+directory, its environment and (given PATH NAME) one xattr as text, or in hex given PATH NAME x (for
+binary values: ``security.capability``, ACLs), so a booted guest can be judged from its console. Built with binutils (``as``, ``ld``) from the source below."""
 
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ _start:
     syscall
     test    %rax, %rax
     js      4f
+    cmp     $4, %rbx                    # probe PATH NAME x: in hex
+    jge     7f
     lea     buf(%rip), %rcx
     movb    $0, (%rcx,%rax)
     lea     s_xattr(%rip), %rsi
@@ -58,6 +60,28 @@ _start:
     mov     $1, %edi
     mov     $60, %eax
     syscall
+7:  mov     %rax, %r14                  # r14 = length, r15 = index
+    lea     s_xattr(%rip), %rsi
+    call    put
+    xor     %r15d, %r15d
+8:  cmp     %r14, %r15
+    jge     9f
+    lea     buf(%rip), %rcx
+    movzbl  (%rcx,%r15), %eax
+    mov     %eax, %edx
+    shr     $4, %eax
+    and     $15, %edx
+    lea     s_hex(%rip), %rcx
+    movzbl  (%rcx,%rax), %eax
+    movzbl  (%rcx,%rdx), %edx
+    lea     hexout(%rip), %rsi
+    movb    %al, (%rsi)
+    movb    %dl, 1(%rsi)
+    call    put
+    inc     %r15
+    jmp     8b
+9:  call    nl
+    jmp     3b
 nl: lea     s_nl(%rip), %rsi
 put:                                    # write(1, rsi, strlen(rsi))
     xor     %edx, %edx
@@ -75,6 +99,8 @@ s_env:      .asciz "env="
 s_xattr:    .asciz "xattr="
 s_noxattr:  .asciz "xattr: none"
 s_nl:       .asciz "\n"
+s_hex:      .ascii "0123456789abcdef"
+hexout:     .asciz "00"
     .bss
 buf:        .space 4096
 """

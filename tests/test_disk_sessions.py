@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_root, needs_tool
+from conftest import needs_root, needs_tool, require
 from dirge.errors import SessionError
 from dirge.rootfs import add_user, prepare, restore, write_krun_config
 from dirge.session import Sessions
@@ -114,10 +114,10 @@ def test_customise_ext4_and_erofs_disk_sessions(tmp_path: Path, make_image) -> N
         [image] = base_disks(cache, "erofs")
         before = file_sha256(image)
         assert e.disk == image and e.disk_strategy == "shared" and e.scratch is not None
-        if os.geteuid() == 0:  # reading the base's /etc/passwd needs its mount
-            add_user(e, "bob", 1002)
-            assert debugfs(e.scratch, "cat /upper/etc/passwd").endswith("bob:x:1002:1002::/home/bob:/bin/sh\n")
-            assert "User:  1002" in debugfs(e.scratch, "stat /upper/home/bob")
+        require(os.geteuid() == 0, "needs root: add_user reads the base's /etc/passwd through its mount")
+        add_user(e, "bob", 1002)
+        assert debugfs(e.scratch, "cat /upper/etc/passwd").endswith("bob:x:1002:1002::/home/bob:/bin/sh\n")
+        assert "User:  1002" in debugfs(e.scratch, "stat /upper/home/bob")
         assert debugfs(e.scratch, "cat /upper/etc/hostname") == "box\n"
         assert "Mode:  0600" in debugfs(e.scratch, "stat /upper/new/dir/key")
         assert "Type: directory" in debugfs(e.scratch, "stat /work")

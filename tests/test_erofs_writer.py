@@ -25,7 +25,7 @@ from dirge.apply.fs import PrivilegedFS, Report
 from dirge.apply.tar import Entry
 from dirge.apply.tree import BLK, CHR, DIR, FIFO, LNK, REG, SOCK, Node, Parts
 from dirge.fsimage import erofs_format as fmt
-from dirge.fsimage.erofs import ErofsSink, _chunk_plan, xattr_key
+from dirge.fsimage.erofs import ErofsError, ErofsSink, _chunk_plan, xattr_key
 from dirge.fsimage.mount import mount_erofs, unmount
 from treecmp import diff, snapshot
 
@@ -450,7 +450,7 @@ def test_close_is_idempotent_and_cleans_up_after_failure(tmp_path: Path) -> None
     image = tmp_path / "img.erofs"
     sink = erofs_sink(image)
     t = Tree(sink)
-    with pytest.raises(ValueError):
+    with pytest.raises(ErofsError):
         node = Node(REG)
         node.size = 10
         entry = Entry(name=b"x", type=b"0", mode=0o644, uid=0, gid=0, size=10, mtime_ns=0)

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_root, needs_tool
-from dirge import DirgeError, export, unpack
+from dirge import DirgeError, UnsafeLayer, export, unpack
 from dirge.cache import Cache
+from dirge.cli import main
+from dirge.fsimage.ext4 import Ext4SizeError
 from dirge.fsimage.mount import mount_erofs, unmount
 from dirge.rootfs import prepare
 from images import layered, metadata
@@ -96,6 +98,40 @@ def test_export_errors_are_one_line(image: str, tmp_path: Path) -> None:
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("dirge: error: ")
     assert not (tmp_path / "x.erofs").exists()
+
+
+def test_a_writer_limit_is_the_writers_error_not_an_unsafe_image(image: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """An output format's limit met while a layer is applied is the writer's error (``Ext4SizeError``), not
+    ``UnsafeLayer``, which calls the image hostile; the CLI's one line names the kind. ext4's 2^32-block
+    limit is lowered to 2 blocks so that the real check in the writer's allocator trips on a small image."""
+    from dirge.fsimage import ext4
+
+    monkeypatch.setattr(ext4, "_MAX_BLOCKS", 2)
+    cache = tmp_path / "cache"
+    with pytest.raises(Ext4SizeError, match=r"^export .*: write ext4 image: content exceeds ext4's") as err:
+        export(image, tmp_path / "a.ext4", format="ext4", cache=Cache(cache))
+    assert not isinstance(err.value, UnsafeLayer)
+    assert main(["export", image, str(tmp_path / "b.ext4"), "--format", "ext4", "--cache-dir", str(cache)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dirge: error: image writer: export "), lines
+    assert not (tmp_path / "a.ext4").exists() and not (tmp_path / "b.ext4").exists()
+
+
+def test_a_too_small_size_is_named_as_the_writers_error(image: str, tmp_path: Path) -> None:
+    """``--size`` too small for the content: ``Ext4SizeError`` from the API; from the CLI one line that says
+    the image writer failed (not the image, not the host), exit status 1."""
+    from dirge.bases import DiskOptions
+
+    cache = tmp_path / "cache"
+    with pytest.raises(Ext4SizeError, match="too small"):
+        export(image, tmp_path / "a.ext4", format="ext4", cache=Cache(cache), disk=DiskOptions(64 << 10, False))
+    proc = subprocess.run([DIRGE, "export", image, str(tmp_path / "b.ext4"), "--format", "ext4", "--size", "64K",
+                           "--cache-dir", str(cache)], capture_output=True, text=True)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("dirge: error: image writer: export ") and "too small" in lines[0], lines
 
 
 @needs_tool("e2fsck", "dumpe2fs", "setpriv")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_root
+from conftest import erofs_mounts, needs_root, require
 from dirge.cache import Cache
 from dirge.cli import main
-from dirge.fsimage.mount import erofs_supported, mounts_under
+from dirge.fsimage.mount import mounts_under
 from dirge.gc import collect, images, reachable, rmi, usage
 from dirge.errors import DirgeError
 from dirge.layerbuild import LayerBuilder
@@ -144,17 +144,13 @@ def test_leftovers_of_a_sigkilled_prepare_are_removed_by_gc(tmp_path: Path, make
     assert not mounts_under(cache_dir)
 
 
-def _erofs_ok() -> bool:
-    return os.geteuid() == 0 and erofs_supported()
-
-
 @needs_root
 def test_rmi_refuses_while_live_then_force_leaves_no_mount(tmp_path: Path, make_image) -> None:
     cache_dir = tmp_path / "cache"
     ref = make_image([files_layer("a", 20)])
     other = make_image([files_layer("o", 20)])
-    fmt = "erofs" if _erofs_ok() else "tree"
-    session = prepare(ref, cache_dir, base_format=fmt)
+    require(erofs_mounts(), "needs erofs mounts: the erofs base under the session is what rmi must unmount")
+    session = prepare(ref, cache_dir, base_format="erofs")
     session.detach()
     keep = prepare(other, cache_dir, base_format="tree")
     assert mounts_under(cache_dir), "expected the session (and erofs base) to be mounted"
@@ -206,8 +202,8 @@ def test_gc_never_removes_a_base_an_export_is_reading(tmp_path: Path, make_image
                                                       fmt: str) -> None:
     """An export from a cached base (or base disk) holds the base's lease while it reads: a gc with a
     zero budget that runs meanwhile (here: just before the copy starts) skips it."""
-    if fmt == "erofs" and not _erofs_ok():
-        pytest.skip("needs root and erofs mounts: the erofs export clones a cached erofs base")
+    if fmt == "erofs":
+        require(erofs_mounts(), "needs root and erofs mounts: the erofs export clones a cached erofs base")
     from dirge.fsimage import tarball
 
     export_module = importlib.import_module("dirge.export")  # the module: dirge.export is also the function

@@ -7,13 +7,12 @@ import os
 import shutil
 import socket
 import stat
-import struct
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import needs_root, needs_tool
+from conftest import needs_root, needs_tool, require
 from images import CAP_NET_RAW, layered, metadata
 from treecmp import diff, snapshot
 
@@ -27,20 +26,9 @@ NS = 123_456_789
 BAD = b"bad-\xff\xfe"
 
 
-def _acl_xattr(entries: list[tuple[int, int, int]]) -> bytes:
-    """system.posix_acl_access in the kernel's format (version 2, then tag/perm/id entries)."""
-    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, ident) for tag, perm, ident in entries)
-
-
 def _set_acl(path: Path) -> None:
-    if shutil.which("setfacl"):
-        subprocess.run(["setfacl", "-m", "u:4242:rw,g:4343:r", str(path)], check=True)
-        return
-    # no acl package: write what setfacl would (USER_OBJ, USER 4242, GROUP_OBJ, GROUP 4343, MASK, OTHER)
-    undefined = 0xFFFFFFFF
-    os.setxattr(path, "system.posix_acl_access", _acl_xattr([
-        (0x01, 6, undefined), (0x02, 6, 4242), (0x04, 4, undefined), (0x08, 4, 4343), (0x10, 6, undefined),
-        (0x20, 4, undefined)]))
+    require(shutil.which("setfacl") is not None, "needs setfacl (acl, installed by scripts/setup.sh --test)")
+    subprocess.run(["setfacl", "-m", "u:4242:rw,g:4343:r", str(path)], check=True)
 
 
 def build_tree(root: Path) -> dict[str, object]:

@@ -26,15 +26,15 @@ def _xattrs(path: str) -> dict[str, bytes]:
 
 
 def snapshot(root: str | os.PathLike[str], *, mtimes: bool = True, owners: bool = True,
-             all_mtimes: bool = False) -> dict[str, Any]:
+             all_mtimes: bool = False, with_root: bool = False) -> dict[str, Any]:
     """Map of relative path → (type, mode, uid, gid, size, sha256, link target, xattrs, mtime) plus hardlink
     groups. ``mtimes``: of regular files; ``all_mtimes``: of directories and symlinks too (for images
-    that set every one)."""
+    that set every one); ``with_root``: the root directory too, as ``"."``."""
     root = os.fspath(root)
     entries: dict[str, Any] = {}
     inodes: dict[tuple[int, int], list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
+        for name in sorted(dirnames + filenames) + (["."] if with_root and dirpath == root else []):
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, root)
             st = os.lstat(full)

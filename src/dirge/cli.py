@@ -621,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     except DirgeError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"dirge: error: {exc}", err=True)
+        # The kind says whose failure it is: the image's, an output format's, the host's.
+        click.echo(f"dirge: error: {exc.kind + ': ' if exc.kind else ''}{exc}", err=True)
         return 1
     except KeyboardInterrupt:
         click.echo("dirge: interrupted", err=True)

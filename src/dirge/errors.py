@@ -1,6 +1,9 @@
 """The exception tree of dirge.
 
-Every failure a user can meet is a ``DirgeError``; the CLI prints ``str(err)`` as one line.
+Every failure a user can meet is a ``DirgeError``; the CLI prints ``str(err)`` as one line, after the
+error's ``kind`` when it has one, so the line says whose failure it is: the image's (``unsafe image``,
+``image over a limit``), an output format's (``image writer``) or the host's (``host filesystem``,
+``no space``). Only the engine's decisions about the image are ``UnsafeLayer``.
 Messages are lowercase verb phrases joined level by level, e.g.
 ``apply layer sha256:ab12…: create etc/passwd: permission denied``, and never contain credentials.
 
@@ -12,6 +15,7 @@ Messages are lowercase verb phrases joined level by level, e.g.
     ├── UnsafeLayer               a layer entry that would escape or damage the destination
     ├── LimitExceeded             a layer beyond a configured limit (bytes, entries, depth, file size)
     ├── UnpackError               an OS-level failure while writing the rootfs
+    ├── SinkError                 an output format cannot hold the tree (erofs/ext4 writer limits, a too-small size)
     ├── RegistryError             a registry said no (status, error codes, whether a retry may help)
     │   ├── AuthError             401/403: missing or wrong credentials
     │   ├── NotFound              404: no such repository, tag, manifest or blob
@@ -30,6 +34,8 @@ from __future__ import annotations
 
 class DirgeError(Exception):
     """Root of every error dirge raises on purpose."""
+
+    kind = ""  # whose failure it is, for the CLI's line (empty: the message says it)
 
 
 class InvalidReference(DirgeError):
@@ -56,6 +62,8 @@ class IntegrityError(DirgeError):
 
 
 class UnsafeLayer(DirgeError):
+    kind = "unsafe image"
+
     def __init__(self, entry: str, reason: str) -> None:
         super().__init__(f"unsafe layer entry {entry!r}: {reason}")
         self.entry = entry
@@ -63,6 +71,8 @@ class UnsafeLayer(DirgeError):
 
 
 class LimitExceeded(DirgeError):
+    kind = "image over a limit"
+
     def __init__(self, limit: str, value: int, maximum: int) -> None:
         super().__init__(
             f"layer exceeds limit {limit} ({value} > {maximum}); "
@@ -75,6 +85,15 @@ class LimitExceeded(DirgeError):
 
 class UnpackError(DirgeError):
     """An operating-system error while writing the rootfs."""
+
+    kind = "host filesystem"
+
+
+class SinkError(DirgeError):
+    """An output format cannot hold what the image holds (an erofs or ext4 writer limit, a ``size`` too
+    small): neither the image's fault nor the host's. ``ErofsError`` and ``Ext4Error`` are ones."""
+
+    kind = "image writer"
 
 
 class BuildError(DirgeError):
@@ -137,3 +156,5 @@ class Cancelled(DirgeError):
 
 class NoSpace(DirgeError):
     """A write that ran out of disk space or quota; the message names what was written and where."""
+
+    kind = "no space"

@@ -247,7 +247,8 @@ _RESTARTS = 2
 def _apply_layers(source: BlobSource, resolved: ResolvedImage, make_sink: SinkFactory,
                   limits: Limits, progress: ProgressFn | None) -> Report:
     report = Report()
-    applier = Applier(make_sink(report), report, limits)
+    # Directories no entry names get the image's build time, in every sink (docs/ARCHITECTURE.md).
+    applier = Applier(make_sink(report), report, limits, implicit_mtime_ns=image_identity(resolved)[1])
     layers = resolved.manifest.layers
     try:
         for i, (desc, diff_id) in enumerate(zip(layers, resolved.config.diff_ids)):

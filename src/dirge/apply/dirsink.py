@@ -7,7 +7,7 @@ utime-d or unlinked outside the root, whatever symlinks or hardlinks the image h
 tree and the disk disagreed.
 
 Metadata order: data, owner, mode (chown clears setuid), xattrs (chown and writes clear
-``security.capability``), times; directory modes (rootless), default ACLs (the kernel copies them into
+``security.capability``), times; directory modes, default ACLs (the kernel copies them into
 every child made after them; GNU tar too sets them last) and times last, after every layer.
 """
 
@@ -57,7 +57,8 @@ class DirSink:
     """Writes the merged image into the existing directory ``dest``."""
 
     def __init__(self, dest: str | os.PathLike[str], fs: PrivilegedFS, max_depth: int = 256) -> None:
-        self.root = Root(dest, max_depth)
+        # Parents no entry named are 0755 root:root in the tree: the same on disk (rootless: the caller's).
+        self.root = Root(dest, max_depth, owner=None if fs.rootless else (0, 0))
         self.dest = os.fsdecode(os.fspath(dest))
         self.fs = fs
         self._umask = current_umask()
@@ -214,22 +215,20 @@ class DirSink:
         return True
 
     def finish(self, root: Node) -> None:
-        """Directory modes (rootless) and times, children before parents: a parent whose final mode
-        denies us entry is set after everything below it."""
+        """Every directory's mode and times, children before parents: a parent whose final mode denies
+        us entry (rootless) is set after everything below it. The mode is set wherever the disk differs:
+        the destination itself was made by the caller, under the caller's umask."""
         self.root.forget()
         for parts, node in reversed(walk(root)):
             if node.children is None:
                 continue
-            fix_mode = self.fs.rootless and node.mode & 0o700 != 0o700
             default_acl = node.xattrs.get(_DEFAULT_ACL)
-            if node.mtime_ns is None and not fix_mode and default_acl is None:
-                continue  # made as a parent: the image gave it no metadata
             try:
                 fd = self.root.open_nofollow(parts, os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
                 continue
             try:
-                if fix_mode:
+                if stat.S_IMODE(os.fstat(fd).st_mode) != node.mode:
                     os.fchmod(fd, node.mode)
                 if default_acl is not None:
                     self.fs.set_xattr(fd, _DEFAULT_ACL, default_acl, _path(parts))

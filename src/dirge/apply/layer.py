@@ -4,7 +4,8 @@ Every entry goes through the same sequence (umoci's ``UnpackEntry``, decided on 
 
 1. check the limits (the name was cleaned as if rooted at ``/`` by the parser: ``..`` cannot climb out);
 2. whiteouts: ``.wh.NAME`` hides NAME, ``.wh..wh..opq`` hides the directory's lower content; both spare
-   what this same layer wrote (in any order), and never appear in the result;
+   what this same layer wrote, before or after them, and never appear in the result (a directory this
+   layer declared or wrote below stays, emptied of what lower layers put in it);
 3. resolve the parent in the tree, symlinks followed as if the root were ``/`` (``RESOLVE_IN_ROOT``'s
    rule; a dangling symlinked parent is followed and its target created), so the sink gets a canonical
    path whose parents are all real directories;
@@ -23,7 +24,7 @@ import errno
 import os
 from dataclasses import dataclass
 
-from ..errors import LimitExceeded, UnpackError, UnsafeLayer
+from ..errors import DirgeError, LimitExceeded, UnpackError, UnsafeLayer
 from .fs import Report
 from .root import clean_path
 from .tar import (BLK, CHR, DIR, FIFO, LINK, MAX_GLOBAL_RECORDS, MAX_HEADER_BYTES, MAX_SPARSE_REGIONS, REG, SYMLINK,
@@ -31,7 +32,7 @@ from .tar import (BLK, CHR, DIR, FIFO, LINK, MAX_GLOBAL_RECORDS, MAX_HEADER_BYTE
 from .tree import NO_XATTRS, NODE_BYTES, Node, Parts, Sink
 from . import tree
 
-_MAX_ID = (1 << 32) - 2  # ids the kernel accepts; (uid_t)-1 means "no change"
+_UNSET_ID = (1 << 32) - 1  # tar's -1: GNU tar chowns with it, i.e. leaves the id to the extracting user
 
 OPAQUE = b".wh..wh..opq"
 WHITEOUT_PREFIX = b".wh."
@@ -82,11 +83,14 @@ def _cost(name: bytes, node: Node) -> int:
 class Applier:
     """Applies layers to the tree and through ``sink``; ``finish()`` hands the sink the final tree."""
 
-    def __init__(self, sink: Sink, report: Report, limits: Limits = Limits()) -> None:
+    def __init__(self, sink: Sink, report: Report, limits: Limits = Limits(), *, implicit_mtime_ns: int = 0) -> None:
+        """``implicit_mtime_ns``: the mtime of directories no entry names (implicit parents, and the root
+        unless a layer names it), the same in every sink: the image's build time (``image_identity``)."""
         self.sink = sink
         self.report = report
         self.limits = limits
-        self.root = Node(tree.DIR, 0o755)
+        self._implicit_mtime_ns = implicit_mtime_ns
+        self.root = Node(tree.DIR, 0o755, mtime_ns=implicit_mtime_ns)
         self.root.links = 1
         self._layer = -1
         self._written: set[Parts] = set()  # canonical paths this layer wrote (whiteouts spare them)
@@ -105,9 +109,11 @@ class Applier:
         for entry in stream:
             try:
                 self._apply_entry(stream, entry)
+            except DirgeError:  # a decision already made (the engine's, a sink's, the host's): keep its class
+                raise
             except OSError as exc:
                 raise UnpackError(f"write {_name(entry)}: {exc.strerror or exc}") from exc
-            except (ValueError, OverflowError) as exc:  # values the kernel interfaces refuse
+            except (ValueError, OverflowError) as exc:  # values the kernel interfaces refuse for this entry
                 raise UnsafeLayer(_name(entry), str(exc)) from exc
         self.report.layers += 1
 
@@ -209,16 +215,24 @@ class Applier:
         return node
 
     def _set_metadata(self, node: Node, entry: Entry) -> None:
-        # A ustar id field of "-1" (or a negative base-256 one) parses as -1, which chown reads as "no change":
-        # the tree would silently keep another owner (found by tests/test_fuzz.py).
-        if not (0 <= entry.uid <= _MAX_ID and 0 <= entry.gid <= _MAX_ID):
+        # A negative base-256 id parses as -1, which chown reads as "no change": the tree would silently
+        # keep another owner (found by tests/test_fuzz.py); GNU tar refuses it too.
+        if not (0 <= entry.uid <= _UNSET_ID and 0 <= entry.gid <= _UNSET_ID):
             raise UnsafeLayer(_display(entry.parts), f"owner {entry.uid}:{entry.gid} out of range")
+        uid, gid = entry.uid, entry.gid
+        if _UNSET_ID in (uid, gid):
+            # 4294967295 is (uid_t)-1: GNU tar, as root, chowns with it and so leaves the id to whoever
+            # extracts (root: 0; rootless: the caller, as an owner 0 is). Every sink gets 0, said in the report.
+            which = " and ".join(w for w, v in (("owner", uid), ("group", gid)) if v == _UNSET_ID)
+            self.report.skip(b"/".join(entry.parts), f"{which} 4294967295 (tar's -1) not set: left to the "
+                             "extracting user (0), as GNU tar does")
+            uid, gid = (0 if uid == _UNSET_ID else uid), (0 if gid == _UNSET_ID else gid)
         # Seconds must fit a 64-bit time_t, or a directory's utime in Sink.finish() overflows (tests/test_fuzz.py).
         for ns in (entry.mtime_ns, entry.atime_ns):
             if ns is not None and not -(1 << 63) <= ns // 1_000_000_000 < 1 << 63:
                 raise UnsafeLayer(_display(entry.parts), "timestamp out of range")
         node.mode = entry.mode & 0o7777
-        node.uid, node.gid = entry.uid, entry.gid
+        node.uid, node.gid = uid, gid
         node.mtime_ns, node.atime_ns = entry.mtime_ns, entry.atime_ns
         node.xattrs = entry.xattrs or NO_XATTRS  # the entry is dropped after this: no copy
 
@@ -255,8 +269,8 @@ class Applier:
         """The directory at ``parts``: its canonical path and the nodes from the root down to it.
 
         Symlinks are followed inside the root (absolute targets from the root, ``..`` stops there);
-        with ``create``, missing directories are made (0755, as tar does), a dangling symlink's target
-        included. None if absent (or not a directory) without ``create``."""
+        with ``create``, missing directories are made (0755 root:root, as tar does; the implicit mtime),
+        a dangling symlink's target included. None if absent (or not a directory) without ``create``."""
         canon: list[bytes] = []
         chain = [self.root]
         pending = list(reversed(parts))
@@ -276,7 +290,7 @@ class Applier:
             if child is None:
                 if not create:
                     return None
-                child = Node(tree.DIR, 0o755)
+                child = Node(tree.DIR, 0o755, mtime_ns=self._implicit_mtime_ns)
                 child.touched = -1
                 self._insert(here, name, child)
             elif child.kind == tree.LNK:
@@ -316,15 +330,17 @@ class Applier:
             self._hide(resolved[0], resolved[1][-1], name)
 
     def _hide(self, dir_parts: Parts, parent: Node, name: bytes) -> None:
-        """Hide lower-layer content at ``name``; what this layer wrote stays."""
+        """Hide lower-layer content at ``name``; what this layer wrote stays (umoci's upper paths: a
+        directory this layer declared, or wrote below, stays and is searched for lower content)."""
         assert parent.children is not None
         child = parent.children.get(name)
         if child is None:
             return
         parts = dir_parts + (name,)
-        if child.children is not None and child.touched == self._layer:
+        written = parts in self._written
+        if child.children is not None and (written or child.touched == self._layer):
             self._hide_children(parts, child)
-        elif parts not in self._written:
+        elif not written:
             self._unlink(parts, parent, child)
 
     def _hide_children(self, parts: Parts, node: Node) -> None:

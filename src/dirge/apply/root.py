@@ -63,8 +63,12 @@ def clean_path(name: bytes) -> tuple[bytes, ...]:
 class Root:
     """The destination directory, opened once; hands out fds of directories inside it."""
 
-    def __init__(self, path: str | os.PathLike[str], max_depth: int = 256) -> None:
+    def __init__(self, path: str | os.PathLike[str], max_depth: int = 256, *,
+                 owner: tuple[int, int] | None = None) -> None:
+        """``owner``: what directories made as parents are chowned to when they differ (a setgid
+        parent passes its group on); None: left as made (rootless: the caller's)."""
         self.max_depth = max_depth
+        self.owner = owner
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._cache: dict[tuple[bytes, ...], int] = {}
 
@@ -96,7 +100,8 @@ class Root:
     def dir(self, parts: tuple[bytes, ...], *, create: bool) -> int | None:
         """A cached fd of the directory ``parts`` (``None`` if absent and not ``create``).
 
-        With ``create``, missing directories are made (0755, as tar does); a symlinked component
+        With ``create``, missing directories are made (0755, as tar does, whatever the umask or a setgid
+        parent would give; ``owner``'s); a symlinked component
         that dangles is followed inside the root and its target created. Cached fds stay open until
         ``forget()``, so fds handed out while applying one entry remain valid for all of it.
         """
@@ -140,6 +145,7 @@ class Root:
                     st = os.lstat(name, dir_fd=parent)
                 except FileNotFoundError:
                     os.mkdir(name, 0o755, dir_fd=parent)
+                    self._made(parent, name)
                     continue  # open it through the root on the next turn
                 if not stat.S_ISLNK(st.st_mode):
                     raise UnsafeLayer(_show(prefix), "a parent path component exists and is not a directory")
@@ -152,6 +158,20 @@ class Root:
                 i = 0
             finally:
                 os.close(parent)
+
+
+    def _made(self, parent: int, name: bytes) -> None:
+        """A directory just made as a parent: its mode set explicitly (mkdir's is masked by the caller's
+        umask, and a setgid parent adds S_ISGID), its owner ``owner`` (mkdir's group may be the parent's)."""
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            if self.owner is not None:
+                st = os.fstat(fd)
+                if (st.st_uid, st.st_gid) != self.owner:
+                    os.fchown(fd, *self.owner)
+            os.fchmod(fd, 0o755)
+        finally:
+            os.close(fd)
 
 
 def _show(parts: tuple[bytes, ...]) -> str:

@@ -209,7 +209,7 @@ def _parse_pax(data: bytes, into: dict[str, list[bytes]]) -> None:
         pos = end
 
 
-_MAX_ID = (1 << 32) - 2  # ids the kernel accepts; (uid_t)-1 means "no change"
+_MAX_ID = (1 << 32) - 1  # uid_t; 4294967295 (tar's -1) is read, and mapped by the merge engine (layer.py)
 _MAX_NS = (1 << 63) - 1
 
 
@@ -321,7 +321,7 @@ def acl_entries(items: list[str]) -> list[tuple[int, int, int]]:
         if tags[1] is None:
             raise _AclUnusable(f"malformed entry {item[:40]!r}")
         number = fields[3] if len(fields) == 4 else qualifier
-        if not (number.isascii() and number.isdigit()) or int(number) > _MAX_ID:
+        if not (number.isascii() and number.isdigit()) or int(number) >= _ACL_UNDEFINED_ID:
             raise _AclUnusable(f"{fields[0]} {qualifier!r} has no numeric id")
         entries.append((tags[1], _acl_perm(perm), int(number)))
     entries.sort()

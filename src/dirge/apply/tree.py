@@ -49,7 +49,7 @@ class Node:
         self.mode = mode  # permission bits, setuid/setgid/sticky included (0o7777)
         self.uid = uid
         self.gid = gid
-        self.mtime_ns: int | None = mtime_ns  # None: a directory the image never named (made as a parent)
+        self.mtime_ns: int | None = mtime_ns  # None: no time (the engine gives implicit parents one)
         self.xattrs: Mapping[str, bytes] = NO_XATTRS  # replaced whole, never changed in place
         self.children: dict[bytes, Node] | None = {} if kind == DIR else None
         self.target = b""  # symlink target, as given

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from . import erofs_format as fmt
 from ..apply import tree
-from ..errors import ImageError
+from ..errors import SinkError
 from ..apply.tree import Node, Parts
 from ..fsutil import fd_path, raise_no_space
 from .imagesink import Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
@@ -65,7 +65,7 @@ _FTYPES = {tree.REG: fmt.FT_REG_FILE, tree.DIR: fmt.FT_DIR, tree.LNK: fmt.FT_SYM
 XattrKey = tuple[int, bytes, bytes]  # (name index, name suffix, value)
 
 
-class ErofsError(ImageError, ValueError):
+class ErofsError(SinkError):
     """The tree holds something an erofs image cannot represent (or a caller broke the Sink contract)."""
 
     def __init__(self, what: str) -> None:

@@ -14,7 +14,9 @@ Why meta_bg: without it the backup descriptor tables in groups 1, 3, 5, 7, 9, 25
 the filesystem has groups, unknown until ``finish``. With meta_bg (``s_first_meta_bg`` 0) what sits
 at the start of a group depends on the group number only, so file data goes to its final block the
 moment it arrives (one sequential write, no spool, no move) whatever size the image ends up; flex_bg
-lets bitmaps and inode tables live anywhere, so they go after the data once the inode count is known.
+lets bitmaps and inode tables live anywhere, so they go after the data once the inode count is known
+(a table is one run: one that would reach a group's fixed blocks starts after them, and the blocks it
+skips are free space like any other).
 The kernel, e2fsck and resize2fs (growing and shrinking) all handle meta_bg without resize_inode.
 
 Dead data: ``release`` punches the file's blocks (or writes zeros where punching is unsupported),
@@ -68,7 +70,7 @@ from ..apply import tree
 from ..apply.tree import Node, Parts
 from ..fsutil import fd_path, raise_no_space
 from .imagesink import XATTR_ACLS, Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
-from ..errors import ImageError
+from ..errors import SinkError
 
 from ..apply.tar import sparse_pieces
 
@@ -93,7 +95,7 @@ Extent = tuple[int, int, int]  # (logical block, physical block, length)
 
 
 
-class Ext4Error(ImageError, ValueError):
+class Ext4Error(SinkError):
     """The tree holds something an ext4 image cannot represent (or a caller broke the Sink contract)."""
 
     def __init__(self, what: str) -> None:
@@ -530,6 +532,9 @@ class Ext4Sink(TreeImageSink):
             self._free(p, n)
 
     def file(self, parts: Parts, parent: Node, node: Node, entry: Entry, stream: EntryStream) -> None:
+        if node.size > fmt.MAX_FILE_SIZE:  # a sparse file may claim any size; its blocks could not be mapped
+            raise Ext4Error(f"{show(parts)}: a {node.size}-byte file exceeds ext4's largest file "
+                            f"({fmt.MAX_FILE_SIZE} bytes)")
         if entry.sparse is not None and node.size:
             self._sparse(parts, node, entry, stream)
             return
@@ -635,6 +640,7 @@ class _Image:
         self.indexed: set[int] = set()  # htree directories
         self.ibody: dict[int, bytes] = {}  # in-inode xattr area (96 bytes)
         self.xblock: dict[int, int] = {}  # xattr block of an inode
+        self.gaps: list[tuple[int, int]] = []  # (start, count): blocks an inode table skipped (free)
         seed = hashlib.sha256(b"dirge ext4 hash seed\0" + sink.uuid).digest()[:16]
         self.hash_seed = seed
         self.seed_words = struct.unpack("<4I", seed)
@@ -820,6 +826,7 @@ class _Image:
             jblocks = fmt.default_journal_blocks(total) if sink.journal else 0
             # Simulate the placement from the frontier: bitmaps, inode tables, journal (+ its tree).
             sink._frontier = base_frontier
+            self.gaps = []
             bbitmaps = [r for r in _blocks_of(sink._fresh(groups))]
             ibitmaps = [r for r in _blocks_of(sink._fresh(groups))]
             tables = [self._contiguous(itb) for _ in range(groups)]
@@ -832,7 +839,7 @@ class _Image:
                     raise Ext4SizeError(f"size {sink.size} too small: the content needs at least {end << _BITS} "
                                         f"bytes ({end} blocks of {BLKSZ}) before any free space")
                 break
-            used = end - holes
+            used = end - holes - sum(n for _, n in self.gaps)
             want = end + max(used // 10, _MIN_FREE)
             want = (want + 255) & ~255
             rem = want % _BPG
@@ -894,14 +901,18 @@ class _Image:
             if boundary >= f + n:
                 sink._frontier = f + n
                 return f
-            f = boundary  # the run would cross fixed blocks: start after them
+            # The run would cross fixed blocks: start after them. The blocks skipped here belong
+            # to nothing, so they must be free space in the bitmaps (not part of the used [0, end)).
+            self.gaps.append((f, boundary - f))
+            f = boundary
 
     def _block_bitmaps(self, end: int) -> tuple[list[int], list[bytes]]:
-        """Used: [0, end) less the free holes, and every group's fixed blocks."""
+        """Used: [0, end) less the free holes and the gaps inode tables skipped, and every group's
+        fixed blocks."""
         sink, total, groups = self.sink, self.total, self.groups
         used: list[tuple[int, int]] = []
         lo = 0
-        for s, n in zip(sink._hole_start, sink._hole_len):
+        for s, n in sorted([*zip(sink._hole_start, sink._hole_len), *self.gaps]):
             if s > lo:
                 used.append((lo, s))
             lo = s + n

@@ -168,6 +168,7 @@ assert EXTENT_HEADER.size == EXTENT.size == EXTENT_IDX.size == 12
 EXTENTS_IN_INODE = (IBLOCK_SIZE - EXTENT_HEADER.size) // EXTENT.size  # 4
 EXTENTS_IN_BLOCK = (BLOCK_SIZE - EXTENT_HEADER.size) // EXTENT.size  # 340
 EXTENT_MAX_LEN = 32768  # an initialized extent; longer lengths mean "unwritten"
+MAX_FILE_SIZE = ((1 << 32) - 1) << BLOCK_BITS  # s_maxbytes of extent files (ext4_max_size): ee_block is 32 bits
 FAST_SYMLINK_MAX = IBLOCK_SIZE - 1  # a target shorter than i_block (59 bytes) is stored in it
 
 # Extended attributes (fs/ext4/xattr.h).

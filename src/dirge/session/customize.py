@@ -82,6 +82,10 @@ class DirWriter:
         self.rootfs = rootfs
         self.rootless = os.geteuid() != 0 if rootless is None else rootless
 
+    def _root(self) -> Root:
+        # Missing parents are made 0755 root:root (the caller's when rootless), whatever the umask.
+        return Root(self.rootfs, owner=None if self.rootless else (0, 0))
+
     def _own(self, fd: int, uid: int, gid: int) -> None:
         if self.rootless:
             if uid or gid:
@@ -94,7 +98,7 @@ class DirWriter:
         parts = clean_path(os.fsencode(path))
         if not parts:
             raise SessionError(f"write {path}: not a file path")
-        root = Root(self.rootfs)
+        root = self._root()
         try:
             parent = root.dir(parts[:-1], create=True)
             assert parent is not None
@@ -121,7 +125,7 @@ class DirWriter:
         Anything else (not a regular file, unreadable, too large) is an error: callers that rewrite
         the file (``add_user``) must never take it for absent and lose the image's content."""
         parts = clean_path(os.fsencode(path))
-        root = Root(self.rootfs)
+        root = self._root()
         try:
             fd = openat2(root.fd, b"/".join(parts), os.O_RDONLY | os.O_NONBLOCK,
                          RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
@@ -145,7 +149,7 @@ class DirWriter:
                 raise SessionError(f"read {path} in {self.rootfs}: {exc.strerror}") from exc
 
     def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
-        root = Root(self.rootfs)
+        root = self._root()
         try:
             fd = root.dir(clean_path(os.fsencode(path)), create=True)
             assert fd is not None

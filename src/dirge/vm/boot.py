@@ -1,7 +1,8 @@
 """``boot(image)``: prepare a session, put the guest init into it, boot it in a QEMU microvm, return
 the guest command's exit status.
 
-    disk="dir"    the session's rootfs directory over virtio-9p (or virtio-fs with ``virtiofsd=``)
+    disk="dir"    the session's rootfs directory over virtio-9p, mapped-xattr (``vm.share``; or virtio-fs
+                  with ``virtiofsd=``, which serves real owners and modes: not for untrusted guests)
     disk="ext4"   the session's own ext4 disk as the root            (root=serial:dirge-root)
     disk="erofs"  the shared erofs base read-only + the session's scratch ext4 for the overlay upper
 
@@ -28,6 +29,7 @@ from ..session.customize import DirWriter, Ext4DiskWriter
 from .guest import GuestSpec, install_guest
 from .initramfs import build_initramfs, find_kernel
 from .qemu import ConsoleFn, Drive, VmSpec, choose_accel, find_qemu, run_vm
+from .share import capfiles_text, map_session, setcaps_program, unmap_session
 
 __all__ = ["BOOT_DISKS", "BOOT_FAILED", "BOOT_TIMED_OUT", "BootResult", "Booted", "boot", "boot_session"]
 
@@ -80,9 +82,11 @@ def boot_session(prepared: PreparedRootfs, *, cache_dir: Path, kernel: str | os.
             f"dirge.hostname={hostname}"]
     drives: list[Drive] = []
     share: Path | None = None
+    writer: DirWriter | None = None
     if not prepared.is_disk:
         kind = "virtiofs" if virtiofsd else "9p"
-        install_guest(DirWriter(prepared.path), installed)
+        writer = DirWriter(prepared.path)
+        install_guest(writer, installed)
         share = prepared.path
         args.append(f"root={kind}:dirgeroot")
     elif prepared.disk_format != "raw":
@@ -107,14 +111,34 @@ def boot_session(prepared: PreparedRootfs, *, cache_dir: Path, kernel: str | os.
         args += ["--", *words]
     ramfs = Path(initrd) if initrd else build_initramfs(k, kind, cache_dir)
     vm = VmSpec(k, ramfs, " ".join(args), drives=drives, share=None if virtiofsd else share,
-                share_passthrough=os.geteuid() == 0, memory=memory, cpus=cpus, accel=chosen)
+                memory=memory, cpus=cpus, accel=chosen)
     with contextlib.ExitStack() as stack:
         if virtiofsd:
-            assert share is not None
+            assert share is not None and writer is not None
+            writer.write_file("/.dirge/capfiles", b"", 0o600, 0, 0)  # virtio-fs serves capabilities itself
             vm.virtiofs_socket = stack.enter_context(_virtiofsd(virtiofsd, share))
+        elif share is not None and writer is not None:
+            stack.enter_context(_mapped_share(writer, share))
         launched = time.monotonic()
         status = run_vm(vm, nonce, timeout=timeout, console=console, qemu=qemu, kernel_log=kernel_log)
     return Booted(status, chosen, launched - started, time.monotonic() - launched)
+
+
+@contextlib.contextmanager
+def _mapped_share(writer: DirWriter, share: Path) -> Iterator[None]:
+    """The session in the form QEMU's mapped-xattr 9p serves (``vm.share``) while the VM runs, with the
+    guest init's list of files to give their capabilities; symlinks are real again afterwards."""
+    try:
+        try:
+            caps = map_session(share)
+        except OSError as e:
+            raise BootError(f"boot: cannot prepare {share} for 9p: {e}") from e
+        writer.write_file("/.dirge/capfiles", capfiles_text(caps), 0o600, 0, 0)
+        writer.write_file("/.dirge/setcaps", setcaps_program([value for _, value in caps]), 0o700, 0, 0)
+        writer.mkdir("/.dirge/caps", 0o700, 0, 0)
+        yield
+    finally:
+        unmap_session(share)
 
 
 @contextlib.contextmanager

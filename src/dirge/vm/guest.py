@@ -97,6 +97,17 @@ mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts
 mount -t tmpfs -o mode=1777,nosuid,nodev shm /dev/shm
 mount -t tmpfs -o mode=0755,nosuid,nodev run /run
 mount -t tmpfs -o mode=1777,nosuid,nodev tmp /tmp
+if [ -s /.dirge/capfiles ]; then  # 9p serves no security.* xattrs: capabilities come from copies (vm/share.py)
+    mount -t tmpfs -o mode=0700,nodev caps /.dirge/caps || fail "cannot mount a tmpfs for file capabilities"
+    while read -r n p; do
+        p=$(echo "$p" | base64 -d) && $B cp -p "$p" "/.dirge/caps/$n" || fail "cannot copy $p"
+    done < /.dirge/capfiles
+    /.dirge/setcaps || fail "cannot set file capabilities"
+    while read -r n p; do
+        p=$(echo "$p" | base64 -d)
+        mount --bind "/.dirge/caps/$n" "$p" && mount -o remount,bind,ro "$p" || fail "cannot give $p its capabilities"
+    done < /.dirge/capfiles
+fi
 
 . /.dirge/config || fail "cannot read /.dirge/config"
 name=$(arg dirge.hostname)

@@ -7,8 +7,10 @@ built in, per ``modules.builtin``, is skipped) and a ``/init`` that does what th
 do with ``root=``, ``rootfstype=``, ``rootflags=`` and ``init=``, then ``switch_root``. It carries no
 policy: everything session-specific is the guest init's (``vm.guest``).
 
-Roots it understands: ``root=9p:TAG`` (virtio-9p), ``root=virtiofs:TAG``, ``root=serial:NAME`` (the virtio disk whose serial
-is NAME: the kernel's vda/vdb order is the VMM's business, the serial is ours) and ``root=/dev/...``.
+Roots it understands: ``root=9p:TAG`` (virtio-9p; mounted ``access=client,posixacl``: without
+``posixacl`` a client-access 9p mount shows and enforces no ACLs), ``root=virtiofs:TAG``,
+``root=serial:NAME`` (the virtio disk whose serial is NAME: the kernel's vda/vdb order is the VMM's
+business, the serial is ours) and ``root=/dev/...``.
 ``dirge.probe`` makes it print the exit line and power off at once (the accelerator probe).
 
 Images are cached under ``CACHE/boot/`` by the hash of everything they are made of, uncompressed
@@ -60,7 +62,7 @@ root=$(arg root) fstype=$(arg rootfstype) flags=$(arg rootflags) init=$(arg init
 has rw && mode=rw || mode=ro
 case "$root" in
 9p:*)
-    mount -t 9p -o "trans=virtio,version=9p2000.L,msize=512000,cache=mmap,access=client,$mode${flags:+,$flags}" \
+    mount -t 9p -o "trans=virtio,version=9p2000.L,msize=512000,cache=mmap,access=client,posixacl,$mode${flags:+,$flags}" \
         "${root#9p:}" /newroot || fail "cannot mount the 9p root ${root#9p:}"
     ;;
 virtiofs:*)

@@ -8,6 +8,15 @@ passing raise ``GuestFailed`` carrying the console's last lines; QEMU is always 
 
 ``choose_accel("auto")`` uses KVM only after a probe boot with it has printed the exit line (some hosts
 have a /dev/kvm that cannot boot a stock kernel); the verdict is kept in ``CACHE/boot/``.
+
+Host safety of a directory share: QEMU serves it with 9p ``security_model=mapped-xattr``. The guest's
+chown/chmod/mknod are then stored as ``user.virtfs.{uid,gid,mode,rdev}`` xattrs on host files that QEMU
+creates 0600/0700 and regular (a guest device node or symlink is a plain file on the host); files without
+those xattrs (the image's) show their real owner and mode. So guest root never makes a setuid-root file or
+a device node on the host. Run as root, QEMU also loses the capabilities it has no use for in that model
+(``setpriv``, see ``DROPPED_CAPS``): without CAP_FSETID the kernel strips setuid/setgid whenever the guest
+writes to or truncates one of the image's own setuid files, so their content cannot be replaced either;
+``-sandbox on`` (seccomp) forbids QEMU to gain privileges, spawn programs or use obsolete syscalls.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from ..errors import BootError, GuestFailed
 from .guest import EXIT_MARKER, FAIL_MARKER
 from .initramfs import Kernel, build_initramfs
 
-__all__ = ["Drive", "VmSpec", "choose_accel", "find_qemu", "qemu_command", "run_vm"]
+__all__ = ["DROPPED_CAPS", "Drive", "VmSpec", "choose_accel", "find_qemu", "qemu_command", "run_vm", "unprivileged"]
 
 QEMU = "qemu-system-x86_64"
 _KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\] ")
@@ -59,8 +68,7 @@ class VmSpec:
     initrd: Path
     cmdline: str
     drives: Sequence[Drive] = ()
-    share: Path | None = None        # a directory exported over virtio-9p as tag "dirgeroot"
-    share_passthrough: bool = True   # 9p security model: real owners (needs root) or mapped-xattr
+    share: Path | None = None        # a directory exported over virtio-9p (mapped-xattr) as tag "dirgeroot"
     virtiofs_socket: Path | None = None  # a running virtiofsd's socket, instead of 9p
     memory: int = 512
     cpus: int = 1
@@ -78,8 +86,8 @@ def qemu_command(spec: VmSpec, qemu: str = QEMU) -> list[str]:
                            + (",readonly=on" if d.readonly else ""),
                  "-device", f"virtio-blk-device,drive=d{i},serial={d.serial}"]
     if spec.share is not None:
-        model = "passthrough" if spec.share_passthrough else "mapped-xattr"
-        args += ["-fsdev", f"local,id=root,path={spec.share},security_model={model},multidevs=remap",
+        # mapped-xattr, never passthrough: the guest's owners, modes and devices stay metadata (module doc)
+        args += ["-fsdev", f"local,id=root,path={spec.share},security_model=mapped-xattr,multidevs=remap",
                  "-device", "virtio-9p-device,fsdev=root,mount_tag=dirgeroot"]
     if spec.virtiofs_socket is not None:
         # vhost-user needs guest memory the daemon can map
@@ -87,14 +95,36 @@ def qemu_command(spec: VmSpec, qemu: str = QEMU) -> list[str]:
                  "-machine", "memory-backend=mem",
                  "-chardev", f"socket,id=vfs,path={spec.virtiofs_socket}",
                  "-device", "vhost-user-fs-device,chardev=vfs,tag=dirgeroot"]
+    args += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     return [*args, *spec.extra]
+
+
+# What a root QEMU may not keep (names as setpriv takes them): it needs DAC_OVERRIDE/FOWNER to serve the
+# image's files, but never changes real owners (chown, setuid/setgid), keeps setid bits on a write
+# (fsetid), makes device nodes (mknod) or sets file capabilities (setfcap) in the mapped-xattr model.
+DROPPED_CAPS = ("chown", "fsetid", "mknod", "setfcap", "setuid", "setgid", "setpcap", "linux_immutable",
+                "sys_admin", "sys_module", "sys_rawio", "sys_ptrace", "sys_boot", "sys_chroot", "net_admin",
+                "net_raw", "mac_admin", "mac_override", "audit_control", "audit_write", "syslog")
+
+
+def unprivileged(argv: list[str]) -> list[str]:
+    """``argv`` run without ``DROPPED_CAPS`` when we are root (bounding set and inheritable set, so
+    neither QEMU nor anything it could exec gets them back); as is otherwise."""
+    if os.geteuid() != 0:
+        return argv
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise BootError("setpriv not found (util-linux): dirge will not run QEMU as root with all its "
+                        "capabilities; install util-linux")
+    caps = ",".join(f"-{c}" for c in DROPPED_CAPS)
+    return [setpriv, "--inh-caps=-all", f"--bounding-set={caps}", "--", *argv]
 
 
 def run_vm(spec: VmSpec, nonce: str, *, timeout: float, console: ConsoleFn | None = None,
            qemu: str | None = None, kernel_log: bool = False) -> int:
     """Boot ``spec``; the guest command's exit status. Raises GuestFailed (see module doc).
     ``console`` gets the guest's lines; the kernel's own (``[    1.234] ...``) only with ``kernel_log``."""
-    argv = qemu_command(spec, qemu or find_qemu())
+    argv = unprivileged(qemu_command(spec, qemu or find_qemu()))
     tail: deque[str] = deque(maxlen=40)
     status: int | None = None
     failure: str | None = None

@@ -79,9 +79,14 @@ def setid_program(uid: int, gid: int, groups: tuple[int, ...] = ()) -> bytes:
     patch(lea_groups_at, groups_at)
     patch(lea_message_at, message_at)
 
+    return elf_executable(bytes(code))
+
+
+def elf_executable(code: bytes) -> bytes:
+    """A static ELF whose one R+X segment is ``code`` (position-independent: rip-relative data)."""
     size = _HEADERS + len(code)
     entry = _BASE + _HEADERS
     ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)  # 64-bit, little-endian, SysV
     header = ident + struct.pack("<HHIQQQIHHHHHH", 2, 0x3E, 1, entry, 64, 0, 0, 64, 56, 1, 0, 0, 0)
     phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, _BASE, _BASE, size, size, 0x1000)  # PT_LOAD, R+X
-    return header + phdr + bytes(code)
+    return header + phdr + code
