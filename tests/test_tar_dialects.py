@@ -648,3 +648,32 @@ def test_parse_does_not_depend_on_chunk_boundaries(chunk: int) -> None:
 
     for archive in [*GNU_HANDMADE.values(), *BSD_HANDMADE.values()]:
         assert parse(archive, chunk) == parse(archive, len(archive))
+
+
+def _cpython_testtar() -> bytes:
+    """CPython's own tarfile test archive (Debian's libpython3.11-testsuite; scripts/setup.sh --test):
+    v7, ustar, GNU and pax members, old GNU and pax sparse files, HP-UX signed checksums, owner -1."""
+    import glob
+    import sysconfig
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for pattern in (f"{stdlib}/test/archivetestdata/testtar.tar", f"{stdlib}/test/testtar.tar",
+                    "/usr/lib/python3*/test/archivetestdata/testtar.tar", "/usr/lib/python3*/test/testtar.tar"):
+        found = sorted(glob.glob(pattern))
+        if found:
+            return Path(found[-1]).read_bytes()
+    pytest.skip("CPython's test package (testtar.tar) is not installed")
+
+
+@pytest.mark.parametrize("sink", ["tree", "erofs", "ext4"])
+def test_cpython_testtar_equals_gnu_tar(sink: str, make_image, tmp_path: Path) -> None:
+    archive = _cpython_testtar()
+    reference = gnu_reference(archive, tmp_path)
+    ref = make_image([archive])
+    if sink == "tree":
+        unpack(ref, tmp_path / "tree")
+        assert_same(snapshot(tmp_path / "tree"), reference, "tree")
+    elif sink == "erofs":
+        assert_same(erofs_snapshot(ref, tmp_path), reference, "erofs")
+    else:
+        assert_ext4_same(ref, reference, tmp_path)
