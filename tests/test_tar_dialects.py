@@ -368,6 +368,14 @@ HANDMADE: dict[str, bytes] = {
     # Old tars summed the header as signed chars: a name with high bytes then has a different checksum.
     "signed-checksum": member("café-signed".encode(), b"signed", signed=True, uid=base256(3_000_000, 8)) + END,
     "trailing-garbage": member(b"kept", b"before the end") + END + os.urandom(3000),
+    # tar's -1 owner (4294967295): GNU tar's chown leaves the id as it is, 0 for a new inode, the existing
+    # directory's for a directory entry over it (found by the fuzzer, tests/test_fuzz.py).
+    "owner-minus-one": (
+        member(b"a/", type_=b"5", uid=5, gid=1000, mode=0o750)
+        + pax([("uid", "4294967295"), ("gid", "4294967295")]) + member(b"a/", type_=b"5", mode=0o755)
+        + pax([("gid", "4294967295")]) + member(b"a/new", b"new file", uid=7)
+        + END
+    ),
     # One zero block ends the archive for GNU tar (it warns of "a lone zero block"): what follows is ignored.
     "lone-zero-block": member(b"kept", b"before") + bytes(512) + member(b"ignored", b"after") + END,
     # No end blocks at all.

@@ -221,12 +221,13 @@ class Applier:
             raise UnsafeLayer(_display(entry.parts), f"owner {entry.uid}:{entry.gid} out of range")
         uid, gid = entry.uid, entry.gid
         if _UNSET_ID in (uid, gid):
-            # 4294967295 is (uid_t)-1: GNU tar, as root, chowns with it and so leaves the id to whoever
-            # extracts (root: 0; rootless: the caller, as an owner 0 is). Every sink gets 0, said in the report.
+            # 4294967295 is (uid_t)-1: GNU tar, as root, chowns with it and so leaves the id as it is: a
+            # new inode's is whoever extracts (root: 0; rootless: the caller, as an owner 0 is), a directory
+            # entry over an existing directory keeps that one's (umoci too; found by tests/test_fuzz.py).
             which = " and ".join(w for w, v in (("owner", uid), ("group", gid)) if v == _UNSET_ID)
-            self.report.skip(b"/".join(entry.parts), f"{which} 4294967295 (tar's -1) not set: left to the "
-                             "extracting user (0), as GNU tar does")
-            uid, gid = (0 if uid == _UNSET_ID else uid), (0 if gid == _UNSET_ID else gid)
+            self.report.skip(b"/".join(entry.parts), f"{which} 4294967295 (tar's -1) not set: left as it was "
+                             "(the extracting user, 0, for a new file), as GNU tar does")
+            uid, gid = (node.uid if uid == _UNSET_ID else uid), (node.gid if gid == _UNSET_ID else gid)
         # Seconds must fit a 64-bit time_t, or a directory's utime in Sink.finish() overflows (tests/test_fuzz.py).
         for ns in (entry.mtime_ns, entry.atime_ns):
             if ns is not None and not -(1 << 63) <= ns // 1_000_000_000 < 1 << 63:
