@@ -254,7 +254,8 @@ def _apply_layers(source: BlobSource, resolved: ResolvedImage, make_sink: SinkFa
             what = f"layer {i + 1}/{len(layers)} {desc.digest.short}"
             if progress:
                 progress(what, i, len(layers))
-            stream = LayerStream(source.open_blob(desc), desc.digest, desc.size, diff_id, what, transform=tokens)
+            stream = LayerStream(source.open_blob(desc), desc.digest, desc.size, diff_id, what, transform=tokens,
+                                 max_bytes=limits.max_layer_bytes)
             try:
                 applier.apply_layer(EntryStream(stream.items()))
                 stream.close()

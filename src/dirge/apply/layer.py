@@ -48,16 +48,20 @@ class Limits:
 
     ``max_tree_bytes`` bounds the merge engine's in-memory tree (an estimate: ``tree.NODE_BYTES`` per
     node plus names, link targets and xattrs; 2 GiB is about 6 million entries), so a huge entry count
-    stops with an error, not an OOM."""
+    stops with an error, not an OOM. ``max_layer_bytes`` bounds one layer's decompressed stream, every
+    byte of it (data of any entry type, records the parser skips, what follows the end-of-archive
+    marker): it is counted where decompression happens (``blob.LayerStream``)."""
 
     max_total_bytes: int = 64 << 30
     max_entries: int = 4_000_000
     max_depth: int = 256
     max_file_bytes: int = 16 << 30
     max_tree_bytes: int = 2 << 30
+    max_layer_bytes: int = 64 << 30
 
     def __post_init__(self) -> None:
-        for name in ("max_total_bytes", "max_entries", "max_depth", "max_file_bytes", "max_tree_bytes"):
+        for name in ("max_total_bytes", "max_entries", "max_depth", "max_file_bytes", "max_tree_bytes",
+                     "max_layer_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"limit {name} must be positive")
 
