@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
 import hashlib
 import io
@@ -31,10 +32,10 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import httpcore
 import httpx
@@ -56,11 +57,115 @@ DOCKER_HUB_API = "registry-1.docker.io"
 CERTS_DIRS = ("/etc/docker/certs.d", "/etc/containers/certs.d")
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
-# httpcore reads sockets 64 KiB at a time and each read is a pass through h11 in Python holding the GIL,
-# which the layer pipeline needs: 1 MiB reads halve a blob download's CPU (bench/pull.py). httpcore has
-# no per-client setting, only this class attribute; larger reads change nothing else for other users.
-_http11 = httpcore._sync.http11.HTTP11Connection
-_http11.READ_NUM_BYTES = max(_http11.READ_NUM_BYTES, 1 << 20)
+# httpcore asks its network stream for 64 KiB a read, and each read is a pass through h11 in Python
+# holding the GIL the layer pipeline needs: 1 MiB reads take a fifth off a blob download's CPU
+# (docs/BENCHMARKS.md). httpx has no setting for it (its HTTPTransport takes no network backend), so each
+# Endpoint's client gets its own transport: an httpcore pool, through httpcore's public network-backend
+# API, whose streams read up to READ_BYTES. Nothing outside dirge's own clients changes.
+READ_BYTES = 1 << 20
+
+
+class _LargeReads(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max(max_bytes, READ_BYTES), timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _LargeReads(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _LargeReadBackend(httpcore.NetworkBackend):
+    def __init__(self) -> None:
+        self._backend = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _LargeReads(self._backend.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _LargeReads(self._backend.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+# httpcore's errors as httpx raises them (the most specific class first, as httpx's own transport maps them)
+_HTTPX_ERRORS: dict[type[Exception], type[httpx.TransportError]] = {
+    httpcore.ConnectTimeout: httpx.ConnectTimeout, httpcore.ReadTimeout: httpx.ReadTimeout,
+    httpcore.WriteTimeout: httpx.WriteTimeout, httpcore.PoolTimeout: httpx.PoolTimeout,
+    httpcore.TimeoutException: httpx.TimeoutException, httpcore.ConnectError: httpx.ConnectError,
+    httpcore.ReadError: httpx.ReadError, httpcore.WriteError: httpx.WriteError,
+    httpcore.NetworkError: httpx.NetworkError, httpcore.ProxyError: httpx.ProxyError,
+    httpcore.UnsupportedProtocol: httpx.UnsupportedProtocol,
+    httpcore.RemoteProtocolError: httpx.RemoteProtocolError,
+    httpcore.LocalProtocolError: httpx.LocalProtocolError, httpcore.ProtocolError: httpx.ProtocolError,
+}
+
+
+@contextlib.contextmanager
+def _as_httpx_errors() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        for cls in type(exc).__mro__:
+            if cls in _HTTPX_ERRORS:
+                raise _HTTPX_ERRORS[cls](str(exc)) from exc
+        raise
+
+
+class _Body(httpx.SyncByteStream):
+    def __init__(self, stream: Iterable[bytes]) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        with _as_httpx_errors():
+            yield from self._stream
+
+    def close(self) -> None:
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
+
+
+class LargeReadTransport(httpx.BaseTransport):
+    """httpx's ``HTTPTransport`` (HTTP/1.1, no proxy: httpx mounts its own for proxies from the
+    environment) over ``_LargeReadBackend``."""
+
+    def __init__(self, verify: ssl.SSLContext | bool = True) -> None:
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(verify=verify), max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_LargeReadBackend())
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.SyncByteStream)
+        url = request.url
+        core = httpcore.Request(method=request.method, headers=request.headers.raw, content=request.stream,
+                                url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port,
+                                                 target=url.raw_path),
+                                extensions=request.extensions)
+        with _as_httpx_errors():
+            response = self._pool.handle_request(core)
+        assert isinstance(response.stream, Iterable)
+        return httpx.Response(status_code=response.status, headers=response.headers, stream=_Body(response.stream),
+                              extensions=response.extensions)
+
+    def close(self) -> None:
+        self._pool.close()
 
 
 def retry_base() -> float:
@@ -205,7 +310,7 @@ class Endpoint:
         self.fallback_http = fallback_http
         verify: ssl.SSLContext | bool = ssl_context(host) if self.url.startswith("https://") else True
         self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)), verify=verify,
-                                   follow_redirects=True)  # httpx drops Authorization on cross-origin redirects
+                                   transport=LargeReadTransport(verify), follow_redirects=True)  # httpx drops Authorization on cross-origin redirects
         self._tokens: dict[str, str] = {}
         self._basic = False
         self._lock = threading.Lock()
