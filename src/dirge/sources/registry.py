@@ -41,7 +41,7 @@ import httpcore
 import httpx
 
 from ..cache import Cache
-from ..config import Config, load_config
+from ..config import Config, config_path, load_config
 from ..errors import AuthError, DirgeError, IntegrityError, NotFound, RateLimited, RegistryError
 from ..image import CONFIG_TYPES, DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
 from ..image import Descriptor
@@ -303,14 +303,17 @@ def ssl_context(host: str) -> ssl.SSLContext:
 class Endpoint:
     """One base URL (origin or mirror) with its HTTP client and auth state."""
 
-    def __init__(self, url: str, host: str, creds: Credentials | None, timeout: float, fallback_http: bool) -> None:
+    def __init__(self, url: str, host: str, creds: Credentials | None, timeout: float, fallback_http: bool,
+                 insecure: Callable[[str], bool] = lambda host: False) -> None:
         self.url = url.rstrip("/")
         self.host = host
         self.creds = creds
         self.fallback_http = fallback_http
+        self.insecure = insecure  # registries.toml's ``insecure = true``, by host[:port]
         verify: ssl.SSLContext | bool = ssl_context(host) if self.url.startswith("https://") else True
+        # httpx drops Authorization on cross-origin redirects (https → http is one)
         self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)), verify=verify,
-                                   transport=LargeReadTransport(verify), follow_redirects=True)  # httpx drops Authorization on cross-origin redirects
+                                   transport=LargeReadTransport(verify), follow_redirects=True)
         self._tokens: dict[str, str] = {}
         self._basic = False
         self._lock = threading.Lock()
@@ -326,17 +329,40 @@ class Endpoint:
             return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
         return {}
 
+    def clear_ok(self, url: str) -> bool:
+        """Whether credentials (Basic, or a bearer token) may go to ``url``: over TLS always; over plain HTTP
+        only to a host registries.toml marks insecure, or to a loopback host when this endpoint itself
+        speaks plain HTTP (the bytes never leave the machine, and nothing was downgraded from TLS)."""
+        parsed = httpx.URL(url)
+        if parsed.scheme == "https":
+            return True
+        netloc, host = parsed.netloc.decode("ascii", "replace"), parsed.host
+        if self.insecure(netloc) or self.insecure(host):
+            return True
+        return is_loopback(netloc) and not self.url.startswith("https://")
+
+    def _refuse_clear(self, what: str, url: str, kind: str) -> AuthError:
+        netloc = httpx.URL(url).netloc.decode("ascii", "replace")
+        return AuthError(f"{what}: {self.host} wants {kind} sent to {url[:200]} over plain HTTP, and dirge sends "
+                         f"credentials only over TLS; serve it over https://, or, on a trusted network, mark "
+                         f"{netloc!r} insecure in {config_path()} ([registries.\"{netloc}\"] insecure = true)",
+                         status=401)
+
     def _authenticate(self, response: httpx.Response, scope: str, what: str) -> None:
         scheme, params = _parse_challenge(response.headers.get("WWW-Authenticate", ""))
         if scheme == "basic":
             if not self.creds:
                 raise AuthError(f"{what}: {self.host} needs credentials (docker login, --creds, or an auth file)",
                                 status=401)
+            if not self.clear_ok(self.url):
+                raise self._refuse_clear(what, self.url, "Basic credentials")
             self._basic = True
             return
         realm = params.get("realm", "")
         if scheme != "bearer" or not realm.startswith(("https://", "http://")):
             raise AuthError(f"{what}: {self.host} answered 401 without a usable challenge", status=401)
+        if self.creds and not self.clear_ok(realm):  # the token request would carry them (Basic)
+            raise self._refuse_clear(what, realm, "Basic credentials for a token")
         query = {"service": params.get("service", "")}
         query["scope"] = params.get("scope") or scope
         auth = httpx.BasicAuth(self.creds.username, self.creds.password) if self.creds else None
@@ -371,6 +397,8 @@ class Endpoint:
         """One request with auth; retried by the caller. 401 → authenticate once → retry."""
         used = self._auth_headers(scope)
         for attempt in range(2):
+            if used and not self.clear_ok(self.url):  # a token (even an anonymous one) is a credential too
+                raise self._refuse_clear(what, self.url, "a bearer token" if scope in self._tokens else "credentials")
             req = self.client.build_request(method, self.url + path, headers={**(headers or {}), **used})
             response = self.client.send(req, stream=stream)
             if response.status_code != 401 or attempt == 1:
@@ -401,8 +429,12 @@ class RegistryClient:
         reg_config = self.config.registry(registry)
         fallback = is_loopback(registry) or reg_config.insecure
         origin_host = DOCKER_HUB_API if registry == "docker.io" else registry
-        self.endpoints = [Endpoint(m, m.split("://", 1)[-1], None, timeout, False) for m in reg_config.mirrors]
-        self.endpoints.append(Endpoint(f"https://{origin_host}", registry, self.creds, timeout, fallback))
+        def insecure(host: str) -> bool:
+            return self.config.registry(host).insecure
+
+        self.endpoints = [Endpoint(m, m.split("://", 1)[-1], None, timeout, False, insecure)
+                          for m in reg_config.mirrors]
+        self.endpoints.append(Endpoint(f"https://{origin_host}", registry, self.creds, timeout, fallback, insecure))
 
     def close(self) -> None:
         for endpoint in self.endpoints:
