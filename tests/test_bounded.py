@@ -4,6 +4,7 @@ and files dirge reads out of an image on the host are capped and streamed."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,11 +13,17 @@ import pytest
 import zstandard
 from isal import isal_zlib
 
+from conftest import needs_tool
 from dirge import LimitExceeded, Limits, unpack
 from dirge.cli import main
+from dirge.errors import SessionError
+from dirge.fsimage.erofs_read import ErofsReadError, read_erofs_file
+from dirge.fsutil import READ_MAX
 from dirge.image import OCI_CONFIG, OCI_MANIFEST, host_platform
 from dirge.layerbuild import LayerBuilder
+from dirge.session.customize import DirWriter, Ext4DiskWriter, add_user
 from dirge.sources.layout import LayoutWriter
+from dirge.vm.guest import GuestSpec, install_guest
 
 MiB = 1 << 20
 
@@ -121,3 +128,82 @@ def test_max_layer_bytes_is_settable_with_limit(tmp_path: Path, capsys: pytest.C
     assert main(["-q", "unpack", "--rootless", "--limit", f"max_layer_bytes={128 * MiB}", image,
                  str(tmp_path / "out2")]) == 0
     assert (tmp_path / "out2" / "hello").read_bytes() == b"hi\n"
+
+
+# -- files read from an image on the host: capped at fsutil.READ_MAX, refused by size before any read ----------
+
+SPARSE = 512 * MiB  # apparent size; a few blocks on disk
+
+
+def _tree_with_huge_passwd(root: Path) -> Path:
+    """A rootfs whose /etc/passwd is a sparse file over the cap (a real first line, then a hole)."""
+    (root / "etc").mkdir(parents=True)
+    (root / "upper").mkdir()  # for the erofs-session scratch disk, which keeps its files under upper/
+    with open(root / "etc" / "passwd", "wb") as f:
+        f.write(b"root:x:0:0::/root:/bin/sh\n")
+        f.truncate(SPARSE)
+    (root / "etc" / "group").write_bytes(b"root:x:0:\n")
+    return root
+
+
+def _assert_names_path_and_cap(exc: BaseException) -> None:
+    message = str(exc)
+    assert "/etc/passwd" in message and f"{READ_MAX >> 20} MiB" in message, message
+    assert str(SPARSE) in message, message  # refused by its size, before it was read
+
+
+def test_a_directory_rootfs_refuses_a_huge_sparse_passwd(tmp_path: Path) -> None:
+    root = _tree_with_huge_passwd(tmp_path / "rootfs")
+    with pytest.raises(SessionError) as info:
+        add_user(DirWriter(root), "alice", 1000)
+    _assert_names_path_and_cap(info.value)
+    with pytest.raises(SessionError) as info:
+        install_guest(DirWriter(root), GuestSpec(argv=["/bin/true"], env=[]))
+    _assert_names_path_and_cap(info.value)
+
+
+@needs_tool("mkfs.ext4", "debugfs")
+def test_an_ext4_disk_refuses_a_huge_sparse_passwd_before_debugfs_cat(tmp_path: Path) -> None:
+    root = _tree_with_huge_passwd(tmp_path / "rootfs")
+    disk = tmp_path / "disk.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(disk), "64M"], check=True)
+    writer = Ext4DiskWriter(disk)
+    with pytest.raises(SessionError) as info:
+        writer.read_file("/etc/passwd")
+    _assert_names_path_and_cap(info.value)
+    with pytest.raises(SessionError) as info:
+        add_user(writer, "alice", 1000)
+    _assert_names_path_and_cap(info.value)
+    assert writer.read_file("/etc/group") == b"root:x:0:\n"  # small files still read
+
+
+@needs_tool("mkfs.erofs", "mkfs.ext4", "debugfs")
+def test_an_erofs_base_refuses_a_huge_sparse_passwd(tmp_path: Path) -> None:
+    """What an erofs disk session reads through (``rootfs._erofs_lower``): the guest init's user lookup and
+    add_user both refuse the file by its size, and never fill its holes."""
+    root = _tree_with_huge_passwd(tmp_path / "rootfs")
+    base = tmp_path / "base.erofs"
+    subprocess.run(["mkfs.erofs", "--chunksize=1048576", str(base), str(root)], check=True,
+                   capture_output=True)
+    with pytest.raises(ErofsReadError) as info:
+        read_erofs_file(base, "/etc/passwd")
+    _assert_names_path_and_cap(info.value)
+    assert read_erofs_file(base, "/etc/group") == b"root:x:0:\n"
+
+    scratch_tree = tmp_path / "scratch"
+    (scratch_tree / "upper").mkdir(parents=True)
+    scratch = tmp_path / "scratch.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(scratch_tree), str(scratch), "16M"], check=True)
+    writer = Ext4DiskWriter(scratch, under="upper", lower=lambda path: read_erofs_file(base, path))
+    with pytest.raises(ErofsReadError) as info:
+        install_guest(writer, GuestSpec(argv=["/bin/true"], env=[]))
+    _assert_names_path_and_cap(info.value)
+    with pytest.raises(ErofsReadError) as info:
+        add_user(writer, "alice", 1000)
+    _assert_names_path_and_cap(info.value)
+
+
+def test_one_cap_everywhere() -> None:
+    from dirge.session import customize
+
+    assert READ_MAX == 256 << 20 and customize.READ_MAX is READ_MAX
