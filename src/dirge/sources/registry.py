@@ -361,7 +361,12 @@ class Endpoint:
         realm = params.get("realm", "")
         if scheme != "bearer" or not realm.startswith(("https://", "http://")):
             raise AuthError(f"{what}: {self.host} answered 401 without a usable challenge", status=401)
-        if self.creds and not self.clear_ok(realm):  # the token request would carry them (Basic)
+        try:
+            clear_ok = self.clear_ok(realm)
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise RegistryError(f"{what}: token request to {realm[:200]} failed: {type(exc).__name__}: {exc}",
+                                retryable=True) from None
+        if self.creds and not clear_ok:  # the token request would carry them (Basic)
             raise self._refuse_clear(what, realm, "Basic credentials for a token")
         query = {"service": params.get("service", "")}
         query["scope"] = params.get("scope") or scope
