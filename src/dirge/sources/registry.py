@@ -5,7 +5,9 @@
   back to plain HTTP when the TLS handshake fails, as Docker does. Never silently elsewhere.
 - Trust: the system store (honouring $SSL_CERT_FILE) plus ``certs.d/<host[:port]>/*.crt``.
 - Auth: the first 401 says how (Bearer realm/service/scope, or Basic); tokens are cached per scope and
-  refreshed on a later 401. Credentials: see ``auth``; never in messages.
+  refreshed on a later 401. Credentials: see ``auth``; never in messages, and never in the clear: Basic
+  credentials and tokens go over TLS, or over plain HTTP only to a host registries.toml marks insecure
+  (or a loopback one when the registry itself is plain HTTP); see ``Endpoint.clear_ok``.
 - Retries with exponential backoff and jitter on 429 (Retry-After honoured), 5xx, resets and timeouts;
   blob downloads resume with Range, are hashed while streaming to a temp file, and are published into
   the cache only when size and digest match.
