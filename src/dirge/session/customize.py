@@ -33,8 +33,6 @@ from ..errors import SessionError
 from ..fsutil import READ_MAX, over_read_max
 
 
-
-
 @dataclass(frozen=True)
 class FileSpec:
     data: bytes
