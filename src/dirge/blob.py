@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Protocol
 import zstandard
 from isal import igzip
 
-from .errors import DirgeError, ImageError, IntegrityError
+from .errors import DirgeError, ImageError, IntegrityError, LimitExceeded
 from .reference import Digest
 from .waits import checkpoint, waiting
 
@@ -295,12 +295,20 @@ class LayerStream:
     /ISA-L, zstd and hashlib release the GIL, so the stages overlap with the caller's filesystem work.
     Call ``close()`` after consuming: it drains whatever the caller left, so the digest and diff_id
     always cover the whole blob.
+
+    ``max_bytes`` (``Limits.max_layer_bytes``) bounds the decompressed stream. It is counted here, as
+    thread 1 produces it, because every later byte passes this point: entry data of any type, records
+    the tar parser skips, and whatever follows the end-of-archive marker (which the drain in
+    ``_parsed`` and ``close()`` would otherwise decompress and hash without end).
     """
 
     def __init__(self, raw: BinaryIO, digest: Digest, size: int | None, diff_id: Digest | None, what: str,
-                 transform: Callable[[Iterator[bytes]], Iterator[Sized]] | None = None) -> None:
+                 transform: Callable[[Iterator[bytes]], Iterator[Sized]] | None = None,
+                 max_bytes: int | None = None) -> None:
         self.what = what
         self.compression = "none"
+        self._digest = digest
+        self._max_bytes = max_bytes
         self._raw = raw
         self._stop = threading.Event()
         self._reader = _StoppingReader(raw, digest, size, what, self._stop)
@@ -313,7 +321,7 @@ class LayerStream:
         """Decompressed chunks; at the end, the blob's size and digest are checked."""
         self.compression = sniff_compression(self._reader.peek(4))
         try:
-            yield from _decompressed(self._reader, self.compression)
+            yield from self._bounded(_decompressed(self._reader, self.compression))
         except (EOFError, OSError, zstandard.ZstdError) as exc:
             # Check the blob itself first: a truncated or altered blob is an integrity failure.
             self._reader.drain()
@@ -321,6 +329,20 @@ class LayerStream:
             raise ImageError(f"decompress {self.what} ({self.compression}): {exc or 'stream ended early'}") from exc
         self._reader.drain()
         self._reader.verify()
+
+    def _bounded(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """``chunks``, stopping with ``LimitExceeded`` at the chunk that crosses ``max_bytes`` (which is
+        not passed on: nothing downstream ever sees a byte past the limit)."""
+        limit = self._max_bytes
+        if limit is None:
+            yield from chunks
+            return
+        total = 0
+        for chunk in chunks:
+            total += len(chunk)
+            if total > limit:
+                raise LimitExceeded("max_layer_bytes", total, limit, layer=str(self._digest))
+            yield chunk
 
     def _hashed(self) -> Iterator[bytes]:
         diff_hash = new_hash(self._diff_id) if self._diff_id else None

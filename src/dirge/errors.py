@@ -73,11 +73,12 @@ class UnsafeLayer(DirgeError):
 class LimitExceeded(DirgeError):
     kind = "image over a limit"
 
-    def __init__(self, limit: str, value: int, maximum: int) -> None:
+    def __init__(self, limit: str, value: int, maximum: int, *, layer: str | None = None) -> None:
         super().__init__(
-            f"layer exceeds limit {limit} ({value} > {maximum}); "
+            f"{f'layer {layer}' if layer else 'layer'} exceeds limit {limit} ({value} > {maximum}); "
             f"raise it with --limit {limit}=N if the image is trusted"
         )
+        self.layer = layer
         self.limit = limit
         self.value = value
         self.maximum = maximum

@@ -19,6 +19,19 @@ BTRFS_MAGIC = 0x9123683E
 OVERLAY_MAGIC = 0x794C7630
 _MNT_DETACH = 2
 
+# A file dirge reads whole out of an image, on the host (/etc/passwd and /etc/group for add_user and the
+# guest's user lookup; from a directory, an ext4 disk or an erofs base): bounded, checked against the
+# file's size before a byte is read, so a huge or sparse file is refused, never read or its holes filled.
+READ_MAX = 256 << 20
+
+
+def over_read_max(path: str, size: int | None = None) -> str:
+    """The one message for an image file over ``READ_MAX``: names the path, its size (None: found
+    while streaming it) and the cap."""
+    return (f"{path} is {f'{size} bytes' if size is not None else 'larger than that'}, over dirge's "
+            f"{READ_MAX >> 20} MiB cap on a file it reads from an image (/etc/passwd, /etc/group are read whole)")
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]

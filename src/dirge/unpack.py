@@ -256,7 +256,8 @@ def _apply_layers(source: BlobSource, resolved: ResolvedImage, make_sink: SinkFa
             if progress:
                 progress(what, i, len(layers))
             stream = LayerStream(source.open_blob(desc), desc.digest, desc.size, diff_id, what,
-                                 transform=functools.partial(tokens, limits=limits))
+                                 transform=functools.partial(tokens, limits=limits),
+                                 max_bytes=limits.max_layer_bytes)
             try:
                 applier.apply_layer(EntryStream(stream.items()))
                 stream.close()

@@ -51,7 +51,10 @@ class Limits:
     node plus names, link targets and xattrs; 2 GiB is about 6 million entries), so a huge entry count
     stops with an error, not an OOM. The tar parser's own bounds: ``max_header_bytes`` for a member's
     extended headers together (PAX, GNU long names, a Solaris ACL; each global PAX header alone),
-    ``max_sparse_regions`` for one sparse map, ``max_global_records`` for the global PAX records in force."""
+    ``max_sparse_regions`` for one sparse map, ``max_global_records`` for the global PAX records in force.
+    ``max_layer_bytes`` bounds one layer's decompressed stream, every byte of it (data of any entry type,
+    records the parser skips, what follows the end-of-archive marker): it is counted where decompression
+    happens (``blob.LayerStream``)."""
 
     max_total_bytes: int = 64 << 30
     max_entries: int = 4_000_000
@@ -61,10 +64,11 @@ class Limits:
     max_header_bytes: int = MAX_HEADER_BYTES
     max_sparse_regions: int = MAX_SPARSE_REGIONS
     max_global_records: int = MAX_GLOBAL_RECORDS
+    max_layer_bytes: int = 64 << 30
 
     def __post_init__(self) -> None:
         for name in ("max_total_bytes", "max_entries", "max_depth", "max_file_bytes", "max_tree_bytes",
-                     "max_header_bytes", "max_sparse_regions", "max_global_records"):
+                     "max_header_bytes", "max_sparse_regions", "max_global_records", "max_layer_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"limit {name} must be positive")
 

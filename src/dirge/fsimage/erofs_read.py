@@ -1,18 +1,24 @@
 """Reading one file out of an erofs image without mounting it (no root): what customising an erofs
 disk session needs (``add_user`` reads the image's ``/etc/passwd``). Uncompressed images only, as dirge
 writes them (flat, tail-packed and chunk-based files; compact or extended inodes); symlinks in the path
-are followed inside the image."""
+are followed inside the image. Data is read in pieces of at most 1 MiB; a regular file is read only up to
+``fsutil.READ_MAX`` (checked against its size first, so a huge or sparse file is refused, its holes never
+filled), a symlink target up to PATH_MAX."""
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ImageError
+from ..fsutil import READ_MAX, over_read_max
 from . import erofs_format as fmt
 
 _MAX_HOPS = 40
+_PIECE = 1 << 20  # a whole number of blocks for any erofs block size
+_PATH_MAX = 4096
 
 
 class ErofsReadError(ImageError):
@@ -68,37 +74,61 @@ class ErofsReader:
         body = pos + isize + (fmt.xattr_ibody_size(icount) if icount else 0)
         return _Inode(mode, size, layout, iu, pos, body)
 
-    def _data(self, ino: _Inode) -> bytes:
+    def _pread(self, n: int, pos: int) -> bytes:
+        data = os.pread(self.fd, n, pos)
+        if len(data) != n:
+            raise ErofsReadError(self.image, f"truncated: {n} bytes at {pos} read as {len(data)}")
+        return data
+
+    def _pieces(self, ino: _Inode) -> Iterator[bytes]:
+        """The inode's data in order, in pieces of at most ``_PIECE`` bytes, each a whole number of blocks
+        but the last (so a directory's blocks can be taken one by one)."""
         size, blksz = ino.size, self.blksz
-        if ino.layout == fmt.INODE_FLAT_PLAIN:
-            return os.pread(self.fd, size, ino.iu * blksz) if size else b""
-        if ino.layout == fmt.INODE_FLAT_INLINE:
-            full = size - size % blksz
-            head = os.pread(self.fd, full, ino.iu * blksz) if full else b""
-            return head + os.pread(self.fd, size - full, ino.body)
+        if ino.layout in (fmt.INODE_FLAT_PLAIN, fmt.INODE_FLAT_INLINE):
+            full = size if ino.layout == fmt.INODE_FLAT_PLAIN else size - size % blksz
+            for off in range(0, full, _PIECE):
+                yield self._pread(min(_PIECE, full - off), ino.iu * blksz + off)
+            if full < size:
+                yield self._pread(size - full, ino.body)
+            return
         if ino.layout == fmt.INODE_CHUNK_BASED:
             chunk = blksz << (ino.iu & fmt.CHUNK_FORMAT_BLKBITS_MASK)
             unit = fmt.CHUNK_INDEX.size if ino.iu & fmt.CHUNK_FORMAT_INDEXES else fmt.BLOCK_MAP_ENTRY.size
             start = -(-ino.body // unit) * unit
-            out = bytearray()
             for i in range(-(-size // chunk)):
-                entry = os.pread(self.fd, unit, start + i * unit)
+                entry = self._pread(unit, start + i * unit)
                 addr = int.from_bytes(entry[-4:], "little")
                 length = min(chunk, size - i * chunk)
-                out += bytes(length) if addr == fmt.NULL_ADDR else os.pread(self.fd, length, addr * blksz)
-            return bytes(out)
+                for off in range(0, length, _PIECE):
+                    n = min(_PIECE, length - off)
+                    yield bytes(n) if addr == fmt.NULL_ADDR else self._pread(n, addr * blksz + off)
+            return
         raise ErofsReadError(self.image, f"data layout {ino.layout} (compressed?) is not read here")
 
+    def _data(self, ino: _Inode, what: str, limit: int) -> bytes:
+        """The whole data of a file or symlink, refused before any read when its size passes ``limit``."""
+        if ino.size > limit:
+            raise ErofsReadError(self.image, over_read_max(what, ino.size) if limit == READ_MAX
+                                 else f"{what}: {ino.size} bytes, more than {limit}")
+        return b"".join(self._pieces(ino))
+
     def _lookup(self, dir_ino: _Inode, name: bytes) -> int | None:
-        data, blksz = self._data(dir_ino), self.blksz
-        for base in range(0, len(data), blksz):
-            block = data[base:base + blksz]
-            count = fmt.DIRENT.unpack_from(block, 0)[1] // fmt.DIRENT.size
-            for i in range(count):
-                nid, nameoff, _ = fmt.DIRENT.unpack_from(block, i * fmt.DIRENT.size)
-                end = fmt.DIRENT.unpack_from(block, (i + 1) * fmt.DIRENT.size)[1] if i + 1 < count else len(block)
-                if block[nameoff:end].split(b"\0", 1)[0] == name:
-                    return int(nid)
+        blksz = self.blksz
+        for piece in self._pieces(dir_ino):  # a directory is never held whole
+            for base in range(0, len(piece), blksz):
+                found = self._lookup_block(piece[base:base + blksz], name)
+                if found is not None:
+                    return found
+        return None
+
+    @staticmethod
+    def _lookup_block(block: bytes, name: bytes) -> int | None:
+        count = fmt.DIRENT.unpack_from(block, 0)[1] // fmt.DIRENT.size
+        for i in range(count):
+            nid, nameoff, _ = fmt.DIRENT.unpack_from(block, i * fmt.DIRENT.size)
+            end = fmt.DIRENT.unpack_from(block, (i + 1) * fmt.DIRENT.size)[1] if i + 1 < count else len(block)
+            if block[nameoff:end].split(b"\0", 1)[0] == name:
+                return int(nid)
         return None
 
     def read_file(self, path: str) -> bytes | None:
@@ -125,14 +155,14 @@ class ErofsReader:
                 hops += 1
                 if hops > _MAX_HOPS:
                     raise ErofsReadError(self.image, f"{path}: too many levels of symbolic links")
-                target = self._data(child)
+                target = self._data(child, f"{path}: a symlink target", _PATH_MAX)
                 if target.startswith(b"/"):
                     stack = [self.root_nid]
                 pending.extend(p for p in target.split(b"/")[::-1] if p)
                 continue
             stack.append(nid)
         ino = self._inode(stack[-1])
-        return self._data(ino) if stat.S_ISREG(ino.mode) else None
+        return self._data(ino, path, READ_MAX) if stat.S_ISREG(ino.mode) else None
 
 
 def read_erofs_file(image: Path, path: str) -> bytes | None:

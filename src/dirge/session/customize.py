@@ -30,9 +30,7 @@ from typing import Any, Protocol, Union, runtime_checkable
 from ..apply.fs import ROOTLESS_XATTR, encode_rootless_owner
 from ..apply.root import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, Root, clean_path, openat2
 from ..errors import SessionError
-
-
-READ_MAX = 256 << 20  # a file customisation rewrites (/etc/passwd) is read whole: bound it
+from ..fsutil import READ_MAX, over_read_max
 
 
 @dataclass(frozen=True)
@@ -141,12 +139,14 @@ class DirWriter:
             raise SessionError(f"read {path} in {self.rootfs}: not a regular file")
         with os.fdopen(fd, "rb") as f:
             if st.st_size > READ_MAX:
-                raise SessionError(f"read {path} in {self.rootfs}: {st.st_size} bytes, over dirge's "
-                                   f"{READ_MAX >> 20} MiB limit for files it rewrites")
+                raise SessionError(f"read {path} in {self.rootfs}: {over_read_max(path, st.st_size)}")
             try:
-                return f.read()
+                data = f.read(READ_MAX + 1)  # a file growing meanwhile is still bounded
             except OSError as exc:
                 raise SessionError(f"read {path} in {self.rootfs}: {exc.strerror}") from exc
+            if len(data) > READ_MAX:
+                raise SessionError(f"read {path} in {self.rootfs}: {over_read_max(path)}")
+            return data
 
     def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
         root = self._root()
@@ -203,10 +203,33 @@ class Ext4DiskWriter:
 
     def _kind(self, quoted: str) -> str | None:
         """"file", "dir", another type name, or None when absent (``stat`` of the name itself)."""
+        return self._stat(quoted)[0]
+
+    def _stat(self, quoted: str) -> tuple[str | None, int]:
+        """The type (as ``_kind``) and the size (apparent: holes count) of a name."""
         proc = subprocess.run(["debugfs", "-R", f"stat {quoted}", str(self.image)], env=self.env,
                               capture_output=True)
         m = re.search(rb"Type: (\w+)", proc.stdout)
-        return m.group(1).decode() if m else None
+        size = re.search(rb"\bSize: (\d+)", proc.stdout)
+        return (m.group(1).decode() if m else None), int(size.group(1)) if size else 0
+
+    def _cat(self, path: str, quoted: str) -> bytes:
+        """``debugfs cat``, streamed and cut at ``READ_MAX`` (its output fills holes with zeros)."""
+        with tempfile.TemporaryFile() as err, subprocess.Popen(
+                ["debugfs", "-R", f"cat {quoted}", str(self.image)], env=self.env, stdout=subprocess.PIPE,
+                stderr=err) as proc:
+            assert proc.stdout is not None
+            data = proc.stdout.read(READ_MAX + 1)
+            if len(data) > READ_MAX:
+                proc.kill()
+                raise SessionError(f"read {path} in disk {self.image}: {over_read_max(path)}")
+            proc.wait()
+            err.seek(0)
+            errors = [line for line in err.read().decode(errors="replace").splitlines()
+                      if line.strip() and not _BANNER.match(line)]
+        if proc.returncode != 0 or errors:
+            raise SessionError(f"debugfs on {self.image}: {'; '.join(errors) or f'exit {proc.returncode}'}")
+        return data
 
     def _mkdirs(self, parts: tuple[bytes, ...]) -> None:
         """Every missing directory of ``parts`` (mkdir -p), new ones 0o755 root:root."""
@@ -221,9 +244,11 @@ class Ext4DiskWriter:
 
     def read_file(self, path: str) -> bytes | None:
         quoted = self._path(path)
-        kind = self._kind(quoted)
+        kind, size = self._stat(quoted)
         if kind == "regular":
-            return self._run([f"cat {quoted}"], write=False)
+            if size > READ_MAX:  # refused before a byte is read
+                raise SessionError(f"read {path} in disk {self.image}: {over_read_max(path, size)}")
+            return self._cat(path, quoted)
         if kind is not None:  # never "absent": add_user would replace the image's file
             raise SessionError(f"read {path} in disk {self.image}: it is a {kind}, which dirge cannot read "
                                "in a disk; make it a regular file in the image")

@@ -5,7 +5,9 @@
   back to plain HTTP when the TLS handshake fails, as Docker does. Never silently elsewhere.
 - Trust: the system store (honouring $SSL_CERT_FILE) plus ``certs.d/<host[:port]>/*.crt``.
 - Auth: the first 401 says how (Bearer realm/service/scope, or Basic); tokens are cached per scope and
-  refreshed on a later 401. Credentials: see ``auth``; never in messages.
+  refreshed on a later 401. Credentials: see ``auth``; never in messages, and never in the clear: Basic
+  credentials and tokens go over TLS, or over plain HTTP only to a host registries.toml marks insecure
+  (or a loopback one when the registry itself is plain HTTP); see ``Endpoint.clear_ok``.
 - Retries with exponential backoff and jitter on 429 (Retry-After honoured), 5xx, resets and timeouts;
   blob downloads resume with Range, are hashed while streaming to a temp file, and are published into
   the cache only when size and digest match.
@@ -19,6 +21,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
 import hashlib
 import io
@@ -31,16 +34,16 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import httpcore
 import httpx
 
 from ..cache import Cache
-from ..config import Config, load_config
+from ..config import Config, config_path, load_config
 from ..errors import AuthError, DirgeError, IntegrityError, NotFound, RateLimited, RegistryError
 from ..image import CONFIG_TYPES, DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
 from ..image import Descriptor
@@ -56,11 +59,115 @@ DOCKER_HUB_API = "registry-1.docker.io"
 CERTS_DIRS = ("/etc/docker/certs.d", "/etc/containers/certs.d")
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
-# httpcore reads sockets 64 KiB at a time and each read is a pass through h11 in Python holding the GIL,
-# which the layer pipeline needs: 1 MiB reads halve a blob download's CPU (bench/pull.py). httpcore has
-# no per-client setting, only this class attribute; larger reads change nothing else for other users.
-_http11 = httpcore._sync.http11.HTTP11Connection
-_http11.READ_NUM_BYTES = max(_http11.READ_NUM_BYTES, 1 << 20)
+# httpcore asks its network stream for 64 KiB a read, and each read is a pass through h11 in Python
+# holding the GIL the layer pipeline needs: 1 MiB reads take a fifth off a blob download's CPU
+# (docs/BENCHMARKS.md). httpx has no setting for it (its HTTPTransport takes no network backend), so each
+# Endpoint's client gets its own transport: an httpcore pool, through httpcore's public network-backend
+# API, whose streams read up to READ_BYTES. Nothing outside dirge's own clients changes.
+READ_BYTES = 1 << 20
+
+
+class _LargeReads(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max(max_bytes, READ_BYTES), timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _LargeReads(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _LargeReadBackend(httpcore.NetworkBackend):
+    def __init__(self) -> None:
+        self._backend = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _LargeReads(self._backend.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _LargeReads(self._backend.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+# httpcore's errors as httpx raises them (the most specific class first, as httpx's own transport maps them)
+_HTTPX_ERRORS: dict[type[Exception], type[httpx.TransportError]] = {
+    httpcore.ConnectTimeout: httpx.ConnectTimeout, httpcore.ReadTimeout: httpx.ReadTimeout,
+    httpcore.WriteTimeout: httpx.WriteTimeout, httpcore.PoolTimeout: httpx.PoolTimeout,
+    httpcore.TimeoutException: httpx.TimeoutException, httpcore.ConnectError: httpx.ConnectError,
+    httpcore.ReadError: httpx.ReadError, httpcore.WriteError: httpx.WriteError,
+    httpcore.NetworkError: httpx.NetworkError, httpcore.ProxyError: httpx.ProxyError,
+    httpcore.UnsupportedProtocol: httpx.UnsupportedProtocol,
+    httpcore.RemoteProtocolError: httpx.RemoteProtocolError,
+    httpcore.LocalProtocolError: httpx.LocalProtocolError, httpcore.ProtocolError: httpx.ProtocolError,
+}
+
+
+@contextlib.contextmanager
+def _as_httpx_errors() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        for cls in type(exc).__mro__:
+            if cls in _HTTPX_ERRORS:
+                raise _HTTPX_ERRORS[cls](str(exc)) from exc
+        raise
+
+
+class _Body(httpx.SyncByteStream):
+    def __init__(self, stream: Iterable[bytes]) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        with _as_httpx_errors():
+            yield from self._stream
+
+    def close(self) -> None:
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
+
+
+class LargeReadTransport(httpx.BaseTransport):
+    """httpx's ``HTTPTransport`` (HTTP/1.1, no proxy: httpx mounts its own for proxies from the
+    environment) over ``_LargeReadBackend``."""
+
+    def __init__(self, verify: ssl.SSLContext | bool = True) -> None:
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(verify=verify), max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_LargeReadBackend())
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.SyncByteStream)
+        url = request.url
+        core = httpcore.Request(method=request.method, headers=request.headers.raw, content=request.stream,
+                                url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port,
+                                                 target=url.raw_path),
+                                extensions=request.extensions)
+        with _as_httpx_errors():
+            response = self._pool.handle_request(core)
+        assert isinstance(response.stream, Iterable)
+        return httpx.Response(status_code=response.status, headers=response.headers, stream=_Body(response.stream),
+                              extensions=response.extensions)
+
+    def close(self) -> None:
+        self._pool.close()
 
 
 def retry_base() -> float:
@@ -198,14 +305,17 @@ def ssl_context(host: str) -> ssl.SSLContext:
 class Endpoint:
     """One base URL (origin or mirror) with its HTTP client and auth state."""
 
-    def __init__(self, url: str, host: str, creds: Credentials | None, timeout: float, fallback_http: bool) -> None:
+    def __init__(self, url: str, host: str, creds: Credentials | None, timeout: float, fallback_http: bool,
+                 insecure: Callable[[str], bool] = lambda host: False) -> None:
         self.url = url.rstrip("/")
         self.host = host
         self.creds = creds
         self.fallback_http = fallback_http
+        self.insecure = insecure  # registries.toml's ``insecure = true``, by host[:port]
         verify: ssl.SSLContext | bool = ssl_context(host) if self.url.startswith("https://") else True
+        # httpx drops Authorization on cross-origin redirects (https → http is one)
         self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)), verify=verify,
-                                   follow_redirects=True)  # httpx drops Authorization on cross-origin redirects
+                                   transport=LargeReadTransport(verify), follow_redirects=True)
         self._tokens: dict[str, str] = {}
         self._basic = False
         self._lock = threading.Lock()
@@ -221,17 +331,45 @@ class Endpoint:
             return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
         return {}
 
+    def clear_ok(self, url: str) -> bool:
+        """Whether credentials (Basic, or a bearer token) may go to ``url``: over TLS always; over plain HTTP
+        only to a host registries.toml marks insecure, or to a loopback host when this endpoint itself
+        speaks plain HTTP (the bytes never leave the machine, and nothing was downgraded from TLS)."""
+        parsed = httpx.URL(url)
+        if parsed.scheme == "https":
+            return True
+        netloc, host = parsed.netloc.decode("ascii", "replace"), parsed.host
+        if self.insecure(netloc) or self.insecure(host):
+            return True
+        return is_loopback(netloc) and not self.url.startswith("https://")
+
+    def _refuse_clear(self, what: str, url: str, kind: str) -> AuthError:
+        netloc = httpx.URL(url).netloc.decode("ascii", "replace")
+        return AuthError(f"{what}: {self.host} wants {kind} sent to {url[:200]} over plain HTTP, and dirge sends "
+                         f"credentials only over TLS; serve it over https://, or, on a trusted network, mark "
+                         f"{netloc!r} insecure in {config_path()} ([registries.\"{netloc}\"] insecure = true)",
+                         status=401)
+
     def _authenticate(self, response: httpx.Response, scope: str, what: str) -> None:
         scheme, params = _parse_challenge(response.headers.get("WWW-Authenticate", ""))
         if scheme == "basic":
             if not self.creds:
                 raise AuthError(f"{what}: {self.host} needs credentials (docker login, --creds, or an auth file)",
                                 status=401)
+            if not self.clear_ok(self.url):
+                raise self._refuse_clear(what, self.url, "Basic credentials")
             self._basic = True
             return
         realm = params.get("realm", "")
         if scheme != "bearer" or not realm.startswith(("https://", "http://")):
             raise AuthError(f"{what}: {self.host} answered 401 without a usable challenge", status=401)
+        try:
+            clear_ok = self.clear_ok(realm)
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise RegistryError(f"{what}: token request to {realm[:200]} failed: {type(exc).__name__}: {exc}",
+                                retryable=True) from None
+        if self.creds and not clear_ok:  # the token request would carry them (Basic)
+            raise self._refuse_clear(what, realm, "Basic credentials for a token")
         query = {"service": params.get("service", "")}
         query["scope"] = params.get("scope") or scope
         auth = httpx.BasicAuth(self.creds.username, self.creds.password) if self.creds else None
@@ -266,6 +404,8 @@ class Endpoint:
         """One request with auth; retried by the caller. 401 → authenticate once → retry."""
         used = self._auth_headers(scope)
         for attempt in range(2):
+            if used and not self.clear_ok(self.url):  # a token (even an anonymous one) is a credential too
+                raise self._refuse_clear(what, self.url, "a bearer token" if scope in self._tokens else "credentials")
             req = self.client.build_request(method, self.url + path, headers={**(headers or {}), **used})
             response = self.client.send(req, stream=stream)
             if response.status_code != 401 or attempt == 1:
@@ -296,8 +436,12 @@ class RegistryClient:
         reg_config = self.config.registry(registry)
         fallback = is_loopback(registry) or reg_config.insecure
         origin_host = DOCKER_HUB_API if registry == "docker.io" else registry
-        self.endpoints = [Endpoint(m, m.split("://", 1)[-1], None, timeout, False) for m in reg_config.mirrors]
-        self.endpoints.append(Endpoint(f"https://{origin_host}", registry, self.creds, timeout, fallback))
+        def insecure(host: str) -> bool:
+            return self.config.registry(host).insecure
+
+        self.endpoints = [Endpoint(m, m.split("://", 1)[-1], None, timeout, False, insecure)
+                          for m in reg_config.mirrors]
+        self.endpoints.append(Endpoint(f"https://{origin_host}", registry, self.creds, timeout, fallback, insecure))
 
     def close(self) -> None:
         for endpoint in self.endpoints:
