@@ -46,6 +46,92 @@ def _image(make_image) -> str:
     return make_image([layer.build()])
 
 
+# -- the cache directory ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask", [0o000, 0o022, 0o077], ids=lambda m: f"umask{m:03o}")
+def test_a_new_cache_is_0700_and_its_parts_do_not_follow_the_umask(tmp_path: Path, umask, mask: int) -> None:
+    umask(mask)
+    root = tmp_path / "made" / "by" / "dirge"
+    Cache(root)
+    assert mode_of(root) == 0o700
+    assert mode_of(root.parent) == mode_of(root.parent.parent) == 0o755  # missing parents: 0755, exactly
+    for sub in ("blobs", "blobs/sha256", "refs", "bases", "staging", "locks", "sessions", "snapshots"):
+        assert mode_of(root / sub) == 0o755, sub  # never 0777 under umask 0
+
+
+def test_an_existing_cache_keeps_its_mode(tmp_path: Path) -> None:
+    root = tmp_path / "old"
+    root.mkdir()
+    os.chmod(root, 0o755)  # what an older dirge made: still trusted (nobody else can write it)
+    Cache(root)
+    assert mode_of(root) == 0o755
+
+
+def _refusal(capsys: pytest.CaptureFixture[str], root: Path) -> str:
+    """The CLI's stderr for a command on the cache ``root``: exit 1 and exactly one line."""
+    assert cli_main(["images", "--cache-dir", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dirge: error: refuse cache "), err
+    return err
+
+
+@needs_root
+def test_a_cache_owned_by_another_user_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "theirs"
+    root.mkdir(mode=0o700)
+    os.chown(root, 1000, 1000)
+    with pytest.raises(UnsafeCache, match="owned by uid 1000"):
+        Cache(root)
+    assert "owned by uid 1000" in _refusal(capsys, root)
+    assert not (root / "locks").exists()  # refused before anything was written there
+    os.chown(root, 0, 0)  # root's own cache is fine for everyone
+    Cache(root)
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777, 0o1777], ids=lambda m: f"mode{m:04o}")
+def test_a_cache_writable_by_group_or_others_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        mode: int) -> None:
+    root = tmp_path / "open"
+    root.mkdir()
+    os.chmod(root, mode)
+    with pytest.raises(UnsafeCache, match=f"it is writable by group or others \\(mode {mode:04o}\\)"):
+        Cache(root)
+    _refusal(capsys, root)
+
+
+def test_a_cache_below_a_directory_others_can_write_is_refused_unless_sticky(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    os.chmod(parent, 0o777)  # anyone could rename the cache away and put their own in its place
+    root = parent / "cache"
+    with pytest.raises(UnsafeCache, match=f"its parent {parent} is writable by group or others"):
+        Cache(root)
+    assert f"its parent {parent}" in _refusal(capsys, root)
+    os.chmod(parent, 0o1777)  # sticky (as /tmp): only the owner may rename or remove the cache
+    Cache(root)
+    assert mode_of(root) == 0o700
+
+
+def test_a_cache_subdirectory_others_can_write_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "cache"
+    Cache(root)
+    os.chmod(root / "locks", 0o777)  # others could plant lock files (symlinks) there
+    with pytest.raises(UnsafeCache, match=f"its subdirectory {root / 'locks'} is writable"):
+        Cache(root)
+    _refusal(capsys, root)
+
+
+def test_a_symlinked_cache_is_judged_where_it_leads(tmp_path: Path) -> None:
+    real = tmp_path / "open" / "cache"
+    real.mkdir(parents=True)
+    os.chmod(real.parent, 0o777)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(UnsafeCache, match=f"its parent {real.parent} is writable"):
+        Cache(tmp_path / "link")
+
+
 # -- lock files ------------------------------------------------------------------------------------
 
 
