@@ -132,6 +132,76 @@ def test_a_symlinked_cache_is_judged_where_it_leads(tmp_path: Path) -> None:
         Cache(tmp_path / "link")
 
 
+# -- nosuid, nodev ---------------------------------------------------------------------------------
+
+
+def _mount_options(point: Path) -> set[str]:
+    """The per-mount options (mountinfo's 6th field) of the mount exactly at ``point`` (the last one)."""
+    want = os.fsencode(os.path.realpath(point))
+    found = None
+    for line in Path("/proc/self/mountinfo").read_bytes().splitlines():
+        fields = line.split(b" ")
+        if re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4]) == want:
+            found = set(fields[5].decode().split(","))
+    assert found is not None, f"nothing mounted at {point}"
+    return found
+
+
+def _setuid_image(make_image) -> str:
+    id_binary = Path("/usr/bin/id").read_bytes()
+    layer = (LayerBuilder().dir("bin").file("bin/suid-id", id_binary, mode=0o4755, uid=0, gid=0)
+             .dir("dev").device("dev/null", 1, 3, mode=0o666))
+    return make_image([layer.build()])
+
+
+def _assert_inert(root: Path) -> None:
+    """Through the mount at ``root``: setuid and device bits are there, but neither takes effect."""
+    suid, dev = root / "bin/suid-id", root / "dev/null"
+    st = os.stat(suid)
+    assert st.st_uid == 0 and st.st_mode & stat.S_ISUID  # the guest kernel still sees them
+    st = os.stat(dev)
+    assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 3)
+    with pytest.raises(PermissionError):  # nodev: root cannot open it through the host mount
+        os.close(os.open(dev, os.O_RDONLY))
+    # Run as nobody: on a suid mount it would print 0. The file is handed over as an fd (the cache is
+    # 0700, nobody cannot walk to it); exec through /proc/self/fd still honours the mount's flags.
+    fd = os.open(suid, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        proc = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                               f"/proc/self/fd/{fd}", "-u"], pass_fds=[fd], capture_output=True, text=True)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(NOBODY)
+
+
+@needs_root
+@needs_tool("setpriv")
+def test_an_erofs_base_and_its_sessions_are_mounted_nosuid_nodev(tmp_path: Path, make_image) -> None:
+    assert erofs_supported(), "needs a kernel with erofs"
+    ref = _setuid_image(make_image)
+    with prepare(ref, tmp_path / "cache", base_format="erofs", strategy="overlay") as s:
+        base_root = tmp_path / "cache" / "bases" / s.info.base / "rootfs"
+        assert mounted_at(base_root) == "erofs" and mounted_at(s.path) == "overlay"
+        for point in (base_root, s.path):
+            _assert_inert(point)
+            assert {"nosuid", "nodev"} <= _mount_options(point), point
+
+
+@needs_root
+@needs_tool("setpriv")
+def test_an_overlay_session_of_a_tree_base_is_mounted_nosuid_nodev(tmp_path: Path, make_image) -> None:
+    ref = _setuid_image(make_image)
+    with prepare(ref, tmp_path / "cache", base_format="tree", strategy="overlay") as s:
+        _assert_inert(s.path)
+        assert {"nosuid", "nodev"} <= _mount_options(s.path)
+        # A copy of the setuid file made in the session keeps its bits and stays inert too.
+        with open(s.path / "bin/suid-id", "ab"):
+            pass  # copied up (as root: the setuid bit stays)
+        assert os.stat(s.path / "bin/suid-id").st_mode & stat.S_ISUID
+        _assert_inert(s.path)
+
+
 # -- lock files ------------------------------------------------------------------------------------
 
 
@@ -189,3 +259,77 @@ def test_a_lock_file_is_reused_without_truncation_on_open(tmp_path: Path) -> Non
         with pytest.raises(LockTimeout):
             other.acquire()
         assert lock.read_text() == f"{os.getpid()}\n"
+
+
+# -- overlay mounts and odd cache paths --------------------------------------------------------------
+
+ODD = "ca,che:lower=x,upperdir=\\evil y"
+
+
+@needs_root
+@pytest.mark.parametrize("base_format", ["tree", "erofs"])
+def test_a_cache_path_with_separators_works_for_overlay_sessions(tmp_path: Path, make_image,
+                                                                 base_format: str) -> None:
+    if base_format == "erofs":
+        assert erofs_supported(), "needs a kernel with erofs"
+    ref = _image(make_image)
+    cache = tmp_path / ODD / "cache"
+    first = prepare(ref, cache, base_format=base_format, strategy="overlay")
+    second = prepare(ref, cache, base_format=base_format, strategy="overlay")
+    try:
+        for s in (first, second):
+            assert s.strategy == "overlay" and mounted_at(s.path) == "overlay"
+            assert (s.path / "etc/motd").read_bytes() == b"hello\n"
+        (first.path / "etc/motd").write_bytes(b"mine\n")
+        assert (second.path / "etc/motd").read_bytes() == b"hello\n"
+        assert (first.session_dir / "upper/etc/motd").read_bytes() == b"mine\n"
+        # A snapshot of the overlay upper restores as a stacked overlay (two lowers).
+        Sessions(Cache(cache)).snapshot_save(first.id, "s1")
+        with prepare(ref, cache, base_format=base_format, strategy="overlay", snapshot="s1") as third:
+            assert (third.path / "etc/motd").read_bytes() == b"mine\n"
+            assert {"nosuid", "nodev"} <= _mount_options(third.path)
+    finally:
+        paths = [first.path, second.path]
+        first.close()
+        second.close()
+    for p in paths:
+        assert mounted_at(p) is None and not p.parent.exists()
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["lowerdir+", "lowerdir", "mount(2)"])
+def test_every_overlay_mount_path_takes_any_legal_path(tmp_path: Path, how: str) -> None:
+    """The new API with lowerdir+ (Linux >= 6.8), with an escaped lowerdir list (5.2 to 6.7) and the
+    old mount(2) (before 5.2): this kernel has all three, so each is tried on paths full of separators."""
+    from dirge import fsutil
+
+    base = tmp_path / "a,b:c=d\\e f\ng"
+    lowers = [base / "low,1:x", base / "low\\2=y"]
+    upper, work, target = base / "up,per:=\\", base / "wo:rk,", base / "mnt ,:"
+    for d in (*lowers, upper, work, target):
+        d.mkdir(parents=True)
+    (lowers[0] / "a").write_text("top")
+    (lowers[1] / "a").write_text("bottom")
+    (lowers[1] / "b").write_text("bottom")
+    if how == "mount(2)":
+        fsutil._overlay_mount2(lowers, upper, work, target)
+    else:
+        fsutil._overlay_fsmount(lowers, upper, work, target, lowerdir_plus=how == "lowerdir+")
+    try:
+        assert fsutil.mounted_at(target) == "overlay"
+        assert sorted(os.listdir(target)) == ["a", "b"] and (target / "a").read_text() == "top"
+        (target / "c").write_text("new")
+        assert (upper / "c").read_text() == "new"
+        assert {"nosuid", "nodev"} <= _mount_options(target)
+    finally:
+        fsutil.unmount(target)
+    assert not fsutil.is_mountpoint(target)
+
+
+@needs_root
+def test_an_overlay_session_root_is_the_image_root_not_the_umask(tmp_path: Path, make_image, umask) -> None:
+    umask(0o077)
+    layer = LayerBuilder().dir(".", mode=0o751, uid=0, gid=0).file("f", b"x")
+    ref = make_image([layer.build()])
+    with prepare(ref, tmp_path / "cache", base_format="tree", strategy="overlay") as s:
+        assert mode_of(s.path) == mode_of(tmp_path / "cache" / "bases" / s.info.base / "rootfs") == 0o751
