@@ -132,6 +132,64 @@ def test_a_symlinked_cache_is_judged_where_it_leads(tmp_path: Path) -> None:
         Cache(tmp_path / "link")
 
 
+# -- staging and sessions --------------------------------------------------------------------------
+
+
+def test_unpack_staging_is_unreachable_until_the_tree_is_complete(tmp_path: Path, make_image, umask) -> None:
+    """Layers are written before their digests are checked: the tree sits below a 0700 directory until
+    the rename to DEST."""
+    umask(0)
+    ref = _image(make_image)
+    dest = tmp_path / "out" / "rootfs"
+    seen: list[tuple[str, int]] = []
+
+    def progress(*args: object) -> None:
+        for p in dest.parent.iterdir():
+            if p.name.endswith(".dirge-staging"):
+                seen.append((p.name, mode_of(p)))
+
+    unpack(ref, dest, progress=progress)
+    assert seen and all(mode == 0o700 for _, mode in seen), seen
+    assert mode_of(dest) == 0o755
+    assert (dest / "etc/motd").read_bytes() == b"hello\n"
+    assert os.listdir(dest.parent) == ["rootfs"]  # no staging left behind
+
+
+def test_base_staging_is_0700_while_a_base_is_built(tmp_path: Path, make_image, umask) -> None:
+    umask(0)
+    ref = _image(make_image)
+    cache = tmp_path / "cache"
+    seen: list[int] = []
+
+    def progress(*args: object) -> None:
+        seen.extend(mode_of(p) for p in (cache / "staging").iterdir())
+
+    with prepare(ref, cache, base_format="tree", strategy="copy", progress=progress) as s:
+        assert seen and set(seen) == {0o700}, seen
+        assert mode_of(s.session_dir) == 0o755  # published: readable as before
+
+
+def test_a_session_is_0700_until_it_is_complete(tmp_path: Path, make_image, umask,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    umask(0)
+    ref = _image(make_image)
+    cache = tmp_path / "cache"
+    during: list[tuple[str, int]] = []
+    make = backends.Copy.make
+
+    def observed(self: backends.Strategy, lowers: list[Path], rootfs: Path, session_dir: Path) -> None:
+        during.append((session_dir.name, mode_of(session_dir)))
+        make(self, lowers, rootfs, session_dir)
+        during.append(("rootfs", mode_of(session_dir)))
+
+    monkeypatch.setattr(backends.Copy, "make", observed)
+    with prepare(ref, cache, base_format="tree", strategy="copy") as s:
+        assert [m for _, m in during] == [0o700, 0o700], during
+        assert mode_of(s.session_dir) == 0o755
+        saved = Sessions(Cache(cache)).snapshot_save(s.id, "snap")
+        assert mode_of(saved) == 0o755
+
+
 # -- nosuid, nodev ---------------------------------------------------------------------------------
 
 
