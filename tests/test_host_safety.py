@@ -8,6 +8,7 @@ import os
 import stat
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -391,3 +392,47 @@ def test_an_overlay_session_root_is_the_image_root_not_the_umask(tmp_path: Path,
     ref = make_image([layer.build()])
     with prepare(ref, tmp_path / "cache", base_format="tree", strategy="overlay") as s:
         assert mode_of(s.path) == mode_of(tmp_path / "cache" / "bases" / s.info.base / "rootfs") == 0o751
+
+
+_IN_USERNS = """
+import ctypes, os, sys
+from dirge.rootfs import prepare
+from dirge.fsimage.mount import mounted_at
+
+uid, gid = os.getuid(), os.getgid()
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x10000000 | 0x00020000) != 0:  # CLONE_NEWUSER | CLONE_NEWNS, as unshare --user --mount
+    raise OSError(ctypes.get_errno(), "unshare")
+for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+    with open(f"/proc/self/{name}", "w") as f:  # --map-root-user
+        f.write(text)
+s = prepare(sys.argv[1], sys.argv[2], base_format="tree", strategy="overlay")
+print(s.strategy, mounted_at(s.path), (s.path / "etc/motd").read_text().strip(), oct(os.stat(sys.argv[2]).st_mode))
+s.close()
+print(os.path.exists(s.session_dir))
+"""
+
+
+@needs_root
+@needs_tool("setpriv")
+def test_rootless_overlay_sessions_in_a_user_namespace_pass_the_cache_check(make_image, tmp_path: Path) -> None:
+    """As nobody mapped to root in its own user and mount namespaces: / and /tmp are the host root's,
+    shown as the overflow uid there; the cache check accepts them as parents, and overlay sessions work."""
+    import shutil
+    import tempfile
+
+    ref = _image(make_image)
+    work = Path(tempfile.mkdtemp(prefix="dirge-userns-", dir="/tmp"))  # pytest's tmp is root-only
+    try:
+        os.chmod(work, 0o1777)
+        layout = ref[len("oci:"):].rpartition(":")[0]
+        shutil.copytree(layout, work / "layout")
+        subprocess.run(["chmod", "-R", "a+rX", str(work / "layout")], check=True)
+        proc = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                               sys.executable, "-c", _IN_USERNS, f"oci:{work / 'layout'}:t", str(work / "cache")],
+                              capture_output=True, text=True, env={**os.environ, "HOME": str(work)})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split("\n")[:2] == ["overlay overlay hello 0o40700", "False"], proc.stdout
+        assert os.stat(work / "cache").st_uid == NOBODY
+    finally:
+        shutil.rmtree(work)

@@ -27,7 +27,9 @@ A base is published by one rename after its tree has been synced, so it is compl
 Safe as root: a cache root dirge creates is 0700 (missing parents 0755), whatever the umask. Every
 ``Cache`` checks, as ssh does for ``~/.ssh``, that the cache root, each of its parents up to ``/`` (the
 resolved path) and the subdirectories above that exist are owned by root or the caller and not writable
-by group or others, a parent with the sticky bit (``/tmp``) excepted; else ``UnsafeCache``.
+by group or others, a parent with the sticky bit (``/tmp``) excepted; else ``UnsafeCache``. Inside a user
+namespace (``unshare --user --map-root-user``) a parent may also be owned by an unmapped user (shown as
+the overflow uid: the host's root owns ``/`` and ``/tmp``), which the namespace cannot name.
 """
 
 from __future__ import annotations
@@ -194,9 +196,19 @@ def _make_cache_root(root: Path) -> None:
         _mkdir_exact(p, 0o700 if p == missing[0] else 0o755)
 
 
-def _unsafe(st: os.stat_result, uid: int, parent: bool) -> str | None:
+def _unmapped_uid() -> int | None:
+    """The uid files of users outside this user namespace show (None in the initial namespace)."""
+    try:
+        if Path("/proc/self/uid_map").read_text().split() == ["0", "0", "4294967295"]:
+            return None
+        return int(Path("/proc/sys/kernel/overflowuid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _unsafe(st: os.stat_result, uid: int, parent: bool, unmapped: int | None) -> str | None:
     """Why a directory with ``st`` cannot be trusted by ``uid`` (None: it can)."""
-    if st.st_uid not in (0, uid):
+    if st.st_uid not in (0, uid) and not (parent and st.st_uid == unmapped):
         return f"owned by uid {st.st_uid} (neither root nor uid {uid})"
     if not stat.S_ISDIR(st.st_mode):
         return "not a directory"
@@ -207,7 +219,7 @@ def _unsafe(st: os.stat_result, uid: int, parent: bool) -> str | None:
 
 def check_cache_dir(root: Path) -> None:
     """Refuse (``UnsafeCache``) a cache another user could change: see the module's docstring."""
-    uid = os.geteuid()
+    uid, unmapped = os.geteuid(), _unmapped_uid()
     real = Path(os.path.realpath(root))
     checks = [(real, False), *((p, True) for p in real.parents)]
     checks += [(real / sub, False) for sub in _SUBDIRS]
@@ -216,7 +228,7 @@ def check_cache_dir(root: Path) -> None:
             st = os.stat(path)
         except FileNotFoundError:
             continue
-        why = _unsafe(st, uid, parent)
+        why = _unsafe(st, uid, parent, unmapped)
         if why is not None:
             what = "" if path == real else f"its {'parent' if parent else 'subdirectory'} {path} is "
             raise UnsafeCache(f"refuse cache {root}: {what or 'it is '}{why}; another user could change what "
