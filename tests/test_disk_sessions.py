@@ -197,7 +197,7 @@ def test_disk_session_as_an_ordinary_user(tmp_path: Path, make_image) -> None:
     ref = make_image(layered())
     work = Path(tempfile.mkdtemp(prefix="dirge-disk-nobody-", dir="/tmp"))  # pytest's tmp is root-only
     try:
-        os.chmod(work, 0o777)
+        os.chmod(work, 0o1777)  # sticky, as /tmp: a cache below may not sit in a dir others can rename in
         layout = ref[len("oci:"):].rpartition(":")[0]
         shutil.copytree(layout, work / "layout")
         subprocess.run(["chmod", "-R", "a+rX", str(work / "layout")], check=True)

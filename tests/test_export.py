@@ -170,7 +170,7 @@ def test_ext4_export_is_clean_equal_and_cached(image: str, tree: dict, tmp_path:
 
     work = Path(tempfile.mkdtemp(prefix="dirge-export-nobody-", dir="/tmp"))  # pytest's tmp is root-only
     try:
-        os.chmod(work, 0o777)
+        os.chmod(work, 0o1777)  # sticky, as /tmp: a cache below may not sit in a dir others can rename in
         shutil.copytree(image[len("oci:"):].rpartition(":")[0], work / "layout")
         subprocess.run(["chmod", "-R", "a+rX", str(work / "layout")], check=True)
         out = work / "n.ext4"

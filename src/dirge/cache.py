@@ -23,6 +23,13 @@ pipeline and no session.
 
 No name under the cache is ever derived from ref text: refs are hashed, bases are named by digest.
 A base is published by one rename after its tree has been synced, so it is complete or absent.
+
+Safe as root: a cache root dirge creates is 0700 (missing parents 0755), whatever the umask. Every
+``Cache`` checks, as ssh does for ``~/.ssh``, that the cache root, each of its parents up to ``/`` (the
+resolved path) and the subdirectories above that exist are owned by root or the caller and not writable
+by group or others, a parent with the sticky bit (``/tmp``) excepted; else ``UnsafeCache``. Inside a user
+namespace (``unshare --user --map-root-user``) a parent may also be owned by an unmapped user (shown as
+the overflow uid: the host's root owns ``/`` and ``/tmp``), which the namespace cannot name.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,12 +46,12 @@ from pathlib import Path
 from typing import Any
 
 from .blob import read_verified
-from .errors import DirgeError, IntegrityError
+from .errors import DirgeError, IntegrityError, UnsafeCache
 from .fsutil import fsync_dir, raise_no_space, remove_tree, syncfs
 from .lock import FileLock
 from .reference import Digest, parse_digest
 
-__all__ = ["BASE_FORMATS", "Base", "Cache", "Layout", "default_cache_dir", "fsync_dir", "syncfs"]
+__all__ = ["BASE_FORMATS", "Base", "Cache", "Layout", "check_cache_dir", "default_cache_dir", "fsync_dir", "syncfs"]
 
 BASE_FORMATS = ("tree", "erofs", "ext4")  # what a base directory can hold (ext4: a disk, never mounted)
 
@@ -163,11 +171,77 @@ class Layout:
         return self.base_dir(key) / "last_used"
 
 
+_SUBDIRS = ("blobs", "blobs/sha256", "refs", "bases", "staging", "locks", "sessions", "snapshots")
+
+
+def _mkdir_exact(path: Path, mode: int) -> None:
+    """``path`` created with exactly ``mode`` (the umask may only have taken bits); existing is fine."""
+    try:
+        path.mkdir(mode=mode)
+    except FileExistsError:
+        return
+    os.chmod(path, mode)
+
+
+def _make_cache_root(root: Path) -> None:
+    """The cache root 0700, its missing parents 0755."""
+    if root.is_dir():
+        return
+    missing = []
+    for p in [root, *root.absolute().parents]:
+        if p.exists() or p.is_symlink():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        _mkdir_exact(p, 0o700 if p == missing[0] else 0o755)
+
+
+def _unmapped_uid() -> int | None:
+    """The uid files of users outside this user namespace show (None in the initial namespace)."""
+    try:
+        if Path("/proc/self/uid_map").read_text().split() == ["0", "0", "4294967295"]:
+            return None
+        return int(Path("/proc/sys/kernel/overflowuid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _unsafe(st: os.stat_result, uid: int, parent: bool, unmapped: int | None) -> str | None:
+    """Why a directory with ``st`` cannot be trusted by ``uid`` (None: it can)."""
+    if st.st_uid not in (0, uid) and not (parent and st.st_uid == unmapped):
+        return f"owned by uid {st.st_uid} (neither root nor uid {uid})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if st.st_mode & 0o022 and not (parent and st.st_mode & stat.S_ISVTX):
+        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def check_cache_dir(root: Path) -> None:
+    """Refuse (``UnsafeCache``) a cache another user could change: see the module's docstring."""
+    uid, unmapped = os.geteuid(), _unmapped_uid()
+    real = Path(os.path.realpath(root))
+    checks = [(real, False), *((p, True) for p in real.parents)]
+    checks += [(real / sub, False) for sub in _SUBDIRS]
+    for path, parent in checks:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        why = _unsafe(st, uid, parent, unmapped)
+        if why is not None:
+            what = "" if path == real else f"its {'parent' if parent else 'subdirectory'} {path} is "
+            raise UnsafeCache(f"refuse cache {root}: {what or 'it is '}{why}; another user could change what "
+                              f"dirge trusts there (fix the owner or mode, or use another --cache-dir)")
+
+
 class Cache(Layout):
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         super().__init__(root)
-        for sub in ("blobs/sha256", "refs", "bases", "staging", "locks", "sessions", "snapshots"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        _make_cache_root(self.root)
+        check_cache_dir(self.root)
+        for sub in _SUBDIRS:
+            _mkdir_exact(self.root / sub, 0o755)
 
     def touch_base(self, key: str) -> None:
         """Record that base ``key`` was just used (gc evicts least recently used first)."""

@@ -22,6 +22,7 @@ Messages are lowercase verb phrases joined level by level, e.g.
     │   └── RateLimited           429 after every retry
     ├── BuildError                a local variant or buildah image that cannot be found, built or exported
     ├── LockTimeout               another process holds a cache lock for too long (names its pid)
+    ├── UnsafeCache               a cache (or a lock file in it) another user could change or redirect
     ├── SessionError              a session or snapshot that cannot be made, found or removed
     ├── Cancelled                 an operation stopped at its caller's request (a cancelled dirge.aio call)
     ├── BootError                 a boot that cannot start: no kernel, QEMU, busybox or module
@@ -110,6 +111,11 @@ class LockTimeout(DirgeError):
         )
         self.path = path
         self.holder = holder
+
+
+class UnsafeCache(DirgeError):
+    """The cache directory, a parent of it, or a file in it is not safe to trust: owned by another
+    (non-root) user, writable by group or others, or a symlink where dirge opens a file."""
 
 
 class SessionError(DirgeError):

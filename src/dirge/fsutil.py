@@ -143,10 +143,111 @@ def is_subvolume(path: Path) -> bool:
     return fs_type(path) == BTRFS_MAGIC and os.stat(path).st_ino == 256
 
 
-def mount(source: str, target: Path, fstype: str, options: str, flags: int = 0) -> None:
-    if _libc.mount(source.encode(), os.fsencode(target), fstype.encode(), flags, options.encode()) != 0:
+# Host-side mounts of image content never honour its setuid bits or device nodes (the files keep them:
+# a guest kernel, or a sandbox that mounts the tree itself, still sees and enforces them).
+MS_NOSUID, MS_NODEV = 2, 4
+# The new mount API (Linux >= 5.2); the numbers are the same on every architecture.
+_SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 429, 430, 431, 432
+_FSOPEN_CLOEXEC = _FSMOUNT_CLOEXEC = 1
+_FSCONFIG_SET_STRING, _FSCONFIG_CMD_CREATE = 1, 6
+_MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 2, 4
+_MOVE_MOUNT_F_EMPTY_PATH = 4
+_AT_FDCWD = -100
+_libc.syscall.restype = ctypes.c_long
+
+
+def _syscall(what: str, nr: int, *args: object) -> int:
+    ret = _libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) if isinstance(a, int) else a for a in args))
+    if ret < 0:
         err = ctypes.get_errno()
-        raise SessionError(f"mount {fstype} on {target}: {os.strerror(err)}")
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return int(ret)
+
+
+def _fs_log(fd: int) -> str:
+    """The messages a filesystem context logged (why ``fsconfig`` refused), joined for an error."""
+    lines = []
+    for _ in range(16):
+        try:
+            lines.append(os.read(fd, 512).decode(errors="replace").strip())
+        except OSError:  # ENODATA: no more
+            break
+    return "; ".join(line for line in lines if line)
+
+
+def mount_overlay(lowers: list[Path], upper: Path, work: Path, target: Path) -> None:
+    """Mount an overlayfs (``lowers`` top first) on ``target``, ``nosuid,nodev``, whatever the paths hold.
+
+    With the new mount API every layer is its own ``fsconfig`` string, so no ``,`` or ``:`` in a path can
+    split an option or a layer list. The kernel unescapes ``upperdir``/``workdir`` (a ``\\`` is doubled
+    for it) but takes each ``lowerdir+`` (Linux >= 6.8) verbatim; before that one ``lowerdir`` list is
+    escaped, and a kernel without the API (< 5.2) gets ``mount(2)`` with every separator escaped."""
+    try:
+        _overlay_fsmount(lowers, upper, work, target, lowerdir_plus=True)
+    except _NoNewMountAPI:
+        _overlay_mount2(lowers, upper, work, target)
+
+
+class _NoNewMountAPI(Exception):
+    pass
+
+
+def _overlay_fsmount(lowers: list[Path], upper: Path, work: Path, target: Path, *, lowerdir_plus: bool) -> None:
+    try:
+        fd = _syscall("fsopen", _SYS_FSOPEN, b"overlay", _FSOPEN_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            raise _NoNewMountAPI() from None
+        raise SessionError(f"mount overlay on {target}: {exc.strerror}") from None
+    try:
+        def config(key: str, value: bytes) -> None:
+            _syscall(f"fsconfig {key}", _SYS_FSCONFIG, fd, _FSCONFIG_SET_STRING, key.encode(), value, 0)
+
+        try:
+            config("source", b"overlay")
+            if lowerdir_plus:
+                try:
+                    config("lowerdir+", os.fsencode(lowers[0]))
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    lowerdir_plus = False  # Linux < 6.8: one list, its separators escaped
+            if lowerdir_plus:
+                for lower in lowers[1:]:
+                    config("lowerdir+", os.fsencode(lower))
+            else:
+                config("lowerdir", b":".join(_escape(p, b":") for p in lowers))
+            config("upperdir", _escape(upper, b""))
+            config("workdir", _escape(work, b""))
+            _syscall("create", _SYS_FSCONFIG, fd, _FSCONFIG_CMD_CREATE, None, None, 0)
+            mnt = _syscall("fsmount", _SYS_FSMOUNT, fd, _FSMOUNT_CLOEXEC, _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV)
+        except OSError as exc:
+            log = _fs_log(fd)
+            raise SessionError(f"mount overlay on {target}: {exc.strerror}" + (f" ({log})" if log else "")) from None
+        try:
+            _syscall("move_mount", _SYS_MOVE_MOUNT, mnt, b"", _AT_FDCWD, os.fsencode(target),
+                     _MOVE_MOUNT_F_EMPTY_PATH)
+        except OSError as exc:
+            raise SessionError(f"mount overlay on {target}: {exc.strerror}") from None
+        finally:
+            os.close(mnt)  # an open mount fd would keep the mount busy
+    finally:
+        os.close(fd)
+
+
+def _overlay_mount2(lowers: list[Path], upper: Path, work: Path, target: Path) -> None:
+    options = (b"lowerdir=" + b":".join(_escape(p, b",:") for p in lowers) +
+               b",upperdir=" + _escape(upper, b",") + b",workdir=" + _escape(work, b","))
+    if _libc.mount(b"overlay", os.fsencode(target), b"overlay", MS_NOSUID | MS_NODEV, options) != 0:
+        raise SessionError(f"mount overlay on {target}: {os.strerror(ctypes.get_errno())}")
+
+
+def _escape(path: Path, separators: bytes) -> bytes:
+    """``path`` as overlayfs' option parser reads it back: a backslash before ``\\`` and each separator."""
+    out = os.fsencode(path).replace(b"\\", b"\\\\")
+    for sep in separators:
+        out = out.replace(bytes([sep]), b"\\" + bytes([sep]))
+    return out
 
 
 def _mount_table() -> list[tuple[str, str]] | None:

@@ -3,14 +3,16 @@ so a crashed or killed run can never block the next one (the seed's stale lock f
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 
-from .errors import LockTimeout
+from .errors import LockTimeout, UnsafeCache
 from .waits import checkpoint, waiting
 
 _POLL = 0.05
@@ -35,8 +37,19 @@ class FileLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # Never through a symlink (O_NOFOLLOW), never truncated on open (no O_TRUNC: the holder's pid is
+        # rewritten through this fd only once it is known to be a regular file); O_NONBLOCK: a FIFO
+        # planted there cannot hang the open.
         try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeCache(f"lock file {self.path} is a symlink; dirge never follows one there "
+                                  "(remove it if you did not put it there)") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafeCache(f"lock file {self.path} is not a regular file; remove it and retry")
             self._lock(fd)
         except BaseException:
             os.close(fd)  # also drops the lock if it was taken

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -298,16 +299,26 @@ def unpack(
     source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        # The tree is written inside a 0700 directory (mkdtemp's): until every layer's digest has been
+        # checked and the tree moved to ``dest``, no other user can reach a file of it.
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".dirge-staging", dir=dest.parent))
     except BaseException:
         source.close()
         raise
     try:
-        staging.chmod(0o755)
-        report = apply_image(source, resolved, staging, rootless=rootless, limits=limits, progress=progress)
+        tree = staging / "rootfs"
+        tree.mkdir()
+        os.chmod(tree, 0o755)  # the root's mode unless the image sets it
+        report = apply_image(source, resolved, tree, rootless=rootless, limits=limits, progress=progress)
         if dest.exists():
             dest.rmdir()
-        os.rename(staging, dest)
+        mode = stat.S_IMODE(os.stat(tree).st_mode)
+        if not mode & 0o200:  # moving a directory to another parent rewrites its "..": rootless needs u+w
+            os.chmod(tree, mode | 0o200)
+        os.rename(tree, dest)
+        if not mode & 0o200:
+            os.chmod(dest, mode)
+        staging.rmdir()
     except DirgeError as exc:
         remove_tree(staging)
         raise add_context(exc, f"unpack {image}") from exc.__cause__

@@ -15,12 +15,11 @@ import subprocess
 from pathlib import Path
 
 from ..errors import DirgeError
-from ..fsutil import mounted_at, mounts_under, unmount
+from ..fsutil import MS_NODEV, MS_NOSUID, mounted_at, mounts_under, unmount
 
 __all__ = ["MountError", "erofs_supported", "mount_erofs", "mounted_at", "mounts_under", "unmount"]
 
 MS_RDONLY = 1
-_MS_NODEV = 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -39,8 +38,10 @@ def erofs_supported() -> bool:
 
 
 def mount_erofs(image: Path, target: Path) -> str:
-    """Mount ``image`` read-only on ``target``; returns how ("file" or "loop")."""
-    flags = MS_RDONLY | _MS_NODEV
+    """Mount ``image`` read-only, nosuid and nodev on ``target``; returns how ("file" or "loop")."""
+    # nosuid,nodev: the image's setuid files and device nodes mean nothing on the host (they keep their
+    # bits, for the guests and sandboxes that mount the image themselves).
+    flags = MS_RDONLY | MS_NOSUID | MS_NODEV
     if _libc.mount(os.fsencode(image), os.fsencode(target), b"erofs", flags, None) == 0:
         return "file"
     err = ctypes.get_errno()
@@ -48,7 +49,7 @@ def mount_erofs(image: Path, target: Path) -> str:
         raise MountError(f"mount erofs image {image} on {target}: {os.strerror(err)}; "
                          f"this needs root and a kernel with erofs (use --base-format tree otherwise)")
     # A kernel without file-backed erofs mounts: util-linux attaches a loop device (autoclear).
-    proc = subprocess.run(["mount", "-t", "erofs", "-o", "ro,nodev,loop", str(image), str(target)],
+    proc = subprocess.run(["mount", "-t", "erofs", "-o", "ro,nosuid,nodev,loop", str(image), str(target)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise MountError(f"mount erofs image {image} on {target} (loop): {proc.stderr.strip()}")

@@ -144,6 +144,12 @@ def _write_record(sdir: Path, info: SessionInfo) -> None:
     os.replace(tmp, sdir / "session.json")
 
 
+def _publish(sdir: Path) -> None:
+    """A complete session directory opened to readers (0755, as a session has always been): while it
+    is made it is 0700, so nobody else sees a half-made rootfs."""
+    os.chmod(sdir, 0o755)
+
+
 class Sessions:
     def __init__(self, cache: Cache) -> None:
         self.cache = cache
@@ -196,6 +202,7 @@ class Sessions:
             with raise_no_space(f"create session {info.id} in {self.dir}"):
                 chosen.create(lowers, sdir)
                 _write_record(sdir, info)
+            _publish(sdir)
         except BaseException:
             chosen.destroy(sdir)
             raise
@@ -244,6 +251,7 @@ class Sessions:
             else:
                 info.disk_strategy = make_session_disk(base.image_file, own, disk_format=disk_format)
             _write_record(sdir, info)
+            _publish(sdir)
         except BaseException:
             remove_tree(sdir)
             raise
@@ -274,7 +282,7 @@ class Sessions:
         sdir = self.dir / info.id
         staging = self.dir / f".new-{info.id}"
         with raise_no_space(f"create session {info.id} in {self.dir}"):
-            staging.mkdir(mode=0o755)
+            staging.mkdir(mode=0o700)  # 0755 once complete (``_publish``)
         try:
             with raise_no_space(f"create session {info.id} in {self.dir}"):
                 _write_record(staging, info)
@@ -334,7 +342,7 @@ class Sessions:
         sdir = self.session_dir(session_id)
         staging = self.snapshots / f".{name}.{uuid.uuid4().hex}"
         with raise_no_space(f"save snapshot {name} in {self.snapshots}"):
-            staging.mkdir()
+            staging.mkdir(mode=0o700)
         try:
             extra: dict[str, Any] = {}
             if info.strategy == DISK:  # a copy of what the session wrote: its disk, or its scratch disk
@@ -347,6 +355,7 @@ class Sessions:
                     "session": session_id, "created": time.time(), **extra}
             with raise_no_space(f"save snapshot {name} in {self.snapshots}"):
                 (staging / "snapshot.json").write_text(json.dumps(meta, indent=1))
+            os.chmod(staging, 0o755)
             os.rename(staging, final)
             fsync_dir(self.snapshots)
         except BaseException:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import SessionError
-from ..fsutil import BTRFS_MAGIC, OVERLAY_MAGIC, fs_type, is_mountpoint, is_subvolume, mount, remove_tree, unmount
+from ..fsutil import (BTRFS_MAGIC, OVERLAY_MAGIC, fs_type, is_mountpoint, is_subvolume, mount_overlay, remove_tree,
+                      unmount)
 from .copytree import FICLONE, copy_tree
 
 if TYPE_CHECKING:
@@ -103,12 +104,16 @@ class Overlay(Strategy):
 
     def make(self, lowers: list[Path], rootfs: Path, session_dir: Path) -> None:
         upper, work = session_dir / "upper", session_dir / "work"
-        upper.mkdir()
-        work.mkdir()
-        rootfs.mkdir()
+        upper.mkdir(mode=0o700)
+        work.mkdir(mode=0o700)
+        rootfs.mkdir(mode=0o700)
+        # The merged root shows the upper dir's owner, mode and times: the top lower's, not the umask's.
+        top = os.stat(lowers[0])
+        os.chown(upper, top.st_uid, top.st_gid)
+        os.chmod(upper, top.st_mode & 0o7777)
+        os.utime(upper, ns=(top.st_atime_ns, top.st_mtime_ns))
         # userxattr is only needed (and only accepted) inside a user namespace; as real root it is not.
-        options = f"lowerdir={':'.join(str(p) for p in lowers)},upperdir={upper},workdir={work}"
-        mount("overlay", rootfs, "overlay", options)
+        mount_overlay(lowers, upper, work, rootfs)
 
     def snapshot(self, session_dir: Path, info: "SessionInfo", dest: Path) -> str:
         if info.snapshot:  # over an older snapshot's upper: its own upper alone is not the whole state
