@@ -216,7 +216,7 @@ def streaming_image(tmp_path: Path, registry, repo: str) -> tuple[Path, str, byt
 def wait_for_early_file(tmp_path: Path, worker: threading.Thread) -> Path | None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        early = list(tmp_path.glob(".out.*.dirge-staging/first"))
+        early = list(tmp_path.glob(".out.*.dirge-staging/rootfs/first"))
         if early:
             return early[0]
         worker.join(0.02)
@@ -366,7 +366,7 @@ def test_full_cache_disk_is_one_clear_error(registry, tmp_path: Path, capsys) ->
     push_layout(layout, "t", f"{registry.host}/full/app:1")
     cache_dir = tmp_path / "small-cache"
     cache_dir.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(cache_dir)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(cache_dir)], check=True)
     try:
         assert main(["pull", f"{registry.host}/full/app:1", "--cache-dir", str(cache_dir)]) == 1
         err = capsys.readouterr().err
