@@ -23,6 +23,7 @@ _MNT_DETACH = 2
 # guest's user lookup; from a directory, an ext4 disk or an erofs base): bounded, checked against the
 # file's size before a byte is read, so a huge or sparse file is refused, never read or its holes filled.
 READ_MAX = 256 << 20
+PATH_MAX = 4096  # Linux's PATH_MAX: a path (or a symlink target) with its NUL
 
 
 def over_read_max(path: str, size: int | None = None) -> str:

@@ -25,21 +25,19 @@ import os
 from dataclasses import dataclass
 
 from ..errors import DirgeError, LimitExceeded, UnpackError, UnsafeLayer
+from ..fsutil import PATH_MAX
 from .fs import Report
 from .root import clean_path
 from .tar import (BLK, CHR, DIR, FIFO, LINK, MAX_GLOBAL_RECORDS, MAX_HEADER_BYTES, MAX_SPARSE_REGIONS, REG, SYMLINK,
-                  Entry, EntryStream)
+                  UNSET_ID, Entry, EntryStream)
 from .tree import NO_XATTRS, NODE_BYTES, Node, Parts, Sink
 from . import tree
-
-_UNSET_ID = (1 << 32) - 1  # tar's -1: GNU tar chowns with it, i.e. leaves the id to the extracting user
 
 OPAQUE = b".wh..wh..opq"
 WHITEOUT_PREFIX = b".wh."
 _AUFS_META_PREFIX = b".wh..wh."
 _MAX_LINK_HOPS = 40
-_NAME_MAX = 255  # Linux's limits, for a path component and a whole path (with its NUL)
-_PATH_MAX = 4096
+_NAME_MAX = 255  # Linux's limit for a path component (a whole path's: fsutil.PATH_MAX)
 _KINDS = {REG: tree.REG, DIR: tree.DIR, SYMLINK: tree.LNK, FIFO: tree.FIFO, CHR: tree.CHR, BLK: tree.BLK}
 
 
@@ -169,7 +167,7 @@ class Applier:
             dir_parts, chain = resolved
             dir_len = len(b"/".join(dir_parts))
             self._last = (parts[:-1], dir_parts, chain, dir_len)
-        if dir_len + 1 + len(name) >= _PATH_MAX:  # what the kernel refuses, refused for every sink alike
+        if dir_len + 1 + len(name) >= PATH_MAX:  # what the kernel refuses, refused for every sink alike
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         parent = chain[-1]
         where = dir_parts + (name,)
@@ -221,17 +219,17 @@ class Applier:
     def _set_metadata(self, node: Node, entry: Entry) -> None:
         # A negative base-256 id parses as -1, which chown reads as "no change": the tree would silently
         # keep another owner (found by tests/test_fuzz.py); GNU tar refuses it too.
-        if not (0 <= entry.uid <= _UNSET_ID and 0 <= entry.gid <= _UNSET_ID):
+        if not (0 <= entry.uid <= UNSET_ID and 0 <= entry.gid <= UNSET_ID):
             raise UnsafeLayer(_display(entry.parts), f"owner {entry.uid}:{entry.gid} out of range")
         uid, gid = entry.uid, entry.gid
-        if _UNSET_ID in (uid, gid):
+        if UNSET_ID in (uid, gid):
             # 4294967295 is (uid_t)-1: GNU tar, as root, chowns with it and so leaves the id as it is: a
             # new inode's is whoever extracts (root: 0; rootless: the caller, as an owner 0 is), a directory
             # entry over an existing directory keeps that one's (umoci too; found by tests/test_fuzz.py).
-            which = " and ".join(w for w, v in (("owner", uid), ("group", gid)) if v == _UNSET_ID)
+            which = " and ".join(w for w, v in (("owner", uid), ("group", gid)) if v == UNSET_ID)
             self.report.skip(b"/".join(entry.parts), f"{which} 4294967295 (tar's -1) not set: left as it was "
                              "(the extracting user, 0, for a new file), as GNU tar does")
-            uid, gid = (node.uid if uid == _UNSET_ID else uid), (node.gid if gid == _UNSET_ID else gid)
+            uid, gid = (node.uid if uid == UNSET_ID else uid), (node.gid if gid == UNSET_ID else gid)
         # Seconds must fit a 64-bit time_t, or a directory's utime in Sink.finish() overflows (tests/test_fuzz.py).
         for ns in (entry.mtime_ns, entry.atime_ns):
             if ns is not None and not -(1 << 63) <= ns // 1_000_000_000 < 1 << 63:

@@ -159,7 +159,6 @@ class Root:
             finally:
                 os.close(parent)
 
-
     def _made(self, parent: int, name: bytes) -> None:
         """A directory just made as a parent: its mode set explicitly (mkdir's is masked by the caller's
         umask, and a setgid parent adds S_ISGID), its owner ``owner`` (mkdir's group may be the parent's)."""

@@ -209,7 +209,9 @@ def _parse_pax(data: bytes, into: dict[str, list[bytes]]) -> None:
         pos = end
 
 
-_MAX_ID = (1 << 32) - 1  # uid_t; 4294967295 (tar's -1) is read, and mapped by the merge engine (layer.py)
+# uid_t's largest value, which is also (uid_t)-1: tar's "-1" owner, read here and mapped by the merge
+# engine (layer.py), which GNU tar's chown leaves to the extracting user.
+UNSET_ID = (1 << 32) - 1
 _MAX_NS = (1 << 63) - 1
 
 
@@ -271,10 +273,13 @@ class _AclUnusable(Exception):
     """An ACL GNU tar would warn about and leave out (the member itself is extracted)."""
 
 
+_ACL_PERM_BITS = {"r": 4, "w": 2, "x": 1, "-": 0}
+
+
 def _acl_perm(text: str) -> int:
     perm = 0
     for ch in text:
-        bit = {"r": 4, "w": 2, "x": 1, "-": 0}.get(ch)
+        bit = _ACL_PERM_BITS.get(ch)
         if bit is None:
             raise _AclUnusable(f"bad permissions {text[:20]!r}")
         perm |= bit
@@ -662,9 +667,9 @@ class TarReader:
             elif key == "size":
                 entry.size = _pax_int(values, key)
             elif key == "uid":
-                entry.uid = _pax_int(values, key, _MAX_ID)
+                entry.uid = _pax_int(values, key, UNSET_ID)
             elif key == "gid":
-                entry.gid = _pax_int(values, key, _MAX_ID)
+                entry.gid = _pax_int(values, key, UNSET_ID)
             elif key == "mtime":
                 entry.mtime_ns = _pax_time_ns(value)
             elif key == "atime":

@@ -13,12 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ImageError
-from ..fsutil import READ_MAX, over_read_max
+from ..fsutil import PATH_MAX, READ_MAX, over_read_max
 from . import erofs_format as fmt
 
 _MAX_HOPS = 40
 _PIECE = 1 << 20  # a whole number of blocks for any erofs block size
-_PATH_MAX = 4096
 
 
 class ErofsReadError(ImageError):
@@ -155,7 +154,7 @@ class ErofsReader:
                 hops += 1
                 if hops > _MAX_HOPS:
                     raise ErofsReadError(self.image, f"{path}: too many levels of symbolic links")
-                target = self._data(child, f"{path}: a symlink target", _PATH_MAX)
+                target = self._data(child, f"{path}: a symlink target", PATH_MAX)
                 if target.startswith(b"/"):
                     stack = [self.root_nid]
                 pending.extend(p for p in target.split(b"/")[::-1] if p)

@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..fsutil import PATH_MAX
 from .setid import elf_executable
 
 __all__ = ["CAPS_XATTR", "MAPPED_MODE", "capfiles_text", "map_session", "setcaps_program", "unmap_session"]
@@ -41,7 +42,6 @@ MAPPED_UID, MAPPED_GID, MAPPED_MODE = "user.virtfs.uid", "user.virtfs.gid", "use
 ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
 CAPS_XATTR = "security.capability"
 _MAPPED_ACL = "user.virtfs."  # + the ACL's own name (QEMU's MAP_ACL_ACCESS / MAP_ACL_DEFAULT)
-_LINK_MAX = 4096  # PATH_MAX: a longer "mapped symlink" is not one of ours; left alone
 
 
 def _at(dir_fd: int, name: bytes) -> bytes:
@@ -117,11 +117,11 @@ def _to_symlink(dir_fd: int, name: bytes) -> None:
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
-        target = os.read(fd, _LINK_MAX + 1)
+        target = os.read(fd, PATH_MAX + 1)
     finally:
         os.close(fd)
-    if not target or len(target) > _LINK_MAX or b"\0" in target:
-        return
+    if not target or len(target) > PATH_MAX or b"\0" in target:
+        return  # a longer "mapped symlink" is not one of ours: left alone
 
     def owner(attr: str, default: int) -> int:
         try:
