@@ -51,6 +51,18 @@ def _unmount_leftovers(request: pytest.FixtureRequest):
         unmount(point)
 
 
+@pytest.fixture(scope="module")
+def boot_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One cache for a module of boot tests: the initramfs images are built once per root kind. Its erofs
+    bases stay mounted while it lives (the design); they are unmounted at the end, even after a failure."""
+    from dirge.fsimage.mount import mounts_under, unmount
+
+    where = tmp_path_factory.mktemp("boot-cache")
+    yield where
+    for point in mounts_under(where):
+        unmount(point)
+
+
 @pytest.fixture
 def registry_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Registry tests see none of the user's auth files or registries.toml, and retry fast."""

@@ -44,27 +44,15 @@ TIMEOUT = 120  # generous: a TCG boot takes ~7 s here, more on a loaded machine
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    """One cache for the module: the initramfs images are built once per root kind. Its erofs bases stay
-    mounted while it lives (the design); they are unmounted at the end, even after a failure."""
-    from dirge.fsimage.mount import mounts_under, unmount
-
-    where = tmp_path_factory.mktemp("boot-cache")
-    yield where
-    for point in mounts_under(where):
-        unmount(point)
-
-
-@pytest.fixture(scope="module")
 def demo_ref(tmp_path_factory: pytest.TempPathFactory) -> str:
     return build_demo_layout(tmp_path_factory.mktemp("demo") / "layout")
 
 
-def run(ref: str, cache_dir: Path, disk: str, command: list[str] | None, **kwargs) -> tuple[int, list[str]]:
+def run(ref: str, boot_cache: Path, disk: str, command: list[str] | None, **kwargs) -> tuple[int, list[str]]:
     lines: list[str] = []
-    result = boot(ref, cache_dir, disk=disk, command=command, accel="tcg", timeout=TIMEOUT,
+    result = boot(ref, boot_cache, disk=disk, command=command, accel="tcg", timeout=TIMEOUT,
                   console=lines.append, **kwargs)
-    assert not (cache_dir / "sessions" / result.session).exists(), "the session is removed after the boot"
+    assert not (boot_cache / "sessions" / result.session).exists(), "the session is removed after the boot"
     return result.status, lines
 
 
@@ -91,13 +79,13 @@ def test_demo_boots_from_each_root(disk: str, tmp_path: Path) -> None:
 
 
 @needs_boot
-def test_the_base_is_untouched_and_the_guest_writes_only_its_session(demo_ref: str, cache_dir: Path) -> None:
+def test_the_base_is_untouched_and_the_guest_writes_only_its_session(demo_ref: str, boot_cache: Path) -> None:
     # An erofs session: the guest writes through its overlay into the scratch disk, never the shared base.
-    status, lines = run(demo_ref, cache_dir, "erofs", ["/bin/sh", "-c",
+    status, lines = run(demo_ref, boot_cache, "erofs", ["/bin/sh", "-c",
                         "echo changed > /etc/motd && cat /etc/motd && grep -c . /proc/mounts >/dev/null"],
                         user="root")
     assert (status, lines) == (0, ["changed"])
-    status, lines = run(demo_ref, cache_dir, "erofs", ["/bin/cat", "/etc/motd"])
+    status, lines = run(demo_ref, boot_cache, "erofs", ["/bin/cat", "/etc/motd"])
     assert (status, lines) == (0, ["hello from a dirge rootfs (layer 2 replaced this file)"])
 
 
@@ -106,11 +94,11 @@ def test_the_base_is_untouched_and_the_guest_writes_only_its_session(demo_ref: s
 @needs_boot
 @needs_binutils
 @pytest.mark.parametrize("disk", ["ext4", "erofs"])
-def test_static_binary_only_image_runs_its_entrypoint(disk: str, make_image, cache_dir: Path, tmp_path: Path) -> None:
+def test_static_binary_only_image_runs_its_entrypoint(disk: str, make_image, boot_cache: Path, tmp_path: Path) -> None:
     layer = LayerBuilder().file("probe", build_probe(tmp_path), mode=0o755).build()
     ref = make_image([layer], runtime_config={"Entrypoint": ["/probe"], "WorkingDir": "/srv/app",
                                               "Env": ["GREETING=hello world", "PATH=/bin"]})
-    status, lines = run(ref, cache_dir, disk, None)
+    status, lines = run(ref, boot_cache, disk, None)
     assert status == 0
     assert lines[0] == "cwd=/srv/app"
     env = sorted(l.removeprefix("env=") for l in lines[1:])
@@ -147,8 +135,8 @@ def registry_image(module_registry, tmp_path_factory: pytest.TempPathFactory) ->
 
 @needs_boot
 @pytest.mark.parametrize("disk", DISKS)
-def test_registry_image_keeps_owner_mode_and_xattr(disk: str, registry_image: str, cache_dir: Path) -> None:
-    status, lines = run(registry_image, cache_dir, disk, [
+def test_registry_image_keeps_owner_mode_and_xattr(disk: str, registry_image: str, boot_cache: Path) -> None:
+    status, lines = run(registry_image, boot_cache, disk, [
         "/bin/sh", "-c", "stat -c '%u:%g %a' /data/secret; ls /data; /bin/probe /data/secret user.dirge | tail -n 1"])
     assert status == 0
     assert lines == ["1234:1234 4750", "secret", "xattr=kept"]
@@ -157,8 +145,8 @@ def test_registry_image_keeps_owner_mode_and_xattr(disk: str, registry_image: st
 # --- dirge boot's exit statuses (must-show 5)
 
 @needs_boot
-def test_boot_returns_the_guest_status(demo_ref: str, cache_dir: Path, capsys) -> None:
-    base = ["--quiet", "boot", "--accel", "tcg", "--cache-dir", str(cache_dir), "--disk", "ext4", demo_ref, "--"]
+def test_boot_returns_the_guest_status(demo_ref: str, boot_cache: Path, capsys) -> None:
+    base = ["--quiet", "boot", "--accel", "tcg", "--cache-dir", str(boot_cache), "--disk", "ext4", demo_ref, "--"]
     assert main([*base, "/bin/sh", "-c", "echo fine"]) == 0
     assert main([*base, "/bin/sh", "-c", "echo three; exit 3"]) == 3
     out = capsys.readouterr().out.splitlines()
@@ -166,23 +154,23 @@ def test_boot_returns_the_guest_status(demo_ref: str, cache_dir: Path, capsys) -
 
 
 @needs_boot
-def test_a_hanging_guest_times_out(demo_ref: str, cache_dir: Path, capsys) -> None:
+def test_a_hanging_guest_times_out(demo_ref: str, boot_cache: Path, capsys) -> None:
     # The guest prints, then hangs: the status is 124 after the deadline, with one error line.
-    code = main(["boot", "--accel", "tcg", "--timeout", "30", "--cache-dir", str(cache_dir), demo_ref, "--",
+    code = main(["boot", "--accel", "tcg", "--timeout", "30", "--cache-dir", str(boot_cache), demo_ref, "--",
                  "/bin/sh", "-c", "echo started; while :; do :; done"])
     captured = capsys.readouterr()
     assert code == 124
     assert "started" in captured.out.splitlines()
     errors = captured.err.strip().splitlines()
     assert len(errors) == 1 and "did not finish within 30 s" in errors[0]
-    assert not list((cache_dir / "sessions").iterdir()), "the session is removed after a timeout too"
+    assert not list((boot_cache / "sessions").iterdir()), "the session is removed after a timeout too"
 
 
 @needs_boot
-def test_a_guest_that_cannot_boot_fails_with_125(demo_ref: str, cache_dir: Path, tmp_path: Path, capsys) -> None:
+def test_a_guest_that_cannot_boot_fails_with_125(demo_ref: str, boot_cache: Path, tmp_path: Path, capsys) -> None:
     junk = tmp_path / "junk.img"
     junk.write_bytes(b"not an initramfs" * 64)  # the kernel finds no root and panics (panic=-1 → reset)
-    code = main(["boot", "--accel", "tcg", "--timeout", "90", "--initrd", str(junk), "--cache-dir", str(cache_dir),
+    code = main(["boot", "--accel", "tcg", "--timeout", "90", "--initrd", str(junk), "--cache-dir", str(boot_cache),
                  demo_ref])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 125
@@ -208,20 +196,20 @@ def test_no_kernel_or_no_qemu_is_one_clear_line(demo_ref: str, tmp_path: Path, m
 
 
 @needs_boot
-def test_auto_accel_probes_once_and_remembers(cache_dir: Path) -> None:
+def test_auto_accel_probes_once_and_remembers(boot_cache: Path) -> None:
     kernel = find_kernel()
-    first = choose_accel("auto", kernel, cache_dir)
-    records = list((cache_dir / "boot").glob("accel-*.json"))
+    first = choose_accel("auto", kernel, boot_cache)
+    records = list((boot_cache / "boot").glob("accel-*.json"))
     if os.access("/dev/kvm", os.R_OK | os.W_OK):
         assert len(records) == 1 and json.loads(records[0].read_text())["kvm"] == (first == "kvm")
         stamp = records[0].stat().st_mtime_ns
-        assert choose_accel("auto", kernel, cache_dir) == first
+        assert choose_accel("auto", kernel, boot_cache) == first
         assert records[0].stat().st_mtime_ns == stamp, "the verdict is reused, not probed again"
     else:
         assert first == "tcg" and not records
-    assert choose_accel("tcg", kernel, cache_dir) == "tcg"
+    assert choose_accel("tcg", kernel, boot_cache) == "tcg"
     with pytest.raises(BootError, match="use auto, kvm or tcg"):
-        choose_accel("xen", kernel, cache_dir)
+        choose_accel("xen", kernel, boot_cache)
 
 
 # --- the pieces, without a VM

@@ -34,16 +34,6 @@ ACL = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, ident) for 
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    from dirge.fsimage.mount import mounts_under, unmount
-
-    where = tmp_path_factory.mktemp("boot-cache")
-    yield where
-    for point in mounts_under(where):
-        unmount(point)
-
-
-@pytest.fixture(scope="module")
 def privileged_image(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A `sudo`-like 4755 root file, a `ping`-like one with cap_net_raw=ep (busybox, so /opt/cat runs it
     as its cat applet), a file with an ACL, and the probe; the config's User is 1000."""
@@ -71,9 +61,9 @@ def privileged_image(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"oci:{work / 'layout'}:1"
 
 
-def _boot(ref: str, cache_dir: Path, disk: str, script: str, **kwargs) -> tuple[int, list[str], str]:
+def _boot(ref: str, boot_cache: Path, disk: str, script: str, **kwargs) -> tuple[int, list[str], str]:
     lines: list[str] = []
-    result = boot(ref, cache_dir, disk=disk, command=["/bin/sh", "-c", script], accel="tcg", timeout=TIMEOUT,
+    result = boot(ref, boot_cache, disk=disk, command=["/bin/sh", "-c", script], accel="tcg", timeout=TIMEOUT,
                   console=lines.append, **kwargs)
     return result.status, lines, result.session
 
@@ -81,9 +71,9 @@ def _boot(ref: str, cache_dir: Path, disk: str, script: str, **kwargs) -> tuple[
 @needs_boot
 @pytest.mark.parametrize("disk", ["dir", "ext4", "erofs"])
 def test_setuid_files_acls_and_file_capabilities_reach_the_guest(disk: str, privileged_image: str,
-                                                                 cache_dir: Path) -> None:
+                                                                 boot_cache: Path) -> None:
     # Run as the image's user 1000: the capability must be effective where the kernel execs the file.
-    status, lines, _ = _boot(privileged_image, cache_dir, disk, "stat -c '%n %u:%g %a' /usr/bin/sudo /usr/bin/ping; "
+    status, lines, _ = _boot(privileged_image, boot_cache, disk, "stat -c '%n %u:%g %a' /usr/bin/sudo /usr/bin/ping; "
                              "/probe /usr/bin/ping security.capability x | tail -n 1; "
                              "/opt/cat /proc/self/status | grep CapEff; "
                              "/probe /data/acl system.posix_acl_access x | tail -n 1")
@@ -94,13 +84,13 @@ def test_setuid_files_acls_and_file_capabilities_reach_the_guest(disk: str, priv
 
 @needs_boot
 def test_guest_root_makes_no_setuid_root_file_or_device_node_on_the_host(privileged_image: str,
-                                                                         cache_dir: Path) -> None:
+                                                                         boot_cache: Path) -> None:
     status, lines, session = _boot(
-        privileged_image, cache_dir, "dir",
+        privileged_image, boot_cache, "dir",
         "cd / && echo planted > f && chown 0:0 f && chmod 4755 f && mknod d c 1 3; "
         "echo more >> /usr/bin/sudo && stat -c '%n %u:%g %a %F' f d && ls -l /bin/sh | grep -c 'sh -> busybox'",
         user="root", keep=True)
-    sessions = Sessions(Cache(cache_dir))
+    sessions = Sessions(Cache(boot_cache))
     try:
         # The guest did it all, and sees what it asked for.
         assert status == 0, lines

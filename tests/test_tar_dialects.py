@@ -409,27 +409,6 @@ def gnu_reference(archive: bytes, tmp_path: Path) -> dict:
 GNU_HANDMADE = {**HANDMADE, **GNU_REFERENCE}
 
 
-@pytest.mark.parametrize("name", list(GNU_HANDMADE))
-def test_handmade_tree_equals_gnu_tar(name: str, make_image, tmp_path: Path) -> None:
-    reference = gnu_reference(GNU_HANDMADE[name], tmp_path)
-    unpack(make_image([GNU_HANDMADE[name]]), tmp_path / "tree")
-    assert_same(snapshot(tmp_path / "tree"), reference, "tree")
-
-
-@needs_tool("fsck.erofs")
-@pytest.mark.parametrize("name", list(GNU_HANDMADE))
-def test_handmade_erofs_equals_gnu_tar(name: str, make_image, tmp_path: Path) -> None:
-    reference = gnu_reference(GNU_HANDMADE[name], tmp_path)
-    assert_same(erofs_snapshot(make_image([GNU_HANDMADE[name]]), tmp_path), reference, "erofs")
-
-
-@needs_tool("e2fsck")
-@pytest.mark.parametrize("name", list(GNU_HANDMADE))
-def test_handmade_ext4_equals_gnu_tar(name: str, make_image, tmp_path: Path) -> None:
-    reference = gnu_reference(GNU_HANDMADE[name], tmp_path)
-    assert_ext4_same(make_image([GNU_HANDMADE[name]]), reference, tmp_path)
-
-
 # What GNU tar does not read as its writers meant and libarchive does: Solaris ``A`` ACL headers (GNU tar
 # extracts them as files), star's ACLs with names it would look up on the host (the ids are in the
 # archive), a pax hardlink that carries data (GNU tar stops: "Skipping to next header").
@@ -448,25 +427,33 @@ def bsdtar_reference(archive: bytes, tmp_path: Path) -> dict:
     return snapshot(tmp_path / "bsdtar")
 
 
-@pytest.mark.parametrize("name", list(BSD_HANDMADE))
-def test_handmade_tree_equals_bsdtar(name: str, make_image, tmp_path: Path) -> None:
-    reference = bsdtar_reference(BSD_HANDMADE[name], tmp_path)
-    unpack(make_image([BSD_HANDMADE[name]]), tmp_path / "tree")
-    assert_same(snapshot(tmp_path / "tree"), reference, "tree")
+# Each hand-made archive against the reader that extracts it as its writer meant.
+HANDMADE_CASES = {**{f"gnu-{name}": (gnu_reference, archive) for name, archive in GNU_HANDMADE.items()},
+                  **{f"bsdtar-{name}": (bsdtar_reference, archive) for name, archive in BSD_HANDMADE.items()}}
+
+
+@pytest.mark.parametrize("case", list(HANDMADE_CASES))
+def test_handmade_tree_equals_reference(case: str, make_image, tmp_path: Path) -> None:
+    reference, archive = HANDMADE_CASES[case]
+    expected = reference(archive, tmp_path)
+    unpack(make_image([archive]), tmp_path / "tree")
+    assert_same(snapshot(tmp_path / "tree"), expected, "tree")
 
 
 @needs_tool("fsck.erofs")
-@pytest.mark.parametrize("name", list(BSD_HANDMADE))
-def test_handmade_erofs_equals_bsdtar(name: str, make_image, tmp_path: Path) -> None:
-    reference = bsdtar_reference(BSD_HANDMADE[name], tmp_path)
-    assert_same(erofs_snapshot(make_image([BSD_HANDMADE[name]]), tmp_path), reference, "erofs")
+@pytest.mark.parametrize("case", list(HANDMADE_CASES))
+def test_handmade_erofs_equals_reference(case: str, make_image, tmp_path: Path) -> None:
+    reference, archive = HANDMADE_CASES[case]
+    expected = reference(archive, tmp_path)
+    assert_same(erofs_snapshot(make_image([archive]), tmp_path), expected, "erofs")
 
 
 @needs_tool("e2fsck")
-@pytest.mark.parametrize("name", list(BSD_HANDMADE))
-def test_handmade_ext4_equals_bsdtar(name: str, make_image, tmp_path: Path) -> None:
-    reference = bsdtar_reference(BSD_HANDMADE[name], tmp_path)
-    assert_ext4_same(make_image([BSD_HANDMADE[name]]), reference, tmp_path)
+@pytest.mark.parametrize("case", list(HANDMADE_CASES))
+def test_handmade_ext4_equals_reference(case: str, make_image, tmp_path: Path) -> None:
+    reference, archive = HANDMADE_CASES[case]
+    expected = reference(archive, tmp_path)
+    assert_ext4_same(make_image([archive]), expected, tmp_path)
 
 
 @needs_tool("getfacl")

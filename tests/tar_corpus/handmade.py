@@ -196,23 +196,31 @@ def _sparse_10(name: str, realsize: int, regions: list[int], data: bytes) -> byt
             + member(b"GNUSparseFile.0/" + name.encode(), sparse_map + data))
 
 
+def _sparse_slots(pairs: list[tuple[int, int]]) -> bytes:
+    return b"".join(octal(off, 12) + octal(length, 12) for off, length in pairs)
+
+
+def _sparse_extensions(rest: list[tuple[int, int]], *, at_least_one: bool = False) -> bytes:
+    """The extension blocks of an ``S`` header (old GNU and star alike): 21 regions each, a flag at
+    504 when another follows; ``at_least_one``: one block even for no region (star's newer layout)."""
+    out = b""
+    while rest or at_least_one:
+        at_least_one = False
+        chunk, rest = rest[:21], rest[21:]
+        block = bytearray(512)
+        block[0:24 * len(chunk)] = _sparse_slots(chunk)
+        block[504] = 1 if rest else 0
+        out += bytes(block)
+    return out
+
+
 def _sparse_old(name: str, realsize: int, regions: list[int], data: bytes) -> bytes:
     """Old GNU 'S': four regions in the header, 21 in each extension block after it."""
     pairs = list(zip(regions[0::2], regions[1::2]))
-
-    def slots(chunk: list[tuple[int, int]]) -> bytes:
-        return b"".join(octal(off, 12) + octal(length, 12) for off, length in chunk)
-
     rest = pairs[4:]
-    fields = {386: slots(pairs[:4]), 482: b"\1" if rest else b"\0", 483: octal(realsize, 12)}
+    fields = {386: _sparse_slots(pairs[:4]), 482: b"\1" if rest else b"\0", 483: octal(realsize, 12)}
     out = header(name.encode(), b"S", size=len(data), magic=GNU_MAGIC, fields=fields)
-    while rest:
-        chunk, rest = rest[:21], rest[21:]
-        block = bytearray(512)
-        block[0:24 * len(chunk)] = slots(chunk)
-        block[504] = 1 if rest else 0
-        out += bytes(block)
-    return out + pad(data)
+    return out + _sparse_extensions(rest) + pad(data)
 
 
 def _star_times() -> dict[int, bytes]:
@@ -225,21 +233,10 @@ def _sparse_star(name: str, realsize: int, regions: list[int], data: bytes, *, i
     extension flag at 355 and the realsize at 452; in star's newer layout (``in_header=False``) every
     region is in the extension blocks (21 each, flag at 504)."""
     pairs = list(zip(regions[0::2], regions[1::2]))
-
-    def slots(chunk: list[tuple[int, int]]) -> bytes:
-        return b"".join(octal(off, 12) + octal(length, 12) for off, length in chunk)
-
     head, rest = (pairs[:4], pairs[4:]) if in_header else ([], pairs)
-    fields = {356: slots(head), 355: b"\1" if rest else b"\0", 452: octal(realsize, 12), **_star_times()}
+    fields = {356: _sparse_slots(head), 355: b"\1" if rest else b"\0", 452: octal(realsize, 12), **_star_times()}
     out = header(name.encode(), b"S", size=len(data), fields=fields)
-    while rest or not in_header:
-        in_header = True
-        chunk, rest = rest[:21], rest[21:]
-        block = bytearray(512)
-        block[0:24 * len(chunk)] = slots(chunk)
-        block[504] = 1 if rest else 0
-        out += bytes(block)
-    return out + pad(data)
+    return out + _sparse_extensions(rest, at_least_one=not in_header) + pad(data)
 
 
 def _sparse_star_new(name: str, realsize: int, regions: list[int], data: bytes) -> bytes:
