@@ -115,8 +115,8 @@ def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, c
               help="Where registry blobs are kept.")
 @click.option("--rootless", is_flag=True, help="Unpack as an unprivileged user would (automatic when not root).")
 @click.option("--limit", "limits", multiple=True, metavar="NAME=N",
-              help="Override a safety limit: max_total_bytes, max_entries, max_depth, max_file_bytes, max_tree_bytes, "
-                   "max_layer_bytes (decompressed bytes of one layer).")
+              help="Override a safety limit: " + ", ".join(f.name for f in dataclasses.fields(Limits)) +
+                   " (max_layer_bytes: decompressed bytes of one layer).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def unpack_cmd(image: str, dest: Path, platform: str | None, pull: str, creds: str | None, cache_dir: Path | None,
                rootless: bool, limits: tuple[str, ...], as_json: bool) -> None:
