@@ -27,7 +27,7 @@ from typing import Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from unpack import TAG, build_image, log  # noqa: E402  (the image builder of bench/unpack.py)
 
-from dirge.cache import Cache  # noqa: E402
+from dirge.store.cache import Cache  # noqa: E402
 from dirge.rootfs import prepare  # noqa: E402
 from dirge.session import Sessions  # noqa: E402
 

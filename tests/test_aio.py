@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_root
-from dirge import aio, blob, waits
+from dirge import aio, waits
+from dirge.oci import blob
 from dirge.apply.tar import Entry, EntryStream
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.errors import Cancelled, DirgeError
 from dirge.layerbuild import LayerBuilder
 from dirge.rootfs import PreparedRootfs

@@ -17,7 +17,7 @@ from conftest import needs_root, needs_tool
 from guestprobe import build_probe
 from test_boot import TIMEOUT, needs_boot
 
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.layerbuild import LayerBuilder
 from dirge.session import Sessions
 from dirge.vm import boot

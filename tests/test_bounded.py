@@ -19,7 +19,7 @@ from dirge.cli import main
 from dirge.errors import SessionError
 from dirge.fsimage.erofs_read import ErofsReadError, read_erofs_file
 from dirge.fsutil import READ_MAX
-from dirge.image import OCI_CONFIG, OCI_MANIFEST, host_platform
+from dirge.oci.image import OCI_CONFIG, OCI_MANIFEST, host_platform
 from dirge.layerbuild import LayerBuilder
 from dirge.session.customize import DirWriter, Ext4DiskWriter, add_user
 from dirge.sources.layout import LayoutWriter

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 import dirge
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.errors import DirgeError, NoSpace
 from dirge.layerbuild import LayerBuilder
-from dirge.reference import Digest
+from dirge.oci.reference import Digest
 from dirge.rootfs import prepare
 from dirge.session import Sessions
 from dirge.sources.layout import LayoutWriter
-from dirge.unpack import pull_image
+from dirge.sources.open import pull_image
 from dirge.verify import verify_cache
 
 MiB = 1 << 20

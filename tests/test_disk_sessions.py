@@ -18,7 +18,7 @@ from conftest import needs_root, needs_tool, require
 from dirge.errors import SessionError
 from dirge.rootfs import add_user, prepare, restore, write_krun_config
 from dirge.session import Sessions
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.session.customize import FileSpec
 from images import layered, metadata
 from treecmp import file_sha256

@@ -18,7 +18,7 @@ from dirge.fsimage.mount import mounts_under
 from dirge.layerbuild import LayerBuilder
 from dirge.rootfs import prepare
 from dirge.session import Sessions
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 
 pytestmark = [needs_root, needs_tool("fsck.erofs")]
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import needs_root, needs_tool
 from dirge import DirgeError, UnsafeLayer, export, unpack
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.cli import main
 from dirge.fsimage.ext4 import Ext4SizeError
 from dirge.fsimage.mount import mount_erofs, unmount

@@ -19,7 +19,7 @@ import pytest
 from conftest import needs_tool
 from dirge import export
 from dirge.bases import DiskOptions
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.fsimage import ext4_format as fmt
 from dirge.sources.layout import LayoutWriter
 

@@ -25,7 +25,8 @@ from dirge.apply.tree import BLK, CHR, FIFO, SOCK, Node
 from dirge.fsimage import ext4_format as fmt
 from dirge.fsimage.ext4 import (Ext4Error, Ext4SizeError, Ext4Sink, acl_to_disk, build_extent_tree, dx_hash,
                                 tree_blocks, xattr_key)
-from dirge.unpack import apply_layers, image_identity, open_image
+from dirge.sources.open import open_image
+from dirge.unpack import apply_layers, image_identity
 from images import layered, metadata
 from test_erofs_writer import (ACCESS_ACL, BUILD, CAPABILITY, DEFAULT_ACL, GiB, T0, UUID, Stream, Tree, dir_sink,
                                rand)

@@ -395,7 +395,8 @@ def gnu_tar_differences(layer: bytes, tmp: Path) -> list[str]:
 def check_stack(stack: list[list[tuple]], *, images: bool) -> None:
     """The property of (a): dirge tree == umoci, and the first layer alone (no whiteouts: nothing below it)
     == GNU tar; with ``images``, erofs and ext4 images == the tree too."""
-    from dirge.unpack import open_image, write_ext4
+    from dirge.sources.open import open_image
+    from dirge.unpack import write_ext4
 
     layers = build_stack(stack)
     with scratch() as tmp:
@@ -514,7 +515,8 @@ def run_guarded(build: Callable[[Path], str], names: bytes, *, erofs: bool = Tru
     """Unpack (and write an erofs image of) the layout ``build(layout_dir)`` makes, inside a sentinel directory
     next to a canary: only DirgeError may escape, nothing but the destination may appear, and nothing
     changes in the host places the seeded symlinks point at (``host_state``; ``names``: the layers' bytes)."""
-    from dirge.unpack import open_image, write_erofs
+    from dirge.sources.open import open_image
+    from dirge.unpack import write_erofs
 
     with scratch() as tmp:
         ref = build(tmp / "layout")
@@ -818,7 +820,8 @@ def test_negative_owner_is_refused_by_every_sink() -> None:
     file kept root as owner) while the erofs writer refused it. Now refused by both: the tar reader takes
     octal digits only (a negative base-256 id still parses, and the merge engine refuses it)."""
     from dirge.errors import ImageError, UnsafeLayer
-    from dirge.unpack import open_image, write_erofs
+    from dirge.sources.open import open_image
+    from dirge.unpack import write_erofs
 
     layers = base_layers()
     for field_offset in (108, 116):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import erofs_mounts, needs_root, require
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.cli import main
 from dirge.fsimage.mount import mounts_under
 from dirge.gc import collect, images, reachable, rmi, usage
@@ -24,6 +24,7 @@ from dirge.layerbuild import LayerBuilder
 from dirge.rootfs import prepare
 from dirge.session import Sessions
 from dirge.verify import verify_cache
+from dirge.vm.bootcache import BootCache
 
 PY = sys.executable
 
@@ -467,7 +468,7 @@ def test_killed_buildah_export_leftovers_go_once_their_lock_is_free(tmp_path: Pa
     for d in (partial / "layout", trash):
         d.mkdir(parents=True)
         (d / "blob").write_bytes(b"x" * 4096)
-    from dirge.lock import FileLock
+    from dirge.store.lock import FileLock
 
     with FileLock(cache.lock_path(f"export-{image_id}")):  # an export of that image is running
         report = collect(cache, grace=0)
@@ -491,6 +492,7 @@ def test_gc_removes_boot_leftovers_of_kernels_gone_or_superseded(tmp_path: Path,
     kernel.write_bytes(b"kernel")
     cache = Cache(tmp_path / "cache")
     cache.boot_dir.mkdir(parents=True)
+    boot = BootCache(cache.root)
     long_ago = time.time() - 3600
 
     def put(path: Path, data: bytes, mtime: float) -> Path:
@@ -498,16 +500,16 @@ def test_gc_removes_boot_leftovers_of_kernels_gone_or_superseded(tmp_path: Path,
         os.utime(path, (mtime, mtime))
         return path
 
-    keep = [put(cache.initramfs_path("6.1.0-9-amd64", "ext4", "a" * 16), b"new", long_ago + 10),  # newest, not last
-            put(cache.initramfs_path("6.1.0-9-amd64", "erofs", "c" * 16), b"erofs", long_ago),
-            put(cache.accel_record_path("1" * 16), json.dumps({"kvm": False, "kernel": str(kernel)}).encode(), long_ago)]
-    gone = [put(cache.initramfs_path("6.1.0-9-amd64", "ext4", "b" * 16), b"old", long_ago),
-            put(cache.initramfs_path("5.10.0-1-amd64", "9p", "d" * 16), b"no modules", long_ago),
-            put(cache.accel_record_path("2" * 16), json.dumps({"kvm": True, "kernel": "/boot/nowhere"}).encode(), long_ago),
-            put(cache.boot_dir / f".{cache.initramfs_path('6.1.0-9-amd64', '9p', 'e' * 16).name}.1.tmp", b"half", long_ago)]
+    keep = [put(boot.initramfs_path("6.1.0-9-amd64", "ext4", "a" * 16), b"new", long_ago + 10),  # newest, not last
+            put(boot.initramfs_path("6.1.0-9-amd64", "erofs", "c" * 16), b"erofs", long_ago),
+            put(boot.accel_record_path("1" * 16), json.dumps({"kvm": False, "kernel": str(kernel)}).encode(), long_ago)]
+    gone = [put(boot.initramfs_path("6.1.0-9-amd64", "ext4", "b" * 16), b"old", long_ago),
+            put(boot.initramfs_path("5.10.0-1-amd64", "9p", "d" * 16), b"no modules", long_ago),
+            put(boot.accel_record_path("2" * 16), json.dumps({"kvm": True, "kernel": "/boot/nowhere"}).encode(), long_ago),
+            put(cache.boot_dir / f".{boot.initramfs_path('6.1.0-9-amd64', '9p', 'e' * 16).name}.1.tmp", b"half", long_ago)]
     fresh_temp = cache.boot_dir / ".accel-3333333333333333.json.77"
     fresh_temp.write_bytes(b"being written")
-    assert sorted((r, k) for _, r, k in cache.initramfs_images()) == [
+    assert sorted((r, k) for _, r, k in boot.initramfs_images()) == [
         ("5.10.0-1-amd64", "9p"), ("6.1.0-9-amd64", "erofs"), ("6.1.0-9-amd64", "ext4"), ("6.1.0-9-amd64", "ext4")]
 
     dry = collect(cache, dry_run=True)

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_root, needs_tool
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.cli import main as cli_main
 from dirge.errors import LockTimeout, UnsafeCache
 from dirge.fsimage.mount import erofs_supported, mounted_at
 from dirge.layerbuild import LayerBuilder
-from dirge.lock import FileLock
+from dirge.store.lock import FileLock
 from dirge.rootfs import prepare
 from dirge.session import Sessions
 from dirge.session import backends
@@ -287,7 +287,7 @@ def test_a_symlinked_base_lock_stops_prepare_and_leaves_its_target_alone(tmp_pat
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious\n")
     # Every name a base lock or lease of this image could have (the key is the manifest digest's).
-    from dirge.unpack import open_image
+    from dirge.sources.open import open_image
 
     source, resolved = open_image(ref)
     source.close()

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.errors import DirgeError
-from dirge.image import Platform
+from dirge.oci.image import Platform
 from dirge.layerbuild import LayerBuilder
 from dirge.sources.auth import Credentials
-from dirge.unpack import pull_image
+from dirge.sources.open import pull_image
 
 pytestmark = pytest.mark.usefixtures("registry_env")  # conftest: no user config, fast retries
 

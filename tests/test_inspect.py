@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from dirge.cache import Cache
-from dirge.image import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Platform, host_platform
+from dirge.store.cache import Cache
+from dirge.oci.image import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Platform, host_platform
 from dirge.inspect import inspect_image
 from dirge.layerbuild import LayerBuilder
-from dirge.reference import parse_digest
+from dirge.oci.reference import parse_digest
 from dirge.sources.layout import LayoutWriter
 from registry import push_layout
 

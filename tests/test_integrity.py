@@ -12,7 +12,7 @@ import zstandard
 from isal import igzip
 
 from dirge import DirgeError, ImageError, IntegrityError, PlatformNotFound, unpack
-from dirge.image import Platform
+from dirge.oci.image import Platform
 from dirge.layerbuild import LayerBuilder
 from dirge.sources.layout import LayoutWriter
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_root
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.fsimage.mount import erofs_supported
 from dirge.layerbuild import LayerBuilder
 from dirge.sources.layout import LayoutWriter

@@ -3,15 +3,24 @@
 A lazy import hides a cycle from Python at import time but not from the design: the store that
 imports the pipeline that imports the sources that import the store cannot be changed one piece at a
 time. Imports under ``if TYPE_CHECKING:`` are only for the type checker and do not count.
+
+Above the modules, the packages: docs/ARCHITECTURE.md draws which package imports which (the
+``imports`` block), and the drawing is checked against the real imports both ways; the pipeline's
+packages (oci, store, sources, apply, fsimage, session) are also checked for what they may not reach.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
+import re
 from pathlib import Path
+
+import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = "dirge"
+ARCHITECTURE = SRC.parent / "docs" / "ARCHITECTURE.md"
 
 
 def module_names() -> dict[str, Path]:
@@ -75,6 +84,7 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
     return out
 
 
+@functools.cache  # one walk of the sources for every test here (read only)
 def import_graph() -> dict[str, set[str]]:
     modules = module_names()
     return {name: imported_modules(name, path, modules) for name, path in modules.items()}
@@ -109,7 +119,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycles() -> None:
     graph = import_graph()
-    assert "dirge.unpack" in graph and "dirge.cache" in graph["dirge.bases"]  # the walk sees the package
+    assert "dirge.unpack" in graph and "dirge.store.cache" in graph["dirge.bases"]  # the walk sees the packages
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
@@ -119,18 +129,141 @@ def test_fsutil_is_the_bottom_layer() -> None:
     assert import_graph()["dirge.fsutil"] <= {"dirge.errors"}
 
 
-def test_the_store_only_stores() -> None:
-    """The cache knows nothing of resolving, applying, sources or sessions."""
-    graph = import_graph()
-    reach: set[str] = set()
-    todo = ["dirge.cache"]
+def reach(graph: dict[str, set[str]], package: str) -> set[str]:
+    """Every module that the modules of ``package`` (a package or a module) import, directly or not."""
+    found: set[str] = set()
+    todo = [m for m in graph if m == package or m.startswith(package + ".")]
     while todo:
-        for nxt in graph[todo.pop()] - reach:
-            reach.add(nxt)
+        for nxt in graph[todo.pop()] - found:
+            found.add(nxt)
             todo.append(nxt)
-    banned = {m for m in reach if m in ("dirge.unpack", "dirge.bases", "dirge.variants")
-              or m.startswith(("dirge.sources", "dirge.session", "dirge.apply"))}
-    assert not banned, f"dirge.cache depends on {sorted(banned)}"
+    return found
+
+
+BOTTOM = ("dirge.errors", "dirge.fsutil", "dirge.waits")
+
+# What the pipeline's packages may not reach, even through others: each stage knows nothing of the
+# stages after it (reference → resolve → fetch → apply → store → session).
+NOT_REACHED = {
+    # The format and its verification: nothing but the bottom layer.
+    "dirge.oci": ("dirge.store", "dirge.sources", "dirge.apply", "dirge.fsimage", "dirge.unpack", "dirge.bases",
+                  "dirge.session", "dirge.vm", "dirge.variants", "dirge.config", "dirge.gc"),
+    # The store only stores: no resolving, sourcing, applying, sessions or booting.
+    "dirge.store": ("dirge.sources", "dirge.apply", "dirge.fsimage", "dirge.unpack", "dirge.bases",
+                    "dirge.variants", "dirge.session", "dirge.vm", "dirge.gc", "dirge.verify", "dirge.rootfs"),
+    # Sources fetch: the variant builder is handed in, nothing is applied or stored above the store.
+    "dirge.sources": ("dirge.variants", "dirge.apply", "dirge.fsimage", "dirge.unpack", "dirge.bases",
+                      "dirge.session", "dirge.vm", "dirge.gc", "dirge.verify", "dirge.rootfs"),
+    # The merge engine and its sinks see entries, not images, sources or stores.
+    "dirge.apply": ("dirge.oci", "dirge.store", "dirge.sources", "dirge.fsimage", "dirge.unpack", "dirge.session",
+                    "dirge.vm"),
+    "dirge.fsimage": ("dirge.oci", "dirge.store", "dirge.sources", "dirge.unpack", "dirge.bases", "dirge.session",
+                      "dirge.vm"),
+    # Sessions are made from bases; they never fetch or build one.
+    "dirge.session": ("dirge.sources", "dirge.unpack", "dirge.bases", "dirge.variants", "dirge.vm", "dirge.gc",
+                      "dirge.rootfs"),
+    # The boot files' names: the store's level.
+    "dirge.vm.bootcache": ("dirge.sources", "dirge.apply", "dirge.unpack", "dirge.bases", "dirge.session",
+                           "dirge.rootfs", "dirge.gc", "dirge.vm.boot"),
+}
+
+
+@pytest.mark.parametrize("package", sorted(NOT_REACHED))
+def test_pipeline_packages_know_nothing_after_them(package: str) -> None:
+    found = reach(import_graph(), package)
+    banned = sorted(m for m in found for b in NOT_REACHED[package] if m == b or m.startswith(b + "."))
+    assert not banned, f"{package} depends on {banned}"
+
+
+def test_the_format_needs_only_the_bottom_layer() -> None:
+    """oci/ is the ground everything else stands on: only the exceptions and the cancellable waits."""
+    assert {m for m in reach(import_graph(), "dirge.oci") if not m.startswith("dirge.oci")} <= set(BOTTOM)
+
+
+# The package drawing in docs/ARCHITECTURE.md, checked against the code.
+
+def drawn_imports(text: str) -> tuple[list[str], dict[str, set[str]], set[str]]:
+    """The ``imports`` block of ARCHITECTURE.md: its nodes in drawn order, each node's drawn imports, and
+    the bottom nodes (``bottom: a b``), which any node imports without drawing it."""
+    block = re.search(r"^```imports\n(.*?)^```", text, re.M | re.S)
+    assert block, "docs/ARCHITECTURE.md has no ```imports block"
+    order: list[str] = []
+    edges: dict[str, set[str]] = {}
+    bottom: set[str] = set()
+    for raw in block.group(1).splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("bottom:"):
+            bottom.update(line.removeprefix("bottom:").split())
+            continue
+        name, arrow, targets = line.partition("->")
+        assert arrow, f"not 'node -> nodes': {raw!r}"
+        name = name.strip()
+        assert name not in edges, f"{name} drawn twice"
+        order.append(name)
+        edges[name] = set(targets.split())
+    return order, edges, bottom
+
+
+def node_of(module: str, nodes: set[str]) -> str | None:
+    """The drawn node a module belongs to: the longest drawn name that is the module or a package of it
+    (``dirge`` is the package's own __init__)."""
+    if module == PACKAGE:
+        return PACKAGE if PACKAGE in nodes else None
+    name = module.removeprefix(PACKAGE + ".")
+    best = None
+    for node in nodes:
+        if (name == node or name.startswith(node + ".")) and (best is None or len(node) > len(best)):
+            best = node
+    return best
+
+
+def real_node_imports(graph: dict[str, set[str]], nodes: set[str], bottom: set[str]) -> dict[str, set[str]]:
+    """The import graph between drawn nodes (edges to the bottom left out, but the bottom's own kept)."""
+    out: dict[str, set[str]] = {n: set() for n in nodes}
+    for module, targets in graph.items():
+        a = node_of(module, nodes)
+        assert a is not None, f"{module} belongs to no node of the drawing in docs/ARCHITECTURE.md"
+        for target in targets:
+            b = node_of(target, nodes)
+            assert b is not None, f"{target} belongs to no node of the drawing in docs/ARCHITECTURE.md"
+            if b != a and (b not in bottom or a in bottom):
+                out[a].add(b)
+    return out
+
+
+def test_the_package_drawing_is_the_code() -> None:
+    """Every real import between packages is drawn, and every drawn one is real."""
+    order, drawn, bottom = drawn_imports(ARCHITECTURE.read_text())
+    graph = import_graph()
+    nodes = set(order)
+    assert bottom <= nodes, f"bottom nodes not drawn: {sorted(bottom - nodes)}"
+    empty = sorted(n for n in nodes if not any(node_of(m, nodes) == n for m in graph))
+    assert not empty, f"drawn but no such module or package: {empty}"
+    real = real_node_imports(graph, nodes, bottom)
+    missing = sorted(f"{a} -> {b}" for a in order for b in real[a] - drawn[a])
+    extra = sorted(f"{a} -> {b}" for a in order for b in drawn[a] - real[a])
+    assert not missing and not extra, f"not drawn: {missing}; drawn but not imported: {extra}"
+
+
+def test_the_package_drawing_is_layered() -> None:
+    """The drawing lists nodes bottom-up: a node imports only nodes drawn above it, so the packages form
+    layers too (not only the modules) and the order is one a reader can follow."""
+    order, drawn, bottom = drawn_imports(ARCHITECTURE.read_text())
+    seen: set[str] = set(bottom)
+    for name in order:
+        upward = sorted(drawn[name] - seen)
+        assert not upward, f"{name} imports {upward}, drawn below it"
+        seen.add(name)
+
+
+def test_the_drawing_parser() -> None:
+    text = "x\n```imports\n# comment\nbottom: e\ne ->\na -> e  # why\nb -> a\n```\n"
+    order, edges, bottom = drawn_imports(text)
+    assert order == ["e", "a", "b"] and edges == {"e": set(), "a": {"e"}, "b": {"a"}} and bottom == {"e"}
+    nodes = {"dirge", "a", "a.x", "e"}
+    assert [node_of(m, nodes) for m in ("dirge", "dirge.a.y", "dirge.a.x.z", "dirge.b")] == ["dirge", "a", "a.x", None]
 
 
 def test_the_checker_finds_a_cycle(tmp_path: Path) -> None:

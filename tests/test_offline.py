@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.errors import DirgeError
 from dirge.layerbuild import LayerBuilder
 from dirge.rootfs import cleanup, prepare
 from dirge.sources.layout import LayoutWriter
-from dirge.unpack import pull_image, unpack
+from dirge.sources.open import pull_image
+from dirge.unpack import unpack
 from registry import push_layout
 
 DIRGE = [str(Path(sys.executable).parent / "dirge")]

@@ -29,9 +29,9 @@ from isal import igzip
 
 from dirge import DirgeError, IntegrityError, UnsafeLayer, unpack
 from dirge.apply.tar import tokens
-from dirge.blob import _BATCH_BYTES, _QUEUE_DEPTH, CHUNK, LayerStream
+from dirge.oci.blob import _BATCH_BYTES, _QUEUE_DEPTH, CHUNK, LayerStream
 from dirge.layerbuild import LayerBuilder
-from dirge.reference import Digest, parse_digest
+from dirge.oci.reference import Digest, parse_digest
 from dirge.sources.layout import LayoutSource
 
 DEADLINE = 10.0  # seconds; a prompt shutdown takes milliseconds, a hang takes forever

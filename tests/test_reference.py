@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dirge import InvalidReference, canonicalize_image_ref, local_variant_name, parse_reference
-from dirge.reference import LayoutReference, LocalReference, RegistryReference, parse_digest
+from dirge.oci.reference import LayoutReference, LocalReference, RegistryReference, parse_digest
 
 HEX = "a" * 64
 

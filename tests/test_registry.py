@@ -15,14 +15,14 @@ import pytest
 
 from conftest import require
 from dirge import unpack
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.cli import main
 from dirge.errors import AuthError, IntegrityError, NotFound
-from dirge.image import Platform
+from dirge.oci.image import Platform
 from dirge.layerbuild import LayerBuilder
-from dirge.reference import parse_digest
+from dirge.oci.reference import parse_digest
 from dirge.sources.layout import LayoutWriter
-from dirge.unpack import pull_image
+from dirge.sources.open import pull_image
 from images import layered
 from registry import push_layout
 from treecmp import diff, ext4_disk_differences, snapshot
@@ -313,7 +313,7 @@ def test_mirror_failing_after_wrong_bytes_origin_starts_over(registry, fault_pro
 
 def test_close_stops_a_stalled_download(registry, fault_proxy, tmp_path: Path) -> None:
     from dirge.errors import DirgeError
-    from dirge.unpack import open_image
+    from dirge.sources.open import open_image
 
     _, layer, _ = streaming_image(tmp_path, registry, "c/app")
     proxy = fault_proxy(registry)

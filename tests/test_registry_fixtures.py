@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dirge.image import Platform
+from dirge.oci.image import Platform
 from dirge.layerbuild import LayerBuilder
 from dirge.sources.layout import LayoutWriter
 from registry import (

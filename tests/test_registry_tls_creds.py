@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from dirge import unpack
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.errors import AuthError
 from dirge.layerbuild import LayerBuilder
 from dirge.sources.auth import Credentials
 from dirge.sources.layout import LayoutWriter
-from dirge.unpack import pull_image
+from dirge.sources.open import pull_image
 from registry import FaultProxy, Registry, TLSFiles, push_layout
 
 pytestmark = pytest.mark.usefixtures("registry_env")  # conftest: no user config, fast retries
@@ -171,7 +171,7 @@ def test_importing_dirge_and_pulling_leaves_httpcore_untouched(registry: Registr
         before = snapshot()
         read_bytes = httpcore._sync.http11.HTTP11Connection.READ_NUM_BYTES
         import dirge, dirge.sources.registry
-        from dirge.cache import Cache
+        from dirge.store.cache import Cache
         dirge.unpack({f"{registry.host}/plain/app:1"!r}, {str(tmp_path / "r")!r}, cache=Cache({str(tmp_path / "c")!r}),
                      rootless=True)
         after = snapshot()

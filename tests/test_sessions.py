@@ -14,7 +14,7 @@ import pytest
 
 from conftest import needs_root, require
 from dirge import unpack
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.fsimage.mount import mounts_under
 from dirge.errors import LockTimeout, SessionError
 from dirge.layerbuild import LayerBuilder
@@ -110,7 +110,7 @@ def test_eight_concurrent_prepares_unpack_once(tmp_path: Path, make_image) -> No
 
 def test_lock_timeout_names_the_holder(tmp_path: Path, image: str) -> None:
     cache = Cache(tmp_path / "cache")
-    from dirge.unpack import open_image
+    from dirge.sources.open import open_image
 
     _, resolved = open_image(image)
     rootless = os.geteuid() != 0
@@ -153,7 +153,7 @@ def test_bases_keyed_by_digest_not_ref_text(tmp_path: Path) -> None:
 
 def test_corrupt_cached_blob_is_not_trusted(tmp_path: Path, image: str) -> None:
     cache = Cache(tmp_path / "cache")
-    from dirge.unpack import open_image
+    from dirge.sources.open import open_image
 
     _, resolved = open_image(image)
     cache.put_blob(resolved.manifest_digest, resolved.manifest.raw)
@@ -218,7 +218,7 @@ def available_for(image: str, cache: Path) -> list[str]:
 
 
 def parse(digest: str):
-    from dirge.reference import parse_digest
+    from dirge.oci.reference import parse_digest
 
     return parse_digest(digest)
 

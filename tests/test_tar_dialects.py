@@ -288,7 +288,7 @@ def assert_same(ours: dict, theirs: dict, what: str) -> None:
 def assert_ext4_same(ref: str, reference: dict, tmp_path: Path) -> None:
     """The ext4 export, made in a private cache (a shared one would hand back a disk built earlier)."""
     from dirge import export
-    from dirge.cache import Cache
+    from dirge.store.cache import Cache
 
     disk = export(ref, tmp_path / "root.ext4", format="ext4", cache=Cache(tmp_path / "cache")).path
     differences = ext4_disk_differences(disk, reference, tmp_path / "mnt")

@@ -14,11 +14,11 @@ import pytest
 
 from treecmp import diff, ext4_disk_differences, snapshot
 
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.cli import main
 from dirge.errors import BuildError, DirgeError, LockTimeout
 from dirge.layerbuild import LayerBuilder
-from dirge.reference import LocalReference, RegistryReference, parse_reference
+from dirge.oci.reference import LocalReference, RegistryReference, parse_reference
 from dirge.rootfs import prepare
 from dirge.sources.buildah import Buildah, LocalImage, export_image, open_local, retire_image
 from dirge.sources.layout import LayoutWriter
@@ -245,7 +245,7 @@ def test_exports_are_counted_evicted_and_removed_with_their_image(busybox_base, 
     """A local image's OCI export under CACHE/exports counts toward the budget, is evicted least recently
     used like a base (never while a prepare reads it), comes back when needed, and goes with rmi."""
     from dirge.gc import collect, images, rmi, usage
-    from dirge.verify import disk_usage
+    from dirge.store.records import disk_usage
 
     cache = Cache(tmp_path / "cache")
     build_mine(cache, busybox_base, tmp_path / "ctx")

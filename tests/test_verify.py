@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 from dirge.bases import unmount_base
-from dirge.cache import Cache
+from dirge.store.cache import Cache
 from dirge.layerbuild import LayerBuilder
 from dirge.rootfs import prepare
-from dirge.verify import read_record, verify_cache
+from dirge.store.records import read_record
+from dirge.verify import verify_cache
 
 from conftest import erofs_mounts, require
 from test_gc import cli

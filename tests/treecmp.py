@@ -109,7 +109,8 @@ def erofs_snapshot(ref: str, tmp_path: Path, all_mtimes: bool = False) -> dict[s
     import subprocess
 
     from dirge.fsimage.mount import mount_erofs, unmount
-    from dirge.unpack import open_image, write_erofs
+    from dirge.sources.open import open_image
+    from dirge.unpack import write_erofs
 
     source, resolved = open_image(ref)
     try:

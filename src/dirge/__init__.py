@@ -11,8 +11,8 @@ from .errors import (
     UnpackError,
     UnsafeLayer,
 )
-from .image import Platform, parse_platform
-from .reference import canonicalize_image_ref, local_variant_name, parse_reference
+from .oci.image import Platform, parse_platform
+from .oci.reference import canonicalize_image_ref, local_variant_name, parse_reference
 from .export import ExportResult, export
 from .unpack import UnpackResult, unpack
 

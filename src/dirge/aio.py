@@ -52,16 +52,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .apply.layer import Limits
 from .bases import DiskOptions
-from .cache import Cache
+from .store.cache import Cache
 from .errors import Cancelled
 from .export import ExportResult
 from .export import export as sync_export
-from .image import Descriptor, Platform
-from .resolve import ResolvedImage
+from .oci.image import Descriptor, Platform
+from .oci.resolve import ResolvedImage
 from .rootfs import FileSpec, PreparedRootfs
 from .rootfs import prepare as sync_prepare
 from .sources.auth import Credentials
-from .unpack import pull_image
+from .sources.open import pull_image
+from .variants import build_variant
 from .waits import cancelled, lend
 
 if TYPE_CHECKING:
@@ -386,12 +387,13 @@ async def pull(
     creds: Credentials | None = None,
     on_bytes: BytesCallback | None = None,
 ) -> ResolvedImage:
-    """``dirge.unpack.pull_image`` off the loop; ``on_bytes(desc, done)`` (sync or async) on the loop.
+    """``dirge.sources.open.pull_image`` off the loop; ``on_bytes(desc, done)`` (sync or async) on the loop.
     Cancelled between two received chunks of a download (the partial blob is removed)."""
     policy = pull
 
     def work(relay: _Relay) -> ResolvedImage:
-        return pull_image(image, platform, cache=cache, pull=policy, creds=creds, on_bytes=relay.on_bytes)
+        return pull_image(image, platform, cache=cache, pull=policy, creds=creds, on_bytes=relay.on_bytes,
+                          build=build_variant)
 
     return await _Relay(on_bytes=on_bytes).run(work)
 

@@ -1,8 +1,8 @@
 """Bases: an image resolved, then its flattened rootfs built once per (digest, mode, format) in the cache.
 
-This is the one module above both the store (``cache.py``: where bases live, their locks, staging and
-publication) and the pipeline (``unpack.py``: resolving images, applying layers), so neither of those
-needs the other.
+This is the one module above both the store (``store/``: where bases live, their locks, staging and
+publication) and the pipeline (``sources/`` resolving images, ``unpack.py`` applying layers), so neither
+of those needs the other.
 
     ensure_base(image, cache=..., format=...)  resolve → record the ref → the published base, or build
                                                it in staging under the key's lock (re-checked after the
@@ -27,15 +27,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .apply.layer import Limits
-from .cache import Base, Cache
+from .store.cache import Base, Cache
 from .errors import DirgeError
 from .fsutil import BTRFS_MAGIC, fs_type, remove_tree
-from .image import Platform
-from .reference import Digest
-from .resolve import BlobSource, ResolvedImage
+from .oci.image import Platform
+from .oci.reference import Digest
+from .oci.resolve import BlobSource, ResolvedImage
 from .fsimage.mount import erofs_supported, mount_erofs, mounted_at, unmount
-from .unpack import ProgressFn, apply_image, open_image, write_erofs, write_ext4
-from .verify import write_record
+from .sources.open import open_image
+from .store.records import write_record
+from .unpack import ProgressFn, apply_image, write_erofs, write_ext4
+from .variants import build_variant
 
 if TYPE_CHECKING:
     from .sources.auth import Credentials
@@ -192,7 +194,7 @@ def ensure_disk(
 def _ensure_base(cache: Cache, image: str, fmt: str, options: DiskOptions, rootless: bool,
                  platform: Platform | None, limits: Limits, lock_timeout: float, progress: ProgressFn | None,
                  pull: str, creds: "Credentials | None", leases: ExitStack) -> Base:
-    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds)
+    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, build=build_variant)
     try:
         return _find_or_build(cache, image, source, resolved, fmt, options, rootless, limits, lock_timeout,
                               progress, leases)

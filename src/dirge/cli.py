@@ -15,7 +15,7 @@ import click
 from .apply.layer import Limits
 from .bases import FORMAT_CHOICES, FORMAT_ENV
 from .errors import DirgeError
-from .image import parse_platform
+from .oci.image import parse_platform
 from .session.backends import STRATEGIES
 
 if TYPE_CHECKING:
@@ -91,12 +91,14 @@ creds_option = click.option("--creds", metavar="USER:PASSWORD",
 def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, cache_dir: Path | None,
              as_json: bool) -> None:
     """Download IMAGE's manifest, config and layers into the cache; print the manifest digest."""
-    from .cache import Cache
-    from .unpack import pull_image
+    from .store.cache import Cache
+    from .sources.open import pull_image
+    from .variants import build_variant
 
     with _progress() as progress:
         resolved = pull_image(image, parse_platform(platform) if platform else None, cache=Cache(cache_dir),
-                              pull=policy, creds=_creds(creds), on_bytes=progress.download if progress else None)
+                              pull=policy, creds=_creds(creds), on_bytes=progress.download if progress else None,
+                              build=build_variant)
     if as_json:
         click.echo(json.dumps({"image": image, "digest": str(resolved.manifest_digest),
                                "platform": str(resolved.platform) if resolved.platform else None,
@@ -121,7 +123,7 @@ def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, c
 def unpack_cmd(image: str, dest: Path, platform: str | None, pull: str, creds: str | None, cache_dir: Path | None,
                rootless: bool, limits: tuple[str, ...], as_json: bool) -> None:
     """Write the flattened rootfs of IMAGE (oci:PATH[:TAG] or a registry ref) into DEST (absent or empty)."""
-    from .cache import Cache
+    from .store.cache import Cache
     from .unpack import unpack
 
     cache = None if image.startswith("oci:") else Cache(cache_dir)
@@ -236,7 +238,7 @@ def boot_cmd(image: str, command: tuple[str, ...], disk: str, kernel: Path | Non
 @cache_dir_option
 def build_cmd(name: str, build_args: tuple[str, ...], no_cache: bool, cache_dir: Path | None) -> None:
     """Build local variant NAME (images/NAME/Dockerfile) with buildah unless it is current."""
-    from .cache import Cache
+    from .store.cache import Cache
     from .variants import build_guest_image
 
     quiet = bool(click.get_current_context().find_root().obj.get("quiet"))
@@ -253,7 +255,7 @@ def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
     """List local variants: where each comes from and whether its image is built and current.
 
     Status is current, stale (inputs changed since the build), not built, or unknown (no buildah)."""
-    from .cache import Cache
+    from .store.cache import Cache
     from .variants import list_variants, variant_bases, variant_status
 
     root = Cache(cache_dir).root
@@ -286,9 +288,9 @@ def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, ino
                creds: str | None, cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
     """Write IMAGE as one artifact OUT: an erofs or ext4 disk image, a flattened tar or a directory."""
     from .bases import DiskOptions
-    from .cache import Cache
+    from .store.cache import Cache
     from .export import export
-    from .reference import canonicalize_image_ref
+    from .oci.reference import canonicalize_image_ref
 
     with _progress() as progress:
         result = export(canonicalize_image_ref(image), out, format=fmt,
@@ -317,9 +319,9 @@ def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, ino
 def inspect_cmd(image: str, as_json: bool, raw: bool, config: bool, platform: str | None, pull: str,
                 creds: str | None, cache_dir: Path | None) -> None:
     """Show IMAGE's digest, media type, platforms, layers and config without unpacking anything."""
-    from .cache import Cache
+    from .store.cache import Cache
     from .inspect import inspect_image
-    from .reference import canonicalize_image_ref
+    from .oci.reference import canonicalize_image_ref
 
     if sum((as_json, raw, config)) > 1:
         raise click.UsageError("choose one of --json, --raw and --config")
@@ -374,7 +376,7 @@ def _human(n: int) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def images_cmd(cache_dir: Path | None, as_json: bool) -> None:
     """List cached images: refs, digest, platform, base formats, bytes on disk, created, last used, sessions."""
-    from .cache import Cache
+    from .store.cache import Cache
     from .gc import images
 
     items = images(Cache(cache_dir))
@@ -395,7 +397,7 @@ def images_cmd(cache_dir: Path | None, as_json: bool) -> None:
 def rmi_cmd(images: tuple[str, ...], force: bool, cache_dir: Path | None) -> None:
     """Remove cached IMAGES (a ref or a digest prefix): ref records, bases, disks, local variants' exports.
     Blobs are left to gc."""
-    from .cache import Cache
+    from .store.cache import Cache
     from .gc import rmi
 
     report = rmi(Cache(cache_dir), list(images), force=force)
@@ -414,7 +416,7 @@ def rmi_cmd(images: tuple[str, ...], force: bool, cache_dir: Path | None) -> Non
 @click.option("--json", "as_json", is_flag=True)
 def gc_cmd(max_size: str | None, keep: str | None, dry_run: bool, cache_dir: Path | None, as_json: bool) -> None:
     """Remove dead sessions, leftovers of killed processes, unreferenced blobs, then LRU bases over budget."""
-    from .cache import Cache
+    from .store.cache import Cache
     from .config import parse_duration, parse_size
     from .gc import collect
 
@@ -447,7 +449,7 @@ def cache_group() -> None:
 @click.pass_context
 def cache_verify(ctx: click.Context, repair: bool, cache_dir: Path | None, as_json: bool) -> int:
     """Rehash every blob and check every base against its record; exit 1 if anything is corrupt or missing."""
-    from .cache import Cache
+    from .store.cache import Cache
     from .verify import verify_cache
 
     report = verify_cache(Cache(cache_dir), repair=repair)
@@ -464,7 +466,7 @@ def cache_verify(ctx: click.Context, repair: bool, cache_dir: Path | None, as_js
 
 
 def _sessions(cache_dir: Path | None) -> "Sessions":
-    from .cache import Cache
+    from .store.cache import Cache
     from .session import Sessions
 
     return Sessions(Cache(cache_dir))

@@ -30,12 +30,14 @@ from typing import TYPE_CHECKING
 from .apply.layer import Limits
 from .errors import DirgeError, NoSpace
 from .fsutil import is_no_space, no_space
-from .image import Platform
-from .unpack import ProgressFn, add_context, open_image, unpack, write_erofs
+from .oci.image import Platform
+from .sources.open import open_image
+from .unpack import ProgressFn, add_context, unpack, write_erofs
+from .variants import build_variant
 
 if TYPE_CHECKING:
     from .bases import DiskOptions
-    from .cache import Cache
+    from .store.cache import Cache
     from .sources.auth import Credentials
 
 FORMATS = ("erofs", "ext4", "tar", "dir")
@@ -100,7 +102,7 @@ def _export_erofs(image: str, out: Path, platform: Platform | None, cache: "Cach
                   creds: "Credentials | None", limits: Limits, progress: ProgressFn | None) -> ExportResult:
     from .bases import cached_erofs_image
 
-    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds)
+    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, build=build_variant)
     try:
         with ExitStack() as leases:  # a cached base is read under its lease: gc cannot remove it meanwhile
             cached = cached_erofs_image(cache, resolved.manifest_digest, leases)

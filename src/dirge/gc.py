@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from .bases import unmount_base
-from .cache import Cache
+from .store.cache import Cache
 from .errors import DirgeError, LockTimeout
 from .fsutil import mounts_under, remove_tree, unmount
-from .reference import canonicalize_image_ref
+from .oci.reference import canonicalize_image_ref
 from .session import Sessions
 from .sources.buildah import discard_export, export_digests, export_exclusive, exports
-from .verify import base_users, base_bytes, disk_usage, remove_base_dir
+from .store.records import base_bytes, disk_usage
 
 TEMP_GRACE = 60.0  # seconds: a temp file or blob younger than this may be a writer's that is not yet locked/recorded
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -538,9 +538,11 @@ def _boot_leftovers(cache: Cache, report: GcReport, grace: float, now: float, dr
     accelerator verdicts for kernels no longer there. Each is rebuilt when next needed."""
     if not cache.boot_dir.is_dir():
         return
+    from .vm.bootcache import BootCache  # here: importing vm/ loads the boot machinery, needed only now
+
     stale = [("temp", p) for p in sorted(cache.boot_dir.glob(".*")) if p.is_file() and _old(p, grace, now)]
     newest: dict[tuple[str, str], Path] = {}
-    for path, release, kind in cache.initramfs_images():
+    for path, release, kind in BootCache(cache.root).initramfs_images():
         if not (MODULES_ROOT / release).is_dir():
             stale.append(("boot", path))
             continue
@@ -614,3 +616,25 @@ def _sweep_blobs(cache: Cache, sessions: Sessions, report: GcReport, skip_refs: 
     """Remove (report) the blobs nothing but ``skip_refs`` reaches; returns the bytes."""
     roots, _ = _roots(cache, sessions, report, skip_refs)
     return _remove_blobs(cache, _unreached(cache, roots, report, grace, now), report, dry_run)
+
+
+# Removing a base and finding who stands on one: gc's, also used by ``cache verify --repair`` under the
+# same locks and rules.
+
+
+def remove_base_dir(cache: Cache, key: str) -> None:
+    """Unmount (lazily if busy) and remove base ``key``: renamed into trash first, so it is gone at once."""
+    path = cache.base_dir(key)
+    if not path.exists():
+        return
+    for point in mounts_under(path):
+        unmount(point)
+    trash = cache.new_trash(key)
+    os.rename(path, trash / "base")
+    remove_tree(trash)
+
+
+def base_users(cache: Cache) -> set[str]:
+    """Base keys that live sessions and snapshots name."""
+    sessions = Sessions(cache)
+    return {x.base for x in sessions.list() if x.alive()} | {str(m.get("base")) for m in sessions.snapshot_list()}

@@ -1,6 +1,6 @@
 """``dirge inspect``: what an image is (digests, platforms, layers, config) without unpacking anything.
 
-Every kind of ref goes through ``unpack.open_start``, so registry refs honour the pull policy (``never``:
+Every kind of ref goes through ``sources.open.open_start``, so registry refs honour the pull policy (``never``:
 from the cache only, no client, no credential helper) and local variants resolve as ``prepare`` does.
 Only the top manifest or index, the chosen manifest and its config are read; no layer is fetched.
 """
@@ -11,12 +11,13 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .image import INDEX_TYPES, MAX_MANIFEST_BYTES, Platform, parse_index
-from .resolve import read_blob, resolve_manifest
-from .unpack import open_start
+from .oci.image import INDEX_TYPES, MAX_MANIFEST_BYTES, Platform, parse_index
+from .oci.resolve import read_blob, resolve_manifest
+from .sources.open import open_start
+from .variants import build_variant
 
 if TYPE_CHECKING:
-    from .cache import Cache
+    from .store.cache import Cache
     from .sources.auth import Credentials
 
 
@@ -75,7 +76,7 @@ def inspect_image(
     creds: "Credentials | None" = None,
 ) -> Inspection:
     """Inspect ``image``; an index is followed to the manifest for ``platform`` (default: the host's)."""
-    source, start, name = open_start(image, cache=cache, pull=pull, creds=creds)
+    source, start, name = open_start(image, cache=cache, pull=pull, creds=creds, build=build_variant)
     try:
         raw = read_blob(source, start, f"manifest {start.digest.short} of {name}", MAX_MANIFEST_BYTES)
         platforms: list[str] = []

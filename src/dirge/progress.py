@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-from .image import Descriptor
+from .oci.image import Descriptor
 
 
 class TerminalProgress:

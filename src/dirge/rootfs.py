@@ -22,11 +22,11 @@ from typing import Any
 
 from .apply.layer import Limits
 from .bases import DiskOptions, ensure_base, ensure_disk, mount_base
-from .cache import Cache
+from .store.cache import Cache
 from .errors import DirgeError, SessionError
 from .fsutil import is_mountpoint, remove_tree, unmount
-from .image import Platform
-from .reference import canonicalize_image_ref, local_variant_name
+from .oci.image import Platform
+from .oci.reference import canonicalize_image_ref, local_variant_name
 from .session import DISK, SCRATCH_SIZE, Sessions, SessionInfo, backends, destroy
 from .sources.auth import Credentials
 from .session.customize import (DirWriter, Ext4DiskWriter, FileSpec, RootfsWriter, add_user, write_files,

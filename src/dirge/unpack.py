@@ -1,4 +1,5 @@
-"""The unpack pipeline: reference → resolve → fetch (verified streams) → apply, published atomically."""
+"""Applying an image: its layers' verified streams merged through a sink (a directory, an erofs image, an
+ext4 disk), and ``unpack``, an image opened (``sources.open``) and applied to a directory atomically."""
 
 from __future__ import annotations
 
@@ -19,19 +20,18 @@ from .apply.dirsink import DirSink
 from .apply.layer import Applier, Limits
 from .apply.tar import EntryStream, tokens
 from .apply.tree import Sink
-from .blob import LayerStream
 from .errors import DirgeError
 from .fsutil import remove_tree
-from .image import Descriptor, Platform
-from .reference import LayoutReference, RegistryReference, parse_reference
-from .resolve import BlobSource, ResolvedImage, resolve_manifest
-from .sources.layout import LayoutSource
+from .oci.blob import LayerStream
+from .oci.image import Descriptor, Platform
+from .oci.resolve import BlobSource, ResolvedImage
+from .sources.open import open_image
 from .sources.partial import StreamRestarted
+from .variants import build_variant
 
 if TYPE_CHECKING:
-    from .cache import Cache
     from .sources.auth import Credentials
-    from .sources.buildah import LocalImage
+    from .store.cache import Cache
 
 
 def add_context(exc: DirgeError, context: str) -> DirgeError:
@@ -47,109 +47,6 @@ class UnpackResult:
 
 
 ProgressFn = Callable[[str, int, int], None]  # (what, layer index, layer count)
-
-
-PULL_POLICIES = ("always", "missing", "never")
-
-
-def open_image(
-    image: str,
-    platform: Platform | None = None,
-    *,
-    cache: "Cache | None" = None,
-    pull: str = "missing",
-    creds: "Credentials | None" = None,
-    on_bytes: "Callable[[Descriptor, int], None] | None" = None,
-) -> tuple[BlobSource, ResolvedImage]:
-    """Resolve ``image`` to one manifest and config, from the source its reference names.
-
-    Registry images keep their blobs in ``cache`` (the default cache if None); local variants are built
-    (if missing or stale) and exported there too. The caller closes the source.
-    """
-    source, start, name = open_start(image, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes)
-    try:
-        return source, resolve_manifest(source, start, name, platform)
-    except BaseException:
-        source.close()
-        raise
-
-
-def open_start(
-    image: str,
-    *,
-    cache: "Cache | None" = None,
-    pull: str = "missing",
-    creds: "Credentials | None" = None,
-    on_bytes: "Callable[[Descriptor, int], None] | None" = None,
-) -> tuple[BlobSource, Descriptor, str]:
-    """The source of ``image``, the descriptor its reference names (an index or a manifest) and the
-    canonical ref text, before any platform is chosen (``open_image``, ``inspect``). The caller closes
-    the source."""
-    if pull not in PULL_POLICIES:
-        raise DirgeError(f"--pull must be one of {', '.join(PULL_POLICIES)}, not {pull!r}")
-    ref = parse_reference(image)
-    if isinstance(ref, LayoutReference):
-        source = LayoutSource(ref.path)
-        start = source.select(ref)
-        if cache is not None:
-            cache.record_ref(str(ref), start.digest)
-        return source, start, str(ref)
-    if isinstance(ref, RegistryReference):
-        from .cache import Cache
-        from .sources.registry import RegistryClient, RegistrySource, start_descriptor
-
-        cache = cache or Cache()
-        registry_ref = ref
-
-        def make_client() -> RegistryClient:
-            client = RegistryClient(registry_ref.registry, creds=creds)
-            client.on_bytes = on_bytes
-            return client
-
-        # Built only when a blob is missing (credential helpers run then); never with --pull never.
-        registry_source = RegistrySource(make_client if pull != "never" else None, ref, cache)
-        try:
-            return registry_source, start_descriptor(ref, cache, registry_source.client, pull), str(ref)
-        except BaseException:
-            registry_source.close()
-            raise
-    from .cache import Cache
-    from .sources.buildah import open_local
-
-    cache = cache or Cache()
-    local_source, local_start = open_local(ref, cache.root, build=_build_variant)
-    try:
-        cache.record_ref(str(ref), local_start.digest)
-    except BaseException:
-        local_source.close()
-        raise
-    return local_source, local_start, str(ref)
-
-
-def _build_variant(name: str, cache_root: Path) -> LocalImage:
-    """The current image of local variant ``name``, built first if missing or stale (handed to the
-    buildah source, which does not import the variant builder above it)."""
-    from .variants import build_guest_image
-
-    return build_guest_image(name, cache_root=cache_root).image
-
-
-def pull_image(image: str, platform: Platform | None = None, *, cache: "Cache | None" = None,
-               pull: str = "always", creds: "Credentials | None" = None,
-               on_bytes: "Callable[[Descriptor, int], None] | None" = None) -> ResolvedImage:
-    """Make sure the manifest, config and every layer blob of ``image`` are in the cache."""
-    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes)
-    try:
-        prefetch, wait = getattr(source, "prefetch", None), getattr(source, "wait", None)
-        if prefetch is not None and wait is not None:
-            prefetch(resolved.manifest.layers)
-            wait()
-        else:
-            for desc in resolved.manifest.layers:
-                source.open_blob(desc).close()
-    finally:
-        source.close()
-    return resolved
 
 
 SinkFactory = Callable[[Report], Sink]
@@ -296,7 +193,8 @@ def unpack(
         rootless = os.geteuid() != 0
     if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
         raise DirgeError(f"unpack {image}: destination {dest} exists and is not an empty directory")
-    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes)
+    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes,
+                                  build=build_variant)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         # The tree is written inside a 0700 directory (mkdtemp's): until every layer's digest has been

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .cache import Layout
+from .store.cache import Layout
 from .errors import BuildError, DirgeError, InvalidReference
-from .lock import FileLock
-from .reference import VARIANT_PREFIX, Reference, parse_reference
+from .store.lock import FileLock
+from .oci.reference import VARIANT_PREFIX, Reference, parse_reference
 from .sources.buildah import Buildah, LocalImage, retire_image
 
 HASH_LABEL = "dev.dirge.variant-hash"
@@ -243,7 +243,7 @@ def build_guest_image(
 
     ``build_args`` None accepts an image built with any arguments; a mapping (even empty) asks for exactly those.
     """
-    from .cache import default_cache_dir
+    from .store.cache import default_cache_dir
 
     variant = find_variant(name)
     cache_root = cache_root or default_cache_dir()
@@ -291,3 +291,9 @@ def retire_old_images(buildah: Buildah, cache_root: Path, variant: Variant, keep
             retire_image(buildah, cache_root, image_id, timeout=0)
         except (DirgeError, OSError):
             continue
+
+
+def build_variant(name: str, cache_root: Path) -> LocalImage:
+    """The current image of variant ``name``, built first if missing or stale: the ``build`` hook that
+    callers of ``sources.open`` hand in (the sources sit below this module and never import it)."""
+    return build_guest_image(name, cache_root=cache_root).image

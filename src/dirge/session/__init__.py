@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import Base, Cache
+from ..store.cache import Base, Cache
 from ..errors import SessionError
 from ..fsutil import fsync_dir, raise_no_space, remove_tree
 from . import backends

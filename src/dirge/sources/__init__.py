@@ -1,2 +1,2 @@
-"""Where images come from: OCI image layouts (``layout``), registries (``registry``, ``auth``,
-``partial``) and buildah storage (``buildah``)."""
+"""Where images come from: the choice by reference (``open``), OCI image layouts (``layout``),
+registries (``registry``, ``auth``, ``partial``) and buildah storage (``buildah``)."""

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..cache import Layout
+from ..store.cache import Layout
 from ..errors import BuildError, LockTimeout
 from ..fsutil import syncfs
-from ..image import Descriptor
-from ..lock import FileLock
-from ..reference import LayoutReference, LocalReference
+from ..oci.image import Descriptor
+from ..store.lock import FileLock
+from ..oci.reference import LayoutReference, LocalReference
 from .layout import LayoutSource
 
 INSTALL_HINT = "install buildah (Debian/Ubuntu: apt-get install buildah; Fedora: dnf install buildah)"

@@ -11,9 +11,9 @@ from typing import Any, BinaryIO
 from isal import igzip
 import zstandard
 
-from ..blob import raw_read_bounded
+from ..oci.blob import raw_read_bounded
 from ..errors import ImageError
-from ..image import (
+from ..oci.image import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -25,7 +25,7 @@ from ..image import (
     host_platform,
     parse_index,
 )
-from ..reference import LayoutReference
+from ..oci.reference import LayoutReference
 
 REF_NAME = "org.opencontainers.image.ref.name"
 

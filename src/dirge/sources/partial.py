@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 from ..errors import DirgeError, IntegrityError
 from ..fsutil import is_no_space, no_space
-from ..image import Descriptor
+from ..oci.image import Descriptor
 
 TMP_PREFIX = ".tmp-"
 

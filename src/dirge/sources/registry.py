@@ -42,13 +42,13 @@ from typing import Any, BinaryIO, TypeVar
 import httpcore
 import httpx
 
-from ..cache import Cache
+from ..store.cache import Cache
 from ..config import Config, config_path, load_config
 from ..errors import AuthError, DirgeError, IntegrityError, NotFound, RateLimited, RegistryError
-from ..image import CONFIG_TYPES, DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
-from ..image import Descriptor
-from ..image import DOCKER_SCHEMA1, MAX_MANIFEST_BYTES, parse_index, parse_manifest
-from ..reference import Digest, RegistryReference, parse_digest
+from ..oci.image import CONFIG_TYPES, DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
+from ..oci.image import Descriptor
+from ..oci.image import DOCKER_SCHEMA1, MAX_MANIFEST_BYTES, parse_index, parse_manifest
+from ..oci.reference import Digest, RegistryReference, parse_digest
 from ..waits import waiting
 from .auth import Credentials, find_credentials
 from .partial import PartialBlob, sweep_orphans

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import Cache
+from ..store.cache import Cache
 from ..errors import BootError
 from ..rootfs import PreparedRootfs, prepare
 from ..session.customize import DirWriter, Ext4DiskWriter

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import Layout
+from .bootcache import BootCache
 from ..errors import BootError
 from .guest import find_busybox
 
@@ -232,7 +232,7 @@ def build_initramfs(kernel: Kernel, root_kind: str, cache_dir: Path) -> Path:
     digest = hashlib.sha256(STAGE1.encode() + busybox + kernel.release.encode())
     for m, data in module_data:
         digest.update(m.encode() + hashlib.sha256(data).digest())
-    out = Layout(cache_dir).initramfs_path(kernel.release, root_kind, digest.hexdigest()[:16])
+    out = BootCache(cache_dir).initramfs_path(kernel.release, root_kind, digest.hexdigest()[:16])
     if out.exists():
         return out
     dirs = ["bin", "dev", "proc", "sys", "newroot", "etc", "lib", "lib/modules"]

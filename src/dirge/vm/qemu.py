@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache import Layout
+from .bootcache import BootCache
 from ..errors import BootError, GuestFailed
 from .guest import EXIT_MARKER, FAIL_MARKER
 from .initramfs import Kernel, build_initramfs
@@ -206,7 +206,7 @@ def choose_accel(accel: str, kernel: Kernel, cache_dir: Path, qemu: str | None =
         return "tcg"
     qemu = qemu or find_qemu()
     key = hashlib.sha256(f"{qemu}\0{kernel.path}\0{kernel.release}\0{os.uname().release}".encode()).hexdigest()[:16]
-    record = Layout(cache_dir).accel_record_path(key)
+    record = BootCache(cache_dir).accel_record_path(key)
     try:
         return "kvm" if json.loads(record.read_text())["kvm"] else "tcg"
     except (OSError, ValueError, KeyError, TypeError):

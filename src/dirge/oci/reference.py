@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidReference
+from ..errors import InvalidReference
 
 LOCAL_PREFIX = "local://"
 _LOCAL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/:@-]*$")

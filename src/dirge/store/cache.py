@@ -1,6 +1,6 @@
 """The cache, a store only: content-addressed blobs, ref → digest records, base directories keyed by
 manifest digest, staging directories and locks. It knows nothing of how an image is resolved or a base
-is built (that is ``bases.py``, above both this and the applier), so it imports no source, no
+is built (that is ``bases.py``, above both this package and the applier), so it imports no source, no
 pipeline and no session.
 
     CACHE/
@@ -14,12 +14,12 @@ pipeline and no session.
       locks/<key>.lease           a base's lease: shared while a prepare/restore makes a session of it,
                                   exclusive (non-blocking) while gc/rmi removes it
       bases/<key>/last_used       touched on every prepare of the base (gc's LRU order)
-      bases/<key>/verify.json     the record written at publish (``verify.py``)
+      bases/<key>/verify.json     the record written at publish (``store/records.py``)
       trash/                      what gc/rmi/session rm is removing (renamed here first, then deleted)
       buildah/, exports/<id>/     local variants: buildah storage and OCI exports (sources/buildah.py)
       sessions/, snapshots/       see session/
-      boot/initramfs-<release>-<root kind>-<hash>.cpio, boot/accel-<hash>.json
-                                  ``dirge boot``'s initramfs images and ``--accel auto`` verdicts (vm/)
+      boot/                       ``dirge boot``'s initramfs images and ``--accel auto`` verdicts
+                                  (named by ``vm/bootcache.py``)
 
 No name under the cache is ever derived from ref text: refs are hashed, bases are named by digest.
 A base is published by one rename after its tree has been synced, so it is complete or absent.
@@ -45,11 +45,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .blob import read_verified
-from .errors import DirgeError, IntegrityError, UnsafeCache
-from .fsutil import fsync_dir, raise_no_space, remove_tree, syncfs
+from ..oci.blob import read_verified
+from ..errors import DirgeError, IntegrityError, UnsafeCache
+from ..fsutil import fsync_dir, raise_no_space, remove_tree, syncfs
 from .lock import FileLock
-from .reference import Digest, parse_digest
+from ..oci.reference import Digest, parse_digest
 
 __all__ = ["BASE_FORMATS", "Base", "Cache", "Layout", "check_cache_dir", "default_cache_dir", "fsync_dir", "syncfs"]
 
@@ -133,25 +133,8 @@ class Layout:
 
     @property
     def boot_dir(self) -> Path:
-        """Initramfs images and accelerator verdicts (``vm/``)."""
+        """``dirge boot``'s initramfs images and accelerator verdicts (their names: ``vm/bootcache.py``)."""
         return self.root / "boot"
-
-    def initramfs_path(self, release: str, kind: str, tag: str) -> Path:
-        """``vm/``'s initramfs for kernel ``release`` booting a ``kind`` root; ``tag``: its content's hash."""
-        return self.boot_dir / f"initramfs-{release}-{kind}-{tag}.cpio"
-
-    def initramfs_images(self) -> list[tuple[Path, str, str]]:
-        """Every cached initramfs: (path, kernel release, root kind)."""
-        found = []
-        for path in sorted(self.boot_dir.glob("initramfs-*.cpio")) if self.boot_dir.is_dir() else []:
-            release, _, rest = path.name[len("initramfs-"):-len(".cpio")].rpartition("-")[0].rpartition("-")
-            if release:
-                found.append((path, release, rest))
-        return found
-
-    def accel_record_path(self, key: str) -> Path:
-        """``vm/``'s remembered ``--accel auto`` verdict for one QEMU, kernel and host kernel."""
-        return self.boot_dir / f"accel-{key}.json"
 
     @property
     def erofs_probe_path(self) -> Path:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from .blob import read_verified
-from .errors import ImageError, PlatformNotFound
+from ..errors import ImageError, PlatformNotFound
 from .image import (
     DOCKER_SCHEMA1,
     INDEX_TYPES,

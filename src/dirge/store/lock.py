@@ -12,8 +12,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 
-from .errors import LockTimeout, UnsafeCache
-from .waits import checkpoint, waiting
+from ..errors import LockTimeout, UnsafeCache
+from ..waits import checkpoint, waiting
 
 _POLL = 0.05
 

@@ -17,9 +17,9 @@ from typing import Any, BinaryIO, Protocol
 import zstandard
 from isal import igzip
 
-from .errors import DirgeError, ImageError, IntegrityError, LimitExceeded
+from ..errors import DirgeError, ImageError, IntegrityError, LimitExceeded
 from .reference import Digest
-from .waits import checkpoint, waiting
+from ..waits import checkpoint, waiting
 
 CHUNK = 1 << 20
 _QUEUE_DEPTH = 8  # batches in flight: at most ~8 MiB of decompressed data

@@ -11,7 +11,7 @@ import platform as _platform
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ImageError, InvalidReference
+from ..errors import ImageError, InvalidReference
 from .reference import Digest, parse_digest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
