@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import DirgeError, LimitExceeded, UnpackError, UnsafeLayer
-from ..fsutil import PATH_MAX
+from ..fsutil import NAME_MAX, PATH_MAX
 from .fs import Report
 from .root import Link, NotADirectory, clean_path, walk_in_root
 from .root import show_path as _display
@@ -37,7 +37,6 @@ from . import tree
 OPAQUE = b".wh..wh..opq"
 WHITEOUT_PREFIX = b".wh."
 _AUFS_META_PREFIX = b".wh..wh."
-_NAME_MAX = 255  # Linux's limit for a path component (a whole path's: fsutil.PATH_MAX)
 _KINDS = {REG: tree.REG, DIR: tree.DIR, SYMLINK: tree.LNK, FIFO: tree.FIFO, CHR: tree.CHR, BLK: tree.BLK}
 
 
@@ -237,7 +236,7 @@ class Applier:
 
     def _insert(self, parent: Node, name: bytes, node: Node) -> None:
         assert parent.children is not None
-        if len(name) > _NAME_MAX:
+        if len(name) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         self._tree_bytes += _cost(name, node)
         if self._tree_bytes > self.limits.max_tree_bytes:
@@ -270,6 +269,18 @@ class Applier:
         Symlinks are followed inside the root (``root.walk_in_root``'s rules); with ``create``, missing
         directories are made (0755 root:root, as tar does; the implicit mtime), a dangling symlink's
         target included. None if absent (or not a directory) without ``create``."""
+        # The common case first: every component an existing directory (``parts`` are clean: no "." or
+        # ".."), nothing to follow. Anything else (missing, a symlink, too deep) takes the whole walk.
+        chain = [self.root]
+        node = self.root
+        for name in parts:
+            node = node.children.get(name)  # type: ignore[union-attr, assignment]
+            if node is None or node.children is None:
+                break
+            chain.append(node)
+        else:
+            if len(parts) <= self.limits.max_depth:
+                return parts, chain
         walked = walk_in_root(self.root, parts, self._make_step if create else self._find_step,
                               max_depth=self.limits.max_depth)
         return None if walked is None else (tuple(walked[0]), walked[1])
