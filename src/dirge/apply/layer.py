@@ -269,8 +269,9 @@ class Applier:
         Symlinks are followed inside the root (``root.walk_in_root``'s rules); with ``create``, missing
         directories are made (0755 root:root, as tar does; the implicit mtime), a dangling symlink's
         target included. None if absent (or not a directory) without ``create``."""
-        # The common case first: every component an existing directory (``parts`` are clean: no "." or
-        # ".."), nothing to follow. Anything else (missing, a symlink, too deep) takes the whole walk.
+        # The common case first, inline (it runs for every entry): every component an existing directory,
+        # nothing to follow. Anything else (missing, a symlink, "." or "..", which no tree node is named,
+        # too deep) takes the whole walk.
         chain = [self.root]
         node = self.root
         for name in parts:
