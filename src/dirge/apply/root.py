@@ -22,7 +22,6 @@ _SYS_OPENAT2 = 437  # same number on every Linux architecture (added in 5.6)
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_IN_ROOT = 0x10
-RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS = _RESOLVE_IN_ROOT, _RESOLVE_NO_MAGICLINKS  # for callers of openat2
 MAX_LINK_HOPS = 40  # the kernel's MAXSYMLINKS: symlinks one resolution may follow, then ELOOP
 _CACHE_LIMIT = 256
 
@@ -150,7 +149,12 @@ class Root:
         """A new fd for the directory at ``parts``, symlinks resolved inside the root. Caller closes it."""
         if not parts:
             return os.open(".", flags | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
-        return openat2(self.fd, b"/".join(parts), flags | os.O_DIRECTORY, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+        return self.open(parts, flags | os.O_DIRECTORY)
+
+    def open(self, parts: tuple[bytes, ...], flags: int) -> int:
+        """A new fd for ``parts``, every symlink (the last component's too) resolved inside the root by
+        the kernel, magic links refused. Caller closes it."""
+        return openat2(self.fd, b"/".join(parts) or b".", flags, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
 
     def open_nofollow(self, parts: tuple[bytes, ...], flags: int) -> int:
         """An fd for ``parts`` only if no component at all is a symlink (for fix-ups after the fact)."""
