@@ -51,15 +51,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .apply.layer import Limits
-from .bases import DiskOptions
 from .store.cache import Cache
 from .errors import Cancelled
 from .export import ExportResult
 from .export import export as sync_export
 from .oci.image import Descriptor, Platform
 from .oci.resolve import ResolvedImage
-from .rootfs import FileSpec, PreparedRootfs
-from .rootfs import prepare as sync_prepare
+from .options import DiskOptions, PrepareOptions
+from .rootfs import FileSpec, PreparedRootfs, prepare_with
 from .sources.auth import Credentials
 from .sources.open import pull_image
 from .variants import build_variant
@@ -348,32 +347,32 @@ def prepare(
     image: str,
     cache_dir: str | os.PathLike[str] | None = None,
     *,
+    files: Mapping[str, FileSpec | bytes] | None = None,
+    snapshot: str | None = None,
+    owner_pid: int | None = None,
+    progress: AsyncProgress | None = None,
+    # the PrepareOptions fields, as dirge.rootfs.prepare takes them (tests/test_cli.py checks it):
     strategy: str | None = None,
     base_format: str | None = None,
     platform: Platform | None = None,
     rootless: bool | None = None,
-    files: Mapping[str, FileSpec | bytes] | None = None,
-    snapshot: str | None = None,
-    owner_pid: int | None = None,
     limits: Limits = Limits(),
     lock_timeout: float = 600.0,
-    progress: AsyncProgress | None = None,
     pull: str = "missing",
     creds: Credentials | None = None,
     disk: str | None = None,
     disk_format: str = "raw",
     disk_size: int | None = None,
     disk_journal: bool = True,
+    disk_inodes: int | None = None,
 ) -> Preparing:
     """``dirge.rootfs.prepare`` off the loop (the same arguments; ``progress`` as in the module doc).
     Nothing starts until the result is awaited or entered."""
+    options = PrepareOptions.pick(locals())
 
     def work(relay: _Relay) -> PreparedRootfs:
-        return sync_prepare(
-            image, cache_dir, strategy=strategy, base_format=base_format, platform=platform, rootless=rootless,
-            files=files, snapshot=snapshot, owner_pid=owner_pid, limits=limits, lock_timeout=lock_timeout,
-            progress=relay.progress, pull=pull, creds=creds, disk=disk, disk_format=disk_format,
-            disk_size=disk_size, disk_journal=disk_journal)
+        return prepare_with(image, options, cache_dir, files=files, snapshot=snapshot, owner_pid=owner_pid,
+                            progress=relay.progress)
 
     return Preparing(work, progress)
 

@@ -24,13 +24,12 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .apply.layer import Limits
 from .store.cache import Base, Cache
 from .errors import DirgeError
 from .fsutil import BTRFS_MAGIC, fs_type, remove_tree
-from .oci.image import Platform
+from .options import DiskOptions, PrepareOptions
 from .oci.reference import Digest
 from .oci.resolve import BlobSource, ResolvedImage
 from .fsimage.mount import erofs_supported, mount_erofs, mounted_at, unmount
@@ -38,9 +37,6 @@ from .sources.open import open_image
 from .store.records import write_record
 from .unpack import ProgressFn, apply_image, write_erofs, write_ext4
 from .variants import build_variant
-
-if TYPE_CHECKING:
-    from .sources.auth import Credentials
 
 FORMAT_CHOICES = ("auto", "tree", "erofs")  # what a caller may ask for
 FORMAT_ENV = "DIRGE_BASE_FORMAT"
@@ -116,117 +112,92 @@ def _probe_erofs(parent: Path) -> tuple[bool, str]:
         return True, how
 
 
-@dataclass(frozen=True)
-class DiskOptions:
-    """What shapes an ext4 base disk's bytes besides the image (part of its cache key)."""
-
-    size: int | None = None  # bytes; None: the content plus headroom
-    journal: bool = True
-    inodes: int | None = None  # None: the entries plus headroom
-
-    def key(self) -> str:
-        return ("" if self.journal else "nojournal") + (f"size{self.size}" if self.size else "") + \
-            (f"inodes{self.inodes}" if self.inodes else "")
-
-
 DISK_FORMATS = ("ext4", "erofs")
 
 
-def ensure_base(
-    image: str,
-    *,
-    cache: Cache | None = None,
-    format: str | None = "tree",
-    platform: Platform | None = None,
-    rootless: bool | None = None,
-    limits: Limits = Limits(),
-    lock_timeout: float = 600.0,
-    progress: ProgressFn | None = None,
-    pull: str = "missing",
-    creds: "Credentials | None" = None,
-    leases: ExitStack | None = None,
-) -> Base:
-    """The base of ``image`` in ``format`` (None: ``$DIRGE_BASE_FORMAT`` or auto), built under the
-    key's lock if no complete one exists. ``cache`` defaults to the default cache.
+def ensure_base(image: str, options: PrepareOptions = PrepareOptions(base_format="tree"), *,
+                cache: Cache | None = None, progress: ProgressFn | None = None,
+                leases: ExitStack | None = None) -> Base:
+    """The base of ``image`` in ``options.base_format`` (None: ``$DIRGE_BASE_FORMAT`` or auto), built under
+    the key's lock if no complete one exists. ``cache`` defaults to the default cache.
 
     ``leases``: the base's lease (shared) is entered on it and so held until the caller closes it (a
     session is recorded by then); without it the lease is held only while this call runs."""
     cache = cache if cache is not None else Cache()
-    if rootless is None:
-        rootless = os.geteuid() != 0
-    fmt = choose_format(format, cache, rootless)
+    fmt = choose_format(options.base_format, cache, _rootless(options))
     with ExitStack() as own:
-        hold = leases if leases is not None else own
-        base = _ensure_base(cache, image, fmt, DiskOptions(), rootless, platform, limits, lock_timeout, progress, pull,
-                            creds, hold)
-        mount_base(base, lock_timeout)
+        base = _ensure_base(image, options, cache=cache, fmt=fmt, progress=progress,
+                            leases=leases if leases is not None else own)
+        mount_base(base, options.lock_timeout)
         return base
 
 
-def ensure_disk(
-    image: str,
-    *,
-    format: str = "ext4",
-    options: DiskOptions = DiskOptions(),
-    cache: Cache | None = None,
-    platform: Platform | None = None,
-    rootless: bool | None = None,
-    limits: Limits = Limits(),
-    lock_timeout: float = 600.0,
-    progress: ProgressFn | None = None,
-    pull: str = "missing",
-    creds: "Credentials | None" = None,
-    leases: ExitStack | None = None,
-) -> Base:
-    """The base disk of ``image`` (``base.image_file``: an ext4 or erofs image for block-device VMs),
-    built under the key's lock if missing. Never mounted, so no privilege is needed."""
-    if format not in DISK_FORMATS:
-        raise DirgeError(f"disk format {format!r}: choose one of {', '.join(DISK_FORMATS)}")
-    cache = cache if cache is not None else Cache()
-    if rootless is None:
-        rootless = os.geteuid() != 0
+def ensure_disk(image: str, options: PrepareOptions = PrepareOptions(disk="ext4"), *, cache: Cache | None = None,
+                progress: ProgressFn | None = None, leases: ExitStack | None = None) -> Base:
+    """The base disk of ``image`` in ``options.disk`` (``base.image_file``: an ext4 or erofs image for
+    block-device VMs; ext4 shaped by ``options.disk_options``), built under the key's lock if missing.
+    Never mounted, so no privilege is needed."""
+    if options.disk not in DISK_FORMATS:
+        raise DirgeError(f"disk format {options.disk!r}: choose one of {', '.join(DISK_FORMATS)}")
     with ExitStack() as own:
-        return _ensure_base(cache, image, format, options if format == "ext4" else DiskOptions(), rootless,
-                            platform, limits, lock_timeout, progress, pull, creds,
-                            leases if leases is not None else own)
+        return _ensure_base(image, options, cache=cache if cache is not None else Cache(), fmt=options.disk,
+                            progress=progress, leases=leases if leases is not None else own)
 
 
-def _ensure_base(cache: Cache, image: str, fmt: str, options: DiskOptions, rootless: bool,
-                 platform: Platform | None, limits: Limits, lock_timeout: float, progress: ProgressFn | None,
-                 pull: str, creds: "Credentials | None", leases: ExitStack) -> Base:
-    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, build=build_variant)
+def _rootless(options: PrepareOptions) -> bool:
+    return os.geteuid() != 0 if options.rootless is None else options.rootless
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One base to find or build: what the helpers below share."""
+
+    cache: Cache
+    image: str
+    fmt: str  # the concrete format: tree, erofs or ext4
+    rootless: bool
+    disk: DiskOptions  # ext4's (part of the key); the defaults for other formats
+    options: PrepareOptions
+    progress: ProgressFn | None
+
+
+def _ensure_base(image: str, options: PrepareOptions, *, cache: Cache, fmt: str, progress: ProgressFn | None,
+                 leases: ExitStack) -> Base:
+    job = _Job(cache, image, fmt, _rootless(options), options.disk_options if fmt == "ext4" else DiskOptions(),
+               options, progress)
+    source, resolved = open_image(image, options.platform, cache=cache, pull=options.pull, creds=options.creds,
+                                  build=build_variant)
     try:
-        return _find_or_build(cache, image, source, resolved, fmt, options, rootless, limits, lock_timeout,
-                              progress, leases)
+        return _find_or_build(job, source, resolved, leases)
     finally:
         source.close()
 
 
-def _find_or_build(cache: Cache, image: str, source: BlobSource, resolved: ResolvedImage, fmt: str,
-                   options: DiskOptions, rootless: bool, limits: Limits, lock_timeout: float,
-                   progress: ProgressFn | None, leases: ExitStack) -> Base:
-    key = cache.base_key(resolved.manifest_digest, rootless, fmt, options.key())
+def _find_or_build(job: _Job, source: BlobSource, resolved: ResolvedImage, leases: ExitStack) -> Base:
+    cache, timeout = job.cache, job.options.lock_timeout
+    key = cache.base_key(resolved.manifest_digest, job.rootless, job.fmt, job.disk.key())
     # The lease first: from here on gc leaves this base (and the blobs of this image) alone.
-    leases.enter_context(cache.base_lease(key, lock_timeout))
+    leases.enter_context(cache.base_lease(key, timeout))
     cache.put_blob(resolved.manifest_digest, resolved.manifest.raw)
     cache.put_blob(resolved.manifest.config.digest, resolved.config.raw)
-    base = _find_leased(cache, resolved.manifest_digest, rootless, fmt, options, key, lock_timeout, leases)
+    base = _find_leased(job, resolved.manifest_digest, key, leases)
     if base:
         return base
-    with cache.base_lock(key, lock_timeout):
-        base = _find_leased(cache, resolved.manifest_digest, rootless, fmt, options, key, lock_timeout, leases)
+    with cache.base_lock(key, timeout):
+        base = _find_leased(job, resolved.manifest_digest, key, leases)
         if base:  # another process built it while we waited
             return base
         staging = cache.new_staging(key)
         try:
-            _BUILDERS[fmt](staging, source, resolved, rootless, limits, progress, options)
+            _BUILDERS[job.fmt](staging, source, resolved, job)
             meta: dict[str, Any] = {
-                "image": image, "digest": str(resolved.manifest_digest), "rootless": rootless, "format": fmt,
-                "options": {"size": options.size, "journal": options.journal, "inodes": options.inodes}
-                if fmt == "ext4" else None,
+                "image": job.image, "digest": str(resolved.manifest_digest), "rootless": job.rootless,
+                "format": job.fmt,
+                "options": {"size": job.disk.size, "journal": job.disk.journal, "inodes": job.disk.inodes}
+                if job.fmt == "ext4" else None,
                 "config": resolved.config.config,
                 "platform": str(resolved.platform) if resolved.platform else None}
-            meta["bytes"] = write_record(staging, fmt)["bytes"]  # gc's budget reads it here, cheaply
+            meta["bytes"] = write_record(staging, job.fmt)["bytes"]  # gc's budget reads it here, cheaply
             base = cache.publish_base(staging, key, meta)
             cache.touch_base(key)
             return base
@@ -235,40 +206,36 @@ def _find_or_build(cache: Cache, image: str, source: BlobSource, resolved: Resol
             raise
 
 
-def _find_leased(cache: Cache, digest: Digest, rootless: bool, fmt: str, options: DiskOptions, key: str,
-                 lock_timeout: float, leases: ExitStack) -> Base | None:
+def _find_leased(job: _Job, digest: Digest, key: str, leases: ExitStack) -> Base | None:
     """The published base, its lease held (a legacy-keyed tree's too), marked as just used."""
-    base = cache.find_base(digest, rootless, fmt, options.key())
+    cache = job.cache
+    base = cache.find_base(digest, job.rootless, job.fmt, job.disk.key())
     if base is not None and base.key != key:  # an older dirge's key: lease it, then look again
-        leases.enter_context(cache.base_lease(base.key, lock_timeout))
+        leases.enter_context(cache.base_lease(base.key, job.options.lock_timeout))
         base = cache.load_base(base.key)
     if base is not None:
         cache.touch_base(base.key)
     return base
 
 
-BaseBuilder = Callable[[Path, BlobSource, ResolvedImage, bool, Limits, ProgressFn | None, DiskOptions], None]
+BaseBuilder = Callable[[Path, BlobSource, ResolvedImage, _Job], None]
 
 
-def _build_tree(staging: Path, source: BlobSource, resolved: ResolvedImage, rootless: bool, limits: Limits,
-                progress: ProgressFn | None, options: DiskOptions) -> None:
+def _build_tree(staging: Path, source: BlobSource, resolved: ResolvedImage, job: _Job) -> None:
     rootfs = staging / "rootfs"
     make_base_dir(rootfs)
-    apply_image(source, resolved, rootfs, rootless=rootless, limits=limits, progress=progress)
+    apply_image(source, resolved, rootfs, rootless=job.rootless, limits=job.options.limits, progress=job.progress)
 
 
-def _build_erofs(staging: Path, source: BlobSource, resolved: ResolvedImage, rootless: bool, limits: Limits,
-                 progress: ProgressFn | None, options: DiskOptions) -> None:
+def _build_erofs(staging: Path, source: BlobSource, resolved: ResolvedImage, job: _Job) -> None:
     # One sequential file, no tree on the host; ``rootfs`` is where it will be mounted.
-    write_erofs(source, resolved, staging / "rootfs.erofs", limits=limits, progress=progress)
+    write_erofs(source, resolved, staging / "rootfs.erofs", limits=job.options.limits, progress=job.progress)
     (staging / "rootfs").mkdir(mode=0o755)
 
 
-def _build_ext4(staging: Path, source: BlobSource, resolved: ResolvedImage, rootless: bool, limits: Limits,
-                progress: ProgressFn | None, options: DiskOptions) -> None:
-    write_ext4(source, resolved, staging / "rootfs.ext4", size=options.size, journal=options.journal,
-               inodes=options.inodes,
-               limits=limits, progress=progress)
+def _build_ext4(staging: Path, source: BlobSource, resolved: ResolvedImage, job: _Job) -> None:
+    write_ext4(source, resolved, staging / "rootfs.ext4", size=job.disk.size, journal=job.disk.journal,
+               inodes=job.disk.inodes, limits=job.options.limits, progress=job.progress)
 
 
 # How each format's content is written into a staging directory (publication is the store's).

@@ -16,6 +16,7 @@ from .apply.layer import Limits
 from .bases import FORMAT_CHOICES, FORMAT_ENV
 from .errors import DirgeError
 from .oci.image import parse_platform
+from .options import FIELDS, DiskOptions, PrepareOptions
 from .session.backends import STRATEGIES
 
 if TYPE_CHECKING:
@@ -287,7 +288,6 @@ def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, ino
                platform: str | None, pull: str,
                creds: str | None, cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
     """Write IMAGE as one artifact OUT: an erofs or ext4 disk image, a flattened tar or a directory."""
-    from .bases import DiskOptions
     from .store.cache import Cache
     from .export import export
     from .oci.reference import canonicalize_image_ref
@@ -483,37 +483,74 @@ def session_group() -> None:
     """Create, list, remove and snapshot session rootfs."""
 
 
+# One click option per PrepareOptions field, each named as its field: ``_prepare_options`` reads every
+# field from the command's parameters, so a field without its option fails loudly, never silently.
+_PREPARE_OPTIONS = {
+    "strategy": click.option("--strategy", type=click.Choice(list(STRATEGIES)),
+                             help="How to make the session (default: the fastest available)."),
+    "base_format": click.option("--base-format", type=click.Choice(FORMAT_CHOICES), envvar=FORMAT_ENV,
+                                help=f"What the cached base is built as (default: ${FORMAT_ENV}, else auto)."),
+    "platform": click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image."),
+    "rootless": click.option("--rootless", is_flag=True,
+                             help="Build the base as an unprivileged user would (automatic when not root)."),
+    "limits": click.option("--limit", "limits", multiple=True, metavar="NAME=N",
+                           help="Override a safety limit (see unpack)."),
+    "lock_timeout": click.option("--lock-timeout", type=click.FloatRange(min=0), default=600.0, show_default=True,
+                                 metavar="S", help="Seconds to wait for a base another process is building."),
+    "pull": pull_option,
+    "creds": creds_option,
+    "disk": click.option("--disk", type=click.Choice(["ext4", "erofs"]),
+                         help="A disk session for a block-device VM: its own ext4 disk, or the shared erofs image "
+                              "plus its own scratch ext4 (no mount, no root)."),
+    "disk_format": click.option("--disk-format", type=click.Choice(["raw", "qcow2"]), default="raw",
+                                show_default=True,
+                                help="--disk ext4: a raw copy (reflink where possible) or a qcow2 overlay on the "
+                                     "base disk."),
+    "disk_size": click.option("--disk-size", default="auto", show_default=True, metavar="SIZE|auto",
+                              help="--disk ext4: the base disk's size (e.g. 2G); --disk erofs: the scratch disk's "
+                                   "(256M)."),
+    "disk_journal": click.option("--disk-journal/--no-disk-journal", default=True, show_default=True,
+                                 help="--disk ext4: whether the base disk has a jbd2 journal."),
+    "disk_inodes": click.option("--disk-inodes", type=click.IntRange(min=1),
+                                help="--disk ext4: the base disk's inode count (default: the entries plus headroom)."),
+}
+# How a field's command-line value becomes the option's value (the others are taken as they are).
+_PREPARE_CONVERT: dict[str, Any] = {
+    "platform": lambda v: parse_platform(v) if v else None,
+    "rootless": lambda v: True if v else None,
+    "limits": lambda v: _limits(v),
+    "creds": lambda v: _creds(v),
+    "disk_size": lambda v: _size(v),
+}
+
+
+def prepare_options(command: Any) -> Any:
+    """The decorator that gives ``command`` every PrepareOptions field as an option."""
+    for name in reversed(FIELDS):
+        command = _PREPARE_OPTIONS[name](command)
+    return command
+
+
+def _prepare_options(params: dict[str, Any]) -> PrepareOptions:
+    """The PrepareOptions of a command decorated with ``prepare_options``: its fields taken out of ``params``."""
+    return PrepareOptions(**{name: _PREPARE_CONVERT.get(name, lambda v: v)(params.pop(name)) for name in FIELDS})
+
+
 @session_group.command("create")
 @click.argument("image")
 @cache_dir_option
-@click.option("--strategy", type=click.Choice(list(STRATEGIES)),
-              help="How to make the session (default: the fastest available).")
-@click.option("--base-format", type=click.Choice(FORMAT_CHOICES), envvar=FORMAT_ENV,
-              help=f"What the cached base is built as (default: ${FORMAT_ENV}, else auto).")
-@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
 @click.option("--owner-pid", type=int, help="Process whose exit makes the session prunable (default: the caller).")
-@pull_option
-@creds_option
-@click.option("--disk", type=click.Choice(["ext4", "erofs"]),
-              help="A disk session for a block-device VM: its own ext4 disk, or the shared erofs image plus "
-                   "its own scratch ext4 (no mount, no root).")
-@click.option("--disk-format", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True,
-              help="--disk ext4: a raw copy (reflink where possible) or a qcow2 overlay on the base disk.")
-@click.option("--disk-size", default="auto", show_default=True, metavar="SIZE|auto",
-              help="--disk ext4: the base disk's size (e.g. 2G); --disk erofs: the scratch disk's (256M).")
+@prepare_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the path.")
-def session_create(image: str, cache_dir: Path | None, strategy: str | None, base_format: str | None,
-                   platform: str | None, owner_pid: int | None, pull: str, creds: str | None, disk: str | None,
-                   disk_format: str, disk_size: str, as_json: bool) -> None:
+def session_create(image: str, cache_dir: Path | None, owner_pid: int | None, as_json: bool, **params: Any) -> None:
     """Make a new session rootfs of IMAGE and print its path (a disk session: its disk's)."""
-    from .rootfs import prepare
+    from .rootfs import prepare_with
 
-    if disk is None and (disk_format != "raw" or disk_size != "auto"):
-        raise click.UsageError("--disk-format and --disk-size need --disk")
-    prepared = prepare(image, cache_dir, strategy=strategy, base_format=base_format,
-                       owner_pid=owner_pid or os.getppid(),
-                       platform=parse_platform(platform) if platform else None, pull=pull, creds=_creds(creds),
-                       disk=disk, disk_format=disk_format, disk_size=_size(disk_size))
+    options = _prepare_options(params)
+    if options.disk is None and (options.disk_format != "raw" or options.disk_size is not None
+                                 or not options.disk_journal or options.disk_inodes is not None):
+        raise click.UsageError("--disk-format, --disk-size, --no-disk-journal and --disk-inodes need --disk")
+    prepared = prepare_with(image, options, cache_dir, owner_pid=owner_pid or os.getppid())
     prepared.detach()
     if as_json:
         click.echo(json.dumps({**_prepared_json(prepared), "base_created": prepared.base_created,

@@ -36,7 +36,7 @@ from .unpack import ProgressFn, add_context, unpack, write_erofs
 from .variants import build_variant
 
 if TYPE_CHECKING:
-    from .bases import DiskOptions
+    from .options import DiskOptions
     from .store.cache import Cache
     from .sources.auth import Credentials
 
@@ -119,11 +119,15 @@ def _export_erofs(image: str, out: Path, platform: Platform | None, cache: "Cach
 def _export_ext4(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: str,
                  creds: "Credentials | None", limits: Limits, progress: ProgressFn | None,
                  options: "DiskOptions | None") -> ExportResult:
-    from .bases import DiskOptions, ensure_disk
+    from .bases import ensure_disk
+    from .options import DiskOptions, PrepareOptions
 
+    disk = options or DiskOptions()
     with ExitStack() as leases:  # the base disk is read under its lease: gc cannot remove it meanwhile
-        base = ensure_disk(image, format="ext4", options=options or DiskOptions(), cache=cache, platform=platform,
-                           limits=limits, progress=progress, pull=pull, creds=creds, leases=leases)
+        base = ensure_disk(image, PrepareOptions(platform=platform, limits=limits, pull=pull, creds=creds, disk="ext4",
+                                                 disk_size=disk.size, disk_journal=disk.journal,
+                                                 disk_inodes=disk.inodes),
+                           cache=cache, progress=progress, leases=leases)
         with _replacing(out) as tmp:
             _clone(base.image_file, tmp)
     return _file_result(out, "ext4", str(base.digest), not base.created)
@@ -132,11 +136,12 @@ def _export_ext4(image: str, out: Path, platform: Platform | None, cache: "Cache
 def _export_tar(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: str,
                 creds: "Credentials | None", limits: Limits, progress: ProgressFn | None) -> ExportResult:
     from .bases import base_rootfs, ensure_base
+    from .options import PrepareOptions
     from .fsimage.tarball import write_tar
 
     with ExitStack() as leases:  # the base is read under its lease: gc cannot remove it meanwhile
-        base = ensure_base(image, cache=cache, platform=platform, limits=limits, progress=progress, pull=pull,
-                           creds=creds, leases=leases)
+        base = ensure_base(image, PrepareOptions(base_format="tree", platform=platform, limits=limits, pull=pull,
+                                                 creds=creds), cache=cache, progress=progress, leases=leases)
         with base_rootfs(base) as rootfs, _replacing(out) as tmp:
             with open(tmp, "wb") as f:
                 write_tar(rootfs, f)

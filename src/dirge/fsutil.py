@@ -24,6 +24,7 @@ _MNT_DETACH = 2
 # file's size before a byte is read, so a huge or sparse file is refused, never read or its holes filled.
 READ_MAX = 256 << 20
 PATH_MAX = 4096  # Linux's PATH_MAX: a path (or a symlink target) with its NUL
+NAME_MAX = 255  # Linux's NAME_MAX: one path component
 
 
 def over_read_max(path: str, size: int | None = None) -> str:

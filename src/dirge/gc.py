@@ -387,52 +387,80 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
     unused for longer). ``dry_run``: remove nothing, report the same."""
     report = GcReport(dry_run, max_size)
     report.size_before = usage(cache)
-    now = time.time()
-    sessions = Sessions(cache)
+    run = _Run(cache, Sessions(cache), report, time.time(), grace, dry_run, max_size, keep)
+    _remove_dead_sessions(run)
+    _remove_leftovers(run)
+    _sweep_blobs(cache, run.sessions, report, set(), grace, run.now, dry_run)  # blobs nothing reaches
+    current = report.size_before - sum(r.bytes for r in report.removed if r.kind == "blob")
+    base_used: dict[str, float] = {}  # digest (hex) → its bases' last use, as it was before the eviction
+    if max_size is not None or keep is not None:
+        base_used = _bases_last_used(cache)
+        current = _evict_lru_bases(run, current)
+    if max_size is not None and current > max_size:
+        _evict_lru_refs(run, current, base_used)
+    report.size_after = report.size_before if dry_run else usage(cache)
+    return report
 
-    # 1. sessions whose owner is gone
-    for s in sessions.list():
+
+@dataclass(frozen=True)
+class _Run:
+    """One ``collect``: what its phases share."""
+
+    cache: Cache
+    sessions: Sessions
+    report: GcReport
+    now: float
+    grace: float
+    dry_run: bool
+    max_size: int | None
+    keep: float | None
+
+
+def _remove_dir(run: _Run, kind: str, name: str, entry: Path) -> None:
+    """Report ``entry`` (a directory) and, unless a dry run, unmount what is mounted below it and remove it."""
+    run.report.removed.append(Removal(kind, name, disk_usage(entry)))
+    if not run.dry_run:
+        for point in mounts_under(entry):
+            unmount(point)
+        remove_tree(entry)
+
+
+def _remove_dead_sessions(run: _Run) -> None:
+    """Phase 1: sessions whose owner is gone."""
+    for s in run.sessions.list():
         if not s.alive():
-            report.removed.append(Removal("session", s.id, disk_usage(sessions.session_dir(s.id))))
-            if not dry_run:
-                sessions.remove(s.id)
+            run.report.removed.append(Removal("session", s.id, disk_usage(run.sessions.session_dir(s.id))))
+            if not run.dry_run:
+                run.sessions.remove(s.id)
 
-    # 2. leftovers of killed processes
+
+def _remove_leftovers(run: _Run) -> None:
+    """Phase 2: what killed processes left: staging, temp files, half-made sessions, trash, temp exports,
+    ``dirge boot``'s leftovers and mounts nothing owns."""
+    cache, report, now = run.cache, run.report, run.now
     for entry in sorted(cache.staging_dir.iterdir()):
         if entry.name.startswith("."):
             continue  # a probe's temporary directory, removed by its own process
         key = entry.name.partition(".")[0]
         try:
             with cache.base_lock(key, 0):  # free: its builder is gone
-                report.removed.append(Removal("staging", entry.name, disk_usage(entry)))
-                if not dry_run:
-                    for point in mounts_under(entry):
-                        unmount(point)
-                    remove_tree(entry)
+                _remove_dir(run, "staging", entry.name, entry)
         except LockTimeout:
             report.skipped.append(f"staging {entry.name}: being built")
         except DirgeError:
             continue
     for directory, prefix in ((cache.blobs_dir, ".tmp-"), (cache.refs_dir, ".ref-")):
         for path in sorted(directory.glob(f"{prefix}*")):
-            if _unlocked_and_old(path, grace, now):
+            if _unlocked_and_old(path, run.grace, now):
                 report.removed.append(Removal("temp", str(path.relative_to(cache.root)), disk_usage(path)))
-                if not dry_run:
+                if not run.dry_run:
                     path.unlink(missing_ok=True)
     for entry in sorted(cache.sessions_dir.glob(".new-*")):  # a killed creator's, before its session was named
-        if _old(entry, grace, now):
-            report.removed.append(Removal("staging", f"sessions/{entry.name}", disk_usage(entry)))
-            if not dry_run:
-                for point in mounts_under(entry):
-                    unmount(point)
-                remove_tree(entry)
+        if _old(entry, run.grace, now):
+            _remove_dir(run, "staging", f"sessions/{entry.name}", entry)
     if cache.trash_dir.exists():
         for entry in sorted(cache.trash_dir.iterdir()):
-            report.removed.append(Removal("trash", entry.name, disk_usage(entry)))
-            if not dry_run:
-                for point in mounts_under(entry):
-                    unmount(point)
-                remove_tree(entry)
+            _remove_dir(run, "trash", entry.name, entry)
     for entry in sorted(cache.exports_dir.glob(".*")) if cache.exports_dir.exists() else []:
         # sources/buildah.py's temp exports (.<id16>-*: free once no export of that id holds its lock)
         # and retired exports being deleted (.trash-*: nobody reads them)
@@ -441,92 +469,117 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
             report.skipped.append(f"export {entry.name}: being written")
             continue
         report.removed.append(Removal("export", entry.name, disk_usage(entry)))
-        if not dry_run:
+        if not run.dry_run:
             remove_tree(entry)
-    _boot_leftovers(cache, report, grace, now, dry_run)
+    _boot_leftovers(cache, report, run.grace, now, run.dry_run)
+    _remove_stale_mounts(run)
+
+
+def _remove_stale_mounts(run: _Run) -> None:
+    """Mounts under ``sessions/<id>`` without a session.json, or ``bases/<key>`` without an image.json."""
+    cache = run.cache
+    root = cache.root.resolve()
     for point in mounts_under(cache.root):
-        rel = point.relative_to(cache.root.resolve()).parts if point.is_relative_to(cache.root.resolve()) else ()
+        rel = point.relative_to(root).parts if point.is_relative_to(root) else ()
         stale = (len(rel) >= 2 and rel[0] == "sessions" and not (cache.sessions_dir / rel[1] / "session.json").exists()) \
             or (len(rel) >= 2 and rel[0] == "bases" and cache.load_base(rel[1]) is None)
         if stale:
-            report.removed.append(Removal("mount", str(point), 0))
-            if not dry_run:
+            run.report.removed.append(Removal("mount", str(point), 0))
+            if not run.dry_run:
                 unmount(point)
 
-    # 3. blobs nothing reaches
-    _sweep_blobs(cache, sessions, report, set(), grace, now, dry_run)
 
-    # 4. least-recently-used bases (and base disks) and local variants' exports, until under the budget
-    #    (or, with only --keep, all unused for longer)
-    current = report.size_before - sum(r.bytes for r in report.removed if r.kind == "blob")
-    base_used: dict[str, float] = {}  # digest (hex) → its bases' last use, as it was before step 4
-    if max_size is not None or keep is not None:
-        candidates = [(cache.last_used(key), "base", key) for key in cache.base_keys()]
-        for used, _, key in candidates:
-            h = _hex(_base_meta(cache, key).get("digest")) or ""
-            base_used[h] = max(base_used.get(h, 0.0), used)
-        candidates += [(_mtime(path), "export", path.name) for path in exports(cache.root)]
-        for used, kind, name in sorted(candidates):
-            if max_size is not None and current <= max_size:
-                break
-            if keep is not None and now - used < keep:
-                continue
-            if kind == "export":
-                current -= _evict_export(cache, name, report, dry_run)
-                continue
-            with _exclusive(cache, name) as free:
-                if not free:
-                    report.skipped.append(f"base {name}: in use by a running prepare")
-                    continue
-                if name in _live_base_refs(cache):  # read under the lease: no new session can appear now
-                    report.skipped.append(f"base {name}: used by a live session or a snapshot")
-                    continue
-                size = base_bytes(cache, name)
-                report.removed.append(Removal("base", name, size))
-                current -= size
-                if not dry_run:
-                    base = cache.load_base(name)
-                    if base is not None:
-                        unmount_base(base)
-                    remove_base_dir(cache, name)
-            # an image with no ref record (prepared by digest) leaves blobs nothing reaches: counted free
-            current -= _sweep_blobs(cache, sessions, report, set(), grace, now, dry_run)
-    # 5. still over the budget: least-recently-used images that have nothing left but ref records and
-    #    blobs (no base, export, live session, snapshot or running prepare): their refs, then their blobs
-    if max_size is not None and current > max_size:
-        gone = {r.name for r in report.removed if r.kind in ("base", "export")}
-        ref_times = {str(path): float(record["time"]) for path, record in cache.ref_records()
-                     if isinstance(record.get("time"), (int, float))}
-        snapshots = {_hex(m.get("digest")) for m in sessions.snapshot_list()}
-        reaching: dict[str, list[ImageInfo]] = {}
-        for info in images(cache):
-            for ref_file in info.ref_files:
-                reaching.setdefault(ref_file, []).append(info)
+def _bases_last_used(cache: Cache) -> dict[str, float]:
+    """Each image's (digest hex) bases' last use, the latest of them."""
+    used: dict[str, float] = {}
+    for key in cache.base_keys():
+        h = _hex(_base_meta(cache, key).get("digest")) or ""
+        used[h] = max(used.get(h, 0.0), cache.last_used(key))
+    return used
 
-        def last_use(ref_file: str) -> float:  # (base uses from before step 4: a dry run's are the same)
-            return max([ref_times.get(ref_file, 0.0)] + [base_used.get(i.digest[7:], 0.0) for i in reaching[ref_file]])
 
-        skip: set[str] = set()
-        for ref_file in sorted(reaching, key=last_use):
-            if current <= max_size:
-                break
-            if (keep is not None and now - last_use(ref_file) < keep) or not _old(Path(ref_file), grace, now):
-                continue  # (a record just written may be a starting prepare's, not yet under its lease)
-            roots, leased = _roots(cache, sessions, report, skip | {ref_file})  # leases as they are now
-            pinned = snapshots | leased
-            if not all((set(i.bases) | set(i.exports)) <= gone and not i.live_sessions and i.digest[7:] not in pinned
-                       for i in reaching[ref_file]):
-                continue
-            freeable = _unreached(cache, roots, report, grace, now)
-            if not freeable:
-                continue  # its blobs are shared or too young: removing the record would free nothing
-            skip.add(ref_file)
-            report.removed.append(Removal("ref", Path(ref_file).name, disk_usage(Path(ref_file))))  # (not budgeted)
-            if not dry_run:
-                Path(ref_file).unlink(missing_ok=True)
-            current -= _remove_blobs(cache, freeable, report, dry_run)
-    report.size_after = report.size_before if dry_run else usage(cache)
-    return report
+def _evict_lru_bases(run: _Run, current: int) -> int:
+    """Phase 4: least-recently-used bases (and base disks) and local variants' exports, until ``current``
+    (the cache's bytes) is under the budget (or, with only ``keep``, every one unused for longer). Each
+    base's blobs that nothing reaches any more go with it. Returns the bytes left."""
+    cache, report = run.cache, run.report
+    candidates = [(cache.last_used(key), "base", key) for key in cache.base_keys()]
+    candidates += [(_mtime(path), "export", path.name) for path in exports(cache.root)]
+    for used, kind, name in sorted(candidates):
+        if run.max_size is not None and current <= run.max_size:
+            break
+        if run.keep is not None and run.now - used < run.keep:
+            continue
+        if kind == "export":
+            current -= _evict_export(cache, name, report, run.dry_run)
+            continue
+        freed = _evict_base(run, name)
+        if freed is None:
+            continue
+        current -= freed
+        # an image with no ref record (prepared by digest) leaves blobs nothing reaches: counted free
+        current -= _sweep_blobs(cache, run.sessions, report, set(), run.grace, run.now, run.dry_run)
+    return current
+
+
+def _evict_base(run: _Run, key: str) -> int | None:
+    """Base ``key``, unless a prepare holds it or a live session or snapshot names it (None): the bytes freed."""
+    cache, report = run.cache, run.report
+    with _exclusive(cache, key) as free:
+        if not free:
+            report.skipped.append(f"base {key}: in use by a running prepare")
+            return None
+        if key in _live_base_refs(cache):  # read under the lease: no new session can appear now
+            report.skipped.append(f"base {key}: used by a live session or a snapshot")
+            return None
+        size = base_bytes(cache, key)
+        report.removed.append(Removal("base", key, size))
+        if not run.dry_run:
+            base = cache.load_base(key)
+            if base is not None:
+                unmount_base(base)
+            remove_base_dir(cache, key)
+        return size
+
+
+def _evict_lru_refs(run: _Run, current: int, base_used: dict[str, float]) -> None:
+    """Phase 5, still over the budget: least-recently-used images that have nothing left but ref records
+    and blobs (no base, export, live session, snapshot or running prepare) lose their refs, then their
+    blobs. ``base_used``: the bases' last uses from before phase 4 (a dry run's are the same)."""
+    cache, sessions, report, max_size = run.cache, run.sessions, run.report, run.max_size
+    assert max_size is not None
+    gone = {r.name for r in report.removed if r.kind in ("base", "export")}
+    ref_times = {str(path): float(record["time"]) for path, record in cache.ref_records()
+                 if isinstance(record.get("time"), (int, float))}
+    snapshots = {_hex(m.get("digest")) for m in sessions.snapshot_list()}
+    reaching: dict[str, list[ImageInfo]] = {}
+    for info in images(cache):
+        for ref_file in info.ref_files:
+            reaching.setdefault(ref_file, []).append(info)
+
+    def last_use(ref_file: str) -> float:
+        return max([ref_times.get(ref_file, 0.0)] + [base_used.get(i.digest[7:], 0.0) for i in reaching[ref_file]])
+
+    skip: set[str] = set()
+    for ref_file in sorted(reaching, key=last_use):
+        if current <= max_size:
+            break
+        if (run.keep is not None and run.now - last_use(ref_file) < run.keep) or not _old(Path(ref_file), run.grace,
+                                                                                            run.now):
+            continue  # (a record just written may be a starting prepare's, not yet under its lease)
+        roots, leased = _roots(cache, sessions, report, skip | {ref_file})  # leases as they are now
+        pinned = snapshots | leased
+        if not all((set(i.bases) | set(i.exports)) <= gone and not i.live_sessions and i.digest[7:] not in pinned
+                   for i in reaching[ref_file]):
+            continue
+        freeable = _unreached(cache, roots, report, run.grace, run.now)
+        if not freeable:
+            continue  # its blobs are shared or too young: removing the record would free nothing
+        skip.add(ref_file)
+        report.removed.append(Removal("ref", Path(ref_file).name, disk_usage(Path(ref_file))))  # (not budgeted)
+        if not run.dry_run:
+            Path(ref_file).unlink(missing_ok=True)
+        current -= _remove_blobs(cache, freeable, report, run.dry_run)
 
 
 MODULES_ROOT = Path("/lib/modules")  # where an installed kernel keeps its modules (vm/initramfs's Kernel)

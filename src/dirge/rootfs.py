@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from .apply.layer import Limits
-from .bases import DiskOptions, ensure_base, ensure_disk, mount_base
+from .bases import ensure_base, ensure_disk, mount_base
 from .store.cache import Cache
 from .errors import DirgeError, SessionError
 from .fsutil import is_mountpoint, remove_tree, unmount
 from .oci.image import Platform
+from .options import PrepareOptions
 from .oci.reference import canonicalize_image_ref, local_variant_name
 from .session import DISK, SCRATCH_SIZE, Sessions, SessionInfo, backends, destroy
 from .sources.auth import Credentials
@@ -41,6 +42,7 @@ __all__ = [
     "cleanup",
     "local_variant_name",
     "prepare",
+    "prepare_with",
     "restore",
     "write_krun_config",
 ]
@@ -146,22 +148,24 @@ def prepare(
     image: str,
     cache_dir: str | os.PathLike[str] | None = None,
     *,
+    files: Mapping[str, FileSpec | bytes] | None = None,
+    snapshot: str | None = None,
+    owner_pid: int | None = None,
+    progress: ProgressFn | None = None,
+    # the PrepareOptions fields, with its defaults (tests/test_cli.py keeps them the same):
     strategy: str | None = None,
     base_format: str | None = None,
     platform: Platform | None = None,
     rootless: bool | None = None,
-    files: Mapping[str, FileSpec | bytes] | None = None,
-    snapshot: str | None = None,
-    owner_pid: int | None = None,
     limits: Limits = Limits(),
     lock_timeout: float = 600.0,
-    progress: ProgressFn | None = None,
     pull: str = "missing",
     creds: Credentials | None = None,
     disk: str | None = None,
     disk_format: str = "raw",
     disk_size: int | None = None,
     disk_journal: bool = True,
+    disk_inodes: int | None = None,
 ) -> PreparedRootfs:
     """Resolve ``image``, make sure its base is cached (unpacking under a lock), and return a new session.
 
@@ -170,26 +174,33 @@ def prepare(
 
     ``disk`` ("ext4" or "erofs") makes a disk session instead (module doc): ``disk_format`` "raw" or
     "qcow2" (ext4 only); ``disk_size`` the ext4 base disk's size (None: content plus headroom; erofs:
-    the scratch disk's, default 256 MiB) and ``disk_journal`` its journal. No mount, no root."""
+    the scratch disk's, default 256 MiB), ``disk_journal`` its journal and ``disk_inodes`` its inode
+    count. No mount, no root. The options are ``options.PrepareOptions``'s (``prepare_with`` takes one)."""
+    return prepare_with(image, PrepareOptions.pick(locals()), cache_dir, files=files, snapshot=snapshot,
+                        owner_pid=owner_pid, progress=progress)
+
+
+def prepare_with(image: str, options: PrepareOptions, cache_dir: str | os.PathLike[str] | None = None, *,
+                 files: Mapping[str, FileSpec | bytes] | None = None, snapshot: str | None = None,
+                 owner_pid: int | None = None, progress: ProgressFn | None = None) -> PreparedRootfs:
+    """``prepare`` with its options as one value (what ``aio.prepare`` and ``dirge session create`` build)."""
     cache = Cache(cache_dir)
     ref = canonicalize_image_ref(image)
     sessions = Sessions(cache)
     # The base's lease is held from finding (or building) it until the session is recorded: then the
     # session's record keeps gc away from the base for as long as its owner lives.
     with ExitStack() as leases:
-        if disk is not None:
-            if strategy is not None:
-                raise SessionError(f"session strategy {strategy!r}: a disk session has none (it is a disk file)")
-            base = ensure_disk(ref, format=disk, options=DiskOptions(disk_size, disk_journal), cache=cache,
-                               platform=platform, rootless=rootless, limits=limits, lock_timeout=lock_timeout,
-                               progress=progress, pull=pull, creds=creds, leases=leases)
-            info = sessions.create_disk(base, ref, disk_format=disk_format, owner_pid=owner_pid, snapshot=snapshot,
-                                        scratch_size=disk_size if disk == "erofs" and disk_size else SCRATCH_SIZE)
+        if options.disk is not None:
+            if options.strategy is not None:
+                raise SessionError(f"session strategy {options.strategy!r}: a disk session has none "
+                                   "(it is a disk file)")
+            base = ensure_disk(ref, options, cache=cache, progress=progress, leases=leases)
+            scratch = options.disk_size if options.disk == "erofs" and options.disk_size else SCRATCH_SIZE
+            info = sessions.create_disk(base, ref, disk_format=options.disk_format, owner_pid=owner_pid,
+                                        snapshot=snapshot, scratch_size=scratch)
         else:
-            base = ensure_base(ref, cache=cache, format=base_format, platform=platform, rootless=rootless,
-                               limits=limits, lock_timeout=lock_timeout, progress=progress, pull=pull, creds=creds,
-                               leases=leases)
-            info = sessions.create(base, ref, strategy=strategy, owner_pid=owner_pid, snapshot=snapshot)
+            base = ensure_base(ref, options, cache=cache, progress=progress, leases=leases)
+            info = sessions.create(base, ref, strategy=options.strategy, owner_pid=owner_pid, snapshot=snapshot)
     prepared = PreparedRootfs(info, sessions.session_dir(info.id), base.config, base.created, base.format)
     try:
         if files:

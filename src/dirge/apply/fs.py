@@ -13,8 +13,10 @@ import errno
 import os
 from dataclasses import dataclass, field
 
+from .tar import UNSET_ID
+
 ROOTLESS_XATTR = "user.rootlesscontainers"
-_NOOP_ID = 0xFFFFFFFF
+_NOOP_ID = UNSET_ID  # the protobuf's "no owner set": (uid_t)-1
 
 
 @dataclass

@@ -25,9 +25,10 @@ import os
 from dataclasses import dataclass
 
 from ..errors import DirgeError, LimitExceeded, UnpackError, UnsafeLayer
-from ..fsutil import PATH_MAX
+from ..fsutil import NAME_MAX, PATH_MAX
 from .fs import Report
-from .root import clean_path
+from .root import Link, NotADirectory, clean_path, walk_in_root
+from .root import show_path as _display
 from .tar import (BLK, CHR, DIR, FIFO, LINK, MAX_GLOBAL_RECORDS, MAX_HEADER_BYTES, MAX_SPARSE_REGIONS, REG, SYMLINK,
                   UNSET_ID, Entry, EntryStream)
 from .tree import NO_XATTRS, NODE_BYTES, Node, Parts, Sink
@@ -36,8 +37,6 @@ from . import tree
 OPAQUE = b".wh..wh..opq"
 WHITEOUT_PREFIX = b".wh."
 _AUFS_META_PREFIX = b".wh..wh."
-_MAX_LINK_HOPS = 40
-_NAME_MAX = 255  # Linux's limit for a path component (a whole path's: fsutil.PATH_MAX)
 _KINDS = {REG: tree.REG, DIR: tree.DIR, SYMLINK: tree.LNK, FIFO: tree.FIFO, CHR: tree.CHR, BLK: tree.BLK}
 
 
@@ -69,10 +68,6 @@ class Limits:
                      "max_header_bytes", "max_sparse_regions", "max_global_records", "max_layer_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"limit {name} must be positive")
-
-
-def _display(parts: Parts) -> str:
-    return b"/".join(parts).decode("utf-8", "backslashreplace") or "/"
 
 
 def _cost(name: bytes, node: Node) -> int:
@@ -241,7 +236,7 @@ class Applier:
 
     def _insert(self, parent: Node, name: bytes, node: Node) -> None:
         assert parent.children is not None
-        if len(name) > _NAME_MAX:
+        if len(name) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         self._tree_bytes += _cost(name, node)
         if self._tree_bytes > self.limits.max_tree_bytes:
@@ -271,48 +266,46 @@ class Applier:
     def _resolve_dir(self, parts: Parts, *, create: bool) -> tuple[Parts, list[Node]] | None:
         """The directory at ``parts``: its canonical path and the nodes from the root down to it.
 
-        Symlinks are followed inside the root (absolute targets from the root, ``..`` stops there);
-        with ``create``, missing directories are made (0755 root:root, as tar does; the implicit mtime),
-        a dangling symlink's target included. None if absent (or not a directory) without ``create``."""
-        canon: list[bytes] = []
+        Symlinks are followed inside the root (``root.walk_in_root``'s rules); with ``create``, missing
+        directories are made (0755 root:root, as tar does; the implicit mtime), a dangling symlink's
+        target included. None if absent (or not a directory) without ``create``."""
+        # The common case first, inline (it runs for every entry): every component an existing directory,
+        # nothing to follow. Anything else (missing, a symlink, "." or "..", which no tree node is named,
+        # too deep) takes the whole walk.
         chain = [self.root]
-        pending = list(reversed(parts))
-        hops = 0
-        while pending:
-            name = pending.pop()
-            if name in (b"", b"."):
-                continue
-            if name == b"..":
-                if canon:
-                    canon.pop()
-                    chain.pop()
-                continue
-            here = chain[-1]
-            assert here.children is not None
-            child = here.children.get(name)
-            if child is None:
-                if not create:
-                    return None
-                child = Node(tree.DIR, 0o755, mtime_ns=self._implicit_mtime_ns)
-                child.touched = -1
-                self._insert(here, name, child)
-            elif child.kind == tree.LNK:
-                hops += 1
-                if hops > _MAX_LINK_HOPS:  # what the kernel says, as for any resolver
-                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
-                if child.target.startswith(b"/"):
-                    canon, chain = [], [self.root]
-                pending.extend(reversed(child.target.split(b"/")))
-                continue
-            elif child.children is None:
-                if not create:
-                    return None
-                raise UnsafeLayer(_display(tuple(canon) + (name,)), "a parent path component exists and is not a directory")
-            canon.append(name)
-            chain.append(child)
-            if len(canon) > self.limits.max_depth:
-                raise LimitExceeded("max_depth", len(canon), self.limits.max_depth)
-        return tuple(canon), chain
+        node = self.root
+        for name in parts:
+            node = node.children.get(name)  # type: ignore[union-attr, assignment]
+            if node is None or node.children is None:
+                break
+            chain.append(node)
+        else:
+            if len(parts) <= self.limits.max_depth:
+                return parts, chain
+        walked = walk_in_root(self.root, parts, self._make_step if create else self._find_step,
+                              max_depth=self.limits.max_depth)
+        return None if walked is None else (tuple(walked[0]), walked[1])
+
+    def _find_step(self, here: Node, name: bytes) -> Node | Link | None:
+        child = here.children.get(name)  # type: ignore[union-attr]  # (the walk steps only into directories)
+        if child is None:
+            return None
+        if child.kind == tree.LNK:
+            return Link(child.target)
+        return child if child.children is not None else None
+
+    def _make_step(self, here: Node, name: bytes) -> Node | Link:
+        child = here.children.get(name)  # type: ignore[union-attr]
+        if child is None:
+            child = Node(tree.DIR, 0o755, mtime_ns=self._implicit_mtime_ns)
+            child.touched = -1
+            self._insert(here, name, child)
+            return child
+        if child.kind == tree.LNK:
+            return Link(child.target)
+        if child.children is None:
+            raise NotADirectory
+        return child
 
     # -- whiteouts ---------------------------------------------------------------------------
 

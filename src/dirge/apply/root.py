@@ -1,4 +1,6 @@
-"""Path resolution inside the destination root, by file descriptor, never by joining host paths.
+"""Paths inside a root: ``clean_path`` (a name made relative to ``/``), ``walk_in_root`` (the one
+resolver of symlinks inside a root: the merge engine's tree, a directory, an erofs image each give it
+one step), and ``Root``, the destination directory, by file descriptor, never by joining host paths.
 
 Parents are resolved with ``openat2(RESOLVE_IN_ROOT)``: the kernel interprets every symlink and ``..`` as
 if the root fd were ``/`` (what umoci does with securejoin, but race-free). The last component of a
@@ -11,6 +13,8 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Callable, Iterable
+from typing import NamedTuple, TypeVar
 
 from ..errors import LimitExceeded, UnpackError, UnsafeLayer
 
@@ -18,8 +22,7 @@ _SYS_OPENAT2 = 437  # same number on every Linux architecture (added in 5.6)
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_IN_ROOT = 0x10
-RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS = _RESOLVE_IN_ROOT, _RESOLVE_NO_MAGICLINKS  # for callers of openat2
-_MAX_LINK_HOPS = 40
+MAX_LINK_HOPS = 40  # the kernel's MAXSYMLINKS: symlinks one resolution may follow, then ELOOP
 _CACHE_LIMIT = 256
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -60,6 +63,66 @@ def clean_path(name: bytes) -> tuple[bytes, ...]:
     return tuple(parts)
 
 
+class NotADirectory(Exception):
+    """A step's answer for a component that exists and is not a directory where the walk must go through
+    one: ``walk_in_root`` raises UnsafeLayer, naming the component's canonical path."""
+
+
+class Link(NamedTuple):
+    """What a ``walk_in_root`` step gives for a symlink: its target, walked instead of it."""
+
+    target: bytes
+
+
+N = TypeVar("N")  # what a walk steps through: a tree Node, a directory path, an erofs inode number
+
+
+def walk_in_root(root: N, parts: Iterable[bytes], step: Callable[[N, bytes], N | Link | None], *,
+                 max_depth: int | None = None) -> tuple[list[bytes], list[N]] | None:
+    """Resolve ``parts`` from ``root`` as the kernel does with ``RESOLVE_IN_ROOT``: ``..`` goes back to
+    where the walk came from and never above the root, an absolute symlink target starts again at the
+    root, more than ``MAX_LINK_HOPS`` symlinks is ELOOP (an OSError, as the kernel says it), a canonical
+    path deeper than ``max_depth`` is LimitExceeded. Iterative: hostile symlink chains must not recurse.
+
+    ``step(here, name)`` looks ``name`` up in ``here`` and gives what it names, a ``Link``, or None to
+    stop (absent, or not something to walk through); it may make what is missing, or raise
+    NotADirectory. The result: the canonical names and the walked nodes from the root down (one more
+    than the names), or None."""
+    canon: list[bytes] = []
+    chain = [root]
+    pending = list(parts)
+    pending.reverse()
+    hops = 0
+    while pending:
+        name = pending.pop()
+        if name == b"" or name == b".":
+            continue
+        if name == b"..":
+            if canon:
+                canon.pop()
+                chain.pop()
+            continue
+        try:
+            found = step(chain[-1], name)
+        except NotADirectory:
+            raise UnsafeLayer(show_path((*canon, name)), "a parent path component exists and is not a directory") from None
+        if found is None:
+            return None
+        if isinstance(found, Link):
+            hops += 1
+            if hops > MAX_LINK_HOPS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            if found.target.startswith(b"/"):
+                canon, chain = [], [root]
+            pending.extend(reversed(found.target.split(b"/")))
+            continue
+        canon.append(name)
+        chain.append(found)
+        if max_depth is not None and len(canon) > max_depth:
+            raise LimitExceeded("max_depth", len(canon), max_depth)
+    return canon, chain
+
+
 class Root:
     """The destination directory, opened once; hands out fds of directories inside it."""
 
@@ -86,7 +149,12 @@ class Root:
         """A new fd for the directory at ``parts``, symlinks resolved inside the root. Caller closes it."""
         if not parts:
             return os.open(".", flags | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
-        return openat2(self.fd, b"/".join(parts), flags | os.O_DIRECTORY, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+        return self.open(parts, flags | os.O_DIRECTORY)
+
+    def open(self, parts: tuple[bytes, ...], flags: int) -> int:
+        """A new fd for ``parts``, every symlink (the last component's too) resolved inside the root by
+        the kernel, magic links refused. Caller closes it."""
+        return openat2(self.fd, b"/".join(parts) or b".", flags, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
 
     def open_nofollow(self, parts: tuple[bytes, ...], flags: int) -> int:
         """An fd for ``parts`` only if no component at all is a symlink (for fix-ups after the fact)."""
@@ -115,49 +183,38 @@ class Root:
         return fd
 
     def _resolve(self, parts: tuple[bytes, ...], create: bool) -> int | None:
-        """Iterative (hostile symlink chains must not recurse): create the missing tail component by
-        component, restarting from a symlink's target when one dangles."""
+        """The kernel resolves it; only when something is missing and ``create`` is the walk ours, making
+        the missing directories (a dangling symlink's target included) one by one."""
         try:
             return self.open_dir(parts)
         except (FileNotFoundError, NotADirectoryError):
             if not create:
                 return None
-        hops = 0
-        i = 0
-        while True:
-            if len(parts) > self.max_depth:
-                raise LimitExceeded("max_depth", len(parts), self.max_depth)
-            prefix = parts[: i + 1]
+        if len(parts) > self.max_depth:
+            raise LimitExceeded("max_depth", len(parts), self.max_depth)
+        top: tuple[bytes, ...] = ()  # a walk through real directories: each step's node is its path
+        walked = walk_in_root(top, parts, self._step, max_depth=self.max_depth)
+        assert walked is not None  # (the step makes what is missing: it never stops the walk)
+        return self.open_dir(tuple(walked[0]))
+
+    def _step(self, here: tuple[bytes, ...], name: bytes) -> tuple[bytes, ...] | Link:
+        """``walk_in_root``'s step through real directories (``here`` has no symlink): ``name`` made if
+        missing, a symlink's target read, anything else but a directory refused."""
+        parent = self.open_nofollow(here, os.O_RDONLY | os.O_DIRECTORY)
+        try:
             try:
-                fd = self.open_dir(prefix)
-            except (FileNotFoundError, NotADirectoryError):
-                fd = -1
-            if fd >= 0:
-                if i + 1 == len(parts):
-                    return fd
-                os.close(fd)
-                i += 1
-                continue
-            parent = self.open_dir(prefix[:-1])
-            try:
-                name = prefix[-1]
-                try:
-                    st = os.lstat(name, dir_fd=parent)
-                except FileNotFoundError:
-                    os.mkdir(name, 0o755, dir_fd=parent)
-                    self._made(parent, name)
-                    continue  # open it through the root on the next turn
-                if not stat.S_ISLNK(st.st_mode):
-                    raise UnsafeLayer(_show(prefix), "a parent path component exists and is not a directory")
-                hops += 1
-                if hops > _MAX_LINK_HOPS:
-                    raise UnsafeLayer(_show(parts), "too many levels of symbolic links")
-                target = os.readlink(name, dir_fd=parent)
-                base = () if target.startswith(b"/") else prefix[:-1]
-                parts = clean_path(b"/".join(base + (target,))) + parts[i + 1:]
-                i = 0
-            finally:
-                os.close(parent)
+                st = os.lstat(name, dir_fd=parent)
+            except FileNotFoundError:
+                os.mkdir(name, 0o755, dir_fd=parent)
+                self._made(parent, name)
+                return here + (name,)
+            if stat.S_ISLNK(st.st_mode):
+                return Link(os.readlink(name, dir_fd=parent))
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectory
+            return here + (name,)
+        finally:
+            os.close(parent)
 
     def _made(self, parent: int, name: bytes) -> None:
         """A directory just made as a parent: its mode set explicitly (mkdir's is masked by the caller's
@@ -173,5 +230,6 @@ class Root:
             os.close(fd)
 
 
-def _show(parts: tuple[bytes, ...]) -> str:
-    return b"/".join(parts).decode("utf-8", "replace")
+def show_path(parts: Iterable[bytes]) -> str:
+    """A path inside the root, for messages (``/`` for the root itself)."""
+    return b"/".join(parts).decode("utf-8", "backslashreplace") or "/"

@@ -262,7 +262,7 @@ def _xattr_name(name: str) -> str:
 # to the kernel's xattr form (include/uapi/linux/posix_acl_xattr.h: version 2, then (tag, perm, id)).
 
 _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
-_ACL_UNDEFINED_ID = 0xFFFFFFFF
+_ACL_UNDEFINED_ID = UNSET_ID  # ACL_UNDEFINED_ID: the same (uid_t)-1
 _ACL_TAGS = {"user": (_ACL_USER_OBJ, _ACL_USER), "u": (_ACL_USER_OBJ, _ACL_USER),
              "group": (_ACL_GROUP_OBJ, _ACL_GROUP), "g": (_ACL_GROUP_OBJ, _ACL_GROUP),
              "mask": (_ACL_MASK, None), "m": (_ACL_MASK, None), "other": (_ACL_OTHER, None), "o": (_ACL_OTHER, None)}

@@ -12,11 +12,11 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..apply.root import Link, walk_in_root
 from ..errors import ImageError
 from ..fsutil import PATH_MAX, READ_MAX, over_read_max
 from . import erofs_format as fmt
 
-_MAX_HOPS = 40
 _PIECE = 1 << 20  # a whole number of blocks for any erofs block size
 
 
@@ -132,36 +132,28 @@ class ErofsReader:
 
     def read_file(self, path: str) -> bytes | None:
         """The content of the regular file at ``path`` (absolute, inside the image), or None if absent."""
-        pending = [p for p in path.encode("utf-8", "surrogateescape").split(b"/") if p][::-1]
-        stack = [self.root_nid]  # the directories from the root down to where we are
-        hops = 0
-        while pending:
-            name = pending.pop()
-            if name == b".":
-                continue
-            if name == b"..":
-                if len(stack) > 1:
-                    stack.pop()
-                continue
-            here = self._inode(stack[-1])
-            if not stat.S_ISDIR(here.mode):
-                return None
-            nid = self._lookup(here, name)
-            if nid is None:
-                return None
-            child = self._inode(nid)
-            if stat.S_ISLNK(child.mode):
-                hops += 1
-                if hops > _MAX_HOPS:
-                    raise ErofsReadError(self.image, f"{path}: too many levels of symbolic links")
-                target = self._data(child, f"{path}: a symlink target", PATH_MAX)
-                if target.startswith(b"/"):
-                    stack = [self.root_nid]
-                pending.extend(p for p in target.split(b"/")[::-1] if p)
-                continue
-            stack.append(nid)
-        ino = self._inode(stack[-1])
+        try:
+            walked = walk_in_root(self.root_nid, path.encode("utf-8", "surrogateescape").split(b"/"),
+                                  lambda nid, name: self._step(nid, name, path))
+        except OSError as exc:  # ELOOP
+            raise ErofsReadError(self.image, f"{path}: {exc.strerror}") from None
+        if walked is None:
+            return None
+        ino = self._inode(walked[1][-1])
         return self._data(ino, path, READ_MAX) if stat.S_ISREG(ino.mode) else None
+
+    def _step(self, nid: int, name: bytes, path: str) -> int | Link | None:
+        """``walk_in_root``'s step through the image: the inode ``name`` names in directory ``nid``."""
+        here = self._inode(nid)
+        if not stat.S_ISDIR(here.mode):
+            return None
+        found = self._lookup(here, name)
+        if found is None:
+            return None
+        child = self._inode(found)
+        if stat.S_ISLNK(child.mode):
+            return Link(self._data(child, f"{path}: a symlink target", PATH_MAX))
+        return found
 
 
 def read_erofs_file(image: Path, path: str) -> bytes | None:

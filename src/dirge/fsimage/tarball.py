@@ -48,11 +48,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from ..apply.tar import BLOCK
 from ..errors import DirgeError
 
 __all__ = ["write_tar"]
 
-BLOCK = 512
 CHUNK = 1 << 20
 SPARSE_BLOCK = 4096
 SPARSE_MIN_SAVING = 1 << 20  # below this, holes are written as zeros (portability beats a few blocks)

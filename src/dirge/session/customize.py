@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol, Union, runtime_checkable
 
 from ..apply.fs import ROOTLESS_XATTR, encode_rootless_owner
-from ..apply.root import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, Root, clean_path, openat2
+from ..apply.root import Root, clean_path
 from ..errors import SessionError
 from ..fsutil import READ_MAX, over_read_max
 
@@ -125,8 +125,7 @@ class DirWriter:
         parts = clean_path(os.fsencode(path))
         root = self._root()
         try:
-            fd = openat2(root.fd, b"/".join(parts), os.O_RDONLY | os.O_NONBLOCK,
-                         RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            fd = root.open(parts, os.O_RDONLY | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
