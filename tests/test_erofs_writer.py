@@ -22,8 +22,7 @@ import pytest
 from conftest import needs_root, needs_tool
 from dirge.apply.dirsink import DirSink
 from dirge.apply.fs import PrivilegedFS, Report
-from dirge.apply.tar import Entry
-from dirge.apply.tree import BLK, CHR, DIR, FIFO, LNK, REG, SOCK, Node, Parts
+from dirge.apply.tree import BLK, CHR, DIR, FIFO, LNK, REG, SOCK, FileData, Node, Parts
 from dirge.fsimage import erofs_format as fmt
 from dirge.fsimage.erofs import ErofsError, ErofsSink, _chunk_plan, xattr_key
 from dirge.fsimage.mount import mount_erofs, unmount
@@ -51,15 +50,10 @@ DEFAULT_ACL = acl((ACL_USER_OBJ, 7, NOID), (ACL_GROUP_OBJ, 5, NOID), (ACL_OTHER,
 CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 
 
-class Stream:
-    """What ``EntryStream`` gives a sink: ``data(entry)`` yields the entry's stored bytes."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self.chunks = chunks
-
-    def data(self, entry: Entry) -> Iterator[memoryview]:
-        for chunk in self.chunks:
-            yield memoryview(chunk)
+def file_data(chunks: Iterable[bytes], sparse: list[tuple[int, int]] | None = None) -> FileData:
+    """What the engine gives a sink: the stored bytes, as views, in the pieces given."""
+    chunks = list(chunks)
+    return FileData(sum(map(len, chunks)), (memoryview(c) for c in chunks), sparse)
 
 
 class Tree:
@@ -104,13 +98,11 @@ class Tree:
              mtime: int = T0, xattrs: dict[str, bytes] | None = None, chunk: int = 65536,
              sparse: list[tuple[int, int]] | None = None, realsize: int | None = None) -> Node:
         node = Node(REG, mode, uid, gid, mtime)
-        entry = Entry(name=os.fsencode(path), type=b"0", mode=mode, uid=uid, gid=gid, size=len(data),
-                      mtime_ns=mtime, sparse=sparse, realsize=realsize)
-        node.size = entry.file_size
+        node.size = realsize if realsize is not None else len(data)
         parts, parent = self._add(path, node, xattrs)
         chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
         for sink in self.sinks:
-            sink.file(parts, parent, node, entry, Stream(chunks))
+            sink.file(parts, parent, node, file_data(chunks, sparse))
         return node
 
     def symlink(self, path: bytes | str, target: bytes, **kw: Any) -> Node:
@@ -453,8 +445,7 @@ def test_close_is_idempotent_and_cleans_up_after_failure(tmp_path: Path) -> None
     with pytest.raises(ErofsError):
         node = Node(REG)
         node.size = 10
-        entry = Entry(name=b"x", type=b"0", mode=0o644, uid=0, gid=0, size=10, mtime_ns=0)
-        sink.file((b"x",), t.root, node, entry, Stream([b"abc"]))
+        sink.file((b"x",), t.root, node, FileData(10, [b"abc"]))
     sink.close()
     sink.close()
     assert sorted(os.listdir(tmp_path)) == ["img.erofs"]  # the spool was anonymous

@@ -851,26 +851,6 @@ def tokens(chunks: Iterator[bytes], limits: "Limits | None" = None) -> Iterator[
             reader.finish_entry()
 
 
-def sparse_pieces(entry: Entry, data: Iterable[bytes | memoryview]) -> Iterator[tuple[int, memoryview]]:
-    """A sparse member's stored data placed at its logical offsets: ``(offset, piece)``, each piece
-    inside one data region of ``entry.sparse``. The data must fill the map exactly."""
-    pieces = iter(data)
-    piece = memoryview(b"")
-    for off, length in entry.sparse or ():
-        while length:
-            if not piece:
-                chunk = next(pieces, None)
-                if chunk is None:
-                    raise TarFormatError(f"{entry.name!r}: sparse data ends before its map does")
-                piece = memoryview(chunk).cast("B")
-                continue
-            take = min(length, len(piece))
-            yield off, piece[:take]
-            piece, off, length = piece[take:], off + take, length - take
-    if piece or any(len(rest) for rest in pieces):
-        raise TarFormatError(f"{entry.name!r}: sparse data goes on past its map")
-
-
 class EntryStream:
     """The applier's side of ``tokens``: iterate entries; ``data(entry)`` yields the current one's bytes."""
 

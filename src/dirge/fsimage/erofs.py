@@ -36,19 +36,13 @@ import os
 from collections.abc import Mapping
 import tempfile
 from array import array
-from typing import TYPE_CHECKING
 
 from . import erofs_format as fmt
 from ..apply import tree
 from ..errors import SinkError
-from ..apply.tree import Node, Parts
+from ..apply.tree import FileData, Node, Parts
 from ..fsutil import fd_path, raise_no_space
 from .imagesink import Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
-
-from ..apply.tar import sparse_pieces
-
-if TYPE_CHECKING:
-    from ..apply.tar import Entry, EntryStream
 
 BLKSZ = fmt.BLKSZ
 _BITS = fmt.BLKSZBITS
@@ -56,7 +50,8 @@ _MASK = BLKSZ - 1
 _INODE = fmt.INODE_EXTENDED.size
 _SLOT = fmt.ISLOTSIZE
 _FLUSH = 1 << 20  # buffered bytes before a write
-_DIRECT = 256 << 10  # a piece this big skips the buffer (one copy less)
+_IOV = 512  # pieces gathered for one pwritev (Linux takes up to 1024)
+_ZEROS = memoryview(bytes(BLKSZ))
 _MOVE = 1 << 20  # compaction: bytes per read/write when the gap is small
 
 _FTYPES = {tree.REG: fmt.FT_REG_FILE, tree.DIR: fmt.FT_DIR, tree.LNK: fmt.FT_SYMLINK, tree.CHR: fmt.FT_CHRDEV,
@@ -195,9 +190,15 @@ class ErofsSink(TreeImageSink):
         self._released = bytearray()
         self._chunks: dict[int, tuple[int, array[int]]] = {}  # sparse files: chunk bits, block per chunk (-1 hole)
         self._end = 1  # next free block of the data area (block 0: superblock)
-        self._dbuf = bytearray()  # data for the image from block self._wpos on
+        # Data for the image from byte self._wpos on: the pieces themselves (views of the decompressed
+        # chunks, no copy), written together by one pwritev. They keep their chunks alive until then;
+        # the flush every _FLUSH bytes bounds that to about two chunks.
+        self._dbuf: list[memoryview | bytes] = []
+        self._dlen = 0
         self._wpos = BLKSZ
-        self._sbuf = bytearray()  # tails not yet in the spool
+        # Tails not yet in the spool: copied (a tail is small, and a view would keep a whole 1 MiB chunk
+        # alive until the spool buffer fills).
+        self._sbuf = bytearray()
         self._spooled = 0  # spool size, buffer included
         self._finished = False
 
@@ -213,11 +214,11 @@ class ErofsSink(TreeImageSink):
         # Free the disk blocks now (best effort: finish leaves dead data out of the image anyway).
         punch(self._fd, self._start[index] << _BITS, self._nblk[index] << _BITS)
 
-    def file(self, parts: Parts, parent: Node, node: Node, entry: Entry, stream: EntryStream) -> None:
-        if entry.sparse is not None and node.size:
-            self._sparse(node, entry, stream)
+    def file(self, parts: Parts, parent: Node, node: Node, data: FileData) -> None:
+        if data.sparse is not None and node.size:
+            self._sparse(node, data)
             return
-        size = entry.size
+        size = data.size
         if size != node.size:
             raise ErofsError(f"{show(parts)}: {size} bytes stored for a {node.size}-byte file")
         tail = size & _MASK
@@ -227,29 +228,28 @@ class ErofsSink(TreeImageSink):
         full = size - tail  # bytes for the data area
         dbuf, sbuf = self._dbuf, self._sbuf
         left, got = full, 0
-        for piece in stream.data(entry):
+        for piece in data.chunks:
             n = len(piece)
             got += n
             if left >= n:
                 left -= n
-                if n >= _DIRECT:
-                    self._flush_data()
-                    pwrite_all(self._fd, piece, self._wpos)
-                    self._wpos += n
-                    continue
-                dbuf += piece
+                dbuf.append(piece)
+                self._dlen += n
             elif left:
-                dbuf += piece[:left]
+                dbuf.append(piece[:left])
+                self._dlen += left
                 sbuf += piece[left:]
                 left = 0
             else:
                 sbuf += piece
-            if len(dbuf) >= _FLUSH:
+            if self._dlen >= _FLUSH or len(dbuf) >= _IOV:
                 self._flush_data()
         if got != size:
             raise ErofsError(f"{show(parts)}: {got} bytes of data for a {size}-byte file")
         if full & _MASK:
-            dbuf += bytes(BLKSZ - (full & _MASK))
+            pad = BLKSZ - (full & _MASK)
+            dbuf.append(_ZEROS[:pad])
+            self._dlen += pad
         index = len(self._start)
         nblk = (full + _MASK) >> _BITS
         self._start.append(self._end)
@@ -265,10 +265,10 @@ class ErofsSink(TreeImageSink):
             self._tail.append(-1)
         node.data = index
 
-    def _sparse(self, node: Node, entry: Entry, stream: EntryStream) -> None:
+    def _sparse(self, node: Node, data: FileData) -> None:
         """A sparse entry: chunk-based with hole chunks unmapped, or flat; the data is pwritten to its
         place (never-written bytes of the data area are holes of the image file, read as zeros)."""
-        size, regions = node.size, entry.sparse or []
+        size, regions = node.size, data.sparse or []
         self._flush_data()
         bits = _chunk_plan(size, regions)
         base = self._end << _BITS
@@ -297,7 +297,7 @@ class ErofsSink(TreeImageSink):
             def where(off: int) -> int:
                 return base + (blocks[off >> cbits] << _BITS) + (off & cmask)
 
-        for off, piece in sparse_pieces(entry, stream.data(entry)):
+        for off, piece in data.placed():
             pwrite_all(self._fd, piece, where(off))  # a region's chunks get consecutive blocks
         self._start.append(self._end)
         self._nblk.append(nblk)
@@ -308,10 +308,23 @@ class ErofsSink(TreeImageSink):
         node.data = index
 
     def _flush_data(self) -> None:
-        if self._dbuf:
-            pwrite_all(self._fd, self._dbuf, self._wpos)
-            self._wpos += len(self._dbuf)
-            self._dbuf.clear()
+        dbuf = self._dbuf
+        if not dbuf:
+            return
+        pos, total = self._wpos, self._dlen
+        written = os.pwritev(self._fd, dbuf, pos)
+        if written != total:  # short (rare on a regular file): the rest piece by piece
+            skip = written
+            for piece in dbuf:
+                if skip >= len(piece):
+                    skip -= len(piece)
+                    continue
+                pwrite_all(self._fd, memoryview(piece)[skip:], pos + written)
+                written += len(piece) - skip
+                skip = 0
+        self._wpos = pos + total
+        dbuf.clear()
+        self._dlen = 0
 
     def _flush_spool(self) -> None:
         if self._sbuf:
