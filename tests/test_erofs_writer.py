@@ -451,6 +451,19 @@ def test_close_is_idempotent_and_cleans_up_after_failure(tmp_path: Path) -> None
     assert sorted(os.listdir(tmp_path)) == ["img.erofs"]  # the spool was anonymous
 
 
+def test_xattrs_grown_after_the_data_are_refused(tmp_path: Path) -> None:
+    """A node's xattrs are final when ``file()`` is called (the engine sets metadata first): a caller
+    that grows them later, so that the tail no longer fits, breaks the contract and is told so."""
+    image = tmp_path / "img.erofs"
+    sink = erofs_sink(image)
+    t = Tree(sink)
+    grown = t.file("grown", rand(3 * 4096 + 3500, 9))
+    grown.xattrs = {"user.late": b"L" * 1000}
+    with pytest.raises(ErofsError, match="xattrs changed after"):
+        t.finish()
+    sink.close()
+
+
 def test_chunk_map_uses_null_addr_for_holes(tmp_path: Path) -> None:
     """Read the chunk map back from the raw image: hole chunks are EROFS_NULL_ADDR."""
     image = tmp_path / "img.erofs"
@@ -479,17 +492,17 @@ def test_chunk_map_uses_null_addr_for_holes(tmp_path: Path) -> None:
 @needs_root
 @needs_erofs_tools
 def test_odd_shapes(tmp_path: Path, mounted: Any) -> None:
-    """A root too big for one block (xattrs), a chunk map spanning blocks, a file whose xattrs grew
-    after its data was written (its tail no longer fits: the data moves), a directory whose tail
-    does not fit with its xattrs."""
+    """A root too big for one block (xattrs), a chunk map spanning blocks, files whose tail does not
+    fit their inode's block (with xattrs; alone, over 4032 bytes: FLAT_PLAIN, the tail padded in the
+    data area), a directory whose tail does not fit with its xattrs."""
     image = tmp_path / "img.erofs"
     t = Tree(erofs_sink(image))
     t.root.xattrs = {"user.big": b"R" * 6000}
     regions = [(i << 20, 10) for i in range(1024)]
     t.file("map", b"0123456789" * 1024, sparse=regions, realsize=1 << 30)
-    grown = t.file("grown", rand(3 * 4096 + 3500, 9))
+    t.file("grown", rand(3 * 4096 + 3500, 9), xattrs={"user.late": b"L" * 1000})
+    t.file("bigtail", rand(4096 + 4050, 10))
     t.file("next", b"next")
-    grown.xattrs = {"user.late": b"L" * 1000}
     t.dir("fatdir", xattrs={"user.fat": b"F" * 3900})
     for i in range(20):
         t.file(f"fatdir/f{i}", b"%d" % i)
@@ -504,5 +517,7 @@ def test_odd_shapes(tmp_path: Path, mounted: Any) -> None:
     assert (mnt / "grown").read_bytes() == rand(3 * 4096 + 3500, 9)
     assert os.getxattr(mnt / "grown", "user.late") == b"L" * 1000
     assert "Layout: 0" in dump_path(image, "/grown")
+    assert (mnt / "bigtail").read_bytes() == rand(4096 + 4050, 10)
+    assert "Layout: 0" in dump_path(image, "/bigtail")
     assert sorted(os.listdir(mnt / "fatdir")) == sorted(f"f{i}" for i in range(20))
     assert (mnt / "fatdir/f7").read_bytes() == b"7" and (mnt / "next").read_bytes() == b"next"

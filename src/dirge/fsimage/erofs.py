@@ -4,7 +4,7 @@ Layout (4 KiB blocks; B = the data end after compaction)::
 
     block 0        superblock at byte 1024 (the rest zero)
     1 .. B-1       file data, whole blocks, appended in entry order as the layers stream by
-    B .. M-1       data placed at finish: directory blocks, long symlinks, relocated files
+    B .. M-1       data placed at finish: directory blocks, long symlinks
     M .. X-1       metadata (meta_blkaddr = M): extended inodes, each followed by its xattrs and its
                    inline tail (FLAT_INLINE) or chunk block map (CHUNK_BASED); root at nid 1
     X ..           shared xattrs (xattr_blkaddr = X)
@@ -12,7 +12,8 @@ Layout (4 KiB blocks; B = the data end after compaction)::
 File data is written once, sequentially, while the layer streams: the whole blocks go to the image,
 the tail (``size % 4096``) to a spool temp file, to be packed after its inode at finish (erofs'
 tail-packing). A tail that could not share one block with its inode and xattrs is padded to a block
-in the data area instead (FLAT_PLAIN); sharing xattrs only shrinks an inode, so that decision holds.
+in the data area instead (FLAT_PLAIN), decided in ``file()`` with every xattr counted inline (sharing
+only shrinks an inode; tails over 4032 bytes never fit), so the data never moves for it.
 Sparse entries become chunk-based files whose hole chunks map to ``EROFS_NULL_ADDR`` (chunk size
 chosen per file to minimise data + map), or flat ones when holes would save nothing.
 
@@ -222,8 +223,10 @@ class ErofsSink(TreeImageSink):
         if size != node.size:
             raise ErofsError(f"{show(parts)}: {size} bytes stored for a {node.size}-byte file")
         tail = size & _MASK
-        # A tail that may not fit in its inode's block goes to the data area, padded (FLAT_PLAIN).
-        if tail and node.xattrs and _INODE + _inline_bound(node.xattrs) + tail > BLKSZ:
+        # A tail that may not fit in its inode's block (with its xattrs, all counted inline: sharing
+        # only shrinks them) goes to the data area, padded (FLAT_PLAIN), where it stays: the node's
+        # xattrs are final when file() is called.
+        if tail and _INODE + (_inline_bound(node.xattrs) if node.xattrs else 0) + tail > BLKSZ:
             tail = 0
         full = size - tail  # bytes for the data area
         dbuf, sbuf = self._dbuf, self._sbuf
@@ -390,28 +393,6 @@ class ErofsSink(TreeImageSink):
                 n = len(data)
             src, dst, left = src + n, dst + n, left - n
 
-    def _relocate(self, index: int, size: int) -> int:
-        """Copy a file's data to the end with its tail padded into the data area (FLAT_PLAIN): for a
-        file whose xattrs grew after ``file()`` so that its tail no longer fits its inode's block."""
-        assert self._map is not None
-        new = len(self._start)
-        nblk = self._nblk[index]
-        self._start.append(self._end)
-        self._nblk.append(nblk + 1)
-        self._tail.append(-1)
-        self._released.append(0)
-        old = self._start[index] << _BITS
-        pos = self._end << _BITS
-        left = nblk << _BITS
-        while left:
-            data = os.pread(self._fd, min(left, _MOVE), old)
-            pwrite_all(self._fd, data, pos)
-            old, pos, left = old + len(data), pos + len(data), left - len(data)
-        tail_at, tail = self._tail[index], size & _MASK
-        pwrite_all(self._fd, self._map[tail_at:tail_at + tail] + bytes(BLKSZ - tail), pos)
-        self._end += nblk + 1
-        return new
-
 
 def _anonymous_file(directory: str) -> int:
     try:
@@ -449,7 +430,6 @@ class _Image:
         sink = self.sink
         live = self._walk()
         self._xattr_ibodies()
-        self._relocations(live)
         sink._compact(live)
         self._layouts()
         meta, meta_blocks = self._place()
@@ -530,20 +510,6 @@ class _Image:
                 raise ErofsError(f"{text(self._path(ino))}: xattrs too large for an erofs inode")
             self.xattrs[ino] = body
 
-    def _relocations(self, live: bytearray) -> None:
-        """Files whose tail no longer fits their inode's block get their data moved (rare: xattrs
-        changed after the data was written)."""
-        sink = self.sink
-        for ino, node in enumerate(self.nodes):
-            index = node.data
-            if node.kind != tree.REG or not isinstance(index, int) or sink._tail[index] < 0:
-                continue
-            if _INODE + len(self.xattrs.get(ino, b"")) + (node.size & _MASK) > BLKSZ:
-                new = sink._relocate(index, node.size)
-                live[index] = 0
-                live.append(1)
-                node.data = new
-
     def _layouts(self) -> None:
         sink = self.sink
         end = sink._end
@@ -572,6 +538,8 @@ class _Image:
                 nblk = sink._nblk[index]
                 blk = sink._start[index] if nblk else (0 if not size else fmt.NULL_ADDR)
                 if sink._tail[index] >= 0:
+                    if head + (size & _MASK) > BLKSZ:  # only if its xattrs grew after file() (the contract)
+                        raise ErofsError(f"{text(self._path(ino))}: xattrs changed after the file's data was written")
                     append_layout(fmt.INODE_FLAT_INLINE)
                     item(head + (size & _MASK))
                 else:
