@@ -54,6 +54,7 @@ _FLUSH = 1 << 20  # buffered bytes before a write
 _IOV = 512  # pieces gathered for one pwritev (Linux takes up to 1024)
 _ZEROS = memoryview(bytes(BLKSZ))
 _MOVE = 1 << 20  # compaction: bytes per read/write when the gap is small
+_WINDOW = 4 << 20  # the metadata area is packed and written this many bytes at a time
 
 _FTYPES = {tree.REG: fmt.FT_REG_FILE, tree.DIR: fmt.FT_DIR, tree.LNK: fmt.FT_SYMLINK, tree.CHR: fmt.FT_CHRDEV,
            tree.BLK: fmt.FT_BLKDEV, tree.FIFO: fmt.FT_FIFO, tree.SOCK: fmt.FT_SOCK}
@@ -650,47 +651,65 @@ class _Image:
                 out.zeros((nblk << _BITS) - len(data))
 
     def _write_meta(self, out: _Out, meta_blocks: int) -> None:
+        """The metadata area, packed in place (``pack_into``) into a zeroed window that is written when
+        the next item would not fit: one slice assignment per piece, gaps zero for free."""
         sink = self.sink
-        base = out.pos + len(out.buf)
+        out.flush()
+        fd, base = sink._fd, out.pos
+        end = base + (meta_blocks << _BITS)
         order = sorted(range(len(self.nodes)), key=self.nid.__getitem__)
-        pack = fmt.INODE_EXTENDED.pack
+        pack_into = fmt.INODE_EXTENDED.pack_into
         build = sink.build_time_ns
         nodes, xattrs, layout, iu, isize, nlink = self.nodes, self.xattrs, self.layout, self.iu, self.isize, self.nlink
+        nid, item, tails, i_format = self.nid, self.item, sink._tail, fmt.i_format
+        inline, chunk_based, reg, lnk = fmt.INODE_FLAT_INLINE, fmt.INODE_CHUNK_BASED, tree.REG, tree.LNK
         spool = sink._map
+        win, wstart = bytearray(_WINDOW), base  # the window holds the image's bytes from wstart on
         for count, ino in enumerate(order):
             if spool is not None and count & 0xFFF == 0xFFF:
                 spool.madvise(mmap.MADV_DONTNEED)  # tails read so far leave our RSS (they stay cached)
-            pos = base + (self.nid[ino] << fmt.ISLOTBITS)
-            out.zeros(pos - out.pos - len(out.buf))
+            pos = base + (nid[ino] << fmt.ISLOTBITS)
+            o = pos - wstart
+            if o + item[ino] > len(win):  # everything before this item (zeros included) goes out
+                pwrite_all(fd, memoryview(win)[:o], wstart)
+                win, wstart, o = bytearray(max(_WINDOW, item[ino])), pos, 0
             node = nodes[ino]
-            body = xattrs.get(ino, b"")
+            body = xattrs.get(ino)
             mtime = node.mtime_ns if node.mtime_ns is not None else build
-            secs, nsec = divmod(mtime, 1_000_000_000)
-            if not (0 <= node.uid <= 0xFFFFFFFF and 0 <= node.gid <= 0xFFFFFFFF):
-                raise ErofsError(f"{text(self._path(ino))}: owner {node.uid}:{node.gid} out of erofs' 32-bit range")
-            icount = 1 + (len(body) - fmt.XATTR_IBODY_HEADER.size) // 4 if body else 0
-            out.write(pack(fmt.i_format(layout[ino]), icount, node.kind | (node.mode & 0o7777), 0, isize[ino], iu[ino],
-                           (ino + 1) & 0xFFFFFFFF, node.uid, node.gid, secs, nsec, nlink[ino]))
-            out.write(body)
-            kind, lay = node.kind, layout[ino]
-            if lay == fmt.INODE_FLAT_INLINE:
+            uid, gid = node.uid, node.gid
+            if not (0 <= uid <= 0xFFFFFFFF and 0 <= gid <= 0xFFFFFFFF):
+                raise ErofsError(f"{text(self._path(ino))}: owner {uid}:{gid} out of erofs' 32-bit range")
+            lay, kind = layout[ino], node.kind
+            pack_into(win, o, i_format(lay), 1 + (len(body) - fmt.XATTR_IBODY_HEADER.size) // 4 if body else 0,
+                      kind | (node.mode & 0o7777), 0, isize[ino], iu[ino], (ino + 1) & 0xFFFFFFFF, uid, gid,
+                      mtime // 1_000_000_000, mtime % 1_000_000_000, nlink[ino])
+            o += _INODE
+            if body:
+                win[o:o + len(body)] = body
+                o += len(body)
+            if lay == inline:
                 size = isize[ino]
-                if kind == tree.REG:
+                if kind == reg:
                     assert spool is not None and isinstance(node.data, int)
-                    at = sink._tail[node.data]
-                    out.write(spool[at:at + (size & _MASK)])
-                elif kind == tree.LNK:
-                    out.write(node.target[size & ~_MASK:])
+                    at, n = tails[node.data], size & _MASK
+                    win[o:o + n] = spool[at:at + n]
+                elif kind == lnk:
+                    target = node.target[size & ~_MASK:]
+                    win[o:o + len(target)] = target
                 else:
                     names = self.names[ino]
-                    starts = _dir_blocks(names)
-                    out.write(self._dirents(ino, starts[-1], len(names)))
-            elif lay == fmt.INODE_CHUNK_BASED:
+                    dirents = self._dirents(ino, _dir_blocks(names)[-1], len(names))
+                    win[o:o + len(dirents)] = dirents
+            elif lay == chunk_based:
                 assert isinstance(node.data, int)
                 start = sink._start[node.data]
-                out.write(b"".join(fmt.BLOCK_MAP_ENTRY.pack(fmt.NULL_ADDR if b < 0 else start + b)
-                                   for b in sink._chunks[node.data][1]))
-        out.zeros(base + (meta_blocks << _BITS) - out.pos - len(out.buf))
+                blockmap = b"".join(fmt.BLOCK_MAP_ENTRY.pack(fmt.NULL_ADDR if b < 0 else start + b)
+                                    for b in sink._chunks[node.data][1])
+                win[o:o + len(blockmap)] = blockmap
+        if end - wstart > len(win):  # (stale bytes of compacted data may lie there: written as zeros)
+            win += bytes(end - wstart - len(win))
+        pwrite_all(fd, memoryview(win)[:end - wstart], wstart)
+        out.pos = end
 
     def _write_shared(self, out: _Out) -> int:
         blob = self.shared_blob
