@@ -24,7 +24,7 @@ from .errors import DirgeError
 from .fsutil import remove_tree
 from .image import Descriptor, Platform
 from .reference import LayoutReference, RegistryReference, parse_reference
-from .resolve import BlobSource, ResolvedImage, resolve_manifest
+from .resolve import BlobSource, Prefetching, ResolvedImage, resolve_manifest
 from .sources.layout import LayoutSource
 from .sources.partial import StreamRestarted
 
@@ -140,10 +140,9 @@ def pull_image(image: str, platform: Platform | None = None, *, cache: "Cache | 
     """Make sure the manifest, config and every layer blob of ``image`` are in the cache."""
     source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes)
     try:
-        prefetch, wait = getattr(source, "prefetch", None), getattr(source, "wait", None)
-        if prefetch is not None and wait is not None:
-            prefetch(resolved.manifest.layers)
-            wait()
+        if isinstance(source, Prefetching):
+            source.prefetch(resolved.manifest.layers)
+            source.wait()
         else:
             for desc in resolved.manifest.layers:
                 source.open_blob(desc).close()
@@ -227,9 +226,8 @@ def apply_layers(source: BlobSource, resolved: ResolvedImage, make_sink: SinkFac
                  *, limits: Limits = Limits(), progress: ProgressFn | None = None) -> Report:
     """Merge every layer of ``resolved`` through a new sink from ``make_sink``; ``reset`` undoes a
     sink's partial output before a restart."""
-    prefetch = getattr(source, "prefetch", None)
-    if prefetch is not None:  # registries: every layer downloads (in parallel) while it is applied
-        prefetch(resolved.manifest.layers)
+    if isinstance(source, Prefetching):  # registries: every layer downloads (in parallel) while it is applied
+        source.prefetch(resolved.manifest.layers)
     for attempt in range(_RESTARTS + 1):
         try:
             return _apply_layers(source, resolved, make_sink, limits, progress)
