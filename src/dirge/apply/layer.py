@@ -204,8 +204,14 @@ class Applier:
                 node.touched = layer
 
     def _new_node(self, entry: Entry) -> Node:
-        node = Node(_KINDS[entry.type])
-        self._set_metadata(node, entry)
+        uid, gid, mtime = entry.uid, entry.gid, entry.mtime_ns
+        if 0 <= uid < UNSET_ID and 0 <= gid < UNSET_ID and _NS_MIN <= mtime < _NS_END and entry.atime_ns is None:
+            # The common case, in one constructor call: what _set_metadata checks and sets, all in range.
+            node = Node(_KINDS[entry.type], entry.mode & 0o7777, uid, gid, mtime)
+            node.xattrs = entry.xattrs or NO_XATTRS
+        else:
+            node = Node(_KINDS[entry.type])
+            self._set_metadata(node, entry)
         if entry.type == REG:
             node.size = entry.size if entry.realsize is None else entry.realsize
             if entry.sparse is not None:
@@ -249,7 +255,10 @@ class Applier:
         assert parent.children is not None
         if len(name) > _NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
-        self._tree_bytes += _cost(name, node)
+        cost = NODE_BYTES + len(name) + len(node.target)  # _cost(), inline (once per entry)
+        if node.xattrs:
+            cost += sum(len(k) + len(v) for k, v in node.xattrs.items())
+        self._tree_bytes += cost
         if self._tree_bytes > self.limits.max_tree_bytes:
             raise LimitExceeded("max_tree_bytes", self._tree_bytes, self.limits.max_tree_bytes)
         parent.children[name] = node
