@@ -415,6 +415,7 @@ class _Image:
         self.nlink = array("I")
         self.parent = array("q")
         self.names: dict[int, list[bytes]] = {}  # directories: names with "." and "..", sorted
+        self.starts: dict[int, list[int]] = {}  # directories: where each block starts in names
         self.xattrs: dict[int, bytes] = {}  # the xattr ibody of inodes that have one
         self.layout = bytearray()
         self.iu = array("I")  # i_u: raw_blkaddr, rdev or chunk format
@@ -550,7 +551,8 @@ class _Image:
             elif kind == tree.DIR or kind == tree.LNK:
                 if kind == tree.DIR:
                     names = self.names[ino]
-                    size = _dir_size(names, _dir_blocks(names))
+                    starts = self.starts[ino] = _dir_blocks(names)  # (kept: blocks and tail use it)
+                    size = _dir_size(names, starts)
                 else:
                     size = len(node.target)
                 isize(size)
@@ -640,7 +642,7 @@ class _Image:
             node = self.nodes[ino]
             if node.kind == tree.DIR:
                 names = self.names[ino]
-                starts = _dir_blocks(names) + [len(names)]
+                starts = self.starts[ino] + [len(names)]
                 for b in range(nblk):
                     data = self._dirents(ino, starts[b], starts[b + 1])
                     out.write(data)
@@ -698,7 +700,7 @@ class _Image:
                     win[o:o + len(target)] = target
                 else:
                     names = self.names[ino]
-                    dirents = self._dirents(ino, _dir_blocks(names)[-1], len(names))
+                    dirents = self._dirents(ino, self.starts[ino][-1], len(names))
                     win[o:o + len(dirents)] = dirents
             elif lay == chunk_based:
                 assert isinstance(node.data, int)
