@@ -48,6 +48,7 @@ _SOLARIS_PAX = b"X"  # Solaris tar's extended header: read like ``x``, as GNU ta
 _SOLARIS_ACL = b"A"  # Solaris tar's ACL of the next member (libarchive reads it; GNU tar does not know it)
 _KNOWN = (REG, LINK, SYMLINK, CHR, BLK, DIR, FIFO, _GNU_VOLHDR)
 _NO_DATA = (LINK, SYMLINK, CHR, BLK, DIR, FIFO)
+_PLAIN = (REG, b"\0", _CONT, DIR, SYMLINK, LINK)  # types the common path of TarReader._next takes whole
 
 
 @dataclass(slots=True)
@@ -575,6 +576,19 @@ class TarReader:
             atime = _parse_number(header[345:357])
             if atime:
                 entry.atime_ns = atime * 1_000_000_000
+        if typeflag in _PLAIN and not pax and not self._global and longname is None and longlink is None \
+                and solaris_acl is None:
+            # The common member (a file, directory or link with no extended header): what the general
+            # path below makes of it, without its steps.
+            kind = entry.type
+            if kind == REG and name.endswith(b"/"):
+                entry.type = kind = DIR  # old (BSD) tars mark directories by a trailing slash only
+            if kind in _NO_DATA:  # no data whatever the size says (and no pax header: no linkdata)
+                entry.size = 0
+                self._steps, self._step, self._member_left = [], 0, 0
+            else:
+                self._steps, self._step, self._member_left = ([(0, size)] if size else []), 0, size + (-size % BLOCK)
+            return entry
         if longname is not None:
             entry.name = longname
         if longlink is not None:
