@@ -22,8 +22,7 @@ import pytest
 from conftest import needs_root, needs_tool
 from dirge.apply.dirsink import DirSink
 from dirge.apply.fs import PrivilegedFS, Report
-from dirge.apply.tar import Entry
-from dirge.apply.tree import BLK, CHR, DIR, FIFO, LNK, REG, SOCK, Node, Parts
+from dirge.apply.tree import BLK, CHR, DIR, FIFO, LNK, REG, SOCK, FileData, Node, Parts
 from dirge.fsimage import erofs_format as fmt
 from dirge.fsimage.erofs import ErofsError, ErofsSink, _chunk_plan, xattr_key
 from dirge.fsimage.mount import mount_erofs, unmount
@@ -51,15 +50,10 @@ DEFAULT_ACL = acl((ACL_USER_OBJ, 7, NOID), (ACL_GROUP_OBJ, 5, NOID), (ACL_OTHER,
 CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 
 
-class Stream:
-    """What ``EntryStream`` gives a sink: ``data(entry)`` yields the entry's stored bytes."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self.chunks = chunks
-
-    def data(self, entry: Entry) -> Iterator[memoryview]:
-        for chunk in self.chunks:
-            yield memoryview(chunk)
+def file_data(chunks: Iterable[bytes], sparse: list[tuple[int, int]] | None = None) -> FileData:
+    """What the engine gives a sink: the stored bytes, as views, in the pieces given."""
+    chunks = list(chunks)
+    return FileData(sum(map(len, chunks)), (memoryview(c) for c in chunks), sparse)
 
 
 class Tree:
@@ -104,13 +98,11 @@ class Tree:
              mtime: int = T0, xattrs: dict[str, bytes] | None = None, chunk: int = 65536,
              sparse: list[tuple[int, int]] | None = None, realsize: int | None = None) -> Node:
         node = Node(REG, mode, uid, gid, mtime)
-        entry = Entry(name=os.fsencode(path), type=b"0", mode=mode, uid=uid, gid=gid, size=len(data),
-                      mtime_ns=mtime, sparse=sparse, realsize=realsize)
-        node.size = entry.file_size
+        node.size = realsize if realsize is not None else len(data)
         parts, parent = self._add(path, node, xattrs)
         chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
         for sink in self.sinks:
-            sink.file(parts, parent, node, entry, Stream(chunks))
+            sink.file(parts, parent, node, file_data(chunks, sparse))
         return node
 
     def symlink(self, path: bytes | str, target: bytes, **kw: Any) -> Node:
@@ -453,11 +445,23 @@ def test_close_is_idempotent_and_cleans_up_after_failure(tmp_path: Path) -> None
     with pytest.raises(ErofsError):
         node = Node(REG)
         node.size = 10
-        entry = Entry(name=b"x", type=b"0", mode=0o644, uid=0, gid=0, size=10, mtime_ns=0)
-        sink.file((b"x",), t.root, node, entry, Stream([b"abc"]))
+        sink.file((b"x",), t.root, node, FileData(10, [b"abc"]))
     sink.close()
     sink.close()
     assert sorted(os.listdir(tmp_path)) == ["img.erofs"]  # the spool was anonymous
+
+
+def test_xattrs_grown_after_the_data_are_refused(tmp_path: Path) -> None:
+    """A node's xattrs are final when ``file()`` is called (the engine sets metadata first): a caller
+    that grows them later, so that the tail no longer fits, breaks the contract and is told so."""
+    image = tmp_path / "img.erofs"
+    sink = erofs_sink(image)
+    t = Tree(sink)
+    grown = t.file("grown", rand(3 * 4096 + 3500, 9))
+    grown.xattrs = {"user.late": b"L" * 1000}
+    with pytest.raises(ErofsError, match="xattrs changed after"):
+        t.finish()
+    sink.close()
 
 
 def test_chunk_map_uses_null_addr_for_holes(tmp_path: Path) -> None:
@@ -488,17 +492,17 @@ def test_chunk_map_uses_null_addr_for_holes(tmp_path: Path) -> None:
 @needs_root
 @needs_erofs_tools
 def test_odd_shapes(tmp_path: Path, mounted: Any) -> None:
-    """A root too big for one block (xattrs), a chunk map spanning blocks, a file whose xattrs grew
-    after its data was written (its tail no longer fits: the data moves), a directory whose tail
-    does not fit with its xattrs."""
+    """A root too big for one block (xattrs), a chunk map spanning blocks, files whose tail does not
+    fit their inode's block (with xattrs; alone, over 4032 bytes: FLAT_PLAIN, the tail padded in the
+    data area), a directory whose tail does not fit with its xattrs."""
     image = tmp_path / "img.erofs"
     t = Tree(erofs_sink(image))
     t.root.xattrs = {"user.big": b"R" * 6000}
     regions = [(i << 20, 10) for i in range(1024)]
     t.file("map", b"0123456789" * 1024, sparse=regions, realsize=1 << 30)
-    grown = t.file("grown", rand(3 * 4096 + 3500, 9))
+    t.file("grown", rand(3 * 4096 + 3500, 9), xattrs={"user.late": b"L" * 1000})
+    t.file("bigtail", rand(4096 + 4050, 10))
     t.file("next", b"next")
-    grown.xattrs = {"user.late": b"L" * 1000}
     t.dir("fatdir", xattrs={"user.fat": b"F" * 3900})
     for i in range(20):
         t.file(f"fatdir/f{i}", b"%d" % i)
@@ -513,5 +517,7 @@ def test_odd_shapes(tmp_path: Path, mounted: Any) -> None:
     assert (mnt / "grown").read_bytes() == rand(3 * 4096 + 3500, 9)
     assert os.getxattr(mnt / "grown", "user.late") == b"L" * 1000
     assert "Layout: 0" in dump_path(image, "/grown")
+    assert (mnt / "bigtail").read_bytes() == rand(4096 + 4050, 10)
+    assert "Layout: 0" in dump_path(image, "/bigtail")
     assert sorted(os.listdir(mnt / "fatdir")) == sorted(f"f{i}" for i in range(20))
     assert (mnt / "fatdir/f7").read_bytes() == b"7" and (mnt / "next").read_bytes() == b"next"

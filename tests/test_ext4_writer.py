@@ -21,14 +21,14 @@ import pytest
 from conftest import needs_root, needs_tool, require
 from dirge import unpack
 from dirge.apply.fs import Report
-from dirge.apply.tree import BLK, CHR, FIFO, SOCK, Node
+from dirge.apply.tree import BLK, CHR, FIFO, SOCK, FileData, Node
 from dirge.fsimage import ext4_format as fmt
 from dirge.fsimage.ext4 import (Ext4Error, Ext4SizeError, Ext4Sink, acl_to_disk, build_extent_tree, dx_hash,
                                 tree_blocks, xattr_key)
 from dirge.sources.open import open_image
 from dirge.unpack import apply_layers, image_identity
 from images import layered, metadata
-from test_erofs_writer import (ACCESS_ACL, BUILD, CAPABILITY, DEFAULT_ACL, GiB, T0, UUID, Stream, Tree, dir_sink,
+from test_erofs_writer import (ACCESS_ACL, BUILD, CAPABILITY, DEFAULT_ACL, GiB, T0, UUID, Tree, dir_sink,
                                rand)
 from treecmp import diff, snapshot
 
@@ -400,10 +400,8 @@ def test_contract_errors(tmp_path: Path) -> None:
     t = Tree(sink)
     node = Node(0o100000)
     node.size = 10
-    from dirge.apply.tar import Entry
-    entry = Entry(name=b"x", type=b"0", mode=0o644, uid=0, gid=0, size=10, mtime_ns=0)
     with pytest.raises(Ext4Error):
-        sink.file((b"x",), t.root, node, entry, Stream([b"abc"]))
+        sink.file((b"x",), t.root, node, FileData(10, [b"abc"]))
     sink.close()
     sink.close()
 

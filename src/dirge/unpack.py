@@ -24,7 +24,7 @@ from .errors import DirgeError
 from .fsutil import remove_tree
 from .oci.blob import LayerStream
 from .oci.image import Descriptor, Platform
-from .oci.resolve import BlobSource, ResolvedImage
+from .oci.resolve import BlobSource, Prefetching, ResolvedImage
 from .sources.open import open_image
 from .sources.partial import StreamRestarted
 from .variants import build_variant
@@ -124,9 +124,8 @@ def apply_layers(source: BlobSource, resolved: ResolvedImage, make_sink: SinkFac
                  *, limits: Limits = Limits(), progress: ProgressFn | None = None) -> Report:
     """Merge every layer of ``resolved`` through a new sink from ``make_sink``; ``reset`` undoes a
     sink's partial output before a restart."""
-    prefetch = getattr(source, "prefetch", None)
-    if prefetch is not None:  # registries: every layer downloads (in parallel) while it is applied
-        prefetch(resolved.manifest.layers)
+    if isinstance(source, Prefetching):  # registries: every layer downloads (in parallel) while it is applied
+        source.prefetch(resolved.manifest.layers)
     for attempt in range(_RESTARTS + 1):
         try:
             return _apply_layers(source, resolved, make_sink, limits, progress)

@@ -23,8 +23,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 from .fs import PrivilegedFS, proc_path
 from .root import Root
 from ..fsutil import is_no_space, no_space, pwrite_all
-from .tar import Entry, EntryStream, sparse_pieces
-from .tree import Node, Parts, walk
+from .tree import FileData, Node, Parts, walk
 from . import tree
 
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -101,7 +100,7 @@ class DirSink:
         pass  # the unlink freed the data
 
     @_space_checked
-    def file(self, parts: Parts, parent_node: Node, node: Node, entry: Entry, stream: EntryStream) -> None:
+    def file(self, parts: Parts, parent_node: Node, node: Node, data: FileData) -> None:
         parent, name, mode = self._parent(parts), parts[-1], node.mode
         try:
             fd = os.open(name, _FILE_FLAGS, mode & 0o777, dir_fd=parent)
@@ -110,11 +109,11 @@ class DirSink:
             parent = self._parent(parts)
             fd = os.open(name, _FILE_FLAGS, mode & 0o777, dir_fd=parent)
         try:
-            if entry.sparse is not None:
-                _write_sparse(stream, entry, fd)
+            if data.sparse is not None:
+                _write_sparse(data, node.size, fd)
             else:
                 write = os.write
-                for piece in stream.data(entry):
+                for piece in data.chunks:
                     while piece:
                         piece = piece[write(fd, piece):]
             # Owner and mode calls only when the new inode lacks them (most files): two syscalls saved.
@@ -244,10 +243,10 @@ class DirSink:
             self.fs.set_xattr(target, key, value, _path(parts))
 
 
-def _write_sparse(stream: EntryStream, entry: Entry, fd: int) -> None:
-    for off, piece in sparse_pieces(entry, stream.data(entry)):  # holes are never written
+def _write_sparse(data: FileData, size: int, fd: int) -> None:
+    for off, piece in data.placed():  # holes are never written
         pwrite_all(fd, piece, off)
-    os.ftruncate(fd, entry.file_size)
+    os.ftruncate(fd, size)
 
 
 def _times(node: Node) -> tuple[int, int]:

@@ -31,13 +31,16 @@ from .root import Link, NotADirectory, clean_path, walk_in_root
 from .root import show_path as _display
 from .tar import (BLK, CHR, DIR, FIFO, LINK, MAX_GLOBAL_RECORDS, MAX_HEADER_BYTES, MAX_SPARSE_REGIONS, REG, SYMLINK,
                   UNSET_ID, Entry, EntryStream)
-from .tree import NO_XATTRS, NODE_BYTES, Node, Parts, Sink
+from .tree import NO_XATTRS, NODE_BYTES, FileData, Node, Parts, Sink
 from . import tree
 
 OPAQUE = b".wh..wh..opq"
 WHITEOUT_PREFIX = b".wh."
 _AUFS_META_PREFIX = b".wh..wh."
 _KINDS = {REG: tree.REG, DIR: tree.DIR, SYMLINK: tree.LNK, FIFO: tree.FIFO, CHR: tree.CHR, BLK: tree.BLK}
+# Times whose seconds fit a 64-bit time_t (else a directory's utime in Sink.finish() overflows; found by
+# tests/test_fuzz.py): ns // 10**9 in [-2**63, 2**63), as bounds on ns.
+_NS_MIN, _NS_END = -(1 << 63) * 1_000_000_000, (1 << 63) * 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -122,27 +125,26 @@ class Applier:
 
     # -- entries -----------------------------------------------------------------------------
 
-    def _check_limits(self, entry: Entry) -> None:
+    def _apply_entry(self, stream: EntryStream, entry: Entry) -> None:
+        # The limits first (inline: this runs once per entry, on the critical path).
         report, limits = self.report, self.limits
+        parts = entry.parts
+        kind = entry.type
         report.entries += 1
         if report.entries > limits.max_entries:
             raise LimitExceeded("max_entries", report.entries, limits.max_entries)
-        if len(entry.parts) > limits.max_depth:
-            raise LimitExceeded("max_depth", len(entry.parts), limits.max_depth)
-        if entry.type == REG:
-            size = entry.file_size
+        if len(parts) > limits.max_depth:
+            raise LimitExceeded("max_depth", len(parts), limits.max_depth)
+        if kind == REG:
+            size = entry.size if entry.realsize is None else entry.realsize
             if size > limits.max_file_bytes:
                 raise LimitExceeded("max_file_bytes", size, limits.max_file_bytes)
             report.bytes += size
             if report.bytes > limits.max_total_bytes:
                 raise LimitExceeded("max_total_bytes", report.bytes, limits.max_total_bytes)
-
-    def _apply_entry(self, stream: EntryStream, entry: Entry) -> None:
-        self._check_limits(entry)
-        for note in entry.notes or ():  # what the parser had to leave out (an unusable ACL, say)
-            self.report.skip(b"/".join(entry.parts), note)
-        parts = entry.parts
-        kind = entry.type
+        if entry.notes:
+            for note in entry.notes:  # what the parser had to leave out (an unusable ACL, say)
+                report.skip(b"/".join(parts), note)
         if not parts:
             if kind != DIR:
                 raise UnsafeLayer(entry.name.decode("utf-8", "replace"), "would replace the root directory")
@@ -178,7 +180,9 @@ class Applier:
                 self._unlink(where, parent, old)
             if kind == REG:
                 self._insert(parent, name, new)
-                self.sink.file(where, parent, new, entry, stream)
+                inline = entry.inline  # small files' data came inside the entry: no generator
+                self.sink.file(where, parent, new, FileData(entry.size, stream.data(entry) if inline is None else inline,
+                                                            entry.sparse))
             elif kind == SYMLINK:
                 self._insert(parent, name, new)
                 self.sink.symlink(where, parent, new)
@@ -187,16 +191,24 @@ class Applier:
             else:
                 return  # skipped by the sink (rootless): the path stays empty
         self._written.add(where)
-        for node in reversed(chain):  # mark the ancestors touched, for same-layer whiteouts
-            if node.touched == self._layer:
-                break
-            node.touched = self._layer
+        layer = self._layer
+        if parent.touched != layer:  # (most entries: the parent is marked already)
+            for node in reversed(chain):  # mark the ancestors touched, for same-layer whiteouts
+                if node.touched == layer:
+                    break
+                node.touched = layer
 
     def _new_node(self, entry: Entry) -> Node:
-        node = Node(_KINDS[entry.type])
-        self._set_metadata(node, entry)
+        uid, gid, mtime = entry.uid, entry.gid, entry.mtime_ns
+        if 0 <= uid < UNSET_ID and 0 <= gid < UNSET_ID and _NS_MIN <= mtime < _NS_END and entry.atime_ns is None:
+            # The common case, in one constructor call: what _set_metadata checks and sets, all in range.
+            node = Node(_KINDS[entry.type], entry.mode & 0o7777, uid, gid, mtime)
+            node.xattrs = entry.xattrs or NO_XATTRS
+        else:
+            node = Node(_KINDS[entry.type])
+            self._set_metadata(node, entry)
         if entry.type == REG:
-            node.size = entry.file_size
+            node.size = entry.size if entry.realsize is None else entry.realsize
             if entry.sparse is not None:
                 regions = entry.sparse
                 if sum(length for _, length in regions) != entry.size or any(
@@ -226,9 +238,9 @@ class Applier:
                              "(the extracting user, 0, for a new file), as GNU tar does")
             uid, gid = (node.uid if uid == UNSET_ID else uid), (node.gid if gid == UNSET_ID else gid)
         # Seconds must fit a 64-bit time_t, or a directory's utime in Sink.finish() overflows (tests/test_fuzz.py).
-        for ns in (entry.mtime_ns, entry.atime_ns):
-            if ns is not None and not -(1 << 63) <= ns // 1_000_000_000 < 1 << 63:
-                raise UnsafeLayer(_display(entry.parts), "timestamp out of range")
+        atime = entry.atime_ns
+        if not _NS_MIN <= entry.mtime_ns < _NS_END or (atime is not None and not _NS_MIN <= atime < _NS_END):
+            raise UnsafeLayer(_display(entry.parts), "timestamp out of range")
         node.mode = entry.mode & 0o7777
         node.uid, node.gid = uid, gid
         node.mtime_ns, node.atime_ns = entry.mtime_ns, entry.atime_ns
@@ -238,7 +250,10 @@ class Applier:
         assert parent.children is not None
         if len(name) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
-        self._tree_bytes += _cost(name, node)
+        cost = NODE_BYTES + len(name) + len(node.target)  # _cost(), inline (once per entry)
+        if node.xattrs:
+            cost += sum(len(k) + len(v) for k, v in node.xattrs.items())
+        self._tree_bytes += cost
         if self._tree_bytes > self.limits.max_tree_bytes:
             raise LimitExceeded("max_tree_bytes", self._tree_bytes, self.limits.max_tree_bytes)
         parent.children[name] = node

@@ -20,6 +20,7 @@ import base64
 import bisect
 import re
 import struct
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -47,6 +48,7 @@ _SOLARIS_PAX = b"X"  # Solaris tar's extended header: read like ``x``, as GNU ta
 _SOLARIS_ACL = b"A"  # Solaris tar's ACL of the next member (libarchive reads it; GNU tar does not know it)
 _KNOWN = (REG, LINK, SYMLINK, CHR, BLK, DIR, FIFO, _GNU_VOLHDR)
 _NO_DATA = (LINK, SYMLINK, CHR, BLK, DIR, FIFO)
+_PLAIN = (REG, b"\0", _CONT, DIR, SYMLINK, LINK)  # types the common path of TarReader._next takes whole
 
 
 @dataclass(slots=True)
@@ -87,6 +89,12 @@ class TarFormatError(ImageError):
     pass
 
 
+# The header fields the common path reads, in one unpack: name, mode, uid, gid, size, mtime, chksum,
+# typeflag, linkname, magic + version, (uname, gname skipped), devmajor, devminor, prefix (+ 12 unused).
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s64x8s8s155s12x")
+_ZERO_BLOCK = bytes(BLOCK)
+
+
 class ByteStream:
     """Sequential reads over an iterator of byte chunks, without copying where it can be avoided."""
 
@@ -114,6 +122,21 @@ class ByteStream:
         self.offset += len(out)
         return out
 
+    def read_block(self) -> bytes | None:
+        """The next 512-byte header; None at the end of the stream (a partial block is truncation)."""
+        pos = self._pos
+        end = pos + BLOCK
+        if end <= len(self._buf):  # the common case: the block lies in the current chunk
+            self._pos = end
+            self.offset += BLOCK
+            return self._buf[pos:end].tobytes()
+        first = self.read_up_to(BLOCK)
+        if not first:
+            return None
+        if len(first) == BLOCK:
+            return first.tobytes()
+        return first.tobytes() + self.read_exact(BLOCK - len(first))
+
     def read_exact(self, n: int) -> bytes:
         first = self.read_up_to(n)
         if len(first) == n:
@@ -135,6 +158,10 @@ class ByteStream:
         self.offset -= len(data)
 
     def skip(self, n: int) -> None:
+        if self._pos + n <= len(self._buf):  # within the current chunk (padding, most often)
+            self._pos += n
+            self.offset += n
+            return
         while n > 0:
             piece = self.read_up_to(n)
             if not piece:
@@ -143,9 +170,20 @@ class ByteStream:
 
 
 _OCTAL = re.compile(rb"[0-7]*")
+_PAD = b"\0 "
 
 
 def _parse_number(field_: bytes) -> int:
+    # The common case first: octal digits padded with NULs or spaces at the end. isdigit() admits only
+    # ASCII digits (no sign, "0o" or "_"), and int(, 8) refuses 8 and 9, which the slow path then reports.
+    text = field_.rstrip(_PAD)
+    if text.isdigit():
+        try:
+            return int(text, 8)
+        except ValueError:
+            pass
+    elif not text:
+        return 0  # all NULs or spaces (an unused field)
     if field_[0] & 0x80:  # GNU base-256
         value = field_[0] & 0x7F
         negative = bool(field_[0] & 0x40)
@@ -175,10 +213,14 @@ def _cstr(field_: bytes) -> bytes:
     return field_.split(b"\0", 1)[0]
 
 
-def _checksum_ok(header: bytes) -> bool:
-    stored = _parse_number(header[148:156])
-    field_sum = sum(header[148:156])
-    unsigned = sum(header) - field_sum + 8 * 32  # the checksum field counts as spaces
+def _checksum_ok(header: bytes, field_: bytes | None = None) -> bool:
+    if field_ is None:
+        field_ = header[148:156]
+    stored = _parse_number(field_)
+    # The sum of the block's bytes: adler32's low half is 1 + the sum mod 65521, exact for 256 bytes (at
+    # most 65,280), so two halves give it without a Python-level loop over 512 ints.
+    total = (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF) - 2
+    unsigned = total - sum(field_) + 8 * 32  # the checksum field counts as spaces
     if stored == unsigned:
         return True
     signed = unsigned - 256 * sum(1 for b in header if b > 127) + 256 * sum(1 for b in header[148:156] if b > 127)
@@ -435,6 +477,21 @@ class TarReader:
                 self._member_left -= len(piece)
                 yield piece
 
+    def small_data(self, entry: Entry) -> list[memoryview]:
+        """``list(self.data(entry))`` with its padding skipped: one slice, no generator, where the member
+        lies whole in the stream's current chunk (most small files)."""
+        stream, size = self.stream, entry.size
+        if self._step == 0 and len(self._steps) == 1 and self._steps[0][0] == 0:
+            pos, left = stream._pos, self._member_left
+            if pos + left <= len(stream._buf):
+                self._step, self._member_left = 1, 0
+                stream._pos = pos + left
+                stream.offset += left
+                return [stream._buf[pos:pos + size]]
+        pieces = list(self.data(entry))
+        self._skip_data()
+        return pieces
+
     def next(self) -> Entry | None:
         while True:
             entry = self._next()
@@ -452,18 +509,16 @@ class TarReader:
         solaris_acl: tuple[list[str], list[str]] | str | None = None
         special = 0  # bytes of PAX / long-name headers in front of this entry
         while True:
-            first = stream.read_up_to(BLOCK)
-            if not first:
+            header = stream.read_block()
+            if header is None:
                 return None  # a clean end without the two zero blocks, as Go's reader accepts
-            header = first.tobytes()
-            if len(header) < BLOCK:
-                header += stream.read_exact(BLOCK - len(header))
-            if header == b"\0" * BLOCK:
+            if header == _ZERO_BLOCK:
                 return None  # end of archive; the caller drains the rest for verification
-            if not _checksum_ok(header):
+            (f_name, f_mode, f_uid, f_gid, f_size, f_mtime, f_chksum, typeflag, f_linkname, magic, f_major, f_minor,
+             f_prefix) = _HEADER.unpack(header)
+            if not _checksum_ok(header, f_chksum):
                 raise TarFormatError(f"bad tar header checksum at byte {stream.offset - BLOCK}")
-            typeflag = header[156:157]
-            size = _parse_number(header[124:136])
+            size = _parse_number(f_size)
             if size < 0:
                 raise TarFormatError("negative size in tar header")
             if typeflag == _SOLARIS_PAX:
@@ -495,31 +550,45 @@ class TarReader:
         if typeflag == _GNU_MULTIVOL:
             raise TarFormatError(f"{_cstr(header[0:100])!r} is continued from another volume: GNU multi-volume "
                                  "archives are not supported (a layer must be one whole tar)")
-        magic = header[257:265]
-        name = _cstr(header[0:100])
+        name = f_name.split(b"\0", 1)[0]
         if magic[:6] == b"ustar\0":  # POSIX ustar: the prefix field extends the name
-            prefix = _cstr(header[345:500])
+            prefix = f_prefix.split(b"\0", 1)[0]
             if prefix:
                 name = prefix + b"/" + name
-        entry = Entry(
-            name=name,
-            type=typeflag if typeflag not in (b"\0", _CONT) else REG,
-            mode=_parse_number(header[100:108]) & 0o7777,
-            uid=_parse_number(header[108:116]),
-            gid=_parse_number(header[116:124]),
-            size=size,
-            mtime_ns=_parse_number(header[136:148]) * 1_000_000_000,
-            linkname=_cstr(header[157:257]),
-        )
+        # mode, uid, gid and mtime at once where all four are plain octal (_parse_number's common case,
+        # without four calls); anything else (base-256, spaces in front, bad digits) goes through it.
+        t_mode, t_uid, t_gid, t_mtime = f_mode.rstrip(_PAD), f_uid.rstrip(_PAD), f_gid.rstrip(_PAD), f_mtime.rstrip(_PAD)
+        try:
+            if not (t_mode + t_uid + t_gid + t_mtime).isdigit():
+                raise ValueError
+            mode, uid, gid, mtime = int(t_mode, 8), int(t_uid, 8), int(t_gid, 8), int(t_mtime, 8)
+        except ValueError:  # (an empty field too: int() refuses it, _parse_number reads it as 0)
+            mode, uid, gid, mtime = (_parse_number(f_mode), _parse_number(f_uid), _parse_number(f_gid),
+                                     _parse_number(f_mtime))
+        entry = Entry(name, typeflag if typeflag not in (b"\0", _CONT) else REG, mode & 0o7777, uid, gid, size,
+                      mtime * 1_000_000_000, None, f_linkname.split(b"\0", 1)[0])
         if typeflag in (CHR, BLK):
-            entry.devmajor = _parse_number(header[329:337])
-            entry.devminor = _parse_number(header[337:345])
+            entry.devmajor = _parse_number(f_major)
+            entry.devminor = _parse_number(f_minor)
         if typeflag == _GNU_DUMPDIR:
             entry.type = DIR
         if magic == b"ustar  \0" and typeflag != _GNU_SPARSE:
             atime = _parse_number(header[345:357])
             if atime:
                 entry.atime_ns = atime * 1_000_000_000
+        if typeflag in _PLAIN and not pax and not self._global and longname is None and longlink is None \
+                and solaris_acl is None:
+            # The common member (a file, directory or link with no extended header): what the general
+            # path below makes of it, without its steps.
+            kind = entry.type
+            if kind == REG and name.endswith(b"/"):
+                entry.type = kind = DIR  # old (BSD) tars mark directories by a trailing slash only
+            if kind in _NO_DATA:  # no data whatever the size says (and no pax header: no linkdata)
+                entry.size = 0
+                self._steps, self._step, self._member_left = [], 0, 0
+            else:
+                self._steps, self._step, self._member_left = ([(0, size)] if size else []), 0, size + (-size % BLOCK)
+            return entry
         if longname is not None:
             entry.name = longname
         if longlink is not None:
@@ -788,32 +857,12 @@ def tokens(chunks: Iterator[bytes], limits: "Limits | None" = None) -> Iterator[
     for entry in reader:
         entry.parts = clean_path(entry.name)
         if entry.size <= INLINE_BYTES:
-            entry.inline = list(reader.data(entry))
+            entry.inline = reader.small_data(entry) if entry.size else []
             yield entry
         else:
             yield entry
             yield from reader.data(entry)
-        reader.finish_entry()
-
-
-def sparse_pieces(entry: Entry, data: Iterable[bytes | memoryview]) -> Iterator[tuple[int, memoryview]]:
-    """A sparse member's stored data placed at its logical offsets: ``(offset, piece)``, each piece
-    inside one data region of ``entry.sparse``. The data must fill the map exactly."""
-    pieces = iter(data)
-    piece = memoryview(b"")
-    for off, length in entry.sparse or ():
-        while length:
-            if not piece:
-                chunk = next(pieces, None)
-                if chunk is None:
-                    raise TarFormatError(f"{entry.name!r}: sparse data ends before its map does")
-                piece = memoryview(chunk).cast("B")
-                continue
-            take = min(length, len(piece))
-            yield off, piece[:take]
-            piece, off, length = piece[take:], off + take, length - take
-    if piece or any(len(rest) for rest in pieces):
-        raise TarFormatError(f"{entry.name!r}: sparse data goes on past its map")
+            reader.finish_entry()
 
 
 class EntryStream:

@@ -13,14 +13,14 @@ been resolved inside the root by the engine), so a sink never follows anything.
 from __future__ import annotations
 
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .tar import Entry, EntryStream
+from ..errors import ImageError
 
 Parts = tuple[bytes, ...]
+Chunk = bytes | memoryview
 
 REG = stat.S_IFREG
 DIR = stat.S_IFDIR
@@ -68,6 +68,39 @@ class Node:
         return f"Node({stat.filemode(self.kind | self.mode)}, {self.uid}:{self.gid}, links={self.links})"
 
 
+class FileData:
+    """A regular file's content as the engine hands it to a sink, whatever the archive format: ``size``
+    bytes stored, in ``chunks`` (iterated once, in order); for a sparse file, ``sparse`` lists the data
+    regions ``(offset, length)`` the stored bytes fill back to back (checked by the engine against
+    ``size`` and the node's logical size), and ``placed()`` yields them at their offsets."""
+
+    __slots__ = ("size", "sparse", "chunks")
+
+    def __init__(self, size: int, chunks: Iterable[Chunk], sparse: list[tuple[int, int]] | None = None) -> None:
+        self.size = size
+        self.chunks = chunks
+        self.sparse = sparse
+
+    def placed(self) -> Iterator[tuple[int, memoryview]]:
+        """The stored data at its logical offsets: ``(offset, piece)``, each piece inside one region of
+        ``sparse`` (one walk of the map per file). The data must fill the map exactly."""
+        pieces = iter(self.chunks)
+        piece = memoryview(b"")
+        for off, length in self.sparse or ():
+            while length:
+                if not piece:
+                    chunk = next(pieces, None)
+                    if chunk is None:
+                        raise ImageError("sparse file data ends before its map does")
+                    piece = memoryview(chunk).cast("B")
+                    continue
+                take = min(length, len(piece))
+                yield off, piece[:take]
+                piece, off, length = piece[take:], off + take, length - take
+        if piece or any(len(rest) for rest in pieces):
+            raise ImageError("sparse file data goes on past its map")
+
+
 def walk(root: Node, parts: Parts = ()) -> "list[tuple[Parts, Node]]":
     """Every (path, node) below ``root``, parents before children, names in byte order; iterative."""
     out: list[tuple[Parts, Node]] = [(parts, root)]
@@ -93,10 +126,10 @@ class Sink(Protocol):
     def release(self, node: Node) -> None:
         """A regular file lost its last name: its data is dead (an image writer may reclaim it)."""
 
-    def file(self, parts: Parts, parent: Node, node: Node, entry: "Entry", stream: "EntryStream") -> None:
-        """Create a regular file and write its data (``stream.data(entry)``; sparse: ``entry.sparse``,
-        already checked by the engine against the stored size and ``node.size``, placed by
-        ``tar.sparse_pieces``). The sink may set ``node.data``; ``node.size`` is the logical size."""
+    def file(self, parts: Parts, parent: Node, node: Node, data: FileData) -> None:
+        """Create a regular file and write its ``data`` (sparse: ``data.sparse``, already checked by the
+        engine against the stored size and ``node.size``, placed by ``data.placed()``). The sink may set
+        ``node.data``; ``node.size`` is the logical size."""
 
     def directory(self, parts: Parts, parent: Node | None, node: Node, *, existing: bool) -> None:
         """Create a directory, or (``existing``) replace the metadata of the one there. ``parts == ()``

@@ -4,7 +4,7 @@ Layout (4 KiB blocks; B = the data end after compaction)::
 
     block 0        superblock at byte 1024 (the rest zero)
     1 .. B-1       file data, whole blocks, appended in entry order as the layers stream by
-    B .. M-1       data placed at finish: directory blocks, long symlinks, relocated files
+    B .. M-1       data placed at finish: directory blocks, long symlinks
     M .. X-1       metadata (meta_blkaddr = M): extended inodes, each followed by its xattrs and its
                    inline tail (FLAT_INLINE) or chunk block map (CHUNK_BASED); root at nid 1
     X ..           shared xattrs (xattr_blkaddr = X)
@@ -12,7 +12,8 @@ Layout (4 KiB blocks; B = the data end after compaction)::
 File data is written once, sequentially, while the layer streams: the whole blocks go to the image,
 the tail (``size % 4096``) to a spool temp file, to be packed after its inode at finish (erofs'
 tail-packing). A tail that could not share one block with its inode and xattrs is padded to a block
-in the data area instead (FLAT_PLAIN); sharing xattrs only shrinks an inode, so that decision holds.
+in the data area instead (FLAT_PLAIN), decided in ``file()`` with every xattr counted inline (sharing
+only shrinks an inode; tails over 4032 bytes never fit), so the data never moves for it.
 Sparse entries become chunk-based files whose hole chunks map to ``EROFS_NULL_ADDR`` (chunk size
 chosen per file to minimise data + map), or flat ones when holes would save nothing.
 
@@ -36,19 +37,13 @@ import os
 from collections.abc import Mapping
 import tempfile
 from array import array
-from typing import TYPE_CHECKING
 
 from . import erofs_format as fmt
 from ..apply import tree
 from ..errors import SinkError
-from ..apply.tree import Node, Parts
+from ..apply.tree import FileData, Node, Parts
 from ..fsutil import fd_path, raise_no_space
 from .imagesink import Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
-
-from ..apply.tar import sparse_pieces
-
-if TYPE_CHECKING:
-    from ..apply.tar import Entry, EntryStream
 
 BLKSZ = fmt.BLKSZ
 _BITS = fmt.BLKSZBITS
@@ -56,8 +51,10 @@ _MASK = BLKSZ - 1
 _INODE = fmt.INODE_EXTENDED.size
 _SLOT = fmt.ISLOTSIZE
 _FLUSH = 1 << 20  # buffered bytes before a write
-_DIRECT = 256 << 10  # a piece this big skips the buffer (one copy less)
+_IOV = 512  # pieces gathered for one pwritev (Linux takes up to 1024)
+_ZEROS = memoryview(bytes(BLKSZ))
 _MOVE = 1 << 20  # compaction: bytes per read/write when the gap is small
+_WINDOW = 4 << 20  # the metadata area is packed and written this many bytes at a time
 
 _FTYPES = {tree.REG: fmt.FT_REG_FILE, tree.DIR: fmt.FT_DIR, tree.LNK: fmt.FT_SYMLINK, tree.CHR: fmt.FT_CHRDEV,
            tree.BLK: fmt.FT_BLKDEV, tree.FIFO: fmt.FT_FIFO, tree.SOCK: fmt.FT_SOCK}
@@ -195,9 +192,15 @@ class ErofsSink(TreeImageSink):
         self._released = bytearray()
         self._chunks: dict[int, tuple[int, array[int]]] = {}  # sparse files: chunk bits, block per chunk (-1 hole)
         self._end = 1  # next free block of the data area (block 0: superblock)
-        self._dbuf = bytearray()  # data for the image from block self._wpos on
+        # Data for the image from byte self._wpos on: the pieces themselves (views of the decompressed
+        # chunks, no copy), written together by one pwritev. They keep their chunks alive until then;
+        # the flush every _FLUSH bytes bounds that to about two chunks.
+        self._dbuf: list[memoryview | bytes] = []
+        self._dlen = 0
         self._wpos = BLKSZ
-        self._sbuf = bytearray()  # tails not yet in the spool
+        # Tails not yet in the spool: copied (a tail is small, and a view would keep a whole 1 MiB chunk
+        # alive until the spool buffer fills).
+        self._sbuf = bytearray()
         self._spooled = 0  # spool size, buffer included
         self._finished = False
 
@@ -213,43 +216,44 @@ class ErofsSink(TreeImageSink):
         # Free the disk blocks now (best effort: finish leaves dead data out of the image anyway).
         punch(self._fd, self._start[index] << _BITS, self._nblk[index] << _BITS)
 
-    def file(self, parts: Parts, parent: Node, node: Node, entry: Entry, stream: EntryStream) -> None:
-        if entry.sparse is not None and node.size:
-            self._sparse(node, entry, stream)
+    def file(self, parts: Parts, parent: Node, node: Node, data: FileData) -> None:
+        if data.sparse is not None and node.size:
+            self._sparse(node, data)
             return
-        size = entry.size
+        size = data.size
         if size != node.size:
             raise ErofsError(f"{show(parts)}: {size} bytes stored for a {node.size}-byte file")
         tail = size & _MASK
-        # A tail that may not fit in its inode's block goes to the data area, padded (FLAT_PLAIN).
-        if tail and node.xattrs and _INODE + _inline_bound(node.xattrs) + tail > BLKSZ:
+        # A tail that may not fit in its inode's block (with its xattrs, all counted inline: sharing
+        # only shrinks them) goes to the data area, padded (FLAT_PLAIN), where it stays: the node's
+        # xattrs are final when file() is called.
+        if tail and _INODE + (_inline_bound(node.xattrs) if node.xattrs else 0) + tail > BLKSZ:
             tail = 0
         full = size - tail  # bytes for the data area
         dbuf, sbuf = self._dbuf, self._sbuf
         left, got = full, 0
-        for piece in stream.data(entry):
+        for piece in data.chunks:
             n = len(piece)
             got += n
             if left >= n:
                 left -= n
-                if n >= _DIRECT:
-                    self._flush_data()
-                    pwrite_all(self._fd, piece, self._wpos)
-                    self._wpos += n
-                    continue
-                dbuf += piece
+                dbuf.append(piece)
+                self._dlen += n
             elif left:
-                dbuf += piece[:left]
+                dbuf.append(piece[:left])
+                self._dlen += left
                 sbuf += piece[left:]
                 left = 0
             else:
                 sbuf += piece
-            if len(dbuf) >= _FLUSH:
+            if self._dlen >= _FLUSH or len(dbuf) >= _IOV:
                 self._flush_data()
         if got != size:
             raise ErofsError(f"{show(parts)}: {got} bytes of data for a {size}-byte file")
         if full & _MASK:
-            dbuf += bytes(BLKSZ - (full & _MASK))
+            pad = BLKSZ - (full & _MASK)
+            dbuf.append(_ZEROS[:pad])
+            self._dlen += pad
         index = len(self._start)
         nblk = (full + _MASK) >> _BITS
         self._start.append(self._end)
@@ -265,10 +269,10 @@ class ErofsSink(TreeImageSink):
             self._tail.append(-1)
         node.data = index
 
-    def _sparse(self, node: Node, entry: Entry, stream: EntryStream) -> None:
+    def _sparse(self, node: Node, data: FileData) -> None:
         """A sparse entry: chunk-based with hole chunks unmapped, or flat; the data is pwritten to its
         place (never-written bytes of the data area are holes of the image file, read as zeros)."""
-        size, regions = node.size, entry.sparse or []
+        size, regions = node.size, data.sparse or []
         self._flush_data()
         bits = _chunk_plan(size, regions)
         base = self._end << _BITS
@@ -297,7 +301,7 @@ class ErofsSink(TreeImageSink):
             def where(off: int) -> int:
                 return base + (blocks[off >> cbits] << _BITS) + (off & cmask)
 
-        for off, piece in sparse_pieces(entry, stream.data(entry)):
+        for off, piece in data.placed():
             pwrite_all(self._fd, piece, where(off))  # a region's chunks get consecutive blocks
         self._start.append(self._end)
         self._nblk.append(nblk)
@@ -308,10 +312,23 @@ class ErofsSink(TreeImageSink):
         node.data = index
 
     def _flush_data(self) -> None:
-        if self._dbuf:
-            pwrite_all(self._fd, self._dbuf, self._wpos)
-            self._wpos += len(self._dbuf)
-            self._dbuf.clear()
+        dbuf = self._dbuf
+        if not dbuf:
+            return
+        pos, total = self._wpos, self._dlen
+        written = os.pwritev(self._fd, dbuf, pos)
+        if written != total:  # short (rare on a regular file): the rest piece by piece
+            skip = written
+            for piece in dbuf:
+                if skip >= len(piece):
+                    skip -= len(piece)
+                    continue
+                pwrite_all(self._fd, memoryview(piece)[skip:], pos + written)
+                written += len(piece) - skip
+                skip = 0
+        self._wpos = pos + total
+        dbuf.clear()
+        self._dlen = 0
 
     def _flush_spool(self) -> None:
         if self._sbuf:
@@ -377,28 +394,6 @@ class ErofsSink(TreeImageSink):
                 n = len(data)
             src, dst, left = src + n, dst + n, left - n
 
-    def _relocate(self, index: int, size: int) -> int:
-        """Copy a file's data to the end with its tail padded into the data area (FLAT_PLAIN): for a
-        file whose xattrs grew after ``file()`` so that its tail no longer fits its inode's block."""
-        assert self._map is not None
-        new = len(self._start)
-        nblk = self._nblk[index]
-        self._start.append(self._end)
-        self._nblk.append(nblk + 1)
-        self._tail.append(-1)
-        self._released.append(0)
-        old = self._start[index] << _BITS
-        pos = self._end << _BITS
-        left = nblk << _BITS
-        while left:
-            data = os.pread(self._fd, min(left, _MOVE), old)
-            pwrite_all(self._fd, data, pos)
-            old, pos, left = old + len(data), pos + len(data), left - len(data)
-        tail_at, tail = self._tail[index], size & _MASK
-        pwrite_all(self._fd, self._map[tail_at:tail_at + tail] + bytes(BLKSZ - tail), pos)
-        self._end += nblk + 1
-        return new
-
 
 def _anonymous_file(directory: str) -> int:
     try:
@@ -420,6 +415,7 @@ class _Image:
         self.nlink = array("I")
         self.parent = array("q")
         self.names: dict[int, list[bytes]] = {}  # directories: names with "." and "..", sorted
+        self.starts: dict[int, list[int]] = {}  # directories: where each block starts in names
         self.xattrs: dict[int, bytes] = {}  # the xattr ibody of inodes that have one
         self.layout = bytearray()
         self.iu = array("I")  # i_u: raw_blkaddr, rdev or chunk format
@@ -436,7 +432,6 @@ class _Image:
         sink = self.sink
         live = self._walk()
         self._xattr_ibodies()
-        self._relocations(live)
         sink._compact(live)
         self._layouts()
         meta, meta_blocks = self._place()
@@ -517,20 +512,6 @@ class _Image:
                 raise ErofsError(f"{text(self._path(ino))}: xattrs too large for an erofs inode")
             self.xattrs[ino] = body
 
-    def _relocations(self, live: bytearray) -> None:
-        """Files whose tail no longer fits their inode's block get their data moved (rare: xattrs
-        changed after the data was written)."""
-        sink = self.sink
-        for ino, node in enumerate(self.nodes):
-            index = node.data
-            if node.kind != tree.REG or not isinstance(index, int) or sink._tail[index] < 0:
-                continue
-            if _INODE + len(self.xattrs.get(ino, b"")) + (node.size & _MASK) > BLKSZ:
-                new = sink._relocate(index, node.size)
-                live[index] = 0
-                live.append(1)
-                node.data = new
-
     def _layouts(self) -> None:
         sink = self.sink
         end = sink._end
@@ -559,6 +540,8 @@ class _Image:
                 nblk = sink._nblk[index]
                 blk = sink._start[index] if nblk else (0 if not size else fmt.NULL_ADDR)
                 if sink._tail[index] >= 0:
+                    if head + (size & _MASK) > BLKSZ:  # only if its xattrs grew after file() (the contract)
+                        raise ErofsError(f"{text(self._path(ino))}: xattrs changed after the file's data was written")
                     append_layout(fmt.INODE_FLAT_INLINE)
                     item(head + (size & _MASK))
                 else:
@@ -568,7 +551,8 @@ class _Image:
             elif kind == tree.DIR or kind == tree.LNK:
                 if kind == tree.DIR:
                     names = self.names[ino]
-                    size = _dir_size(names, _dir_blocks(names))
+                    starts = self.starts[ino] = _dir_blocks(names)  # (kept: blocks and tail use it)
+                    size = _dir_size(names, starts)
                 else:
                     size = len(node.target)
                 isize(size)
@@ -658,7 +642,7 @@ class _Image:
             node = self.nodes[ino]
             if node.kind == tree.DIR:
                 names = self.names[ino]
-                starts = _dir_blocks(names) + [len(names)]
+                starts = self.starts[ino] + [len(names)]
                 for b in range(nblk):
                     data = self._dirents(ino, starts[b], starts[b + 1])
                     out.write(data)
@@ -669,47 +653,65 @@ class _Image:
                 out.zeros((nblk << _BITS) - len(data))
 
     def _write_meta(self, out: _Out, meta_blocks: int) -> None:
+        """The metadata area, packed in place (``pack_into``) into a zeroed window that is written when
+        the next item would not fit: one slice assignment per piece, gaps zero for free."""
         sink = self.sink
-        base = out.pos + len(out.buf)
+        out.flush()
+        fd, base = sink._fd, out.pos
+        end = base + (meta_blocks << _BITS)
         order = sorted(range(len(self.nodes)), key=self.nid.__getitem__)
-        pack = fmt.INODE_EXTENDED.pack
+        pack_into = fmt.INODE_EXTENDED.pack_into
         build = sink.build_time_ns
         nodes, xattrs, layout, iu, isize, nlink = self.nodes, self.xattrs, self.layout, self.iu, self.isize, self.nlink
+        nid, item, tails, i_format = self.nid, self.item, sink._tail, fmt.i_format
+        inline, chunk_based, reg, lnk = fmt.INODE_FLAT_INLINE, fmt.INODE_CHUNK_BASED, tree.REG, tree.LNK
         spool = sink._map
+        win, wstart = bytearray(_WINDOW), base  # the window holds the image's bytes from wstart on
         for count, ino in enumerate(order):
             if spool is not None and count & 0xFFF == 0xFFF:
                 spool.madvise(mmap.MADV_DONTNEED)  # tails read so far leave our RSS (they stay cached)
-            pos = base + (self.nid[ino] << fmt.ISLOTBITS)
-            out.zeros(pos - out.pos - len(out.buf))
+            pos = base + (nid[ino] << fmt.ISLOTBITS)
+            o = pos - wstart
+            if o + item[ino] > len(win):  # everything before this item (zeros included) goes out
+                pwrite_all(fd, memoryview(win)[:o], wstart)
+                win, wstart, o = bytearray(max(_WINDOW, item[ino])), pos, 0
             node = nodes[ino]
-            body = xattrs.get(ino, b"")
+            body = xattrs.get(ino)
             mtime = node.mtime_ns if node.mtime_ns is not None else build
-            secs, nsec = divmod(mtime, 1_000_000_000)
-            if not (0 <= node.uid <= 0xFFFFFFFF and 0 <= node.gid <= 0xFFFFFFFF):
-                raise ErofsError(f"{text(self._path(ino))}: owner {node.uid}:{node.gid} out of erofs' 32-bit range")
-            icount = 1 + (len(body) - fmt.XATTR_IBODY_HEADER.size) // 4 if body else 0
-            out.write(pack(fmt.i_format(layout[ino]), icount, node.kind | (node.mode & 0o7777), 0, isize[ino], iu[ino],
-                           (ino + 1) & 0xFFFFFFFF, node.uid, node.gid, secs, nsec, nlink[ino]))
-            out.write(body)
-            kind, lay = node.kind, layout[ino]
-            if lay == fmt.INODE_FLAT_INLINE:
+            uid, gid = node.uid, node.gid
+            if not (0 <= uid <= 0xFFFFFFFF and 0 <= gid <= 0xFFFFFFFF):
+                raise ErofsError(f"{text(self._path(ino))}: owner {uid}:{gid} out of erofs' 32-bit range")
+            lay, kind = layout[ino], node.kind
+            pack_into(win, o, i_format(lay), 1 + (len(body) - fmt.XATTR_IBODY_HEADER.size) // 4 if body else 0,
+                      kind | (node.mode & 0o7777), 0, isize[ino], iu[ino], (ino + 1) & 0xFFFFFFFF, uid, gid,
+                      mtime // 1_000_000_000, mtime % 1_000_000_000, nlink[ino])
+            o += _INODE
+            if body:
+                win[o:o + len(body)] = body
+                o += len(body)
+            if lay == inline:
                 size = isize[ino]
-                if kind == tree.REG:
+                if kind == reg:
                     assert spool is not None and isinstance(node.data, int)
-                    at = sink._tail[node.data]
-                    out.write(spool[at:at + (size & _MASK)])
-                elif kind == tree.LNK:
-                    out.write(node.target[size & ~_MASK:])
+                    at, n = tails[node.data], size & _MASK
+                    win[o:o + n] = spool[at:at + n]
+                elif kind == lnk:
+                    target = node.target[size & ~_MASK:]
+                    win[o:o + len(target)] = target
                 else:
                     names = self.names[ino]
-                    starts = _dir_blocks(names)
-                    out.write(self._dirents(ino, starts[-1], len(names)))
-            elif lay == fmt.INODE_CHUNK_BASED:
+                    dirents = self._dirents(ino, self.starts[ino][-1], len(names))
+                    win[o:o + len(dirents)] = dirents
+            elif lay == chunk_based:
                 assert isinstance(node.data, int)
                 start = sink._start[node.data]
-                out.write(b"".join(fmt.BLOCK_MAP_ENTRY.pack(fmt.NULL_ADDR if b < 0 else start + b)
-                                   for b in sink._chunks[node.data][1]))
-        out.zeros(base + (meta_blocks << _BITS) - out.pos - len(out.buf))
+                blockmap = b"".join(fmt.BLOCK_MAP_ENTRY.pack(fmt.NULL_ADDR if b < 0 else start + b)
+                                    for b in sink._chunks[node.data][1])
+                win[o:o + len(blockmap)] = blockmap
+        if end - wstart > len(win):  # (stale bytes of compacted data may lie there: written as zeros)
+            win += bytes(end - wstart - len(win))
+        pwrite_all(fd, memoryview(win)[:end - wstart], wstart)
+        out.pos = end
 
     def _write_shared(self, out: _Out) -> int:
         blob = self.shared_blob

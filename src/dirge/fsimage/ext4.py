@@ -63,19 +63,13 @@ import os
 import struct
 from array import array
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from . import ext4_format as fmt
 from ..apply import tree
-from ..apply.tree import Node, Parts
+from ..apply.tree import FileData, Node, Parts
 from ..fsutil import fd_path, raise_no_space
 from .imagesink import XATTR_ACLS, Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
 from ..errors import SinkError
-
-from ..apply.tar import sparse_pieces
-
-if TYPE_CHECKING:
-    from ..apply.tar import Entry, EntryStream
 
 BLKSZ = fmt.BLOCK_SIZE
 _BITS = fmt.BLOCK_BITS
@@ -531,14 +525,14 @@ class Ext4Sink(TreeImageSink):
         for _, p, n in self._file_extents(index):
             self._free(p, n)
 
-    def file(self, parts: Parts, parent: Node, node: Node, entry: Entry, stream: EntryStream) -> None:
+    def file(self, parts: Parts, parent: Node, node: Node, data: FileData) -> None:
         if node.size > fmt.MAX_FILE_SIZE:  # a sparse file may claim any size; its blocks could not be mapped
             raise Ext4Error(f"{show(parts)}: a {node.size}-byte file exceeds ext4's largest file "
                             f"({fmt.MAX_FILE_SIZE} bytes)")
-        if entry.sparse is not None and node.size:
-            self._sparse(parts, node, entry, stream)
+        if data.sparse is not None and node.size:
+            self._sparse(parts, node, data)
             return
-        size = entry.size
+        size = data.size
         if size != node.size:
             raise Ext4Error(f"{show(parts)}: {size} bytes stored for a {node.size}-byte file")
         nblk = (size + _MASK) >> _BITS
@@ -546,7 +540,7 @@ class Ext4Sink(TreeImageSink):
         out = self._out
         ri, got = 0, 0
         pos, left = (runs[0][0] << _BITS, runs[0][1] << _BITS) if runs else (0, 0)
-        for piece in stream.data(entry):
+        for piece in data.chunks:
             got += len(piece)
             if got > size:
                 raise Ext4Error(f"{show(parts)}: more than {size} bytes of data")
@@ -575,10 +569,10 @@ class Ext4Sink(TreeImageSink):
             self._extents[index] = ex
         node.data = index
 
-    def _sparse(self, parts: Parts, node: Node, entry: Entry, stream: EntryStream) -> None:
+    def _sparse(self, parts: Parts, node: Node, data: FileData) -> None:
         """Only the blocks a data region touches are allocated (fresh: their unwritten bytes must
         read as zeros); the rest of the file is holes."""
-        regions = entry.sparse or []
+        regions = data.sparse or []
         spans: list[list[int]] = []
         for off, length in sorted(r for r in regions if r[1]):
             lo, hi = off >> _BITS, ((off + length - 1) >> _BITS) + 1
@@ -593,7 +587,7 @@ class Ext4Sink(TreeImageSink):
                 lo += n
         starts = [e[0] for e in extents]
         out = self._out
-        for off, piece in sparse_pieces(entry, stream.data(entry)):
+        for off, piece in data.placed():
             while piece:  # a region may span extents
                 blk = off >> _BITS
                 i = bisect.bisect_right(starts, blk) - 1

@@ -85,9 +85,14 @@ class Inodes:
             assert children is not None
             names = sorted(children)
             subdirs: list[int] = []
+            if names:  # the names checked together (C loops); the bad one named only if there is one
+                joined = b"".join(names)
+                if (not names[0] or b"/" in joined or b"\0" in joined or b"." in children or b".." in children
+                        or max(map(len, names)) > name_len):
+                    bad = next(n for n in names if not n or len(n) > name_len or b"/" in n or b"\0" in n
+                               or n in (b".", b".."))
+                    raise error(f"{text(self.paths[p])}: name {bad[:40]!r} cannot be a directory entry")
             for name in names:
-                if not name or len(name) > name_len or b"/" in name or b"\0" in name or name in (b".", b".."):
-                    raise error(f"{text(self.paths[p])}: name {name[:40]!r} cannot be a directory entry")
                 child = children[name]
                 c = index.get(child)
                 if c is None:

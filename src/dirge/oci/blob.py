@@ -12,7 +12,7 @@ import hashlib
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterator, Sized
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import zstandard
 from isal import igzip
@@ -32,6 +32,14 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 class _Readable(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
+
+
+@runtime_checkable
+class Interruptible(Protocol):
+    """A raw blob reader whose blocked read can be ended from another thread (a download in progress:
+    ``sources.partial.PartialReader``); ``LayerStream.close`` uses it to stop promptly."""
+
+    def interrupt(self) -> None: ...
 
 
 def new_hash(digest: Digest) -> "hashlib._Hash":
@@ -375,9 +383,8 @@ class LayerStream:
             # Stop every stage wherever it waits, so the joins return: a raw read of a download in
             # progress (interrupt), a put() on a full queue or a get() on an empty one (cancel).
             self._stop.set()
-            interrupt = getattr(self._raw, "interrupt", None)
-            if interrupt is not None:
-                interrupt()
+            if isinstance(self._raw, Interruptible):
+                self._raw.interrupt()
             self._parse.cancel()
             self._decompress.cancel()
             self._parse.join()

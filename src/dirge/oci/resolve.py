@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from .blob import read_verified
 from ..errors import ImageError, PlatformNotFound
@@ -32,6 +32,23 @@ class BlobSource(Protocol):
     def open_blob(self, desc: Descriptor) -> BinaryIO: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Prefetching(Protocol):
+    """A source that downloads ahead (a registry): ``prefetch`` starts the layers' downloads, ``wait``
+    blocks until every one is stored (or raises the first failure)."""
+
+    def prefetch(self, descs: list[Descriptor]) -> None: ...
+
+    def wait(self) -> None: ...
+
+
+@runtime_checkable
+class Committing(Protocol):
+    """A source that keeps what it resolved only once the whole image resolved (a registry's manifests)."""
+
+    def commit(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -67,9 +84,8 @@ def resolve_manifest(source: BlobSource, desc: Descriptor, ref: str, platform: P
             )
         if platform and config.platform and not platform.matches(config.platform):
             raise PlatformNotFound(f"resolve {ref}: the image is for {config.platform}, not {platform}")
-        commit = getattr(source, "commit", None)  # a registry caches its manifests only now (resolved)
-        if commit is not None:
-            commit()
+        if isinstance(source, Committing):  # a registry caches its manifests only now (resolved)
+            source.commit()
         return ResolvedImage(ref, desc.digest, manifest, config, config.platform)
     raise ImageError(f"resolve {ref}: indexes nested more than {_MAX_NESTING} deep")
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..errors import DirgeError
 from ..oci.image import Descriptor, Platform
 from ..oci.reference import LayoutReference, RegistryReference, parse_reference
-from ..oci.resolve import BlobSource, ResolvedImage, resolve_manifest
+from ..oci.resolve import BlobSource, Prefetching, ResolvedImage, resolve_manifest
 from .layout import LayoutSource
 
 if TYPE_CHECKING:
@@ -113,10 +113,9 @@ def pull_image(image: str, platform: Platform | None = None, *, cache: "Cache | 
     source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes,
                                   build=build)
     try:
-        prefetch, wait = getattr(source, "prefetch", None), getattr(source, "wait", None)
-        if prefetch is not None and wait is not None:
-            prefetch(resolved.manifest.layers)
-            wait()
+        if isinstance(source, Prefetching):
+            source.prefetch(resolved.manifest.layers)
+            source.wait()
         else:
             for desc in resolved.manifest.layers:
                 source.open_blob(desc).close()
