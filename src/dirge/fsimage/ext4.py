@@ -82,6 +82,9 @@ BLKSZ = fmt.BLOCK_SIZE
 _BITS = fmt.BLOCK_BITS
 _MASK = BLKSZ - 1
 _BPG = fmt.BLOCKS_PER_GROUP
+_BPG_BITS = _BPG.bit_length() - 1
+assert 1 << _BPG_BITS == _BPG
+_ZEROS = memoryview(bytes(fmt.BLOCK_SIZE))
 _FLUSH = 1 << 20  # buffered bytes before a write
 _DIRECT = 256 << 10  # a piece this big skips the buffer
 _HOLE_SCAN = 64  # free-list entries looked at per allocation (bounded: many tiny holes stay cheap)
@@ -407,6 +410,7 @@ def _wipe(fd: int, offset: int, length: int) -> None:
         offset, length = offset + n, length - n
 
 
+_INODE_RUN_MAX = fmt.EXTENTS_IN_INODE * fmt.EXTENT_MAX_LEN  # blocks of one run the inode's extents map
 _LINEAR_MAX_BLOCKS = 8  # directories up to this size stay linear (see the module docstring)
 
 
@@ -515,8 +519,12 @@ class Ext4Sink(TreeImageSink):
 
     def _fresh(self, n: int) -> list[tuple[int, int]]:
         """``n`` never-used blocks from the frontier, as runs around the groups' fixed blocks."""
-        runs: list[tuple[int, int]] = []
         f = self._frontier
+        off = f & (_BPG - 1)
+        if n and off + n <= _BPG and off >= _overhead(f >> _BPG_BITS) and f + n <= _MAX_BLOCKS:
+            self._frontier = f + n  # the usual file: inside the group the frontier is in
+            return [(f, n)]
+        runs: list[tuple[int, int]] = []
         while n:
             group, off = divmod(f, _BPG)
             ov = _overhead(group)
@@ -538,6 +546,8 @@ class Ext4Sink(TreeImageSink):
     def _alloc(self, n: int) -> list[tuple[int, int]]:
         """``n`` blocks whose every byte will be written: a freed hole that holds them, else fresh."""
         starts, lens = self._hole_start, self._hole_len
+        if not starts:
+            return self._fresh(n)
         for i in range(min(len(starts), _HOLE_SCAN)):
             if lens[i] >= n:
                 p = starts[i]
@@ -595,12 +605,25 @@ class Ext4Sink(TreeImageSink):
         nblk = (size + _MASK) >> _BITS
         runs = self._alloc(nblk) if nblk else []
         out = self._out
+        buf = out.buf
         ri, got = 0, 0
         pos, left = (runs[0][0] << _BITS, runs[0][1] << _BITS) if runs else (0, 0)
         for piece in stream.data(entry):
-            got += len(piece)
+            n = len(piece)
+            got += n
             if got > size:
                 raise Ext4Error(f"{show(parts)}: more than {size} bytes of data")
+            if n <= left and n < _DIRECT and pos == out.pos + len(buf):
+                # The usual piece: it fits the run and follows what is buffered (_Out.at, inline).
+                buf += piece
+                pos, left = pos + n, left - n
+                if len(buf) >= _FLUSH:
+                    out.flush()
+                if left or ri + 1 >= len(runs):
+                    continue
+                ri += 1
+                pos, left = runs[ri][0] << _BITS, runs[ri][1] << _BITS
+                continue
             while piece:
                 take = min(len(piece), left)
                 out.at(pos, piece[:take] if take < len(piece) else piece)
@@ -611,7 +634,10 @@ class Ext4Sink(TreeImageSink):
         if got != size:
             raise Ext4Error(f"{show(parts)}: {got} bytes of data for a {size}-byte file")
         if size & _MASK:  # the tail block in full: a reused hole must hold no stale byte
-            out.at(pos, bytes(BLKSZ - (size & _MASK)))
+            if pos == out.pos + len(buf):
+                buf += _ZEROS[:BLKSZ - (size & _MASK)]
+            else:
+                out.at(pos, _ZEROS[:BLKSZ - (size & _MASK)])
         index = len(self._start)
         self._released.append(0)
         self._nblk.append(nblk)
@@ -821,21 +847,23 @@ class _Image:
                     out.at(blk << _BITS, target + bytes(BLKSZ - len(target)))
                     self._tree(p, [(0, blk, 1)])
             elif kind == tree.REG and isinstance(node.data, int):
-                extents = sink._file_extents(node.data)
-                if len(extents) > fmt.EXTENTS_IN_INODE:
-                    self._tree(p, extents)
+                # One run of at most 4 full-length extents fits the inode: only others need a look.
+                if node.data in sink._extents or sink._nblk[node.data] > _INODE_RUN_MAX:
+                    extents = sink._file_extents(node.data)
+                    if len(extents) > fmt.EXTENTS_IN_INODE:
+                        self._tree(p, extents)
             elif kind == tree.REG and node.size:
                 raise Ext4Error(f"{text(self._path(p))}: a {node.size}-byte file without data")
 
     def _entries(self, p: int) -> list[tuple[bytes, int, int]]:
-        node = self.nodes[p]
-        children = node.children
+        children = self.nodes[p].children
         assert children is not None
-        pos_of, nodes, ino = self.pos_of, self.nodes, self.ino
+        pos_of, nodes = self.pos_of, self.nodes
+        first = fmt.FIRST_INO - 1  # a child is never the root: its inode is FIRST_INO + c - 1
         out = []
-        for name in sorted(children):
+        for name in self.inodes.names[p]:  # sorted by the numbering walk
             c = pos_of[children[name]]
-            out.append((name, ino(c), _FTYPES[nodes[c].kind]))
+            out.append((name, first + c, _FTYPES[nodes[c].kind]))
         return out
 
     def _dir_blocks(self, p: int) -> list[bytes]:
@@ -1176,24 +1204,30 @@ def _entry_offsets(body: bytes) -> list[int]:
 def _linear_blocks(entries: list[tuple[bytes, int, int]]) -> list[bytes]:
     """Directory blocks holding ``entries`` in order; each block's last entry reaches its end."""
     blocks: list[bytes] = []
-    cur = bytearray()
-    last = 0
+    cur = bytearray(BLKSZ)
+    used = last = 0
+    pack = fmt.DIRENT.pack_into
     for name, ino, ftype in entries:
-        need = fmt.dirent_len(len(name))
-        if len(cur) + need > BLKSZ:
-            blocks.append(_close_block(cur, last))
-            cur = bytearray()
-        last = len(cur)
-        cur += fmt.DIRENT.pack(ino, need, len(name), ftype) + name + bytes(need - fmt.DIRENT.size - len(name))
-    blocks.append(_close_block(cur, last))
+        n = len(name)
+        need = (fmt.DIRENT.size + n + 3) & ~3  # fmt.dirent_len
+        if used + need > BLKSZ:
+            blocks.append(_close_block(cur, used, last))
+            cur = bytearray(BLKSZ)
+            used = 0
+        last = used
+        pack(cur, used, ino, need, n, ftype)
+        cur[used + fmt.DIRENT.size:used + fmt.DIRENT.size + n] = name  # the padding is zeros already
+        used += need
+    blocks.append(_close_block(cur, used, last))
     return blocks
 
 
-def _close_block(cur: bytearray, last: int) -> bytes:
-    if not cur:  # an empty leaf: one unused entry spanning the block
+def _close_block(cur: bytearray, used: int, last: int) -> bytes:
+    """The block ``cur`` (zeros past ``used``) with its last entry, at ``last``, reaching the end."""
+    if not used:  # an empty leaf: one unused entry spanning the block
         return fmt.DIRENT.pack(0, BLKSZ, 0, 0) + bytes(BLKSZ - fmt.DIRENT.size)
     struct.pack_into("<H", cur, last + 4, BLKSZ - last)
-    return bytes(cur) + bytes(BLKSZ - len(cur))
+    return bytes(cur)
 
 
 def _htree_blocks(me: int, up: int, entries: list[tuple[bytes, int, int]],
