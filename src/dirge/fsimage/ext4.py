@@ -867,13 +867,43 @@ class _Image:
         return out
 
     def _dir_blocks(self, p: int) -> list[bytes]:
-        entries = self._entries(p)
+        """Linear blocks (what _linear_blocks makes of ".", ".." and the entries, packed straight
+        from the sorted names) while they take at most _LINEAR_MAX_BLOCKS, else an htree."""
         me, up = self.ino(p), self.ino(self.parent[p])
-        linear = _linear_blocks([(b".", me, fmt.FT_DIR), (b"..", up, fmt.FT_DIR)] + entries)
-        if len(linear) <= _LINEAR_MAX_BLOCKS:
-            return linear
+        names = self.inodes.names[p]
+        dirent = fmt.DIRENT.size
+        # Entries take at least header + name each: beyond the linear limit even packed tight.
+        if 24 + dirent * len(names) + sum(map(len, names)) <= _LINEAR_MAX_BLOCKS * BLKSZ:
+            children = self.nodes[p].children
+            assert children is not None
+            pos_of, nodes, first, ftypes = self.pos_of, self.nodes, fmt.FIRST_INO - 1, _FTYPES
+            pack = fmt.DIRENT.pack_into
+            blocks: list[bytes] = []
+            cur = bytearray(BLKSZ)
+            pack(cur, 0, me, 12, 1, fmt.FT_DIR)
+            cur[dirent:dirent + 1] = b"."
+            pack(cur, 12, up, 12, 2, fmt.FT_DIR)
+            cur[12 + dirent:12 + dirent + 2] = b".."
+            used, last = 24, 12
+            for name in names:
+                n = len(name)
+                need = (dirent + n + 3) & ~3  # fmt.dirent_len
+                if used + need > BLKSZ:
+                    blocks.append(_close_block(cur, used, last))
+                    if len(blocks) == _LINEAR_MAX_BLOCKS:
+                        break  # a block more than linear directories take
+                    cur = bytearray(BLKSZ)
+                    used = 0
+                c = pos_of[children[name]]  # never the root: its inode is FIRST_INO + c - 1
+                last = used
+                pack(cur, used, first + c, need, n, ftypes[nodes[c].kind])
+                cur[used + dirent:used + dirent + n] = name
+                used += need
+            else:
+                blocks.append(_close_block(cur, used, last))
+                return blocks
         self.indexed.add(p)
-        return _htree_blocks(me, up, entries, self.seed_words)
+        return _htree_blocks(me, up, self._entries(p), self.seed_words)
 
     # -- layout --------------------------------------------------------------------------------
 
@@ -1058,11 +1088,46 @@ class _Image:
             j = Node(tree.REG, 0o600, 0, 0, build)
             self._inode(buf, (fmt.JOURNAL_INO - 1) * size, j, 1, self.jblocks << _BITS, self.jblock,
                         self.jblocks + self.jtree, fmt.EXTENTS_FL, b"", 0)
+        # The usual inode, a regular file in one extent with nothing precomputed, is packed right
+        # here (no call, no lookups beyond one set); the others by _node_inode.
+        other = {*self.iblock, *self.extra, *self.ibody, *self.xblock}
+        sink = self.sink
+        starts, counts, several = sink._start, sink._nblk, sink._extents
+        links, crtime, pack, leaf = self.nlink, self.crtime, fmt.INODE.pack_into, _LEAF1.pack_into
+        reg, sectors_shift, iblock_at, isize = tree.REG, _BITS - 9, fmt.IBLOCK_OFFSET, fmt.EXTRA_ISIZE
         for p in range(len(nodes)):
             g, i = divmod(self.ino(p) - 1, ipg)
             if g != group:
                 buf, group = start(g), g
-            self._node_inode(buf, i * size, p)
+            at = i * size
+            node = nodes[p]
+            index = node.data
+            if node.kind != reg or p in other or not isinstance(index, int) or index in several:
+                self._node_inode(buf, at, p)
+                continue
+            n = counts[index]
+            uid, gid = node.uid, node.gid
+            if n > fmt.EXTENT_MAX_LEN or not (0 <= uid <= 0xFFFFFFFF and 0 <= gid <= 0xFFFFFFFF):
+                self._node_inode(buf, at, p)
+                continue
+            mtime = node.mtime_ns
+            if mtime is None:
+                mtime = build
+            m, m_extra = _encode_time(mtime)
+            atime = node.atime_ns
+            a, a_extra = (m, m_extra) if atime is None or atime == mtime else _encode_time(atime)
+            file_size = node.size
+            sectors = n << sectors_shift
+            pack(buf, at, reg | (node.mode & 0o7777), uid & 0xFFFF, file_size & 0xFFFFFFFF, a, m, m, 0, gid & 0xFFFF,
+                 links[p], sectors & 0xFFFFFFFF, fmt.EXTENTS_FL, 0, b"", 0, 0, file_size >> 32, 0,
+                 (sectors >> 32) & 0xFFFF, 0, uid >> 16, gid >> 16, 0, 0,
+                 isize, 0, m_extra, m_extra, a_extra, crtime[0], crtime[1], 0, 0)
+            if n:
+                first = starts[index]
+                leaf(buf, at + iblock_at, fmt.EXTENT_MAGIC, 1, fmt.EXTENTS_IN_INODE, 0, 0, 0, n, first >> 32,
+                     first & 0xFFFFFFFF)
+            else:
+                fmt.EXTENT_HEADER.pack_into(buf, at + iblock_at, fmt.EXTENT_MAGIC, 0, fmt.EXTENTS_IN_INODE, 0, 0)
         if buf:
             out.at(self.tables[group] << _BITS, buf)
 
