@@ -44,11 +44,17 @@ Memory: per regular file 9 bytes in arrays (first block, block count, released f
 in ``node.data``; files in more than one extent (sparse, reused holes, crossing a group's fixed
 blocks) keep their extent list. ``finish`` adds about 120 bytes an inode at its peak (the node →
 number dict, parent and link arrays, one directory's names and blocks at a time; measured with
-tracemalloc on 50k files); xattr block bodies are kept until written. File data is never held.
+tracemalloc on 50k files), and one group's inode table being packed (at most 32 768 inodes: 8 MiB);
+xattr block bodies are kept until written. File data is never held.
 
 Speed (50k files of 100-3100 bytes in 100 directories, one core): 1.1 s for the sink (0.3 s
 streaming, 0.8 s finish, htree hashing included), where ``mkfs.ext4 -d`` takes 2.0 s from an
-already-unpacked tree; large files stream at ~440 MiB/s (page cache).
+already-unpacked tree; large files stream at ~440 MiB/s (page cache). ``finish`` does per inode one
+``pack_into`` into its group's table buffer (one write per group) and per directory block one buffer;
+htree names are hashed by libext2fs's ``ext2fs_dirhash`` where it loads (the function e2fsck checks
+them with; ~5x faster than half_md4 in Python, which stays as the fallback and gives the same values).
+On the 61.8k-entry benchmark image the finish takes ~1.4 s of CPU (3.1 s before these), less than
+the erofs writer's.
 
 Auto size (``size=None``): blocks_count = used blocks (data, metadata, inode tables, journal) plus
 max(10 %, 16 MiB), rounded up to 1 MiB; inodes = max(used + max(10 %, 1024), one per 16 KiB) as
