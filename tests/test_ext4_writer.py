@@ -24,7 +24,7 @@ from dirge.apply.fs import Report
 from dirge.apply.tree import BLK, CHR, FIFO, SOCK, FileData, Node
 from dirge.fsimage import ext4_format as fmt
 from dirge.fsimage.ext4 import (Ext4Error, Ext4SizeError, Ext4Sink, acl_to_disk, build_extent_tree, dx_hash,
-                                tree_blocks, xattr_key)
+                                native_hasher, tree_blocks, xattr_key)
 from dirge.sources.open import open_image
 from dirge.unpack import apply_layers, image_identity
 from images import layered, metadata
@@ -124,6 +124,46 @@ def test_dx_hash_matches_e2fsprogs(tmp_path: Path) -> None:
             continue  # the shell argument is re-encoded; e2fsck checks these in the images below
         got = int(proc.stdout.split("is 0x")[1].split()[0], 16)
         assert dx_hash(name, words) == got & ~1, name
+
+
+def test_dx_hash_native_equals_pure() -> None:
+    """The htree hash comes from libext2fs's ext2fs_dirhash where it loads, else from the pure
+    half_md4: both give the same value for every name length (a partial last word, 32-byte steps)
+    and seed (zero: the default one)."""
+    import random
+
+    r = random.Random(5)
+    names = [bytes(r.randrange(1, 256) for _ in range(n)) for n in range(1, 256)]
+    names += [b"e%05d.py" % i for i in range(500)] + [b"\xff" * 255, b"a" * 32, b"a" * 33, b"a" * 64]
+    w = [r.randrange(1 << 32) for _ in range(4)]
+    seeds: list[tuple[int, int, int, int]] = [(0, 0, 0, 0), (1, 2, 3, 4), (w[0], w[1], w[2], w[3])]
+    for seed in seeds:
+        native = native_hasher(seed)
+        if native is None:
+            pytest.skip("no libext2fs.so.2 here (the pure hash is checked against debugfs above)")
+        for name in names:
+            assert native(name) == dx_hash(name, seed), (name, seed)
+
+
+@needs_e2fs
+def test_htree_without_libext2fs_is_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without libext2fs (the pure half_md4 hashes the names) an image is byte for byte the one
+    written with it."""
+    from dirge.fsimage import ext4
+
+    digests = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(ext4, "native_hasher", lambda seed: None)
+        image = tmp_path / f"img-{native}.ext4"
+        t = Tree(ext4_sink(image))
+        t.dir("d")
+        for i in range(3000):
+            t.symlink(b"d/%05d-" % i + b"x" * (i % 70), b"t")
+        t.finish()
+        fsck(image)
+        digests.append(hashlib.sha256(image.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
 
 
 def test_extent_tree_shapes() -> None:
