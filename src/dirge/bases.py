@@ -278,12 +278,13 @@ def base_rootfs(base: Base) -> Iterator[Path]:
     yield base.rootfs
 
 
-def cached_erofs_image(cache: Cache | None, digest: Digest, leases: ExitStack) -> Path | None:
-    """The published erofs image of ``digest`` in ``cache`` (either mode: its bytes do not depend on
-    it), or None. Its base's lease is entered on ``leases``, so it stays until the caller closes them."""
+def cached_image(cache: Cache | None, digest: Digest, fmt: str, leases: ExitStack, options: str = "") -> Path | None:
+    """The published image file (erofs, or an ext4 disk shaped by ``options``, a ``DiskOptions.key()``) of
+    ``digest`` in ``cache`` (either mode: its bytes do not depend on it), or None. Its base's lease is
+    entered on ``leases``, so it stays until the caller closes them."""
     cache = cache if cache is not None else Cache()
     for rootless in (False, True):
-        base = cache.find_base(digest, rootless, "erofs")
+        base = cache.find_base(digest, rootless, fmt, options)
         if base is None:
             continue
         lease = leases.enter_context(ExitStack())

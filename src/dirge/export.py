@@ -32,7 +32,7 @@ from .errors import DirgeError, NoSpace
 from .fsutil import is_no_space, no_space
 from .oci.image import Platform
 from .sources.open import open_image
-from .unpack import ProgressFn, add_context, unpack, write_erofs
+from .unpack import ProgressFn, add_context, unpack, write_erofs, write_ext4
 from .variants import build_variant
 
 if TYPE_CHECKING:
@@ -100,37 +100,39 @@ def export(
 
 def _export_erofs(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: str,
                   creds: "Credentials | None", limits: Limits, progress: ProgressFn | None) -> ExportResult:
-    from .bases import cached_erofs_image
-
-    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, build=build_variant)
-    try:
-        with ExitStack() as leases:  # a cached base is read under its lease: gc cannot remove it meanwhile
-            cached = cached_erofs_image(cache, resolved.manifest_digest, leases)
-            with _replacing(out) as tmp:
-                if cached is not None:
-                    _clone(cached, tmp)
-                else:
-                    write_erofs(source, resolved, tmp, limits=limits, progress=progress)
-    finally:
-        source.close()
-    return _file_result(out, "erofs", str(resolved.manifest_digest), cached is not None)
+    return _export_image(image, out, "erofs", platform, cache, pull, creds, limits, progress, None)
 
 
 def _export_ext4(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: str,
                  creds: "Credentials | None", limits: Limits, progress: ProgressFn | None,
                  options: "DiskOptions | None") -> ExportResult:
-    from .bases import ensure_disk
-    from .options import DiskOptions, PrepareOptions
+    from .options import DiskOptions
 
-    disk = options or DiskOptions()
-    with ExitStack() as leases:  # the base disk is read under its lease: gc cannot remove it meanwhile
-        base = ensure_disk(image, PrepareOptions(platform=platform, limits=limits, pull=pull, creds=creds, disk="ext4",
-                                                 disk_size=disk.size, disk_journal=disk.journal,
-                                                 disk_inodes=disk.inodes),
-                           cache=cache, progress=progress, leases=leases)
-        with _replacing(out) as tmp:
-            _clone(base.image_file, tmp)
-    return _file_result(out, "ext4", str(base.digest), not base.created)
+    return _export_image(image, out, "ext4", platform, cache, pull, creds, limits, progress, options or DiskOptions())
+
+
+def _export_image(image: str, out: Path, fmt: str, platform: Platform | None, cache: "Cache | None", pull: str,
+                  creds: "Credentials | None", limits: Limits, progress: ProgressFn | None,
+                  disk: "DiskOptions | None") -> ExportResult:
+    """An erofs image or ext4 disk: the cached base's file cloned when there is one, else written straight
+    from the layers into OUT's temp file (caching it would cost a hash, a sync and a copy of the whole disk)."""
+    from .bases import cached_image
+
+    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, build=build_variant)
+    try:
+        with ExitStack() as leases:  # a cached base is read under its lease: gc cannot remove it meanwhile
+            cached = cached_image(cache, resolved.manifest_digest, fmt, leases, disk.key() if disk else "")
+            with _replacing(out) as tmp:
+                if cached is not None:
+                    _clone(cached, tmp)
+                elif disk is None:
+                    write_erofs(source, resolved, tmp, limits=limits, progress=progress)
+                else:
+                    write_ext4(source, resolved, tmp, size=disk.size, journal=disk.journal, inodes=disk.inodes,
+                               limits=limits, progress=progress)
+    finally:
+        source.close()
+    return _file_result(out, fmt, str(resolved.manifest_digest), cached is not None)
 
 
 def _export_tar(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: str,
