@@ -87,3 +87,36 @@ def test_skipped_calls_leave_the_image_metadata_in_a_setgid_destination(tmp_path
             subprocess.run([sys.executable, "-c", UNPACK, ref, str(dest), umask, how], check=True,
                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
             assert check(dest) == [], (how, umask)
+
+
+COPY = r"""
+import os, sys
+from pathlib import Path
+from dirge.session.copytree import copy_tree
+os.umask(int(sys.argv[3], 8))
+copy_tree(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def test_copy_tree_skipped_calls_keep_full_fidelity(tmp_path: Path, make_image) -> None:
+    """A copy session's tree copy makes files with their final permission bits and skips the owner and
+    mode calls they do not need: copied into a setgid directory of another group under umasks 022 and
+    077, the copy is still the tree (owners, modes incl. setuid/setgid/sticky, times, contents)."""
+    from dirge import unpack
+    from treecmp import diff, snapshot
+
+    extra = (LayerBuilder().file("suid", b"s", mode=0o4755).file("sgid", b"g", mode=0o2711, gid=5)
+             .file("mine", b"m", mode=0o664).file("theirs", b"t", mode=0o640, uid=1000, gid=1000)
+             .file("ro", b"r", mode=0o444).build())
+    src = tmp_path / "src"
+    unpack(make_image([*layers(), extra]), src)
+    outer = tmp_path / "setgid"
+    outer.mkdir()
+    os.chown(outer, 0, SG_GID)
+    os.chmod(outer, 0o2775)
+    want = snapshot(src, all_mtimes=True)
+    for umask in ("022", "077"):
+        dst = outer / f"copy{umask}"
+        subprocess.run([sys.executable, "-c", COPY, str(src), str(dst), umask], check=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert diff(snapshot(dst, all_mtimes=True), want) == [], umask
