@@ -9,7 +9,7 @@ most files) after a `sync` and a cache drop. Modes, interleaved within each run:
   (``same``: file i of a directory goes to thread i % K, as a sink's pool without per-directory affinity
   would). Every syscall releases the GIL, so only the kernel (and the GIL hand-offs) can serialise them.
 
-Prints each run's wall times and their ratio to the 1-worker time, then min / median per mode. A ratio near
+Prints each run's wall times (the variants' order rotates from run to run), then min / median per mode. A ratio near
 1/K would make a parallel applier worth building; near or above 1, file creation itself is the floor.
 
 Usage: .venv/bin/python bench/create_scaling.py [--workdir DIR] [--files N] [--runs R]
@@ -122,7 +122,9 @@ def main() -> None:
     try:
         for run in range(1, args.runs + 1):
             line = []
-            for name, workers in variants:
+            # The order rotates from run to run: no variant always runs first after the previous run's rm.
+            shift = (run - 1) % len(variants)
+            for name, workers in variants[shift:] + variants[:shift]:
                 settle(work, not args.no_drop_caches)
                 share = n // len(workers)
                 wall, cpu = timed([[sys.executable, "-c", WORKER, str(work / sub), str(share), str(k), layout]
