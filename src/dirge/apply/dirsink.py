@@ -109,16 +109,10 @@ class DirSink:
             parent = self._parent(parts)
             fd = os.open(name, _FILE_FLAGS, mode & 0o777, dir_fd=parent)
         try:
-            if data.sparse is not None:
-                _write_sparse(data, node.size, fd)
-            else:
-                write = os.write
-                for piece in data.chunks:
-                    while piece:
-                        piece = piece[write(fd, piece):]
+            _write_data(fd, data, node.size)
             # Owner and mode calls only when the new inode lacks them (most files): two syscalls saved.
             fs = self.fs
-            chown = fs.needs_chown(node.uid, node.gid) or (not fs.rootless and bool(parent_node.mode & stat.S_ISGID))
+            chown = self._needs_chown(parts, parent_node, node)
             if chown:
                 fs.chown_fd(fd, node.uid, node.gid, _path(parts))
             if chown or mode & 0o7000 or mode & self._umask:
@@ -132,34 +126,61 @@ class DirSink:
     @_space_checked
     def directory(self, parts: Parts, parent_node: Node | None, node: Node, *, existing: bool) -> None:
         if not parts:
-            self._dir_metadata(self.root.fd, node, parts, existing=True)
+            self._dir_metadata(self.root.fd, node, parts, node.mode | 0o700 if self.fs.rootless else node.mode)
             return
         parent, name = self._parent(parts), parts[-1]
+        # Rootless: we must keep working inside it; the image's mode is applied in finish().
+        mode = node.mode | 0o700 if self.fs.rootless else node.mode
         if not existing:
+            # Made with its final permission bits: most directories (0755 under umask 022, our owner)
+            # then need no open, fchown, fchmod or close at all. Never more open than the final mode.
             try:
-                os.mkdir(name, 0o700, dir_fd=parent)
+                os.mkdir(name, mode & 0o777, dir_fd=parent)
             except FileExistsError:
                 self._clear(parent, name)
                 parent = self._parent(parts)
-                os.mkdir(name, 0o700, dir_fd=parent)
+                os.mkdir(name, mode & 0o777, dir_fd=parent)
+            chown = self._needs_chown(parts, parent_node, node)
+            # A setgid parent passes S_ISGID on to a new directory (the tree's parent mode is the disk's).
+            chmod = chown or bool(mode & (0o7000 | self._umask)) or self._setgid_parent(parts, parent_node)
+            if not (chown or chmod or _has_xattrs(node)):
+                return
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
         try:
-            self._dir_metadata(fd, node, parts, existing=existing)
+            if existing:
+                self._dir_metadata(fd, node, parts, mode)
+            else:
+                if chown:
+                    self.fs.chown_fd(fd, node.uid, node.gid, _path(parts))
+                if chmod:
+                    os.fchmod(fd, mode)
+                self._set_xattrs(fd, node, parts)
         finally:
             os.close(fd)
 
-    def _dir_metadata(self, fd: int, node: Node, parts: Parts, *, existing: bool) -> None:
-        if existing:  # a directory entry over a directory replaces its xattrs (umoci: clear, then set)
-            for key in os.listxattr(fd):
-                if key not in node.xattrs and not key.startswith("security.selinux"):
-                    try:
-                        os.removexattr(fd, key)
-                    except OSError:
-                        pass
+    def _dir_metadata(self, fd: int, node: Node, parts: Parts, mode: int) -> None:
+        """An existing directory's metadata replaced: every call made, whatever is there now."""
+        # a directory entry over a directory replaces its xattrs (umoci: clear, then set)
+        for key in os.listxattr(fd):
+            if key not in node.xattrs and not key.startswith("security.selinux"):
+                try:
+                    os.removexattr(fd, key)
+                except OSError:
+                    pass
         self.fs.chown_fd(fd, node.uid, node.gid, _path(parts))
-        # Rootless: we must keep working inside it; the image's mode is applied in finish().
-        os.fchmod(fd, node.mode | 0o700 if self.fs.rootless else node.mode)
+        os.fchmod(fd, mode)
         self._set_xattrs(fd, node, parts)
+
+    def _setgid_parent(self, parts: Parts, parent_node: Node | None) -> bool:
+        """Whether the parent on disk is setgid. Below the root the tree's mode is the disk's (this sink
+        set it, or Root made the parent 0755); the root itself is the caller's directory until an entry
+        names it, so its children are always treated as if it were."""
+        return len(parts) <= 1 or parent_node is None or bool(parent_node.mode & stat.S_ISGID)
+
+    def _needs_chown(self, parts: Parts, parent_node: Node | None, node: Node) -> bool:
+        """A new inode lacks the node's owner: not ours, or its group came from a setgid parent."""
+        fs = self.fs
+        return fs.needs_chown(node.uid, node.gid) or (not fs.rootless and self._setgid_parent(parts, parent_node))
 
     @_space_checked
     def symlink(self, parts: Parts, parent_node: Node, node: Node) -> None:
@@ -170,7 +191,8 @@ class DirSink:
             self._clear(parent, name)
             parent = self._parent(parts)
             os.symlink(node.target, name, dir_fd=parent)
-        self.fs.chown_at(parent, name, node.uid, node.gid, _path(parts), is_link=True)
+        if self._needs_chown(parts, parent_node, node):  # most symlinks are already ours: no fchownat
+            self.fs.chown_at(parent, name, node.uid, node.gid, _path(parts), is_link=True)
         if node.xattrs:
             self._set_xattrs(proc_path(parent, name), node, parts)
         os.utime(name, ns=_times(node), dir_fd=parent, follow_symlinks=False)
@@ -243,10 +265,22 @@ class DirSink:
             self.fs.set_xattr(target, key, value, _path(parts))
 
 
-def _write_sparse(data: FileData, size: int, fd: int) -> None:
-    for off, piece in data.placed():  # holes are never written
-        pwrite_all(fd, piece, off)
-    os.ftruncate(fd, size)
+def _write_data(fd: int, data: FileData, size: int) -> None:
+    """A new file's data (``size``: its logical size, for a sparse file's end)."""
+    if data.sparse is not None:
+        for off, placed in data.placed():  # holes are never written
+            pwrite_all(fd, placed, off)
+        os.ftruncate(fd, size)
+        return
+    write = os.write
+    for piece in data.chunks:
+        while piece:
+            piece = piece[write(fd, piece):]
+
+
+def _has_xattrs(node: Node) -> bool:
+    """Any xattr to set now (a directory's default ACL waits for finish())."""
+    return any(key != _DEFAULT_ACL or node.children is None for key in node.xattrs)
 
 
 def _times(node: Node) -> tuple[int, int]:
