@@ -203,7 +203,8 @@ def contenders(layout: Path, blobs: list[Path], mkfs: str | None,
 
     def tar(d: Path, i: int) -> Sample:
         dest = d / "tree"
-        script = 'mkdir -p "$1" && d=$1 && shift && for b in "$@"; do tar --numeric-owner -xzf "$b" -C "$d" || exit; done'
+        script = ('mkdir -p "$1" && d=$1 && shift && '
+                  'for b in "$@"; do tar --numeric-owner -xzf "$b" -C "$d" || exit; done')
         s, _ = timed(["sh", "-c", script, "sh", str(dest), *map(str, blobs)])
         if i == 0:
             s.info["entries"], s.info["bytes"] = tree_size(dest)
@@ -236,7 +237,9 @@ def interleave(chosen: list[Contender], runs: int, scratch: Path, blobs: list[Pa
             subprocess.run(["sync"], check=True)  # no dirty pages of the last run pending
             drop_caches()
             warm(blobs, tools)
+            load = os.getloadavg()[0]  # other work on the machine makes the numbers noisy: say so
             s = c.run(d, i)
+            s.info["load1"] = round(load, 2)
             samples[c.name].append(s)
             extra = "".join(f"  {k}={v}" for k, v in s.info.items() if k in ("entries", "e2fsck_exit"))
             if "sha256" in s.info:
@@ -244,7 +247,7 @@ def interleave(chosen: list[Contender], runs: int, scratch: Path, blobs: list[Pa
             if "inner_seconds" in s.info:
                 extra += f"  (in-process {s.info['inner_seconds']:.3f} s)"
             log(f"  run {i + 1}/{runs}  {c.name:<{width}} {s.wall:8.3f} s  cpu {s.cpu:6.2f} s  "
-                f"peak RSS {s.rss_kib / 1024:6.1f} MiB{extra}")
+                f"peak RSS {s.rss_kib / 1024:6.1f} MiB  load {load:4.1f}{extra}")
             release(scratch, d)
     return samples
 
@@ -298,6 +301,24 @@ def report(samples: dict[str, list[Sample]], checks: dict[str, list[str]]) -> di
             log(f"  {k} output identical across {len(digests)} run(s): {'yes' if ok else 'NO'} "
                 f"({', '.join(sorted({d[:16] for d in digests}))})")
     return {"table": table, "ratios": ratios, "rss": rss, "identical": same}
+
+
+def startup_costs(tools: list[list[str]]) -> dict[str, float]:
+    """Interpreter start-up plus imports, which every timed process pays (dirge's CLI more than the floor):
+    the median of 3 warm runs of each, for reading the ratios."""
+    warm([], tools)
+    cmds = {"dirge --help": [sys.executable, "-m", "dirge.cli", "--help"],
+            "floor imports": [sys.executable, "-c", "import hashlib, json, queue, threading, isal.igzip_lib"]}
+    out = {}
+    for name, cmd in cmds.items():
+        walls = []
+        for _ in range(3):
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            walls.append(time.perf_counter() - t)
+        out[name] = statistics.median(walls)
+    log("start-up inside each timed wall (warm): " + ", ".join(f"{k} {v:.3f} s" for k, v in out.items()))
+    return out
 
 
 def git_head() -> str:
@@ -368,8 +389,9 @@ def main() -> None:
             tools.append([mkfs, "-V"])
         log(f"\nbefore each run (untimed): remove the last output, sync, drop caches, re-read "
             f"{sum(b.stat().st_size for b in blobs) / 1e6:.0f} MB of blobs and the tools")
+        startup = startup_costs(tools)
         samples = interleave(chosen, args.runs, scratch, blobs, tools)
-        results = report(samples, checks)
+        results = {**report(samples, checks), "startup_seconds": startup}
     except BenchError as exc:
         raise SystemExit(f"error: {exc}") from None
     except KeyboardInterrupt:
