@@ -278,11 +278,13 @@ def report(samples: dict[str, list[Sample]], checks: dict[str, list[str]]) -> di
             continue
         r = med[num] / med[den]
         per_run = [a.wall / b.wall for a, b in zip(samples[num], samples[den])]
+        # CPU time moves less than wall time when other work shares the machine: shown, not judged.
+        cpu_r = statistics.median(s.cpu for s in samples[num]) / statistics.median(s.cpu for s in samples[den])
         was = f"  (issue: {today:.2f})" if today is not None else ""
         log(f"  {label:<{lw}} {r:6.3f}  target <= {target:<4} {'PASS' if r <= target else 'MISS'}{was}   "
-            f"per run: {', '.join(f'{x:.3f}' for x in per_run)}")
+            f"per run: {', '.join(f'{x:.3f}' for x in per_run)}   cpu ratio {cpu_r:.3f}")
         ratios[label] = {"numerator": num, "denominator": den, "ratio": r, "target": target,
-                         "pass": r <= target, "issue_before": today, "per_run": per_run}
+                         "pass": r <= target, "issue_before": today, "per_run": per_run, "cpu_ratio": cpu_r}
 
     rss: dict[str, Any] = {}
     for k in DIRGE_CONTENDERS:
