@@ -211,8 +211,11 @@ def test_gc_never_removes_a_base_an_export_is_reading(tmp_path: Path, make_image
 
     cache = Cache(tmp_path / "cache")
     ref = make_image([files_layer("a", 20)])
-    if fmt == "erofs":  # an erofs export writes from the layers unless a prepare left an erofs base
+    # erofs and ext4 exports write from the layers unless a prepare left an erofs base or a base disk
+    if fmt == "erofs":
         prepare(ref, cache.root, base_format="erofs").close()
+    elif fmt == "ext4":
+        prepare(ref, cache.root, disk="ext4").close()
     export_module.export(ref, tmp_path / "first", format=fmt, cache=cache)  # the base (or disk) is cached now
     keys = cache.base_keys()
     assert keys
