@@ -351,7 +351,7 @@ def prepare(
     snapshot: str | None = None,
     owner_pid: int | None = None,
     progress: AsyncProgress | None = None,
-    # the PrepareOptions fields, as dirge.rootfs.prepare takes them (tests/test_cli.py checks it):
+    # the PrepareOptions fields, as dirge.rootfs.prepare takes them (tests/test_options.py checks it):
     strategy: str | None = None,
     base_format: str | None = None,
     platform: Platform | None = None,

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING
 from .apply.layer import Limits
 from .errors import DirgeError, NoSpace
 from .fsutil import is_no_space, no_space
+from .options import DiskOptions
 from .oci.image import Platform
 from .sources.open import open_image
 from .unpack import ProgressFn, add_context, unpack, write_erofs, write_ext4
 from .variants import build_variant
 
 if TYPE_CHECKING:
-    from .options import DiskOptions
     from .store.cache import Cache
     from .sources.auth import Credentials
 
@@ -89,26 +89,12 @@ def export(
             return ExportResult(out, format, size, str(result.image.manifest_digest), False)
         if out.is_dir() and not out.is_symlink():
             raise DirgeError(f"{out} is a directory; give a file path for --format {format}")
-        if format == "erofs":
-            return _export_erofs(image, out, platform, cache, pull, creds, limits, progress)
-        if format == "ext4":
-            return _export_ext4(image, out, platform, cache, pull, creds, limits, progress, disk)
+        if format in ("erofs", "ext4"):
+            return _export_image(image, out, format, platform, cache, pull, creds, limits, progress,
+                                 (disk or DiskOptions()) if format == "ext4" else None)
         return _export_tar(image, out, platform, cache, pull, creds, limits, progress)
     except DirgeError as exc:
         raise add_context(exc, f"export {image}") from exc.__cause__
-
-
-def _export_erofs(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: str,
-                  creds: "Credentials | None", limits: Limits, progress: ProgressFn | None) -> ExportResult:
-    return _export_image(image, out, "erofs", platform, cache, pull, creds, limits, progress, None)
-
-
-def _export_ext4(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: str,
-                 creds: "Credentials | None", limits: Limits, progress: ProgressFn | None,
-                 options: "DiskOptions | None") -> ExportResult:
-    from .options import DiskOptions
-
-    return _export_image(image, out, "ext4", platform, cache, pull, creds, limits, progress, options or DiskOptions())
 
 
 def _export_image(image: str, out: Path, fmt: str, platform: Platform | None, cache: "Cache | None", pull: str,

@@ -2,7 +2,7 @@
 build a ``PrepareOptions`` and hand it down (``bases`` takes it whole), so the three cannot drift apart.
 
 ``prepare``'s keywords are these fields plus its own few (the image, the cache, ``files``, ``snapshot``,
-``owner_pid``, ``progress``); tests/test_cli.py checks that with ``inspect.signature``.
+``owner_pid``, ``progress``); tests/test_options.py checks that with ``inspect.signature``.
 """
 
 from __future__ import annotations
@@ -55,10 +55,6 @@ class PrepareOptions:
         """The options among ``values`` (a function's ``locals()``, whose parameters include every field:
         a field added here without its keyword there fails at once, not silently)."""
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
-
-    def as_keywords(self) -> dict[str, Any]:
-        """The fields as keyword arguments (not ``dataclasses.asdict``: that would turn Limits into a dict)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @property
     def disk_options(self) -> DiskOptions:

@@ -152,7 +152,7 @@ def prepare(
     snapshot: str | None = None,
     owner_pid: int | None = None,
     progress: ProgressFn | None = None,
-    # the PrepareOptions fields, with its defaults (tests/test_cli.py keeps them the same):
+    # the PrepareOptions fields, with its defaults (tests/test_options.py keeps them the same):
     strategy: str | None = None,
     base_format: str | None = None,
     platform: Platform | None = None,

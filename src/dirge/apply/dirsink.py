@@ -125,12 +125,12 @@ class DirSink:
 
     @_space_checked
     def directory(self, parts: Parts, parent_node: Node | None, node: Node, *, existing: bool) -> None:
-        if not parts:
-            self._dir_metadata(self.root.fd, node, parts, node.mode | 0o700 if self.fs.rootless else node.mode)
-            return
-        parent, name = self._parent(parts), parts[-1]
         # Rootless: we must keep working inside it; the image's mode is applied in finish().
         mode = node.mode | 0o700 if self.fs.rootless else node.mode
+        if not parts:
+            self._dir_metadata(self.root.fd, node, parts, mode)
+            return
+        parent, name = self._parent(parts), parts[-1]
         if not existing:
             # Made with its final permission bits: most directories (0755 under umask 022, our owner)
             # then need no open, fchown, fchmod or close at all. Never more open than the final mode.

@@ -136,7 +136,7 @@ class Applier:
         if len(parts) > limits.max_depth:
             raise LimitExceeded("max_depth", len(parts), limits.max_depth)
         if kind == REG:
-            size = entry.size if entry.realsize is None else entry.realsize
+            size = entry.file_size
             if size > limits.max_file_bytes:
                 raise LimitExceeded("max_file_bytes", size, limits.max_file_bytes)
             report.bytes += size
@@ -208,7 +208,7 @@ class Applier:
             node = Node(_KINDS[entry.type])
             self._set_metadata(node, entry)
         if entry.type == REG:
-            node.size = entry.size if entry.realsize is None else entry.realsize
+            node.size = entry.file_size
             if entry.sparse is not None:
                 regions = entry.sparse
                 if sum(length for _, length in regions) != entry.size or any(
@@ -250,10 +250,7 @@ class Applier:
         assert parent.children is not None
         if len(name) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
-        cost = NODE_BYTES + len(name) + len(node.target)  # _cost(), inline (once per entry)
-        if node.xattrs:
-            cost += sum(len(k) + len(v) for k, v in node.xattrs.items())
-        self._tree_bytes += cost
+        self._tree_bytes += _cost(name, node)  # (_unlink subtracts the same)
         if self._tree_bytes > self.limits.max_tree_bytes:
             raise LimitExceeded("max_tree_bytes", self._tree_bytes, self.limits.max_tree_bytes)
         parent.children[name] = node
