@@ -45,6 +45,9 @@ from ..apply.tree import FileData, Node, Parts
 from ..fsutil import fd_path, raise_no_space
 from .imagesink import Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
 
+# The output's version: bump it whenever the same image would give different bytes (an artifact made by
+# another version is not trusted as this image's erofs; oci/artifact.py's writer annotation).
+WRITER_VERSION = "1"
 BLKSZ = fmt.BLKSZ
 _BITS = fmt.BLKSZBITS
 _MASK = BLKSZ - 1

@@ -78,6 +78,9 @@ from ..fsutil import fd_path, raise_no_space
 from .imagesink import XATTR_ACLS, Inodes, Skips, TreeImageSink, pwrite_all, punch, show, split_xattr_name, text
 from ..errors import SinkError
 
+# The output's version: bump it whenever the same image would give different bytes (an artifact made by
+# another version is not trusted as this image's ext4; oci/artifact.py's writer annotation).
+WRITER_VERSION = "1"
 BLKSZ = fmt.BLOCK_SIZE
 _BITS = fmt.BLOCK_BITS
 _MASK = BLKSZ - 1
