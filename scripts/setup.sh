@@ -11,7 +11,7 @@ want_test=0
 apt_pkgs=(python3 python3-venv busybox-static qemu-system-x86 linux-image-amd64)
 [ "$want_test" = 1 ] && apt_pkgs+=(umoci skopeo attr util-linux tar xfsprogs btrfs-progs docker-registry openssl apache2-utils curl acl qemu-utils
                               buildah mmdebstrap arch-test libdpkg-perl gpg erofs-utils binutils libarchive-tools
-                              crun fakeroot uidmap libpython3.11-testsuite cpio pax)
+                              crun fakeroot uidmap libpython3.11-testsuite cpio pax zstd)
 # --no-install-recommends below, so the recommends the tools need are named: buildah's OCI runtime
 # (crun; the tests use --isolation chroot, users' builds may not), mmdebstrap's fakeroot and uidmap.
 
