@@ -60,7 +60,7 @@ EROFS_MAGIC = (0xE0F5E1E2).to_bytes(4, "little")  # erofs superblock magic, at b
 LAYER1_SHARE = 0.92  # --entries: the full image is ~92% /usr/share, ~8% python libs; keep the mix
 # Modules a prepare loads lazily; the child imports them first so the timed call measures the work,
 # not Python's imports (a launcher that prepares sessions has them loaded already).
-PRELOAD = ("dirge.rootfs", "dirge.store.cache", "dirge.unpack", "dirge.apply.tar", "dirge.apply.dirsink",
+PRELOAD = ("dirge.rootfs", "dirge.store.cache", "dirge.flatten", "dirge.apply.tar", "dirge.apply.dirsink",
            "dirge.sources.layout", "dirge.sources.registry", "dirge.fsimage.erofs", "dirge.fsimage.mount",
            "httpx")
 

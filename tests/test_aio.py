@@ -489,7 +489,7 @@ def test_export_and_pull_off_the_loop(tmp_path: Path, monkeypatch: pytest.Monkey
 
 @needs_root
 def test_gc_off_the_loop(tmp_path: Path) -> None:
-    from dirge.gc import GcReport
+    from dirge.lifecycle import GcReport
 
     image = _image(tmp_path, 0, layers=1, files=10)
     cache = tmp_path / "cache"

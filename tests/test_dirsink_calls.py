@@ -46,7 +46,7 @@ EXPECTED = {  # path: (mode or None for a symlink, uid, gid)
 UNPACK = r"""
 import os, sys
 from dirge import unpack
-from dirge.unpack import apply_image, open_image
+from dirge.flatten import apply_image, open_image
 os.umask(int(sys.argv[3], 8))
 if sys.argv[4] == "unpack":
     unpack(sys.argv[1], sys.argv[2])

@@ -15,7 +15,7 @@ from conftest import needs_root, needs_tool
 from dirge import unpack
 from dirge.fsimage.mount import mount_erofs, unmount
 from dirge.sources.open import open_image
-from dirge.unpack import write_erofs
+from dirge.flatten import write_erofs
 from images import layered, metadata
 from test_conformance import CASE_NAMES, CASES, GNU_ONLY, check_layer_rules, umoci_unpack
 from treecmp import diff, ext4_disk_differences, file_sha256, snapshot

@@ -25,7 +25,7 @@ from dirge.oci.image import OCI_CONFIG, OCI_MANIFEST, host_platform
 from dirge.layerbuild import LayerBuilder
 from dirge.sources.layout import LayoutWriter
 from dirge.sources.open import open_image
-from dirge.unpack import write_erofs, write_ext4
+from dirge.flatten import write_erofs, write_ext4
 from test_conformance import umoci_unpack
 from treecmp import diff, file_sha256, snapshot
 
@@ -110,7 +110,7 @@ os.umask(int(sys.argv[2], 8))
 from dirge import unpack
 from dirge.session.customize import FileSpec, add_user, write_files
 from dirge.sources.open import open_image
-from dirge.unpack import write_erofs, write_ext4
+from dirge.flatten import write_erofs, write_ext4
 ref = sys.argv[1]
 unpack(ref, "tree")  # relative to the cwd, as a caller may give it
 write_files("tree", {"/new/deep/f": FileSpec(b"f", 0o640), "/etc/motd": b"hi"})

@@ -26,7 +26,7 @@ from dirge.fsimage import ext4_format as fmt
 from dirge.fsimage.ext4 import (Ext4Error, Ext4SizeError, Ext4Sink, acl_to_disk, build_extent_tree, dx_hash,
                                 native_hasher, tree_blocks, xattr_key)
 from dirge.sources.open import open_image
-from dirge.unpack import apply_layers, image_identity
+from dirge.flatten import apply_layers, image_identity
 from images import layered, metadata
 from test_erofs_writer import (ACCESS_ACL, BUILD, CAPABILITY, DEFAULT_ACL, GiB, T0, UUID, Tree, dir_sink,
                                rand)

@@ -396,7 +396,7 @@ def check_stack(stack: list[list[tuple]], *, images: bool) -> None:
     """The property of (a): dirge tree == umoci, and the first layer alone (no whiteouts: nothing below it)
     == GNU tar; with ``images``, erofs and ext4 images == the tree too."""
     from dirge.sources.open import open_image
-    from dirge.unpack import write_ext4
+    from dirge.flatten import write_ext4
 
     layers = build_stack(stack)
     with scratch() as tmp:
@@ -516,7 +516,7 @@ def run_guarded(build: Callable[[Path], str], names: bytes, *, erofs: bool = Tru
     next to a canary: only DirgeError may escape, nothing but the destination may appear, and nothing
     changes in the host places the seeded symlinks point at (``host_state``; ``names``: the layers' bytes)."""
     from dirge.sources.open import open_image
-    from dirge.unpack import write_erofs
+    from dirge.flatten import write_erofs
 
     with scratch() as tmp:
         ref = build(tmp / "layout")
@@ -821,7 +821,7 @@ def test_negative_owner_is_refused_by_every_sink() -> None:
     octal digits only (a negative base-256 id still parses, and the merge engine refuses it)."""
     from dirge.errors import ImageError, UnsafeLayer
     from dirge.sources.open import open_image
-    from dirge.unpack import write_erofs
+    from dirge.flatten import write_erofs
 
     layers = base_layers()
     for field_offset in (108, 116):

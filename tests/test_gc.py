@@ -18,7 +18,7 @@ from conftest import erofs_mounts, needs_root, require
 from dirge.store.cache import Cache
 from dirge.cli import main
 from dirge.fsimage.mount import mounts_under
-from dirge.gc import collect, images, reachable, rmi, usage
+from dirge.lifecycle import collect, images, reachable, rmi, usage
 from dirge.errors import DirgeError
 from dirge.layerbuild import LayerBuilder
 from dirge.rootfs import prepare
@@ -207,7 +207,7 @@ def test_gc_never_removes_a_base_an_export_is_reading(tmp_path: Path, make_image
         require(erofs_mounts(), "needs root and erofs mounts: the erofs export clones a cached erofs base")
     from dirge.fsimage import tarball
 
-    export_module = importlib.import_module("dirge.export")  # the module: dirge.export is also the function
+    export_module = importlib.import_module("dirge.exporting")  # the module (dirge.export is the function)
 
     cache = Cache(tmp_path / "cache")
     ref = make_image([files_layer("a", 20)])
@@ -486,11 +486,11 @@ def test_gc_removes_boot_leftovers_of_kernels_gone_or_superseded(tmp_path: Path,
     """``dirge boot``'s cache: an initramfs whose kernel's modules are gone, an older initramfs of the same
     kernel and root kind, a verdict for a kernel file that is gone and a killed writer's temp file go;
     the newest initramfs of an installed kernel and a verdict for a kernel that exists stay."""
-    import dirge.gc
+    import dirge.lifecycle
 
     modules = tmp_path / "modules"
     (modules / "6.1.0-9-amd64").mkdir(parents=True)
-    monkeypatch.setattr(dirge.gc, "MODULES_ROOT", modules)
+    monkeypatch.setattr(dirge.lifecycle, "MODULES_ROOT", modules)
     kernel = tmp_path / "vmlinuz-6.1.0-9-amd64"
     kernel.write_bytes(b"kernel")
     cache = Cache(tmp_path / "cache")

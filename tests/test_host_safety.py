@@ -23,7 +23,7 @@ from dirge.store.lock import FileLock
 from dirge.rootfs import prepare
 from dirge.session import Sessions
 from dirge.session import backends
-from dirge.unpack import unpack
+from dirge.flatten import unpack
 
 NOBODY = 65534
 

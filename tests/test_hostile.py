@@ -601,7 +601,7 @@ def via(tmp_path_factory: pytest.TempPathFactory):
             return "unpack"
 
         def erofs(ref: str, dest: Path, limits: Limits) -> str:
-            from dirge.export import export
+            from dirge.exporting import export
             from dirge.fsimage.mount import mount_erofs
 
             image = tmp_path_factory.mktemp("erofs") / "rootfs.erofs"

@@ -119,7 +119,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycles() -> None:
     graph = import_graph()
-    assert "dirge.unpack" in graph and "dirge.store.cache" in graph["dirge.bases"]  # the walk sees the packages
+    assert "dirge.flatten" in graph and "dirge.store.cache" in graph["dirge.bases"]  # the walk sees the packages
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
@@ -146,25 +146,25 @@ BOTTOM = ("dirge.errors", "dirge.fsutil", "dirge.waits")
 # stages after it (reference → resolve → fetch → apply → store → session).
 NOT_REACHED = {
     # The format and its verification: nothing but the bottom layer.
-    "dirge.oci": ("dirge.store", "dirge.sources", "dirge.apply", "dirge.fsimage", "dirge.unpack", "dirge.bases",
-                  "dirge.session", "dirge.vm", "dirge.variants", "dirge.config", "dirge.gc"),
+    "dirge.oci": ("dirge.store", "dirge.sources", "dirge.apply", "dirge.fsimage", "dirge.flatten", "dirge.bases",
+                  "dirge.session", "dirge.vm", "dirge.variants", "dirge.config", "dirge.lifecycle"),
     # The store only stores: no resolving, sourcing, applying, sessions or booting.
-    "dirge.store": ("dirge.sources", "dirge.apply", "dirge.fsimage", "dirge.unpack", "dirge.bases",
-                    "dirge.variants", "dirge.session", "dirge.vm", "dirge.gc", "dirge.verify", "dirge.rootfs"),
+    "dirge.store": ("dirge.sources", "dirge.apply", "dirge.fsimage", "dirge.flatten", "dirge.bases",
+                    "dirge.variants", "dirge.session", "dirge.vm", "dirge.lifecycle", "dirge.verify", "dirge.rootfs"),
     # Sources fetch: the variant builder is handed in, nothing is applied or stored above the store.
-    "dirge.sources": ("dirge.variants", "dirge.apply", "dirge.fsimage", "dirge.unpack", "dirge.bases",
-                      "dirge.session", "dirge.vm", "dirge.gc", "dirge.verify", "dirge.rootfs"),
+    "dirge.sources": ("dirge.variants", "dirge.apply", "dirge.fsimage", "dirge.flatten", "dirge.bases",
+                      "dirge.session", "dirge.vm", "dirge.lifecycle", "dirge.verify", "dirge.rootfs"),
     # The merge engine and its sinks see entries, not images, sources or stores.
-    "dirge.apply": ("dirge.oci", "dirge.store", "dirge.sources", "dirge.fsimage", "dirge.unpack", "dirge.session",
+    "dirge.apply": ("dirge.oci", "dirge.store", "dirge.sources", "dirge.fsimage", "dirge.flatten", "dirge.session",
                     "dirge.vm"),
-    "dirge.fsimage": ("dirge.oci", "dirge.store", "dirge.sources", "dirge.unpack", "dirge.bases", "dirge.session",
+    "dirge.fsimage": ("dirge.oci", "dirge.store", "dirge.sources", "dirge.flatten", "dirge.bases", "dirge.session",
                       "dirge.vm"),
     # Sessions are made from bases; they never fetch or build one.
-    "dirge.session": ("dirge.sources", "dirge.unpack", "dirge.bases", "dirge.variants", "dirge.vm", "dirge.gc",
+    "dirge.session": ("dirge.sources", "dirge.flatten", "dirge.bases", "dirge.variants", "dirge.vm", "dirge.lifecycle",
                       "dirge.rootfs"),
     # The boot files' names: the store's level.
-    "dirge.vm.bootcache": ("dirge.sources", "dirge.apply", "dirge.unpack", "dirge.bases", "dirge.session",
-                           "dirge.rootfs", "dirge.gc", "dirge.vm.boot"),
+    "dirge.vm.bootcache": ("dirge.sources", "dirge.apply", "dirge.flatten", "dirge.bases", "dirge.session",
+                           "dirge.rootfs", "dirge.lifecycle", "dirge.vm.boot"),
 }
 
 

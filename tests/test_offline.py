@@ -21,7 +21,7 @@ from dirge.layerbuild import LayerBuilder
 from dirge.rootfs import cleanup, prepare
 from dirge.sources.layout import LayoutWriter
 from dirge.sources.open import pull_image
-from dirge.unpack import unpack
+from dirge.flatten import unpack
 from registry import push_layout
 
 DIRGE = [str(Path(sys.executable).parent / "dirge")]

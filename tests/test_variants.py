@@ -22,7 +22,7 @@ from dirge.oci.reference import LocalReference, RegistryReference, parse_referen
 from dirge.rootfs import prepare
 from dirge.sources.buildah import Buildah, LocalImage, export_image, open_local, retire_image
 from dirge.sources.layout import LayoutWriter
-from dirge.unpack import unpack
+from dirge.flatten import unpack
 from dirge.variants import build_guest_image, dockerfile_bases, find_variant, list_variants
 from registry import push_layout
 
@@ -244,7 +244,7 @@ def test_local_ref_to_an_image_in_buildah_storage(busybox_base, buildah_env, tmp
 def test_exports_are_counted_evicted_and_removed_with_their_image(busybox_base, buildah_env, tmp_path: Path) -> None:
     """A local image's OCI export under CACHE/exports counts toward the budget, is evicted least recently
     used like a base (never while a prepare reads it), comes back when needed, and goes with rmi."""
-    from dirge.gc import collect, images, rmi, usage
+    from dirge.lifecycle import collect, images, rmi, usage
     from dirge.store.records import disk_usage
 
     cache = Cache(tmp_path / "cache")

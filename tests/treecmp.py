@@ -110,7 +110,7 @@ def erofs_snapshot(ref: str, tmp_path: Path, all_mtimes: bool = False) -> dict[s
 
     from dirge.fsimage.mount import mount_erofs, unmount
     from dirge.sources.open import open_image
-    from dirge.unpack import write_erofs
+    from dirge.flatten import write_erofs
 
     source, resolved = open_image(ref)
     try:

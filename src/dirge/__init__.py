@@ -13,8 +13,8 @@ from .errors import (
 )
 from .oci.image import Platform, parse_platform
 from .oci.reference import canonicalize_image_ref, local_variant_name, parse_reference
-from .export import ExportResult, export
-from .unpack import UnpackResult, unpack
+from .exporting import ExportResult, export
+from .flatten import UnpackResult, unpack
 
 __all__ = [
     "DirgeError",

@@ -8,7 +8,7 @@
 
     result = await aio.export(image, "/srv/app.erofs", format="erofs")
     resolved = await aio.pull("docker.io/library/alpine:3.21")
-    report = await aio.gc(cache_dir, max_size=10 << 30)                   # dirge.gc.collect's arguments
+    report = await aio.gc(cache_dir, max_size=10 << 30)                   # dirge.lifecycle.collect's arguments
 
 The sync functions stay the core: each call here runs one of them in its own thread (so a prepare
 waiting minutes on a base lock never takes a slot of the loop's default executor) and awaits its end.
@@ -53,8 +53,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .apply.layer import Limits
 from .store.cache import Cache
 from .errors import Cancelled
-from .export import ExportResult
-from .export import export as sync_export
+from .exporting import ExportResult
+from .exporting import export as sync_export
 from .oci.image import Descriptor, Platform
 from .oci.resolve import ResolvedImage
 from .options import DiskOptions, PrepareOptions
@@ -65,7 +65,7 @@ from .variants import build_variant
 from .waits import cancelled, lend
 
 if TYPE_CHECKING:
-    from .gc import GcReport
+    from .lifecycle import GcReport
 
 __all__ = [
     "BytesCallback",
@@ -410,7 +410,7 @@ async def export(
     progress: AsyncProgress | None = None,
     disk: DiskOptions | None = None,
 ) -> ExportResult:
-    """``dirge.export.export`` off the loop. A cancelled export leaves ``out`` as it was (or, when the
+    """``dirge.exporting.export`` off the loop. A cancelled export leaves ``out`` as it was (or, when the
     export had already finished, complete)."""
 
     def work(relay: _Relay) -> ExportResult:
@@ -421,12 +421,12 @@ async def export(
 
 
 async def gc(cache_dir: str | os.PathLike[str] | Cache | None = None, **kwargs: Any) -> GcReport:
-    """``dirge.gc.collect`` off the loop on ``cache_dir`` (None: the default cache); ``kwargs`` go to it
+    """``dirge.lifecycle.collect`` off the loop on ``cache_dir`` (None: the default cache); ``kwargs`` go to it
     as they are (``max_size``, ``keep``, ``dry_run``, ``grace``). It is not interrupted: a cancelled
     call waits for it to finish, then raises CancelledError."""
 
     def work(relay: _Relay) -> GcReport:
-        from .gc import collect  # imported when first used: gc is not needed to prepare
+        from .lifecycle import collect  # imported when first used: gc is not needed to prepare
 
         return collect(cache_dir if isinstance(cache_dir, Cache) else Cache(cache_dir), **kwargs)
 

@@ -1,7 +1,7 @@
 """Bases: an image resolved, then its flattened rootfs built once per (digest, mode, format) in the cache.
 
 This is the one module above both the store (``store/``: where bases live, their locks, staging and
-publication) and the pipeline (``sources/`` resolving images, ``unpack.py`` applying layers), so neither
+publication) and the pipeline (``sources/`` resolving images, ``flatten.py`` applying layers), so neither
 of those needs the other.
 
     ensure_base(image, cache=..., format=...)  resolve → record the ref → the published base, or build
@@ -35,7 +35,7 @@ from .oci.resolve import BlobSource, ResolvedImage
 from .fsimage.mount import erofs_supported, mount_erofs, mounted_at, unmount
 from .sources.open import open_image
 from .store.records import write_record
-from .unpack import ProgressFn, apply_image, write_erofs, write_ext4
+from .flatten import ProgressFn, apply_image, write_erofs, write_ext4
 from .variants import build_variant
 
 FORMAT_CHOICES = ("auto", "tree", "erofs")  # what a caller may ask for

@@ -125,7 +125,7 @@ def unpack_cmd(image: str, dest: Path, platform: str | None, pull: str, creds: s
                rootless: bool, limits: tuple[str, ...], as_json: bool) -> None:
     """Write the flattened rootfs of IMAGE (oci:PATH[:TAG] or a registry ref) into DEST (absent or empty)."""
     from .store.cache import Cache
-    from .unpack import unpack
+    from .flatten import unpack
 
     cache = None if image.startswith("oci:") else Cache(cache_dir)
     with _progress() as progress:
@@ -289,7 +289,7 @@ def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, ino
                creds: str | None, cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
     """Write IMAGE as one artifact OUT: an erofs or ext4 disk image, a flattened tar or a directory."""
     from .store.cache import Cache
-    from .export import export
+    from .exporting import export
     from .oci.reference import canonicalize_image_ref
 
     with _progress() as progress:
@@ -377,7 +377,7 @@ def _human(n: int) -> str:
 def images_cmd(cache_dir: Path | None, as_json: bool) -> None:
     """List cached images: refs, digest, platform, base formats, bytes on disk, created, last used, sessions."""
     from .store.cache import Cache
-    from .gc import images
+    from .lifecycle import images
 
     items = images(Cache(cache_dir))
     if as_json:
@@ -398,7 +398,7 @@ def rmi_cmd(images: tuple[str, ...], force: bool, cache_dir: Path | None) -> Non
     """Remove cached IMAGES (a ref or a digest prefix): ref records, bases, disks, local variants' exports.
     Blobs are left to gc."""
     from .store.cache import Cache
-    from .gc import rmi
+    from .lifecycle import rmi
 
     report = rmi(Cache(cache_dir), list(images), force=force)
     for sid in report.sessions:
@@ -418,7 +418,7 @@ def gc_cmd(max_size: str | None, keep: str | None, dry_run: bool, cache_dir: Pat
     """Remove dead sessions, leftovers of killed processes, unreferenced blobs, then LRU bases over budget."""
     from .store.cache import Cache
     from .config import parse_duration, parse_size
-    from .gc import collect
+    from .lifecycle import collect
 
     try:
         budget = parse_size(max_size) if max_size else None

@@ -13,7 +13,7 @@ from .errors import DirgeError
 from .fsutil import remove_tree
 from .layerbuild import LayerBuilder
 from .sources.layout import LayoutWriter
-from .unpack import UnpackResult, unpack
+from .flatten import UnpackResult, unpack
 from .vm.guest import find_busybox
 
 APPLETS = ("sh", "ls", "cat", "echo", "id", "stat", "test", "grep", "head", "uname", "ln", "rm", "mkdir")

@@ -32,7 +32,7 @@ from .session import DISK, SCRATCH_SIZE, Sessions, SessionInfo, backends, destro
 from .sources.auth import Credentials
 from .session.customize import (DirWriter, Ext4DiskWriter, FileSpec, RootfsWriter, add_user, write_files,
                                 write_krun_config)
-from .unpack import ProgressFn
+from .flatten import ProgressFn
 
 __all__ = [
     "FileSpec",
@@ -215,7 +215,7 @@ def prepare_with(image: str, options: PrepareOptions, cache_dir: str | os.PathLi
 def _collect_if_over_budget(cache: Cache) -> None:
     """Run gc when the cache is over the configured budget (``[cache] max_size``, ``$DIRGE_CACHE_MAX_SIZE``)."""
     from .config import cache_max_size
-    from .gc import collect, over_budget
+    from .lifecycle import collect, over_budget
 
     budget = cache_max_size()
     if budget is not None and over_budget(cache, budget):

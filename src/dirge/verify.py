@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import LockTimeout
-from .gc import base_users, remove_base_dir
+from .lifecycle import base_users, remove_base_dir
 from .store.cache import Cache
 from .store.records import hash_file, read_record, tree_entries
 

@@ -9,7 +9,7 @@ published rootfs.
 Restarts from byte 0: a server without Range support sends the same content-addressed bytes again, so
 readers keep their place. After wrong bytes (a bad mirror, before falling back to the origin) the blob
 starts a new *generation*: a reader that already consumed bytes of the old one raises ``StreamRestarted``
-and the caller applies the image again from scratch (``unpack.apply_image``).
+and the caller applies the image again from scratch (``flatten.apply_image``).
 
 Each temp file is ``flock``-ed by its download, so ``sweep_orphans`` can tell the ones left by a killed
 process (lock free) from live downloads of other processes sharing the cache.

@@ -33,7 +33,7 @@ from .fsutil import is_no_space, no_space
 from .options import DiskOptions
 from .oci.image import Platform
 from .sources.open import open_image
-from .unpack import ProgressFn, add_context, unpack, write_erofs, write_ext4
+from .flatten import ProgressFn, add_context, unpack, write_erofs, write_ext4
 from .variants import build_variant
 
 if TYPE_CHECKING:
