@@ -61,7 +61,11 @@ class ResolvedImage:
 
 
 def read_blob(source: BlobSource, desc: Descriptor, what: str, limit: int) -> bytes:
-    return read_verified(source.open_blob(desc), desc.digest, desc.size, what, limit)
+    raw = source.open_blob(desc)
+    try:
+        return read_verified(raw, desc.digest, desc.size, what, limit)
+    finally:
+        raw.close()  # ours: an unclosed blob file is an fd per manifest/config read until collected
 
 
 def resolve_manifest(source: BlobSource, desc: Descriptor, ref: str, platform: Platform | None) -> ResolvedImage:
