@@ -1,14 +1,16 @@
 """The asyncio face of dirge, for agent frameworks: the sync API run off the event loop.
 
-    async with aio.prepare("oci:/images/app:1.0", cache_dir) as rootfs:   # closed on leaving the block
+    async with aio.prepare("oci:/images/app:1.0", cache) as rootfs:       # closed on leaving the block
         await run_vm(rootfs.path, rootfs.config)
 
-    rootfs = await aio.prepare(image, cache_dir)                          # the caller closes it
+    rootfs = await aio.prepare(image, cache)                              # the caller closes it
     try: ... finally: await aio.close(rootfs)
 
     result = await aio.export(image, "/srv/app.erofs", format="erofs")
-    resolved = await aio.pull("docker.io/library/alpine:3.21")
-    report = await aio.gc(cache_dir, max_size=10 << 30)                   # dirge.lifecycle.collect's arguments
+    resolved = await aio.pull("docker.io/library/alpine:3.21", platform="linux/arm64")
+    report = await aio.gc(cache, max_size=10 << 30)                       # dirge.gc's arguments
+
+``cache`` is a cache directory or a ``dirge.Cache`` everywhere (None: the default cache).
 
 The sync functions stay the core: each call here runs one of them in its own thread (so a prepare
 waiting minutes on a base lock never takes a slot of the loop's default executor) and awaits its end.
@@ -51,13 +53,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .apply.layer import Limits
-from .store.cache import Cache
 from .errors import Cancelled
 from .exporting import ExportResult
 from .exporting import export as sync_export
-from .oci.image import Descriptor, Platform
+from .oci.image import Descriptor
 from .oci.resolve import ResolvedImage
-from .options import DiskOptions, PrepareOptions
+from .options import (BaseFormat, CacheLike, DiskFormat, DiskKind, DiskOptions, ExportFormat, PlatformLike,
+                      PrepareOptions, PullPolicy, Strategy, as_cache, as_platform, cache_or_dir)
 from .rootfs import FileSpec, PreparedRootfs, prepare_with
 from .sources.auth import Credentials
 from .sources.open import pull_image
@@ -103,7 +105,7 @@ class ProgressStream:
     (done, failed or cancelled). Pass it as ``progress=`` and iterate it in another task:
 
         events = aio.ProgressStream()
-        task = asyncio.ensure_future(aio.prepare(image, cache_dir, progress=events))
+        task = asyncio.ensure_future(aio.prepare(image, cache, progress=events))
         async for event in events:
             print(event.what)
         rootfs = await task
@@ -345,33 +347,35 @@ class Preparing:
 
 def prepare(
     image: str,
-    cache_dir: str | os.PathLike[str] | None = None,
+    cache: CacheLike | None = None,
     *,
     files: Mapping[str, FileSpec | bytes] | None = None,
     snapshot: str | None = None,
     owner_pid: int | None = None,
     progress: AsyncProgress | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,  # deprecated: cache=
     # the PrepareOptions fields, as dirge.rootfs.prepare takes them (tests/test_options.py checks it):
-    strategy: str | None = None,
-    base_format: str | None = None,
-    platform: Platform | None = None,
+    strategy: Strategy | None = None,
+    base_format: BaseFormat | None = None,
+    platform: PlatformLike | None = None,
     rootless: bool | None = None,
     limits: Limits = Limits(),
     lock_timeout: float = 600.0,
-    pull: str = "missing",
+    pull: PullPolicy = "missing",
     creds: Credentials | None = None,
-    disk: str | None = None,
-    disk_format: str = "raw",
+    disk: DiskKind | None = None,
+    disk_format: DiskFormat = "raw",
     disk_size: int | None = None,
     disk_journal: bool = True,
     disk_inodes: int | None = None,
 ) -> Preparing:
     """``dirge.rootfs.prepare`` off the loop (the same arguments; ``progress`` as in the module doc).
     Nothing starts until the result is awaited or entered."""
-    options = PrepareOptions.pick(locals())
+    options = PrepareOptions.pick(locals())  # a bad platform string raises here, not in the worker
+    where = as_cache(cache_or_dir(cache, cache_dir, "aio.prepare"))
 
     def work(relay: _Relay) -> PreparedRootfs:
-        return prepare_with(image, options, cache_dir, files=files, snapshot=snapshot, owner_pid=owner_pid,
+        return prepare_with(image, options, where, files=files, snapshot=snapshot, owner_pid=owner_pid,
                             progress=relay.progress)
 
     return Preparing(work, progress)
@@ -379,19 +383,21 @@ def prepare(
 
 async def pull(
     image: str,
-    platform: Platform | None = None,
+    platform: PlatformLike | None = None,
     *,
-    cache: Cache | None = None,
-    pull: str = "always",
+    cache: CacheLike | None = None,
+    pull: PullPolicy = "always",
     creds: Credentials | None = None,
     on_bytes: BytesCallback | None = None,
 ) -> ResolvedImage:
-    """``dirge.sources.open.pull_image`` off the loop; ``on_bytes(desc, done)`` (sync or async) on the loop.
+    """``dirge.pull`` off the loop; ``on_bytes(desc, done)`` (sync or async) on the loop.
     Cancelled between two received chunks of a download (the partial blob is removed)."""
     policy = pull
+    wanted = as_platform(platform)
+    where = as_cache(cache)
 
     def work(relay: _Relay) -> ResolvedImage:
-        return pull_image(image, platform, cache=cache, pull=policy, creds=creds, on_bytes=relay.on_bytes,
+        return pull_image(image, wanted, cache=where, pull=policy, creds=creds, on_bytes=relay.on_bytes,
                           build=build_variant)
 
     return await _Relay(on_bytes=on_bytes).run(work)
@@ -401,10 +407,10 @@ async def export(
     image: str,
     out: str | os.PathLike[str],
     *,
-    format: str = "erofs",
-    platform: Platform | None = None,
-    cache: Cache | None = None,
-    pull: str = "missing",
+    format: ExportFormat = "erofs",
+    platform: PlatformLike | None = None,
+    cache: CacheLike | None = None,
+    pull: PullPolicy = "missing",
     creds: Credentials | None = None,
     limits: Limits = Limits(),
     progress: AsyncProgress | None = None,
@@ -412,22 +418,26 @@ async def export(
 ) -> ExportResult:
     """``dirge.exporting.export`` off the loop. A cancelled export leaves ``out`` as it was (or, when the
     export had already finished, complete)."""
+    wanted = as_platform(platform)
+    where = as_cache(cache)
 
     def work(relay: _Relay) -> ExportResult:
-        return sync_export(image, out, format=format, platform=platform, cache=cache, pull=pull, creds=creds,
-                              limits=limits, progress=relay.progress, disk=disk)
+        return sync_export(image, out, format=format, platform=wanted, cache=where, pull=pull, creds=creds,
+                           limits=limits, progress=relay.progress, disk=disk)
 
     return await _Relay(progress).run(work)
 
 
-async def gc(cache_dir: str | os.PathLike[str] | Cache | None = None, **kwargs: Any) -> GcReport:
-    """``dirge.lifecycle.collect`` off the loop on ``cache_dir`` (None: the default cache); ``kwargs`` go to it
-    as they are (``max_size``, ``keep``, ``dry_run``, ``grace``). It is not interrupted: a cancelled
-    call waits for it to finish, then raises CancelledError."""
+async def gc(cache: CacheLike | None = None, *, max_size: int | None = None, keep: float | None = None,
+             dry_run: bool = False, grace: float | None = None,
+             cache_dir: str | os.PathLike[str] | None = None) -> GcReport:
+    """``dirge.gc`` off the loop (the same arguments; ``cache_dir``: deprecated, ``cache``). It is not
+    interrupted: a cancelled call waits for it to finish, then raises CancelledError."""
+    where = cache_or_dir(cache, cache_dir, "aio.gc")
 
     def work(relay: _Relay) -> GcReport:
-        from .lifecycle import collect  # imported when first used: gc is not needed to prepare
+        from .lifecycle import gc as sync_gc  # imported when first used: gc is not needed to prepare
 
-        return collect(cache_dir if isinstance(cache_dir, Cache) else Cache(cache_dir), **kwargs)
+        return sync_gc(where, max_size=max_size, keep=keep, dry_run=dry_run, grace=grace)
 
     return await _Relay().run(work)

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .apply.layer import Limits
-from .bases import FORMAT_CHOICES, FORMAT_ENV
+from .bases import FORMAT_ENV
 from .errors import DirgeError
 from .oci.image import parse_platform
-from .options import FIELDS, DiskOptions, PrepareOptions
-from .session.backends import STRATEGIES
+from .options import (FIELDS, BaseFormat, BootDisk, DiskFormat, DiskKind, DiskOptions, ExportFormat, PrepareOptions,
+                      PullPolicy, Strategy, choices)
 
 if TYPE_CHECKING:
     from .session import Sessions, SessionInfo
@@ -75,7 +75,7 @@ def _creds(value: str | None) -> "Credentials | None":
     return Credentials.parse(value) if value else None
 
 
-pull_option = click.option("--pull", type=click.Choice(["always", "missing", "never"]), default="missing",
+pull_option = click.option("--pull", type=click.Choice(choices(PullPolicy)), default="missing",
                            show_default=True, help="Registry images: when to ask the registry.")
 creds_option = click.option("--creds", metavar="USER:PASSWORD",
                             help="Registry credentials (default: docker/podman auth files and helpers).")
@@ -84,7 +84,7 @@ creds_option = click.option("--creds", metavar="USER:PASSWORD",
 @cli.command("pull")
 @click.argument("image")
 @click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
-@click.option("--pull", "policy", type=click.Choice(["always", "missing", "never"]), default="always",
+@click.option("--pull", "policy", type=click.Choice(choices(PullPolicy)), default="always",
               show_default=True)
 @creds_option
 @click.option("--cache-dir", type=click.Path(path_type=Path), envvar="DIRGE_CACHE_DIR")
@@ -121,7 +121,7 @@ def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, c
               help="Override a safety limit: " + ", ".join(f.name for f in dataclasses.fields(Limits)) +
                    " (max_layer_bytes: decompressed bytes of one layer).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def unpack_cmd(image: str, dest: Path, platform: str | None, pull: str, creds: str | None, cache_dir: Path | None,
+def unpack_cmd(image: str, dest: Path, platform: str | None, pull: PullPolicy, creds: str | None, cache_dir: Path | None,
                rootless: bool, limits: tuple[str, ...], as_json: bool) -> None:
     """Write the flattened rootfs of IMAGE (oci:PATH[:TAG] or a registry ref) into DEST (absent or empty)."""
     from .store.cache import Cache
@@ -156,9 +156,9 @@ def unpack_cmd(image: str, dest: Path, platform: str | None, pull: str, creds: s
               show_default=True, help="Where to build the demo layout, rootfs and cache.")
 @click.option("--boot/--no-boot", default=None,
               help="Run it in a QEMU microVM (default: when QEMU and a kernel are found), else in a chroot.")
-@click.option("--disk", type=click.Choice(["dir", "ext4", "erofs"]), default="dir", show_default=True,
+@click.option("--disk", type=click.Choice(choices(BootDisk)), default="dir", show_default=True,
               help="What the microVM boots from (see dirge boot).")
-def demo_cmd(workdir: Path, boot: bool | None, disk: str) -> None:
+def demo_cmd(workdir: Path, boot: bool | None, disk: BootDisk) -> None:
     """Build a tiny busybox image offline, unpack it, and run a shell inside it."""
     from .demo import run_demo
 
@@ -185,7 +185,7 @@ def _key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
 @cli.command("boot")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- CMD ARGS...]")
-@click.option("--disk", type=click.Choice(["dir", "ext4", "erofs"]), default="dir", show_default=True,
+@click.option("--disk", type=click.Choice(choices(BootDisk)), default="dir", show_default=True,
               help="dir: the session directory over virtio-9p; ext4: the session's own disk; "
                    "erofs: the shared erofs base plus a scratch disk for an overlay.")
 @click.option("--kernel", type=click.Path(path_type=Path), envvar="DIRGE_KERNEL",
@@ -204,9 +204,9 @@ def _key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--env", "-e", "env", multiple=True, metavar="KEY=VALUE", help="Add to the image's environment.")
 @pull_option
 @cache_dir_option
-def boot_cmd(image: str, command: tuple[str, ...], disk: str, kernel: Path | None, initrd: Path | None,
+def boot_cmd(image: str, command: tuple[str, ...], disk: BootDisk, kernel: Path | None, initrd: Path | None,
              memory: int, cpus: int, accel: str, timeout: float, keep: bool, virtiofsd: str | None,
-             kernel_log: bool, user: str | None, env: tuple[str, ...], pull: str, cache_dir: Path | None) -> int:
+             kernel_log: bool, user: str | None, env: tuple[str, ...], pull: PullPolicy, cache_dir: Path | None) -> int:
     """Boot IMAGE in a QEMU microVM and run its command (or CMD); exit with the command's status.
 
     Exit status: the guest command's; 124 when the guest does not finish within --timeout; 125 when
@@ -271,7 +271,7 @@ def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
 @cli.command("export")
 @click.argument("image")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["erofs", "ext4", "tar", "dir"]), default="erofs",
+@click.option("--format", "fmt", type=click.Choice(choices(ExportFormat)), default="erofs",
               show_default=True, help="erofs: a read-only root disk image; ext4: a writable root disk image; "
                                       "tar: a flattened tar; dir: a directory tree.")
 @click.option("--size", default="auto", show_default=True, metavar="SIZE|auto",
@@ -284,8 +284,8 @@ def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
 @cache_dir_option
 @click.option("--limit", "limits", multiple=True, metavar="NAME=N", help="Override a safety limit (see unpack).")
 @click.option("--json", "as_json", is_flag=True, help="Print path, format, size, digest and sha256 as JSON.")
-def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, inodes: int | None,
-               platform: str | None, pull: str,
+def export_cmd(image: str, out: Path, fmt: ExportFormat, size: str, no_journal: bool, inodes: int | None,
+               platform: str | None, pull: PullPolicy,
                creds: str | None, cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
     """Write IMAGE as one artifact OUT: an erofs or ext4 disk image, a flattened tar or a directory."""
     from .store.cache import Cache
@@ -312,7 +312,7 @@ def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, ino
 @click.option("--raw", is_flag=True, help="Print the manifest (or index) bytes exactly as fetched.")
 @click.option("--config", "config", is_flag=True, help="Print the config bytes exactly as fetched.")
 @click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image (default: the host's).")
-@click.option("--pull", type=click.Choice(["always", "missing", "never"]), default="always", show_default=True,
+@click.option("--pull", type=click.Choice(choices(PullPolicy)), default="always", show_default=True,
               help="Registry images: always ask the registry, or (never) read the cache only.")
 @creds_option
 @cache_dir_option
@@ -486,9 +486,9 @@ def session_group() -> None:
 # One click option per PrepareOptions field, each named as its field: ``_prepare_options`` reads every
 # field from the command's parameters, so a field without its option fails loudly, never silently.
 _PREPARE_OPTIONS = {
-    "strategy": click.option("--strategy", type=click.Choice(list(STRATEGIES)),
+    "strategy": click.option("--strategy", type=click.Choice(choices(Strategy)),
                              help="How to make the session (default: the fastest available)."),
-    "base_format": click.option("--base-format", type=click.Choice(FORMAT_CHOICES), envvar=FORMAT_ENV,
+    "base_format": click.option("--base-format", type=click.Choice(choices(BaseFormat)), envvar=FORMAT_ENV,
                                 help=f"What the cached base is built as (default: ${FORMAT_ENV}, else auto)."),
     "platform": click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image."),
     "rootless": click.option("--rootless", is_flag=True,
@@ -499,10 +499,10 @@ _PREPARE_OPTIONS = {
                                  metavar="S", help="Seconds to wait for a base another process is building."),
     "pull": pull_option,
     "creds": creds_option,
-    "disk": click.option("--disk", type=click.Choice(["ext4", "erofs"]),
+    "disk": click.option("--disk", type=click.Choice(choices(DiskKind)),
                          help="A disk session for a block-device VM: its own ext4 disk, or the shared erofs image "
                               "plus its own scratch ext4 (no mount, no root)."),
-    "disk_format": click.option("--disk-format", type=click.Choice(["raw", "qcow2"]), default="raw",
+    "disk_format": click.option("--disk-format", type=click.Choice(choices(DiskFormat)), default="raw",
                                 show_default=True,
                                 help="--disk ext4: a raw copy (reflink where possible) or a qcow2 overlay on the "
                                      "base disk."),

@@ -14,6 +14,7 @@ from .fsutil import remove_tree
 from .layerbuild import LayerBuilder
 from .sources.layout import LayoutWriter
 from .flatten import UnpackResult, unpack
+from .options import BootDisk
 from .vm.guest import find_busybox
 
 APPLETS = ("sh", "ls", "cat", "echo", "id", "stat", "test", "grep", "head", "uname", "ln", "rm", "mkdir")
@@ -59,7 +60,7 @@ def build_demo_layout(layout: Path) -> str:
     return f"oci:{layout}:demo"
 
 
-def run_demo(workdir: Path, *, boot: bool | None = None, disk: str = "dir",
+def run_demo(workdir: Path, *, boot: bool | None = None, disk: BootDisk = "dir",
              console: Callable[[str], None] | None = None) -> tuple[UnpackResult, str, str]:
     """Build and unpack the demo, then run DEMO_SCRIPT in it; idempotent over ``workdir``.
     ``boot``: in a microVM (None: when QEMU and a kernel are found and we are root). Returns the unpack

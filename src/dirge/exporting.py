@@ -25,12 +25,12 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from .apply.layer import Limits
 from .errors import DirgeError, NoSpace
 from .fsutil import is_no_space, no_space
-from .options import DiskOptions
+from .options import CacheLike, DiskOptions, ExportFormat, PlatformLike, PullPolicy, as_cache, as_platform
 from .oci.image import Platform
 from .sources.open import open_image
 from .flatten import ProgressFn, add_context, unpack, write_erofs, write_ext4
@@ -40,13 +40,13 @@ if TYPE_CHECKING:
     from .store.cache import Cache
     from .sources.auth import Credentials
 
-FORMATS = ("erofs", "ext4", "tar", "dir")
+FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
 
 
 @dataclass(frozen=True)
 class ExportResult:
     path: Path
-    format: str
+    format: ExportFormat
     size: int  # bytes of OUT (a directory: its files' bytes)
     digest: str  # the image's manifest digest
     from_cache: bool  # copied from a cached base rather than written from the layers
@@ -67,37 +67,40 @@ def export(
     image: str,
     out: str | os.PathLike[str],
     *,
-    format: str = "erofs",
-    platform: Platform | None = None,
-    cache: "Cache | None" = None,
-    pull: str = "missing",
+    format: ExportFormat = "erofs",
+    platform: PlatformLike | None = None,
+    cache: CacheLike | None = None,
+    pull: PullPolicy = "missing",
     creds: "Credentials | None" = None,
     limits: Limits = Limits(),
     progress: ProgressFn | None = None,
     disk: "DiskOptions | None" = None,
 ) -> ExportResult:
     """Write ``image`` to ``out`` as ``format`` (``erofs``, ``ext4``, ``tar`` or ``dir``); ``disk``: an
-    ext4 disk's size and journal."""
+    ext4 disk's size and journal; ``platform``: "os/arch[/variant]" or a Platform; ``cache``: a directory
+    or a Cache."""
     out = Path(out)
+    wanted, where = as_platform(platform), as_cache(cache)
     if format not in FORMATS:
         raise DirgeError(f"export {image}: unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     try:
         if format == "dir":
-            result = unpack(image, out, platform=platform, limits=limits, progress=progress, cache=cache,
+            result = unpack(image, out, platform=wanted, limits=limits, progress=progress, cache=where,
                             pull=pull, creds=creds)
             size = sum(e.stat(follow_symlinks=False).st_size for e in _scan(out))
             return ExportResult(out, format, size, str(result.image.manifest_digest), False)
         if out.is_dir() and not out.is_symlink():
             raise DirgeError(f"{out} is a directory; give a file path for --format {format}")
         if format in ("erofs", "ext4"):
-            return _export_image(image, out, format, platform, cache, pull, creds, limits, progress,
+            return _export_image(image, out, format, wanted, where, pull, creds, limits, progress,
                                  (disk or DiskOptions()) if format == "ext4" else None)
-        return _export_tar(image, out, platform, cache, pull, creds, limits, progress)
+        return _export_tar(image, out, wanted, where, pull, creds, limits, progress)
     except DirgeError as exc:
         raise add_context(exc, f"export {image}") from exc.__cause__
 
 
-def _export_image(image: str, out: Path, fmt: str, platform: Platform | None, cache: "Cache | None", pull: str,
+def _export_image(image: str, out: Path, fmt: ExportFormat, platform: Platform | None, cache: "Cache | None",
+                  pull: PullPolicy,
                   creds: "Credentials | None", limits: Limits, progress: ProgressFn | None,
                   disk: "DiskOptions | None") -> ExportResult:
     """An erofs image or ext4 disk: the cached base's file cloned when there is one, else written straight
@@ -121,7 +124,7 @@ def _export_image(image: str, out: Path, fmt: str, platform: Platform | None, ca
     return _file_result(out, fmt, str(resolved.manifest_digest), cached is not None)
 
 
-def _export_tar(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: str,
+def _export_tar(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: PullPolicy,
                 creds: "Credentials | None", limits: Limits, progress: ProgressFn | None) -> ExportResult:
     from .bases import base_rootfs, ensure_base
     from .options import PrepareOptions
@@ -136,7 +139,7 @@ def _export_tar(image: str, out: Path, platform: Platform | None, cache: "Cache 
     return _file_result(out, "tar", str(base.digest), True)
 
 
-def _file_result(out: Path, format: str, digest: str, from_cache: bool) -> ExportResult:
+def _file_result(out: Path, format: ExportFormat, digest: str, from_cache: bool) -> ExportResult:
     return ExportResult(out, format, out.stat().st_size, digest, from_cache)
 
 

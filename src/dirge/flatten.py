@@ -23,15 +23,15 @@ from .apply.tree import Sink
 from .errors import DirgeError
 from .fsutil import remove_tree
 from .oci.blob import LayerStream
-from .oci.image import Descriptor, Platform
+from .oci.image import Descriptor
 from .oci.resolve import BlobSource, Prefetching, ResolvedImage
+from .options import CacheLike, PlatformLike, PullPolicy, as_cache, as_platform
 from .sources.open import open_image
 from .sources.partial import StreamRestarted
 from .variants import build_variant
 
 if TYPE_CHECKING:
     from .sources.auth import Credentials
-    from .store.cache import Cache
 
 
 def add_context(exc: DirgeError, context: str) -> DirgeError:
@@ -177,22 +177,26 @@ def unpack(
     image: str,
     dest: str | os.PathLike[str],
     *,
-    platform: Platform | None = None,
+    platform: PlatformLike | None = None,
     rootless: bool | None = None,
     limits: Limits = Limits(),
     progress: ProgressFn | None = None,
-    cache: "Cache | None" = None,
-    pull: str = "missing",
+    cache: CacheLike | None = None,
+    pull: PullPolicy = "missing",
     creds: "Credentials | None" = None,
     on_bytes: "Callable[[Descriptor, int], None] | None" = None,
 ) -> UnpackResult:
-    """Write the flattened rootfs of ``image`` into ``dest`` (absent or empty), all or nothing."""
+    """Write the flattened rootfs of ``image`` into ``dest`` (absent or empty), all or nothing.
+    ``platform``: "os/arch[/variant]" or a Platform (None: the host's); ``cache``: a directory or a Cache
+    for registry blobs and built variants (None: the default cache when one is needed; an ``oci:`` layout
+    needs none)."""
     dest = Path(dest)
+    wanted = as_platform(platform)
     if rootless is None:
         rootless = os.geteuid() != 0
     if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
         raise DirgeError(f"unpack {image}: destination {dest} exists and is not an empty directory")
-    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes,
+    source, resolved = open_image(image, wanted, cache=as_cache(cache), pull=pull, creds=creds, on_bytes=on_bytes,
                                   build=build_variant)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
-"""The cache's lifecycle: what it holds (``images``), removing images (``rmi``) and collecting garbage
-(``collect``, the ``gc`` command). The protocol (leases, who locks what) is in docs/ARCHITECTURE.md,
+"""The cache's lifecycle: filling it (``pull``), what it holds (``images``), removing images (``rmi``) and
+collecting garbage (``collect``, the ``gc`` command; ``gc``, its public face as ``dirge.gc``). The protocol (leases, who locks what) is in docs/ARCHITECTURE.md,
 "Cache lifecycle: records, leases, gc".
 
 gc's order: sessions whose owner is gone; leftovers of killed processes (staging directories whose base
@@ -24,16 +24,26 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .bases import unmount_base
+from .oci.image import Descriptor
+from .oci.resolve import ResolvedImage
+from .options import CacheLike, PlatformLike, PullPolicy, as_cache, as_platform
 from .store.cache import Cache
 from .errors import DirgeError, LockTimeout
 from .fsutil import mounts_under, remove_tree, unmount
 from .oci.reference import canonicalize_image_ref
 from .session import Sessions
 from .sources.buildah import discard_export, export_digests, export_exclusive, exports
+from .sources.open import pull_image
 from .store.records import base_bytes, disk_usage
+from .variants import build_variant
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .sources.auth import Credentials
 
 TEMP_GRACE = 60.0  # seconds: a temp file or blob younger than this may be a writer's that is not yet locked/recorded
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -400,6 +410,27 @@ def collect(cache: Cache, *, max_size: int | None = None, keep: float | None = N
         _evict_lru_refs(run, current, base_used)
     report.size_after = report.size_before if dry_run else usage(cache)
     return report
+
+
+def gc(cache: CacheLike | None = None, *, max_size: int | None = None, keep: float | None = None,
+       dry_run: bool = False, grace: float | None = None) -> GcReport:
+    """Collect the cache's garbage (``dirge gc``): ``cache`` a directory or a Cache (None: the default);
+    ``max_size`` a budget in bytes (least-recently-used bases, then images, go until the cache fits);
+    ``keep`` seconds: spare what was used within them; ``dry_run``: report what would go, remove
+    nothing; ``grace`` seconds a temp file must be old to count as a killed writer's (default 60)."""
+    return collect(as_cache(cache) or Cache(), max_size=max_size, keep=keep, dry_run=dry_run,
+                   grace=TEMP_GRACE if grace is None else grace)
+
+
+def pull(image: str, platform: PlatformLike | None = None, *, cache: CacheLike | None = None,
+         pull: PullPolicy = "always", creds: Credentials | None = None,
+         on_bytes: Callable[[Descriptor, int], None] | None = None) -> ResolvedImage:
+    """Fetch ``image`` (manifest, config and every layer) into ``cache`` (a directory or a Cache; None: the
+    default) and return it resolved for ``platform`` ("os/arch[/variant]" or a Platform; None: the host's).
+    ``pull``: "always" asks the registry for the tag, "missing" only when it is not cached, "never" stays
+    offline. A local variant is built when missing or stale."""
+    return pull_image(image, as_platform(platform), cache=as_cache(cache) or Cache(), pull=pull, creds=creds,
+                      on_bytes=on_bytes, build=build_variant)
 
 
 @dataclass(frozen=True)

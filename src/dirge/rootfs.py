@@ -1,4 +1,4 @@
-"""The seed's API, re-created: ``prepare(image, cache_dir)`` → a fresh session rootfs; ``cleanup(path)``.
+"""The seed's API, re-created: ``prepare(image, cache)`` → a fresh session rootfs; ``cleanup(path)``.
 
     with prepare("oci:/images/app:1.0") as rootfs:
         run_vm(rootfs.path, rootfs.config)
@@ -14,6 +14,7 @@ disk (erofs: the scratch's ``upper/``) with debugfs, without mounting or root; n
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from contextlib import ExitStack
 from collections.abc import Callable, Mapping
@@ -25,8 +26,8 @@ from .bases import ensure_base, ensure_disk, mount_base
 from .store.cache import Cache
 from .errors import DirgeError, SessionError
 from .fsutil import is_mountpoint, remove_tree, unmount
-from .oci.image import Platform
-from .options import PrepareOptions
+from .options import (BaseFormat, CacheLike, DiskFormat, DiskKind, PlatformLike, PrepareOptions, PullPolicy,
+                      Strategy, as_cache, cache_or_dir)
 from .oci.reference import canonicalize_image_ref, local_variant_name
 from .session import DISK, SCRATCH_SIZE, Sessions, SessionInfo, backends, destroy
 from .sources.auth import Credentials
@@ -49,7 +50,8 @@ __all__ = [
 
 
 class PreparedRootfs:
-    """A session rootfs; removed (unmounted first) by ``close()``, on leaving ``with``, or when collected.
+    """A session rootfs; removed (unmounted first) by ``close()``, on leaving ``with``, or when collected
+    (then with a ResourceWarning, as an unclosed file gives: close it, or ``detach()`` to keep it).
 
     A disk session (``is_disk``) has ``disk`` (and, erofs, ``scratch``) instead of a directory: its
     ``path`` raises SessionError rather than name a directory that does not exist."""
@@ -62,7 +64,7 @@ class PreparedRootfs:
         self.base_created = base_created
         self.base_format = base_format  # what the base is: "tree", "erofs", or a disk session's "ext4"
         destroyer = destroy if info.strategy == DISK else backends.get(info.strategy).destroy
-        self._finalizer = weakref.finalize(self, destroyer, session_dir)
+        self._finalizer = weakref.finalize(self, _dropped, destroyer, session_dir, info.id)
 
     @property
     def is_disk(self) -> bool:
@@ -112,7 +114,11 @@ class PreparedRootfs:
     user = property(lambda self: self.config.get("User") or "")
 
     def close(self) -> None:
-        self._finalizer()
+        """Remove the session (once; later calls do nothing)."""
+        pending = self._finalizer.detach()  # (self, _dropped, args, kwargs) unless closed or detached
+        if pending is not None:
+            destroyer, session_dir, _ = pending[2]
+            destroyer(session_dir)
 
     def detach(self) -> None:
         """Keep the session after this object goes away (``dirge session rm`` or ``prune`` removes it)."""
@@ -128,6 +134,14 @@ class PreparedRootfs:
         where = f"disk={str(self.disk)!r}" if self.is_disk else f"path={str(self.path)!r}"
         return (f"PreparedRootfs(id={self.id!r}, {where}, strategy={self.strategy!r}, "
                 f"base_format={self.base_format!r})")
+
+
+def _dropped(destroyer: Callable[[Path], None], session_dir: Path, session_id: str) -> None:
+    """A PreparedRootfs collected without ``close()``: say so (a leak the caller should see, as Python
+    says of unclosed files), then remove the session as ``close()`` would have."""
+    warnings.warn(f"session {session_id} was never closed: removed when its PreparedRootfs was collected; "
+                  "close() it, use it in a with block, or detach() it to keep it", ResourceWarning, stacklevel=2)
+    destroyer(session_dir)
 
 
 def _erofs_lower(prepared: PreparedRootfs, cache: Cache) -> "Callable[[str], bytes | None]":
@@ -146,28 +160,32 @@ def _erofs_lower(prepared: PreparedRootfs, cache: Cache) -> "Callable[[str], byt
 
 def prepare(
     image: str,
-    cache_dir: str | os.PathLike[str] | None = None,
+    cache: CacheLike | None = None,
     *,
     files: Mapping[str, FileSpec | bytes] | None = None,
     snapshot: str | None = None,
     owner_pid: int | None = None,
     progress: ProgressFn | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,  # deprecated: cache=
     # the PrepareOptions fields, with its defaults (tests/test_options.py keeps them the same):
-    strategy: str | None = None,
-    base_format: str | None = None,
-    platform: Platform | None = None,
+    strategy: Strategy | None = None,
+    base_format: BaseFormat | None = None,
+    platform: PlatformLike | None = None,
     rootless: bool | None = None,
     limits: Limits = Limits(),
     lock_timeout: float = 600.0,
-    pull: str = "missing",
+    pull: PullPolicy = "missing",
     creds: Credentials | None = None,
-    disk: str | None = None,
-    disk_format: str = "raw",
+    disk: DiskKind | None = None,
+    disk_format: DiskFormat = "raw",
     disk_size: int | None = None,
     disk_journal: bool = True,
     disk_inodes: int | None = None,
 ) -> PreparedRootfs:
     """Resolve ``image``, make sure its base is cached (unpacking under a lock), and return a new session.
+
+    ``cache`` is the cache directory or a ``Cache`` (None: the default, ``$DIRGE_CACHE_DIR`` else
+    ``~/.cache/dirge``); ``platform`` "os/arch[/variant]" or a ``Platform`` (None: the host's).
 
     ``base_format`` is what the base is built as: "tree", "erofs" or "auto" (None: ``$DIRGE_BASE_FORMAT``,
     else auto); ``strategy`` how the session is made from it (None: the fastest available).
@@ -176,15 +194,15 @@ def prepare(
     "qcow2" (ext4 only); ``disk_size`` the ext4 base disk's size (None: content plus headroom; erofs:
     the scratch disk's, default 256 MiB), ``disk_journal`` its journal and ``disk_inodes`` its inode
     count. No mount, no root. The options are ``options.PrepareOptions``'s (``prepare_with`` takes one)."""
-    return prepare_with(image, PrepareOptions.pick(locals()), cache_dir, files=files, snapshot=snapshot,
-                        owner_pid=owner_pid, progress=progress)
+    return prepare_with(image, PrepareOptions.pick(locals()), cache_or_dir(cache, cache_dir, "prepare"),
+                        files=files, snapshot=snapshot, owner_pid=owner_pid, progress=progress)
 
 
-def prepare_with(image: str, options: PrepareOptions, cache_dir: str | os.PathLike[str] | None = None, *,
+def prepare_with(image: str, options: PrepareOptions, cache: CacheLike | None = None, *,
                  files: Mapping[str, FileSpec | bytes] | None = None, snapshot: str | None = None,
                  owner_pid: int | None = None, progress: ProgressFn | None = None) -> PreparedRootfs:
     """``prepare`` with its options as one value (what ``aio.prepare`` and ``dirge session create`` build)."""
-    cache = Cache(cache_dir)
+    cache = as_cache(cache) or Cache()
     ref = canonicalize_image_ref(image)
     sessions = Sessions(cache)
     # The base's lease is held from finding (or building) it until the session is recorded: then the
@@ -225,10 +243,10 @@ def _collect_if_over_budget(cache: Cache) -> None:
             pass  # best effort: the session is made; the next prepare (or ``dirge gc``) tries again
 
 
-def restore(snapshot: str, cache_dir: str | os.PathLike[str] | None = None, *, strategy: str | None = None,
-            owner_pid: int | None = None) -> PreparedRootfs:
-    """A new session from a snapshot: its base plus the saved changes."""
-    cache = Cache(cache_dir)
+def restore(snapshot: str, cache: CacheLike | None = None, *, strategy: Strategy | None = None,
+            owner_pid: int | None = None, cache_dir: str | os.PathLike[str] | None = None) -> PreparedRootfs:
+    """A new session from a snapshot: its base plus the saved changes (``cache_dir``: deprecated, ``cache``)."""
+    cache = as_cache(cache_or_dir(cache, cache_dir, "restore")) or Cache()
     sessions = Sessions(cache)
     meta = sessions.snapshot_meta(snapshot)
     with cache.base_lease(meta["base"]):  # as in prepare: held until the session is recorded

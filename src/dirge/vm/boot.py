@@ -18,12 +18,14 @@ import os
 import subprocess
 import tempfile
 import time
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..store.cache import Cache
 from ..errors import BootError
+from ..options import BootDisk, PullPolicy
 from ..rootfs import PreparedRootfs, prepare
 from ..session.customize import DirWriter, Ext4DiskWriter
 from .guest import GuestSpec, install_guest
@@ -33,7 +35,7 @@ from .share import capfiles_text, map_session, setcaps_program, unmap_session
 
 __all__ = ["BOOT_DISKS", "BOOT_FAILED", "BOOT_TIMED_OUT", "BootResult", "Booted", "boot", "boot_session"]
 
-BOOT_DISKS = ("dir", "ext4", "erofs")
+BOOT_DISKS: tuple[BootDisk, ...] = typing.get_args(BootDisk)
 BOOT_TIMED_OUT = 124  # as timeout(1)
 BOOT_FAILED = 125     # as docker run when the container cannot start
 CMDLINE_ARGS_MAX = 1024  # base64 argv beyond this goes into /.dirge/config (x86 cmdline: 2048 bytes)
@@ -168,11 +170,11 @@ def _virtiofsd(binary: str, shared: Path) -> Iterator[Path]:
                 proc.wait()
 
 
-def boot(image: str, cache_dir: str | os.PathLike[str] | None = None, *, disk: str = "dir",
+def boot(image: str, cache_dir: str | os.PathLike[str] | None = None, *, disk: BootDisk = "dir",
          command: Sequence[str] | None = None, kernel: str | os.PathLike[str] | None = None,
          initrd: str | os.PathLike[str] | None = None, memory: int = 512, cpus: int = 1, accel: str = "auto",
          timeout: float = 300.0, keep: bool = False, console: ConsoleFn | None = None,
-         virtiofsd: str | None = None, pull: str = "missing", kernel_log: bool = False,
+         virtiofsd: str | None = None, pull: PullPolicy = "missing", kernel_log: bool = False,
          user: str | None = None, env: Mapping[str, str] | None = None) -> BootResult:
     """Prepare ``image`` as a ``disk`` session and boot it (module doc). Raises BootError when no
     kernel/QEMU/busybox is found (before preparing anything) and GuestFailed when the guest does not
