@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..store.cache import Cache
 from ..errors import BootError
-from ..options import BootDisk, PullPolicy
+from ..options import BootDisk, CacheLike, PullPolicy, as_cache, cache_or_dir
 from ..rootfs import PreparedRootfs, prepare
 from ..session.customize import DirWriter, Ext4DiskWriter
 from .guest import GuestSpec, install_guest
@@ -170,20 +170,22 @@ def _virtiofsd(binary: str, shared: Path) -> Iterator[Path]:
                 proc.wait()
 
 
-def boot(image: str, cache_dir: str | os.PathLike[str] | None = None, *, disk: BootDisk = "dir",
+def boot(image: str, cache: CacheLike | None = None, *, disk: BootDisk = "dir",
          command: Sequence[str] | None = None, kernel: str | os.PathLike[str] | None = None,
          initrd: str | os.PathLike[str] | None = None, memory: int = 512, cpus: int = 1, accel: str = "auto",
          timeout: float = 300.0, keep: bool = False, console: ConsoleFn | None = None,
          virtiofsd: str | None = None, pull: PullPolicy = "missing", kernel_log: bool = False,
-         user: str | None = None, env: Mapping[str, str] | None = None) -> BootResult:
+         user: str | None = None, env: Mapping[str, str] | None = None,
+         cache_dir: str | os.PathLike[str] | None = None) -> BootResult:
     """Prepare ``image`` as a ``disk`` session and boot it (module doc). Raises BootError when no
     kernel/QEMU/busybox is found (before preparing anything) and GuestFailed when the guest does not
-    finish its command."""
+    finish its command. ``cache``: a directory or a Cache (``cache_dir``: deprecated)."""
+    where = cache_or_dir(cache, cache_dir, "boot")
     if disk not in BOOT_DISKS:
         raise BootError(f"boot disk {disk!r}: use one of {', '.join(BOOT_DISKS)}")
     qemu = find_qemu()
     find_kernel(kernel)
-    cache = Cache(cache_dir)
+    cache = as_cache(where) or Cache()
     started = time.monotonic()
     prepared = prepare(image, cache.root, disk=None if disk == "dir" else disk, pull=pull)
     prepared_at = time.monotonic()
