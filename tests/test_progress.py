@@ -21,9 +21,9 @@ import pytest
 
 from conftest import needs_tool
 from dirge import aio
-from dirge.events import Apply, Boot, Download, Event, Step, Write
+from dirge.events import Apply, Boot, Build, Download, Event, Step, Write
 from dirge.layerbuild import LayerBuilder
-from dirge.progress import PlainProgress, TerminalProgress, resolve_mode
+from dirge.progress import PlainProgress, TerminalProgress, line_events, resolve_mode
 from dirge.rootfs import prepare
 from dirge.sources.layout import LayoutWriter
 from registry import push_layout
@@ -31,6 +31,7 @@ from registry import push_layout
 DIRGE = Path(sys.executable).parent / "dirge"
 RECORD = os.environ.get("DIRGE_RECORD_PROGRESS")
 AUTO = {"DIRGE_PROGRESS": "auto"}  # the default (conftest.py quiets the rest of the suite)
+SGR = re.compile(r"\x1b\[[0-9;]*m")  # colours: within a line
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 
 
@@ -57,6 +58,15 @@ def _dirge(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     """The console script, stdout and stderr each to a pipe."""
     return subprocess.run([str(DIRGE), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           env={**os.environ, **AUTO, **(env or {})}, timeout=300)
+
+
+def _frames(screen: str) -> str:
+    """A terminal session as text: escape codes stripped, each redrawn frame's lines once, in order."""
+    seen: list[str] = []
+    for line in ANSI.sub("\n", SGR.sub("", screen)).splitlines():
+        if line.strip() and line.rstrip() not in seen:
+            seen.append(line.rstrip())
+    return "\n".join(seen)
 
 
 def _record(title: str, command: str, text: str) -> None:
@@ -107,6 +117,37 @@ def test_quiet_and_the_progress_option_choose_what_stderr_gets(pushed: str, tmp_
     gc = _dirge("--progress", "plain", "gc", "--cache-dir", cache)
     assert gc.returncode == 0 and gc.stderr.splitlines()[0].startswith("gc: collecting"), gc.stderr
     assert "gc:" not in gc.stdout
+
+
+def test_unpack_and_export_through_a_pipe_print_layers_and_the_written_file(make_image, tmp_path: Path) -> None:
+    ref = make_image(_layers()[1:])
+    unpacked = _dirge("unpack", ref, str(tmp_path / "tree"))
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert [ln.split()[2] for ln in unpacked.stderr.splitlines() if ln.endswith(" done")] == ["1/2", "2/2"]
+    assert "apply" not in unpacked.stdout and "302 entries" in unpacked.stdout
+    out = tmp_path / "root.erofs"
+    exported = _dirge("export", "--cache-dir", str(tmp_path / "cache"), ref, str(out))
+    assert exported.returncode == 0, exported.stderr
+    lines = exported.stderr.splitlines()
+    assert lines[0] == "export: writing erofs image", lines
+    assert re.fullmatch(r"apply layer 2/2 sha256:[0-9a-f]{12} 302 entries 0\.0 MB done", lines[-2]), lines
+    assert lines[-1] == f"erofs root.erofs: {out.stat().st_size / 1e6:.1f} MB written", lines
+    assert exported.stdout.startswith(f"{out}: erofs, ")
+
+
+def test_a_subprocess_output_is_folded_into_build_events() -> None:
+    """How ``dirge build`` shows buildah: its output lines become Build events (one folded line on a
+    terminal, ``build: ...`` lines on a pipe)."""
+    got: list[Event] = []
+    with line_events(got.append) as output:
+        subprocess.run(["sh", "-c", "echo 'STEP 1/2: FROM scratch'; echo; echo 'STEP 2/2: COPY a /' >&2"],
+                       stdout=output, stderr=output, check=True)
+    assert got == [Build("STEP 1/2: FROM scratch"), Build("STEP 2/2: COPY a /")]
+    out = io.StringIO()
+    plain = PlainProgress(out)
+    for event in got:
+        plain(event)
+    assert out.getvalue() == "build: STEP 1/2: FROM scratch\nbuild: STEP 2/2: COPY a /\n"
 
 
 def test_plain_lines_are_throttled_per_task_but_phase_changes_always_show() -> None:
@@ -172,7 +213,7 @@ def test_on_a_terminal_the_rich_display_renders_and_stdout_is_the_result(pushed:
     assert proc.returncode == 0, proc.stdout.decode(errors="replace")
     screen = proc.stdout.decode(errors="replace")
     _record("dirge pull + session create on a terminal (script(1); escape codes stripped, frames joined)",
-            "dirge pull IMAGE && dirge session create IMAGE", ANSI.sub("", screen))
+            "dirge pull IMAGE && dirge session create IMAGE", _frames(screen))
     assert "\x1b[" in screen  # drawn and redrawn in place
     plain = ANSI.sub("", screen)
     assert re.search(r"pull sha256:[0-9a-f]{12}", plain) and "MB" in plain
@@ -256,3 +297,9 @@ def test_boot_reports_its_phases_in_plain_lines(boot_cache: Path, tmp_path: Path
                 "guest exited with 0"]
     assert [p for p in phases if p in expected] == expected, phases
     assert any(ln.startswith("apply layer ") for ln in proc.stderr.splitlines())  # the session's base
+    if RECORD:  # the same boot on a terminal, for docs/progress-session.txt only (a second boot)
+        tty = subprocess.run(["script", "-q", "-e", "-c", f"{DIRGE} boot --accel tcg --disk ext4 --cache-dir "
+                              f"{boot_cache} {ref} -- /bin/echo 'hi from the guest'", "/dev/null"],
+                             capture_output=True, env={**os.environ, **AUTO, "TERM": "xterm-256color"}, timeout=300)
+        _record("dirge boot on a terminal (script(1))", "dirge boot --disk ext4 IMAGE -- /bin/echo ...",
+                _frames(tty.stdout.decode(errors="replace")))

@@ -26,6 +26,7 @@ from typing import IO, Protocol
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TaskID, TextColumn,
                            TransferSpeedColumn)
+from rich.progress_bar import ProgressBar
 from rich.text import Text
 
 from .events import Apply, Boot, Build, Download, Event, ProgressFn, Push, Step, Write, short
@@ -148,6 +149,15 @@ class _Detail(ProgressColumn):
         return Text(str(task.fields.get("detail", "")))
 
 
+class _Bar(BarColumn):
+    """A bar for what has an amount (bytes, layers); none for a task that is only a line of text."""
+
+    def render(self, task: Task) -> ProgressBar | Text:  # type: ignore[override]  # rich renders either
+        if task.fields.get("kind") == "text":
+            return Text("")
+        return super().render(task)
+
+
 class TerminalProgress:
     """One live rich display on stderr: a bar per download (bytes, rate), the layers being applied
     (layer i/n, entries, MB, entries/s), one line per Step task, the boot's phase and buildah's latest
@@ -155,7 +165,7 @@ class TerminalProgress:
 
     def __init__(self, console: Console | None = None) -> None:
         self._console = console or Console(file=sys.stderr)
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), _Detail(),
+        self._progress = Progress(TextColumn("{task.description}"), _Bar(), _Detail(),
                                   console=self._console, transient=True,
                                   # stdout is the command's: only a terminal's goes through the display
                                   redirect_stdout=sys.stdout.isatty(), redirect_stderr=False)
@@ -199,15 +209,14 @@ class TerminalProgress:
                 self._apply_started = now
             elapsed = now - self._apply_started
             rate = f", {count(int(event.entries / elapsed))} entries/s" if elapsed >= 1 else ""
-            task = self._task("apply", "apply", total=event.count)
+            task = self._task("apply", "apply", "layers", event.count)
             p.update(task, total=event.count, completed=event.index + (1 if event.done else 0),
                      description=f"apply layer {event.index + 1}/{event.count}",
                      detail=f"{count(event.entries)} entries, {mb(event.bytes)} MB{rate}")
         elif isinstance(event, Step):
             p.update(self._task(f"step {event.task}", event.task), description=f"{event.task}: {event.text}")
         elif isinstance(event, Write):
-            p.update(self._task(f"write {event.what}", event.what), total=1, completed=1,
-                     detail=f"{mb(event.bytes)} MB written")
+            p.update(self._task(f"write {event.what}", event.what), detail=f"{mb(event.bytes)} MB written")
         elif isinstance(event, Boot):
             p.update(self._task("boot", "boot"), description=f"boot: {event.phase}")
         elif isinstance(event, Build):

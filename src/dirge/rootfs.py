@@ -195,7 +195,7 @@ def prepare_with(image: str, options: PrepareOptions, cache_dir: str | os.PathLi
                 raise SessionError(f"session strategy {options.strategy!r}: a disk session has none "
                                    "(it is a disk file)")
             base = ensure_disk(ref, options, cache=cache, progress=progress, leases=leases)
-            emit(progress, Step("session", f"creating a {options.disk} disk session"))
+            emit(progress, Step("session", f"creating the {options.disk} disk session"))
             scratch = options.disk_size if options.disk == "erofs" and options.disk_size else SCRATCH_SIZE
             info = sessions.create_disk(base, ref, disk_format=options.disk_format, owner_pid=owner_pid,
                                         snapshot=snapshot, scratch_size=scratch)
