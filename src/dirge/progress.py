@@ -174,10 +174,6 @@ class TerminalProgress:
         self._build_tail: deque[str] = deque(maxlen=20)
         self._lock = threading.Lock()
 
-    @staticmethod
-    def wanted(quiet: bool) -> bool:
-        return not quiet and resolve_mode("auto") == "tty"
-
     def __enter__(self) -> TerminalProgress:
         self._progress.start()
         return self
