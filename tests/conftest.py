@@ -11,6 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# The CLI's progress goes to stderr (plain lines when it is not a terminal); tests that check stderr
+# for exactly one error line run without it. tests/test_progress.py turns it on for each command.
+os.environ["DIRGE_PROGRESS"] = "quiet"
+
 from dirge.sources.layout import LayoutWriter  # noqa: E402
 
 pytest_plugins = ["ci_skips"]

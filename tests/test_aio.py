@@ -22,6 +22,7 @@ from dirge.oci import blob
 from dirge.apply.tar import Entry, EntryStream
 from dirge.store.cache import Cache
 from dirge.errors import Cancelled, DirgeError
+from dirge.events import Apply, Event
 from dirge.layerbuild import LayerBuilder
 from dirge.rootfs import PreparedRootfs
 from dirge.session import Sessions
@@ -242,10 +243,12 @@ def test_cancel_mid_unpack_leaves_nothing_behind(tmp_path: Path, via: str) -> No
         cancelled_at = 0.0
         task: asyncio.Future[object]
 
-        def on_progress(what: str, index: int) -> None:
+        def on_progress(event: Event) -> None:
             nonlocal cancelled_at
-            events.append(what)
-            if index == 1 and not cancelled_at:  # the first layer of files is being applied now
+            if not isinstance(event, Apply) or event.done or event.what in events:
+                return  # a layer's start only
+            events.append(event.what)
+            if event.index == 1 and not cancelled_at:  # the first layer of files is being applied now
                 during.update(_leftovers(cache))
                 cancelled_at = time.monotonic()
                 task.cancel()
@@ -255,10 +258,10 @@ def test_cancel_mid_unpack_leaves_nothing_behind(tmp_path: Path, via: str) -> No
             stream = aio.ProgressStream()
             task = asyncio.ensure_future(aio.prepare(image, cache, progress=stream))
             async for event in stream:  # ends when the prepare has ended
-                on_progress(event.what, event.index)
+                on_progress(event)
         else:
-            async def callback(what: str, index: int, count: int) -> None:
-                on_progress(what, index)
+            async def callback(event: Event) -> None:
+                on_progress(event)
 
             async def hold() -> None:
                 async with aio.prepare(image, cache, progress=callback):
@@ -427,24 +430,26 @@ def test_progress_callbacks_sync_and_async_and_stream(tmp_path: Path) -> None:
     image = _image(tmp_path, 0, layers=3, files=5)
 
     async def main() -> None:
-        seen: list[tuple[str, int, int]] = []
-        async with aio.prepare(image, tmp_path / "c1", progress=lambda w, i, c: seen.append((w, i, c))):
+        seen: list[Apply] = []
+        async with aio.prepare(image, tmp_path / "c1",
+                               progress=lambda e: seen.append(e) if isinstance(e, Apply) and e.done else None):
             pass
-        assert [(i, c) for _, i, c in seen] == [(i, 4) for i in range(4)]
-        assert seen[0][0].startswith("layer 1/4 sha256:")
+        assert [(e.index, e.count) for e in seen] == [(i, 4) for i in range(4)]
+        assert seen[0].what.startswith("layer 1/4 sha256:")
 
         seen_async: list[int] = []
 
-        async def slow(what: str, index: int, count: int) -> None:
+        async def slow(event: Event) -> None:
             await asyncio.sleep(0.01)
-            seen_async.append(index)
+            if isinstance(event, Apply) and event.done:
+                seen_async.append(event.index)
 
         async with aio.prepare(image, tmp_path / "c2", progress=slow):
             assert seen_async == [0, 1, 2, 3]  # every callback awaited before the rootfs is handed over
 
         stream = aio.ProgressStream()
         runner = asyncio.ensure_future(aio.prepare(image, tmp_path / "c3", progress=stream))
-        indexes = [event.index async for event in stream]
+        indexes = [event.index async for event in stream if isinstance(event, Apply) and event.done]
         rootfs = await runner
         await aio.close(rootfs)
         assert indexes == [0, 1, 2, 3]
@@ -457,8 +462,8 @@ def test_a_failing_progress_callback_stops_the_prepare(tmp_path: Path) -> None:
     image = _image(tmp_path, 0, layers=4, files=200)
     cache = tmp_path / "cache"
 
-    def fail(what: str, index: int, count: int) -> None:
-        if index == 1:
+    def fail(event: Event) -> None:
+        if isinstance(event, Apply) and event.index == 1:
             raise ValueError("callback says no")
 
     async def main() -> None:
@@ -477,7 +482,7 @@ def test_export_and_pull_off_the_loop(tmp_path: Path, monkeypatch: pytest.Monkey
         assert len(resolved.manifest.layers) == 3
         seen: list[int] = []
         result = await aio.export(image, tmp_path / "out.erofs", format="erofs", cache=None,
-                                  progress=lambda w, i, c: seen.append(i))
+                                  progress=lambda e: seen.append(e.index) if isinstance(e, Apply) and e.done else None)
         assert result.path.stat().st_size > 0 and result.digest == str(resolved.manifest_digest)
         assert seen == [0, 1, 2]
         with pytest.raises(DirgeError, match="unknown format"):

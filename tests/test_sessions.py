@@ -51,8 +51,8 @@ CHILD = r"""
 import json, sys
 from dirge.rootfs import prepare
 ref, cache, mode = sys.argv[1:4]
-def progress(what, i, n):
-    if mode == "block" and i == 1:
+def progress(event):
+    if mode == "block" and getattr(event, "index", None) == 1:
         print("ready", flush=True)
         sys.stdin.read()
 if mode == "race":

@@ -15,10 +15,16 @@
 The sync functions stay the core: each call here runs one of them in its own thread (so a prepare
 waiting minutes on a base lock never takes a slot of the loop's default executor) and awaits its end.
 
-Progress: ``progress=`` takes a callback, sync or async, with the sync ``ProgressFn``'s arguments
-``(what, index, count)``, called on the loop (async ones awaited in order), or a ``ProgressStream``,
-an async iterator of ``ProgressEvent`` that ends when the operation ends. ``aio.pull`` forwards
-``on_bytes(desc, done)`` the same way.
+Progress: ``progress=`` (prepare, pull, export) takes a callback, sync or async, of one ``dirge.events``
+event (Download, Apply, Step, Write: the sync ``ProgressFn``'s), called on the loop (async ones awaited
+in order), or a ``ProgressStream``, an async iterator of the same events that ends when the operation
+ends:
+
+    events = aio.ProgressStream()
+    task = asyncio.ensure_future(aio.prepare(image, cache_dir, progress=events))
+    async for event in events:          # Download(...), Apply(...), Step("session", ...), ...
+        print(event)
+    rootfs = await task
 
 Cancellation: cancelling the awaiting task sets a flag that the worker thread sees at its next progress
 or download callback, lock poll or batch of a layer's entries, where it raises ``errors.Cancelled``; the
@@ -48,15 +54,14 @@ import os
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .apply.layer import Limits
 from .errors import Cancelled
+from .events import Event
 from .exporting import ExportResult
 from .exporting import export as sync_export
-from .oci.image import Descriptor
 from .oci.resolve import ResolvedImage
 from .options import (BaseFormat, CacheLike, DiskFormat, DiskKind, DiskOptions, ExportFormat, PlatformLike,
                       PrepareOptions, PullPolicy, Strategy, as_cache, as_platform, cache_or_dir)
@@ -70,8 +75,8 @@ if TYPE_CHECKING:
     from .lifecycle import GcReport
 
 __all__ = [
-    "BytesCallback",
     "Cancelled",
+    "Event",
     "Preparing",
     "ProgressCallback",
     "ProgressEvent",
@@ -86,18 +91,8 @@ __all__ = [
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class ProgressEvent:
-    """One call of the sync pipeline's ``ProgressFn``: ``what`` ("layer 2/5 sha256:ab12…"), the layer's
-    index and the layer count."""
-
-    what: str
-    index: int
-    count: int
-
-
-ProgressCallback = Callable[[str, int, int], Awaitable[None] | None]  # sync or async, on the loop
-BytesCallback = Callable[[Descriptor, int], Awaitable[None] | None]  # a download's bytes so far
+ProgressEvent = Event  # one dirge.events event (Download, Apply, Step, Write, ...)
+ProgressCallback = Callable[[Event], Awaitable[None] | None]  # sync or async, on the loop
 
 
 class ProgressStream:
@@ -107,7 +102,7 @@ class ProgressStream:
         events = aio.ProgressStream()
         task = asyncio.ensure_future(aio.prepare(image, cache, progress=events))
         async for event in events:
-            print(event.what)
+            print(event)
         rootfs = await task
     """
 
@@ -181,12 +176,11 @@ class _Relay:
     (``call_soon_threadsafe``) and the loop's cancellation carried to the worker (a flag it checks in
     every callback the sync pipeline makes)."""
 
-    def __init__(self, progress: AsyncProgress | None = None, on_bytes: BytesCallback | None = None) -> None:
+    def __init__(self, progress: AsyncProgress | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.stop = threading.Event()
         self._stream = progress if isinstance(progress, ProgressStream) else None
         self._progress = None if isinstance(progress, ProgressStream) else progress
-        self._on_bytes = on_bytes
         self._calls: asyncio.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = asyncio.Queue()
         self._failure: BaseException | None = None  # a callback's exception: it stops the operation
         self._slot = False  # whether this operation's worker holds a work slot
@@ -216,18 +210,13 @@ class _Relay:
         finally:
             self._take_slot()
 
-    def progress(self, what: str, index: int, count: int) -> None:
+    def progress(self, event: Event) -> None:
         """The sync pipeline's ``ProgressFn``: the cancellation point, and the events' source."""
         self.check()
         if self._stream is not None:
-            self._post(self._stream._put, ProgressEvent(what, index, count))
+            self._post(self._stream._put, event)
         elif self._progress is not None:
-            self._post(self._calls.put_nowait, (self._progress, (what, index, count)))
-
-    def on_bytes(self, desc: Descriptor, done: int) -> None:
-        self.check()
-        if self._on_bytes is not None:
-            self._post(self._calls.put_nowait, (self._on_bytes, (desc, done)))
+            self._post(self._calls.put_nowait, (self._progress, (event,)))
 
     def _post(self, fn: Callable[[Any], None], arg: Any) -> None:
         try:
@@ -274,7 +263,7 @@ class _Relay:
         """``work(self)`` in a new thread; its result, or its exception, or CancelledError after it
         ended (and ``discard`` was given a result that came anyway)."""
         done: asyncio.Future[T] = self.loop.create_future()
-        consumer = self.loop.create_task(self._consume()) if self._progress or self._on_bytes else None
+        consumer = self.loop.create_task(self._consume()) if self._progress else None
         thread = threading.Thread(target=self._thread, args=(work, done, contextvars.copy_context()),
                                   name="dirge-aio")
         _start_thread(thread, lambda exc: self._fail(done, exc))
@@ -388,19 +377,19 @@ async def pull(
     cache: CacheLike | None = None,
     pull: PullPolicy = "always",
     creds: Credentials | None = None,
-    on_bytes: BytesCallback | None = None,
+    progress: AsyncProgress | None = None,
 ) -> ResolvedImage:
-    """``dirge.pull`` off the loop; ``on_bytes(desc, done)`` (sync or async) on the loop.
+    """``dirge.pull`` off the loop; ``progress`` as in the module doc (Download events).
     Cancelled between two received chunks of a download (the partial blob is removed)."""
     policy = pull
     wanted = as_platform(platform)
     where = as_cache(cache)
 
     def work(relay: _Relay) -> ResolvedImage:
-        return pull_image(image, wanted, cache=where, pull=policy, creds=creds, on_bytes=relay.on_bytes,
+        return pull_image(image, wanted, cache=where, pull=policy, creds=creds, progress=relay.progress,
                           build=build_variant)
 
-    return await _Relay(on_bytes=on_bytes).run(work)
+    return await _Relay(progress).run(work)
 
 
 async def export(

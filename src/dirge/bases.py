@@ -35,7 +35,8 @@ from .oci.resolve import BlobSource, ResolvedImage
 from .fsimage.mount import erofs_supported, mount_erofs, mounted_at, unmount
 from .sources.open import open_image
 from .store.records import write_record
-from .flatten import ProgressFn, apply_image, write_erofs, write_ext4
+from .events import ProgressFn, Step, Write, downloads, emit
+from .flatten import apply_image, write_erofs, write_ext4
 from .variants import build_variant
 
 FORMAT_CHOICES = ("auto", "tree", "erofs")  # what a caller may ask for
@@ -166,7 +167,7 @@ def _ensure_base(image: str, options: PrepareOptions, *, cache: Cache, fmt: str,
     job = _Job(cache, image, fmt, _rootless(options), options.disk_options if fmt == "ext4" else DiskOptions(),
                options, progress)
     source, resolved = open_image(image, options.platform, cache=cache, pull=options.pull, creds=options.creds,
-                                  build=build_variant)
+                                  on_bytes=downloads(progress), build=build_variant)
     try:
         return _find_or_build(job, source, resolved, leases)
     finally:
@@ -182,6 +183,7 @@ def _find_or_build(job: _Job, source: BlobSource, resolved: ResolvedImage, lease
     cache.put_blob(resolved.manifest.config.digest, resolved.config.raw)
     base = _find_leased(job, resolved.manifest_digest, key, leases)
     if base:
+        emit(job.progress, Step("base", f"{job.fmt} base {resolved.manifest_digest.short} cached"))
         return base
     with cache.base_lock(key, timeout):
         base = _find_leased(job, resolved.manifest_digest, key, leases)
@@ -189,6 +191,7 @@ def _find_or_build(job: _Job, source: BlobSource, resolved: ResolvedImage, lease
             return base
         staging = cache.new_staging(key)
         try:
+            emit(job.progress, Step("base", f"writing {job.fmt} base {resolved.manifest_digest.short}"))
             _BUILDERS[job.fmt](staging, source, resolved, job)
             meta: dict[str, Any] = {
                 "image": job.image, "digest": str(resolved.manifest_digest), "rootless": job.rootless,
@@ -197,8 +200,10 @@ def _find_or_build(job: _Job, source: BlobSource, resolved: ResolvedImage, lease
                 if job.fmt == "ext4" else None,
                 "config": resolved.config.config,
                 "platform": str(resolved.platform) if resolved.platform else None}
+            emit(job.progress, Step("base", f"recording and syncing the {job.fmt} base"))
             meta["bytes"] = write_record(staging, job.fmt)["bytes"]  # gc's budget reads it here, cheaply
             base = cache.publish_base(staging, key, meta)
+            emit(job.progress, Write(f"{job.fmt} base", int(meta["bytes"])))
             cache.touch_base(key)
             return base
         except BaseException:

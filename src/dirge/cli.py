@@ -52,21 +52,27 @@ def _limits(values: tuple[str, ...]) -> Limits:
 
 @click.group()
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display (--progress quiet).")
+@click.option("--progress", "progress_mode", type=click.Choice(["auto", "tty", "plain", "quiet"]), default="auto",
+              envvar="DIRGE_PROGRESS", show_default=True,
+              help="Progress on stderr: tty = a live display, plain = periodic lines, auto = tty on a terminal "
+                   "else plain ($DIRGE_PROGRESS).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def cli(ctx: click.Context, debug: bool, quiet: bool, progress_mode: str) -> None:
     """Turn OCI container images into root filesystems for microVM sandboxes."""
-    ctx.obj = {"debug": debug, "quiet": quiet}
+    ctx.obj = {"debug": debug, "quiet": quiet, "progress": "quiet" if quiet else progress_mode}
 
 
 def _progress() -> Any:
-    """A rich display on a terminal (unless --quiet), else a do-nothing context."""
+    """The progress display (a context manager, itself the ``dirge.events.ProgressFn``), or a
+    do-nothing context giving None (quiet)."""
     from contextlib import nullcontext
 
-    from .progress import TerminalProgress
+    from .progress import open_display
 
-    quiet = bool(click.get_current_context().find_root().obj.get("quiet"))
-    return TerminalProgress() if TerminalProgress.wanted(quiet) else nullcontext(None)
+    obj = click.get_current_context().find_root().obj or {}
+    display = open_display(str(obj.get("progress", "auto")))
+    return display if display is not None else nullcontext(None)
 
 
 def _creds(value: str | None) -> "Credentials | None":
@@ -98,8 +104,7 @@ def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, c
 
     with _progress() as progress:
         resolved = pull_image(image, parse_platform(platform) if platform else None, cache=Cache(cache_dir),
-                              pull=policy, creds=_creds(creds), on_bytes=progress.download if progress else None,
-                              build=build_variant)
+                              pull=policy, creds=_creds(creds), progress=progress, build=build_variant)
     if as_json:
         click.echo(json.dumps({"image": image, "digest": str(resolved.manifest_digest),
                                "platform": str(resolved.platform) if resolved.platform else None,
@@ -131,8 +136,7 @@ def unpack_cmd(image: str, dest: Path, platform: str | None, pull: PullPolicy, c
     with _progress() as progress:
         result = unpack(image, dest, platform=parse_platform(platform) if platform else None,
                         rootless=True if rootless else None, limits=_limits(limits), cache=cache, pull=pull,
-                        creds=_creds(creds), on_bytes=progress.download if progress else None,
-                        progress=progress.apply if progress else None)
+                        creds=_creds(creds), progress=progress)
     summary: dict[str, Any] = {
         "image": image,
         "digest": str(result.image.manifest_digest),
@@ -162,7 +166,8 @@ def demo_cmd(workdir: Path, boot: bool | None, disk: BootDisk) -> None:
     """Build a tiny busybox image offline, unpack it, and run a shell inside it."""
     from .demo import run_demo
 
-    _, output, how = run_demo(workdir, boot=boot, disk=disk, console=click.echo)
+    with _progress() as progress:
+        _, output, how = run_demo(workdir, boot=boot, disk=disk, console=click.echo, progress=progress)
     if how != "boot":
         click.echo(output, nl=False)
 
@@ -217,10 +222,11 @@ def boot_cmd(image: str, command: tuple[str, ...], disk: BootDisk, kernel: Path 
 
     debug = bool(click.get_current_context().find_root().obj.get("debug"))
     try:
-        result = boot(image, cache_dir, disk=disk, command=list(command) or None, kernel=kernel, initrd=initrd,
-                      memory=memory, cpus=cpus, accel=accel, timeout=timeout, keep=keep,
-                      console=click.echo, virtiofsd=virtiofsd, pull=pull, kernel_log=kernel_log, user=user,
-                      env=_key_values(env, "--env"))
+        with _progress() as progress:
+            result = boot(image, cache_dir, disk=disk, command=list(command) or None, kernel=kernel, initrd=initrd,
+                          memory=memory, cpus=cpus, accel=accel, timeout=timeout, keep=keep,
+                          console=click.echo, virtiofsd=virtiofsd, pull=pull, kernel_log=kernel_log, user=user,
+                          env=_key_values(env, "--env"), progress=progress)
     except GuestFailed as exc:
         if debug and exc.console_tail:
             click.echo(exc.console_tail, err=True)
@@ -242,9 +248,16 @@ def build_cmd(name: str, build_args: tuple[str, ...], no_cache: bool, cache_dir:
     from .store.cache import Cache
     from .variants import build_guest_image
 
-    quiet = bool(click.get_current_context().find_root().obj.get("quiet"))
-    result = build_guest_image(name, cache_root=Cache(cache_dir).root, build_args=_key_values(build_args, "--build-arg"),
-                               no_cache=no_cache, output=None if quiet else sys.stderr)
+    from contextlib import nullcontext
+
+    from .progress import line_events
+
+    with _progress() as progress:
+        # buildah's output becomes Build events: plain lines on a pipe, one folded line on a terminal
+        with line_events(progress) if progress is not None else nullcontext(None) as output:
+            result = build_guest_image(name, cache_root=Cache(cache_dir).root,
+                                       build_args=_key_values(build_args, "--build-arg"), no_cache=no_cache,
+                                       output=output)
     state = "built" if result.built else "current, not rebuilt"
     click.echo(f"{result.variant.tag} {result.image.id[:12]} ({state})")
 
@@ -296,7 +309,7 @@ def export_cmd(image: str, out: Path, fmt: ExportFormat, size: str, no_journal: 
         result = export(canonicalize_image_ref(image), out, format=fmt,
                         platform=parse_platform(platform) if platform else None, cache=Cache(cache_dir),
                         pull=pull, creds=_creds(creds), limits=_limits(limits),
-                        progress=progress.apply if progress else None,
+                        progress=progress,
                         disk=DiskOptions(_size(size), not no_journal, inodes))
     if as_json:
         click.echo(json.dumps({"path": str(result.path), "format": result.format, "size": result.size,
@@ -425,7 +438,14 @@ def gc_cmd(max_size: str | None, keep: str | None, dry_run: bool, cache_dir: Pat
         keep_s = parse_duration(keep) if keep else None
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    report = collect(Cache(cache_dir), max_size=budget, keep=keep_s, dry_run=dry_run)
+    from .events import Step
+
+    with _progress() as progress:
+        if progress is not None:
+            progress(Step("gc", "collecting (sessions, leftovers, blobs, bases over budget)"))
+        report = collect(Cache(cache_dir), max_size=budget, keep=keep_s, dry_run=dry_run)
+        if progress is not None:
+            progress(Step("gc", f"done: {len(report.removed)} removed"))
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
         return
@@ -550,7 +570,8 @@ def session_create(image: str, cache_dir: Path | None, owner_pid: int | None, as
     if options.disk is None and (options.disk_format != "raw" or options.disk_size is not None
                                  or not options.disk_journal or options.disk_inodes is not None):
         raise click.UsageError("--disk-format, --disk-size, --no-disk-journal and --disk-inodes need --disk")
-    prepared = prepare_with(image, options, cache_dir, owner_pid=owner_pid or os.getppid())
+    with _progress() as progress:
+        prepared = prepare_with(image, options, cache_dir, owner_pid=owner_pid or os.getppid(), progress=progress)
     prepared.detach()
     if as_json:
         click.echo(json.dumps({**_prepared_json(prepared), "base_created": prepared.base_created,

@@ -13,6 +13,7 @@ from .errors import DirgeError
 from .fsutil import remove_tree
 from .layerbuild import LayerBuilder
 from .sources.layout import LayoutWriter
+from .events import ProgressFn
 from .flatten import UnpackResult, unpack
 from .options import BootDisk
 from .vm.guest import find_busybox
@@ -61,7 +62,8 @@ def build_demo_layout(layout: Path) -> str:
 
 
 def run_demo(workdir: Path, *, boot: bool | None = None, disk: BootDisk = "dir",
-             console: Callable[[str], None] | None = None) -> tuple[UnpackResult, str, str]:
+             console: Callable[[str], None] | None = None,
+             progress: ProgressFn | None = None) -> tuple[UnpackResult, str, str]:
     """Build and unpack the demo, then run DEMO_SCRIPT in it; idempotent over ``workdir``.
     ``boot``: in a microVM (None: when QEMU and a kernel are found and we are root). Returns the unpack
     result, the script's output and how it ran ("boot", "chroot" or "none")."""
@@ -69,7 +71,7 @@ def run_demo(workdir: Path, *, boot: bool | None = None, disk: BootDisk = "dir",
     ref = build_demo_layout(workdir / "layout")
     rootfs = workdir / "rootfs"
     remove_tree(rootfs)
-    result = unpack(ref, rootfs)
+    result = unpack(ref, rootfs, progress=progress)
     say = console or (lambda line: None)
     say(f"unpacked {ref} ({result.image.manifest_digest.short}, {result.report.entries} entries) into {rootfs}")
     if boot is None:
@@ -85,7 +87,7 @@ def run_demo(workdir: Path, *, boot: bool | None = None, disk: BootDisk = "dir",
             say(line)
 
         booted = boot_image(ref, workdir / "cache", disk=disk, command=["/bin/sh", "-c", DEMO_SCRIPT],
-                            console=collect, timeout=180)
+                            console=collect, timeout=180, progress=progress)
         if booted.status != 0:
             raise DirgeError(f"demo: /bin/sh in the booted demo image failed ({booted.status}): {lines[-1:]}")
         return result, "".join(line + "\n" for line in lines), "boot"

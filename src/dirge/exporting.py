@@ -33,7 +33,8 @@ from .fsutil import is_no_space, no_space
 from .options import CacheLike, DiskOptions, ExportFormat, PlatformLike, PullPolicy, as_cache, as_platform
 from .oci.image import Platform
 from .sources.open import open_image
-from .flatten import ProgressFn, add_context, unpack, write_erofs, write_ext4
+from .events import ProgressFn, Step, Write, downloads, emit
+from .flatten import add_context, unpack, write_erofs, write_ext4
 from .variants import build_variant
 
 if TYPE_CHECKING:
@@ -107,11 +108,13 @@ def _export_image(image: str, out: Path, fmt: ExportFormat, platform: Platform |
     from the layers into OUT's temp file (caching it would cost a hash, a sync and a copy of the whole disk)."""
     from .bases import cached_image
 
-    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, build=build_variant)
+    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds,
+                                  on_bytes=downloads(progress), build=build_variant)
     try:
         with ExitStack() as leases:  # a cached base is read under its lease: gc cannot remove it meanwhile
             cached = cached_image(cache, resolved.manifest_digest, fmt, leases, disk.key() if disk else "")
             with _replacing(out) as tmp:
+                emit(progress, Step("export", f"{'cloning the cached' if cached else 'writing'} {fmt} image"))
                 if cached is not None:
                     _clone(cached, tmp)
                 elif disk is None:
@@ -121,7 +124,9 @@ def _export_image(image: str, out: Path, fmt: ExportFormat, platform: Platform |
                                limits=limits, progress=progress)
     finally:
         source.close()
-    return _file_result(out, fmt, str(resolved.manifest_digest), cached is not None)
+    result = _file_result(out, fmt, str(resolved.manifest_digest), cached is not None)
+    emit(progress, Write(f"{fmt} {out.name}", result.size))
+    return result
 
 
 def _export_tar(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: PullPolicy,
@@ -133,10 +138,13 @@ def _export_tar(image: str, out: Path, platform: Platform | None, cache: "Cache 
     with ExitStack() as leases:  # the base is read under its lease: gc cannot remove it meanwhile
         base = ensure_base(image, PrepareOptions(base_format="tree", platform=platform, limits=limits, pull=pull,
                                                  creds=creds), cache=cache, progress=progress, leases=leases)
+        emit(progress, Step("export", "writing the tar"))
         with base_rootfs(base) as rootfs, _replacing(out) as tmp:
             with open(tmp, "wb") as f:
                 write_tar(rootfs, f)
-    return _file_result(out, "tar", str(base.digest), True)
+    result = _file_result(out, "tar", str(base.digest), True)
+    emit(progress, Write(f"tar {out.name}", result.size))
+    return result
 
 
 def _file_result(out: Path, format: ExportFormat, digest: str, from_cache: bool) -> ExportResult:

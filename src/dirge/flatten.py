@@ -9,7 +9,8 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -18,9 +19,10 @@ from typing import TYPE_CHECKING
 from .apply.fs import PrivilegedFS, Report, RootlessFS
 from .apply.dirsink import DirSink
 from .apply.layer import Applier, Limits
-from .apply.tar import EntryStream, tokens
+from .apply.tar import EntryStream, Token, tokens
 from .apply.tree import Sink
 from .errors import DirgeError
+from .events import Apply, ProgressFn, downloads, emit
 from .fsutil import remove_tree
 from .oci.blob import LayerStream
 from .oci.image import Descriptor
@@ -44,9 +46,6 @@ def add_context(exc: DirgeError, context: str) -> DirgeError:
 class UnpackResult:
     image: ResolvedImage
     report: Report = field(default_factory=Report)
-
-
-ProgressFn = Callable[[str, int, int], None]  # (what, layer index, layer count)
 
 
 SinkFactory = Callable[[Report], Sink]
@@ -150,14 +149,16 @@ def _apply_layers(source: BlobSource, resolved: ResolvedImage, make_sink: SinkFa
     try:
         for i, (desc, diff_id) in enumerate(zip(layers, resolved.config.diff_ids)):
             what = f"layer {i + 1}/{len(layers)} {desc.digest.short}"
-            if progress:
-                progress(what, i, len(layers))
+            event = Apply(i, len(layers), str(desc.digest), report.entries, report.bytes)
+            emit(progress, event)
             stream = LayerStream(source.open_blob(desc), desc.digest, desc.size, diff_id, what,
                                  transform=functools.partial(tokens, limits=limits),
                                  max_bytes=limits.max_layer_bytes)
             try:
-                applier.apply_layer(EntryStream(stream.items()))
+                items = stream.items() if progress is None else _reporting(stream.items(), event, report, progress)
+                applier.apply_layer(EntryStream(items))
                 stream.close()
+                emit(progress, Apply(i, len(layers), str(desc.digest), report.entries, report.bytes, done=True))
             except StreamRestarted:
                 stream.close(drain=False)
                 raise
@@ -173,6 +174,21 @@ def _apply_layers(source: BlobSource, resolved: ResolvedImage, make_sink: SinkFa
     return report
 
 
+_APPLY_EVERY = 0.2  # seconds between Apply events within a layer: a display redraws no faster
+
+
+def _reporting(items: Iterator[Token], layer: Apply, report: Report, progress: ProgressFn) -> Iterator[Token]:
+    """``items`` as they are, with an Apply event (entries and bytes so far) at most every _APPLY_EVERY."""
+    last = time.monotonic()
+    for n, item in enumerate(items):
+        yield item
+        if n & 63 == 63:  # the clock read every 64 items: cheap beside the work per item
+            now = time.monotonic()
+            if now - last >= _APPLY_EVERY:
+                last = now
+                progress(Apply(layer.index, layer.count, layer.digest, report.entries, report.bytes))
+
+
 def unpack(
     image: str,
     dest: str | os.PathLike[str],
@@ -184,20 +200,19 @@ def unpack(
     cache: CacheLike | None = None,
     pull: PullPolicy = "missing",
     creds: "Credentials | None" = None,
-    on_bytes: "Callable[[Descriptor, int], None] | None" = None,
 ) -> UnpackResult:
     """Write the flattened rootfs of ``image`` into ``dest`` (absent or empty), all or nothing.
     ``platform``: "os/arch[/variant]" or a Platform (None: the host's); ``cache``: a directory or a Cache
     for registry blobs and built variants (None: the default cache when one is needed; an ``oci:`` layout
-    needs none)."""
+    needs none). ``progress`` gets every ``dirge.events`` event: downloads, then each layer's Apply events."""
     dest = Path(dest)
     wanted = as_platform(platform)
     if rootless is None:
         rootless = os.geteuid() != 0
     if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
         raise DirgeError(f"unpack {image}: destination {dest} exists and is not an empty directory")
-    source, resolved = open_image(image, wanted, cache=as_cache(cache), pull=pull, creds=creds, on_bytes=on_bytes,
-                                  build=build_variant)
+    source, resolved = open_image(image, wanted, cache=as_cache(cache), pull=pull, creds=creds,
+                                  on_bytes=downloads(progress), build=build_variant)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         # The tree is written inside a 0700 directory (mkdtemp's): until every layer's digest has been

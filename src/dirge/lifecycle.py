@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .bases import unmount_base
-from .oci.image import Descriptor
+from .events import ProgressFn
 from .oci.resolve import ResolvedImage
 from .options import CacheLike, PlatformLike, PullPolicy, as_cache, as_platform
 from .store.cache import Cache
@@ -41,8 +41,6 @@ from .store.records import base_bytes, disk_usage
 from .variants import build_variant
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from .sources.auth import Credentials
 
 TEMP_GRACE = 60.0  # seconds: a temp file or blob younger than this may be a writer's that is not yet locked/recorded
@@ -424,13 +422,13 @@ def gc(cache: CacheLike | None = None, *, max_size: int | None = None, keep: flo
 
 def pull(image: str, platform: PlatformLike | None = None, *, cache: CacheLike | None = None,
          pull: PullPolicy = "always", creds: Credentials | None = None,
-         on_bytes: Callable[[Descriptor, int], None] | None = None) -> ResolvedImage:
+         progress: ProgressFn | None = None) -> ResolvedImage:
     """Fetch ``image`` (manifest, config and every layer) into ``cache`` (a directory or a Cache; None: the
     default) and return it resolved for ``platform`` ("os/arch[/variant]" or a Platform; None: the host's).
     ``pull``: "always" asks the registry for the tag, "missing" only when it is not cached, "never" stays
-    offline. A local variant is built when missing or stale."""
+    offline. A local variant is built when missing or stale. ``progress`` gets a Download event per chunk."""
     return pull_image(image, as_platform(platform), cache=as_cache(cache) or Cache(), pull=pull, creds=creds,
-                      on_bytes=on_bytes, build=build_variant)
+                      progress=progress, build=build_variant)
 
 
 @dataclass(frozen=True)

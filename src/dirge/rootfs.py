@@ -33,7 +33,7 @@ from .session import DISK, SCRATCH_SIZE, Sessions, SessionInfo, backends, destro
 from .sources.auth import Credentials
 from .session.customize import (DirWriter, Ext4DiskWriter, FileSpec, RootfsWriter, add_user, write_files,
                                 write_krun_config)
-from .flatten import ProgressFn
+from .events import ProgressFn, Step, emit
 
 __all__ = [
     "FileSpec",
@@ -213,14 +213,17 @@ def prepare_with(image: str, options: PrepareOptions, cache: CacheLike | None = 
                 raise SessionError(f"session strategy {options.strategy!r}: a disk session has none "
                                    "(it is a disk file)")
             base = ensure_disk(ref, options, cache=cache, progress=progress, leases=leases)
+            emit(progress, Step("session", f"creating the {options.disk} disk session"))
             scratch = options.disk_size if options.disk == "erofs" and options.disk_size else SCRATCH_SIZE
             info = sessions.create_disk(base, ref, disk_format=options.disk_format, owner_pid=owner_pid,
                                         snapshot=snapshot, scratch_size=scratch)
         else:
             base = ensure_base(ref, options, cache=cache, progress=progress, leases=leases)
+            emit(progress, Step("session", f"creating a session on the {base.format} base"))
             info = sessions.create(base, ref, strategy=options.strategy, owner_pid=owner_pid, snapshot=snapshot)
     prepared = PreparedRootfs(info, sessions.session_dir(info.id), base.config, base.created, base.format)
-    try:
+    try:  # the event is a cancellation point for aio: the session is closed if it raises
+        emit(progress, Step("session", f"session {info.id[:12]} ready ({info.strategy})"))
         if files:
             write_files(prepared, files)
     except BaseException:

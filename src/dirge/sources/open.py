@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import DirgeError
+from ..events import ProgressFn, Step, downloads, emit
 from ..oci.image import Descriptor, Platform
 from ..oci.reference import LayoutReference, RegistryReference, parse_reference
 from ..oci.resolve import BlobSource, Prefetching, ResolvedImage, resolve_manifest
@@ -107,12 +108,16 @@ def open_start(
 
 def pull_image(image: str, platform: Platform | None = None, *, cache: "Cache | None" = None,
                pull: str = "always", creds: "Credentials | None" = None,
-               on_bytes: "Callable[[Descriptor, int], None] | None" = None,
+               progress: ProgressFn | None = None,
                build: "VariantBuilder | None" = None) -> ResolvedImage:
-    """Make sure the manifest, config and every layer blob of ``image`` are in the cache."""
-    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes,
-                                  build=build)
+    """Make sure the manifest, config and every layer blob of ``image`` are in the cache; ``progress``
+    gets a Download event per chunk received (nothing for blobs already cached)."""
+    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds,
+                                  on_bytes=downloads(progress), build=build)
     try:
+        layers = resolved.manifest.layers
+        emit(progress, Step("pull", f"{resolved.manifest_digest.short}: {len(layers)} layers, "
+                                    f"{sum(d.size for d in layers) / 1e6:.1f} MB"))
         if isinstance(source, Prefetching):
             source.prefetch(resolved.manifest.layers)
             source.wait()

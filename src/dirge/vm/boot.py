@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..store.cache import Cache
 from ..errors import BootError
+from ..events import Boot as BootPhase, ProgressFn, emit
 from ..options import BootDisk, CacheLike, PullPolicy, as_cache, cache_or_dir
 from ..rootfs import PreparedRootfs, prepare
 from ..session.customize import DirWriter, Ext4DiskWriter
@@ -62,7 +63,7 @@ def boot_session(prepared: PreparedRootfs, *, cache_dir: Path, kernel: str | os.
                  memory: int = 512, cpus: int = 1, accel: str = "auto", timeout: float = 300.0,
                  console: ConsoleFn | None = None, virtiofsd: str | None = None,
                  qemu: str | None = None, kernel_log: bool = False, user: str | None = None,
-                 env: Mapping[str, str] | None = None) -> Booted:
+                 env: Mapping[str, str] | None = None, progress: ProgressFn | None = None) -> Booted:
     """Boot an existing session (raw disks only). ``user`` and ``env``
     override the image config's ``User`` and add to its ``Env``, as ``docker run --user/--env``."""
     started = time.monotonic()
@@ -85,6 +86,7 @@ def boot_session(prepared: PreparedRootfs, *, cache_dir: Path, kernel: str | os.
     drives: list[Drive] = []
     share: Path | None = None
     writer: DirWriter | None = None
+    emit(progress, BootPhase("installing the guest init"))
     if not prepared.is_disk:
         kind = "virtiofs" if virtiofsd else "9p"
         writer = DirWriter(prepared.path)
@@ -106,11 +108,13 @@ def boot_session(prepared: PreparedRootfs, *, cache_dir: Path, kernel: str | os.
         assert prepared.disk is not None
         drives = [Drive(prepared.disk, "dirge-root")]
         args += ["root=serial:dirge-root", "rootfstype=ext4"]
+    emit(progress, BootPhase("choosing the accelerator"))
     chosen = choose_accel(accel, k, cache_dir, qemu)
     if chosen == "tcg":
         args.append("tsc_early_khz=2000000")  # without it half the TCG boots hang calibrating the TSC
     if on_cmdline:
         args += ["--", *words]
+    emit(progress, BootPhase(f"initramfs for {kind}"))
     ramfs = Path(initrd) if initrd else build_initramfs(k, kind, cache_dir)
     vm = VmSpec(k, ramfs, " ".join(args), drives=drives, share=None if virtiofsd else share,
                 memory=memory, cpus=cpus, accel=chosen)
@@ -122,7 +126,10 @@ def boot_session(prepared: PreparedRootfs, *, cache_dir: Path, kernel: str | os.
         elif share is not None and writer is not None:
             stack.enter_context(_mapped_share(writer, share))
         launched = time.monotonic()
-        status = run_vm(vm, nonce, timeout=timeout, console=console, qemu=qemu, kernel_log=kernel_log)
+        emit(progress, BootPhase(f"starting qemu ({chosen})"))
+        status = run_vm(vm, nonce, timeout=timeout, console=console, qemu=qemu, kernel_log=kernel_log,
+                        progress=progress)
+    emit(progress, BootPhase(f"guest exited with {status}"))
     return Booted(status, chosen, launched - started, time.monotonic() - launched)
 
 
@@ -176,7 +183,7 @@ def boot(image: str, cache: CacheLike | None = None, *, disk: BootDisk = "dir",
          timeout: float = 300.0, keep: bool = False, console: ConsoleFn | None = None,
          virtiofsd: str | None = None, pull: PullPolicy = "missing", kernel_log: bool = False,
          user: str | None = None, env: Mapping[str, str] | None = None,
-         cache_dir: str | os.PathLike[str] | None = None) -> BootResult:
+         cache_dir: str | os.PathLike[str] | None = None, progress: ProgressFn | None = None) -> BootResult:
     """Prepare ``image`` as a ``disk`` session and boot it (module doc). Raises BootError when no
     kernel/QEMU/busybox is found (before preparing anything) and GuestFailed when the guest does not
     finish its command. ``cache``: a directory or a Cache (``cache_dir``: deprecated)."""
@@ -187,13 +194,14 @@ def boot(image: str, cache: CacheLike | None = None, *, disk: BootDisk = "dir",
     find_kernel(kernel)
     cache = as_cache(where) or Cache()
     started = time.monotonic()
-    prepared = prepare(image, cache.root, disk=None if disk == "dir" else disk, pull=pull)
+    emit(progress, BootPhase("preparing the session"))
+    prepared = prepare(image, cache.root, disk=None if disk == "dir" else disk, pull=pull, progress=progress)
     prepared_at = time.monotonic()
     try:
         booted = boot_session(prepared, cache_dir=cache.root, kernel=kernel, initrd=initrd,
                                       command=command, memory=memory, cpus=cpus, accel=accel, timeout=timeout,
                                       console=console, virtiofsd=virtiofsd, qemu=qemu,
-                                      kernel_log=kernel_log, user=user, env=env)
+                                      kernel_log=kernel_log, user=user, env=env, progress=progress)
     finally:
         if keep:
             prepared.detach()

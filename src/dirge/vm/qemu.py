@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bootcache import BootCache
+from ..events import Boot as BootPhase, ProgressFn, emit
 from ..errors import BootError, GuestFailed
 from .guest import EXIT_MARKER, FAIL_MARKER
 from .initramfs import Kernel, build_initramfs
@@ -121,9 +122,11 @@ def unprivileged(argv: list[str]) -> list[str]:
 
 
 def run_vm(spec: VmSpec, nonce: str, *, timeout: float, console: ConsoleFn | None = None,
-           qemu: str | None = None, kernel_log: bool = False) -> int:
+           qemu: str | None = None, kernel_log: bool = False, progress: ProgressFn | None = None) -> int:
     """Boot ``spec``; the guest command's exit status. Raises GuestFailed (see module doc).
-    ``console`` gets the guest's lines; the kernel's own (``[    1.234] ...``) only with ``kernel_log``."""
+    ``console`` gets the guest's lines; the kernel's own (``[    1.234] ...``) only with ``kernel_log``.
+    ``progress`` gets Boot("kernel started") at the console's first line and Boot("userspace started")
+    at the first line that is not the kernel's (the initramfs's or the guest's)."""
     argv = unprivileged(qemu_command(spec, qemu or find_qemu()))
     tail: deque[str] = deque(maxlen=40)
     status: int | None = None
@@ -137,6 +140,7 @@ def run_vm(spec: VmSpec, nonce: str, *, timeout: float, console: ConsoleFn | Non
     pending = {"out": b"", "err": b""}
     errors: list[str] = []
     timed_out = False
+    phases = {"kernel": False, "userspace": False}  # the boot phases the console has shown
 
     def line(kind: str, raw: bytes) -> None:
         nonlocal status, failure
@@ -153,7 +157,14 @@ def run_vm(spec: VmSpec, nonce: str, *, timeout: float, console: ConsoleFn | Non
                 failure = words[2]
                 return
         tail.append(text)
-        if console is not None and (kernel_log or not _KERNEL_LINE.match(text)):
+        kernel = bool(_KERNEL_LINE.match(text))
+        if not phases["kernel"]:
+            phases["kernel"] = True
+            emit(progress, BootPhase("kernel started"))
+        if not kernel and not phases["userspace"]:
+            phases["userspace"] = True
+            emit(progress, BootPhase("userspace started"))
+        if console is not None and (kernel_log or not kernel):
             console(text)
 
     try:
