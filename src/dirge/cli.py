@@ -306,6 +306,62 @@ def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, ino
         click.echo(f"{result.path}: {result.format}, {result.size} bytes, image {result.digest}")
 
 
+@cli.command("push")
+@click.argument("image")
+@click.argument("dest")
+@click.option("--format", "fmt", type=click.Choice(["erofs", "ext4"]), default=None,
+              help="The base pushed as an artifact (default erofs); not for a local variant, pushed as its image.")
+@click.option("--size", default=None, metavar="SIZE|auto", help="ext4: the disk's size, as for export.")
+@click.option("--no-journal", is_flag=True, help="ext4: no jbd2 journal.")
+@click.option("--inodes", type=click.IntRange(min=1), help="ext4: the inode count.")
+@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
+@pull_option
+@creds_option
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print ref, digest, subject, blobs and bytes sent as JSON.")
+def push_cmd(image: str, dest: str, fmt: str | None, size: str | None, no_journal: bool, inodes: int | None,
+             platform: str | None, pull: str, creds: str | None, cache_dir: Path | None, as_json: bool) -> None:
+    """Publish IMAGE's converted base to DEST (REGISTRY/REPO[:TAG]) as an OCI artifact; a local variant
+    NAME is pushed as its OCI image. --creds are DEST's."""
+    from .store.cache import Cache
+    from .oci.reference import canonicalize_image_ref
+    from .push import push
+
+    with _progress() as progress, _upload_bar(progress is not None) as on_bytes:
+        result = push(canonicalize_image_ref(image), dest, format=fmt,
+                      size=_size(size) if size is not None else None, journal=not no_journal, inodes=inodes,
+                      platform=parse_platform(platform) if platform else None, cache=Cache(cache_dir), pull=pull,
+                      creds=_creds(creds), on_bytes=on_bytes, progress=progress.apply if progress else None)
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        what = f"{result.format} artifact of {result.subject}" if result.kind == "artifact" else "image"
+        click.echo(f"{result.ref}: {what}, {result.bytes_sent} blob bytes sent"
+                   + (f", referrers {result.referrers}" if result.referrers else ""))
+
+
+def _upload_bar(wanted: bool) -> Any:
+    """Bytes uploaded on a terminal: a context giving an ``on_bytes(done, total)`` callback (or None)."""
+    from contextlib import contextmanager, nullcontext
+
+    if not wanted:
+        return nullcontext(None)
+
+    @contextmanager
+    def bar() -> Any:
+        import sys
+
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+        with Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=Console(file=sys.stderr),
+                      transient=True) as display:
+            task = display.add_task("push")
+            yield lambda done, total: display.update(task, completed=done, total=total)
+
+    return bar()
+
+
 @cli.command("inspect")
 @click.argument("image")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")

@@ -1,0 +1,256 @@
+"""dirge push: a converted base as an OCI 1.1 artifact (checked with plain httpx, python zstandard and the
+zstd CLI against a local export), the referrers tag, nothing sent twice, cross-repository mounts, chunked
+uploads resumed after a reset, TLS + htpasswd, and a local variant pushed as its image; all on loopback
+docker-registry processes (tests/registry.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+import zstandard
+
+from conftest import needs_root, needs_tool
+from dirge.errors import AuthError, DirgeError
+from dirge.export import export
+from dirge.fsimage.erofs import WRITER_VERSION as EROFS_WRITER
+from dirge.layerbuild import LayerBuilder
+from dirge.oci import artifact as art
+from dirge.options import DiskOptions
+from dirge.push import push
+from dirge.sources.auth import Credentials
+from dirge.sources.layout import LayoutWriter
+from dirge.store.cache import Cache
+from registry import push_layout
+
+pytestmark = [needs_root, needs_tool("docker-registry", "skopeo"), pytest.mark.usefixtures("registry_env")]
+DIRGE = str(Path(sys.executable).parent / "dirge")
+MANIFEST_ACCEPT = f"{art.OCI_MANIFEST}, {art.OCI_INDEX}"
+
+
+def source_image(registry, tmp_path: Path, *, big: bool = False) -> tuple[str, str]:
+    """An image pushed to ``registry`` as src/app:1: (its ref, its manifest digest D)."""
+    layer = LayerBuilder().dir("etc").file("etc/hostname", b"pushed\n").file("bin/tool", b"\x7fELF" * 300, mode=0o755)
+    if big:  # incompressible, so the compressed blob spans many small chunks
+        layer.file("data/random.bin", os.urandom(1 << 20))
+    layout = tmp_path / "src-layout"
+    LayoutWriter(layout).add_image([layer.build(), LayerBuilder().file("etc/motd", b"layer 2\n").build()], tag="1")
+    ref = f"{registry.host}/src/app:1"
+    return ref, push_layout(layout, "1", ref, **registry.push_kwargs())
+
+
+def fetch(client: httpx.Client, repo: str, reference: str) -> httpx.Response:
+    r = client.get(f"/v2/{repo}/manifests/{reference}", headers={"Accept": MANIFEST_ACCEPT})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def blob_bytes(client: httpx.Client, repo: str, digest: str) -> bytes:
+    r = client.get(f"/v2/{repo}/blobs/{digest}", follow_redirects=True)
+    assert r.status_code == 200
+    assert "sha256:" + hashlib.sha256(r.content).hexdigest() == digest
+    return r.content
+
+
+def blob_writes(proxy) -> list[tuple[str, str, int]]:
+    return [(m, p, s) for m, p, s in proxy.requests if m in ("POST", "PUT", "PATCH") and "/blobs/" in p]
+
+
+def check_artifact(client: httpx.Client, repo: str, ref: str, subject: str, fmt: str, local: Path,
+                   tmp_path: Path, options: dict) -> dict:
+    """The artifact at ``repo:ref`` against the spec, its blob against the local file; returns the manifest."""
+    manifest = json.loads(fetch(client, repo, ref).content)
+    assert manifest["mediaType"] == art.OCI_MANIFEST and manifest["artifactType"] == art.artifact_type(fmt)
+    assert manifest["config"] == {"mediaType": art.EMPTY_MEDIA_TYPE, "digest": art.EMPTY_DIGEST, "size": 2}
+    assert blob_bytes(client, repo, art.EMPTY_DIGEST) == b"{}"
+    assert manifest["subject"]["digest"] == subject
+    ann = manifest["annotations"]
+    local_sha = "sha256:" + hashlib.sha256(local.read_bytes()).hexdigest()
+    assert ann[art.ANNOTATION_SHA256] == local_sha and int(ann[art.ANNOTATION_SIZE]) == local.stat().st_size
+    assert ann[art.ANNOTATION_SOURCE_DIGEST] == subject and ann[art.ANNOTATION_PLATFORM] == "linux/amd64"
+    assert ann[art.ANNOTATION_WRITER] == EROFS_WRITER and json.loads(ann[art.ANNOTATION_OPTIONS]) == options
+    (layer,) = manifest["layers"]
+    assert layer["mediaType"] == art.layer_media_type(fmt)
+    packed = blob_bytes(client, repo, layer["digest"])
+    frames = art.read_seek_table(packed[-4096:])
+    assert sum(d for _, d in frames) == local.stat().st_size and all(d == art.FRAME_SIZE for _, d in frames[:-1])
+    # any zstd decoder: python's (every frame) and the CLI (skips the seek table's skippable frame)
+    plain = b"".join(art.decompress_stream(iter([packed]), local.stat().st_size))
+    assert "sha256:" + hashlib.sha256(plain).hexdigest() == local_sha
+    assert zstandard.ZstdDecompressor().stream_reader(packed, read_across_frames=True).read() == plain
+    if shutil.which("zstd"):
+        (tmp_path / "blob.zst").write_bytes(packed)
+        out = subprocess.run(["zstd", "-dc", str(tmp_path / "blob.zst")], capture_output=True, check=True).stdout
+        assert out == plain
+    return manifest
+
+
+def test_erofs_artifact_referrers_tag_and_a_second_push_sends_no_blob(registry, fault_proxy,
+                                                                      tmp_path: Path) -> None:
+    ref, subject = source_image(registry, tmp_path)
+    cache = Cache(tmp_path / "cache")
+    local = export(ref, tmp_path / "local.erofs", format="erofs", cache=Cache(tmp_path / "other-cache")).path
+    proxy = fault_proxy(registry)
+    seen: list[tuple[int, int]] = []
+    result = push(ref, f"{proxy.host}/bases/app:erofs", cache=cache, on_bytes=lambda d, t: seen.append((d, t)))
+    assert result.kind == "artifact" and result.subject == subject and result.tag == "erofs"
+    assert result.referrers == "tag" and result.manifest_sent and result.bytes_sent > 0
+    assert set(result.blobs.values()) == {"uploaded"} and seen[-1][0] == seen[-1][1]
+
+    with httpx.Client(**registry.httpx_kwargs()) as client:
+        manifest = check_artifact(client, "bases/app", "erofs", subject, "erofs", local, tmp_path, {})
+        assert manifest["annotations"][art.ANNOTATION_SOURCE_REF] == ref
+        r = fetch(client, "bases/app", result.digest)
+        assert "sha256:" + hashlib.sha256(r.content).hexdigest() == result.digest
+        index = json.loads(fetch(client, "bases/app", art.referrers_tag(art.parse_digest(subject))).content)
+        assert index["mediaType"] == art.OCI_INDEX
+        assert index["manifests"] == [{"mediaType": art.OCI_MANIFEST, "digest": result.digest,
+                                       "size": len(r.content), "artifactType": art.artifact_type("erofs")}]
+
+    before = len(proxy.requests)
+    again = push(ref, f"{proxy.host}/bases/app:erofs", cache=cache)
+    second = proxy.requests[before:]
+    assert again.digest == result.digest and again.bytes_sent == 0 and not again.manifest_sent
+    assert set(again.blobs.values()) == {"exists"}
+    assert blob_writes(proxy)[-1] not in second and not [q for q in second if q[0] in ("POST", "PATCH", "PUT")]
+
+
+def test_ext4_options_recorded_and_bytes_equal_to_an_export_cli(registry, tmp_path: Path) -> None:
+    ref, subject = source_image(registry, tmp_path)
+    local = export(ref, tmp_path / "local.ext4", format="ext4", cache=Cache(tmp_path / "other-cache"),
+                   disk=DiskOptions(64 << 20, False)).path
+    env = {**os.environ, "DIRGE_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([DIRGE, "push", ref, f"{registry.host}/bases/app", "--format", "ext4", "--size", "64M",
+                           "--no-journal", "--json"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["format"] == "ext4" and out["tag"] is None and out["ref"].endswith("@" + out["digest"])
+    with httpx.Client(**registry.httpx_kwargs()) as client:
+        manifest = check_artifact(client, "bases/app", out["digest"], subject, "ext4", local, tmp_path,
+                                  {"inodes": None, "journal": False, "size": 64 << 20})
+        assert manifest["annotations"][art.ANNOTATION_WRITER] == EROFS_WRITER  # both writers are at 1
+    bad = subprocess.run([DIRGE, "push", ref, f"{registry.host}/bases/app@{subject}"], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "no digest" in bad.stderr
+
+
+def test_same_artifact_to_a_second_repository_is_mounted(registry, fault_proxy, tmp_path: Path) -> None:
+    ref, subject = source_image(registry, tmp_path)
+    cache = Cache(tmp_path / "cache")
+    proxy = fault_proxy(registry)
+    first = push(ref, f"{proxy.host}/team-a/base:1", cache=cache)
+    before = len(proxy.requests)
+    second = push(ref, f"{proxy.host}/team-b/base:1", cache=cache)
+    mounts = [(p, s) for m, p, s in proxy.requests[before:] if m == "POST" and "mount=" in p]
+    assert len(mounts) == 2 and all(s == 201 for _, s in mounts)  # the config and the layer
+    for path, _ in mounts:
+        assert parse_qs(urlsplit(path).query)["from"] == ["team-a/base"]
+    assert second.digest == first.digest and second.bytes_sent == 0 and set(second.blobs.values()) == {"mounted"}
+    assert not [q for q in proxy.requests[before:] if q[0] in ("PATCH",) or (q[0] == "PUT" and "/blobs/" in q[1])]
+
+
+def test_chunked_upload_resumes_after_a_reset_mid_upload(registry, fault_proxy, tmp_path: Path) -> None:
+    ref, subject = source_image(registry, tmp_path, big=True)
+    proxy = fault_proxy(registry)
+    chunk = 128 << 10
+    fired: list[int] = []
+
+    def on_bytes(done: int, total: int) -> None:
+        if done >= 3 * chunk and not fired:  # after the third chunk: the next PATCH is reset unanswered
+            fired.append(done)
+            proxy.fail(r"/blobs/uploads/", "close", method="PATCH")
+
+    result = push(ref, f"{proxy.host}/bases/app:big", cache=Cache(tmp_path / "cache"), chunk_size=chunk,
+                  on_bytes=on_bytes)
+    assert fired and [k for _, _, k in proxy.faults_fired] == ["close"]
+    patches = [s for m, p, s in proxy.requests if m == "PATCH"]
+    assert patches.count(0) == 1 and patches.count(202) >= 8  # ~1 MiB in 128 KiB chunks, one lost
+    status = [s for m, p, s in proxy.requests if m == "GET" and "/blobs/uploads/" in p]
+    assert status == [204]  # where the upload stood, then resumed from there (no new upload session)
+    assert len([1 for m, p, _ in proxy.requests if m == "POST" and "/blobs/uploads/" in p]) == 2  # config, layer
+    local = export(ref, tmp_path / "local.erofs", format="erofs", cache=Cache(tmp_path / "other-cache")).path
+    with httpx.Client(**registry.httpx_kwargs()) as client:
+        manifest = check_artifact(client, "bases/app", "big", subject, "erofs", local, tmp_path, {})
+    assert result.bytes_sent == manifest["layers"][0]["size"] + 2
+
+
+def test_tls_registry_with_htpasswd(tls_registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    certs = tmp_path / "certs.d" / tls_registry.host
+    certs.mkdir(parents=True)
+    shutil.copyfile(tls_registry.ca_cert, certs / "ca.crt")
+    monkeypatch.setenv("DIRGE_CERTS_DIRS", str(tmp_path / "certs.d"))
+    ref, subject = source_image(tls_registry, tmp_path)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    (tmp_path / "docker").mkdir()
+    auth = f"{tls_registry.username}:{tls_registry.password}"
+    (tmp_path / "docker/config.json").write_text(json.dumps(
+        {"auths": {tls_registry.host: {"auth": __import__("base64").b64encode(auth.encode()).decode()}}}))
+    cache = Cache(tmp_path / "cache")
+    with pytest.raises(AuthError, match="refused|unauthorized|credentials"):
+        push(ref, f"{tls_registry.host}/bases/app:1", cache=cache, creds=Credentials("alice", "wrong"))
+    result = push(ref, f"{tls_registry.host}/bases/app:1", cache=cache,
+                  creds=Credentials(tls_registry.username, tls_registry.password))
+    assert result.subject == subject and result.referrers == "tag"
+    with httpx.Client(**tls_registry.httpx_kwargs()) as client:
+        assert json.loads(fetch(client, "bases/app", "1").content)["subject"]["digest"] == subject
+
+
+def test_local_image_flags_and_destination_are_checked(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    with pytest.raises(DirgeError, match="local image is pushed as its OCI image"):
+        push("debian", "127.0.0.1:1/x/y:1", format="erofs", cache=cache)
+    with pytest.raises(DirgeError, match="registry repository"):
+        push("oci:/nowhere:1", "oci:/somewhere", cache=cache)
+
+
+BUSYBOX = Path("/bin/busybox")
+
+
+def test_local_variant_pushed_as_its_image(registry, fault_proxy, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    if shutil.which("buildah") is None or not BUSYBOX.exists():
+        pytest.skip("needs buildah and /bin/busybox (scripts/setup.sh --test)")
+    base = LayerBuilder().dir("bin").dir("etc").file("bin/busybox", BUSYBOX.read_bytes(), mode=0o755)
+    base.symlink("bin/sh", "busybox").symlink("bin/echo", "busybox")
+    layout = tmp_path / "busybox"
+    LayoutWriter(layout).add_image([base.build()], tag="1")
+    from_ref = f"{registry.host}/base/busybox:1"
+    push_layout(layout, "1", from_ref)
+    images = tmp_path / "images"
+    (images / "pushvm").mkdir(parents=True)
+    (images / "pushvm/Dockerfile").write_text(f"FROM {from_ref}\nRUN echo built > /etc/built\n")
+    monkeypatch.setenv("DIRGE_IMAGES_PATH", str(images))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    conf = tmp_path / "registries.conf"
+    conf.write_text(f'[[registry]]\nlocation = "{registry.host}"\ninsecure = true\n')
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+    (tmp_path / "docker").mkdir()  # buildah wants the auth file it is pointed at to exist
+    (tmp_path / "docker/config.json").write_text("{}")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    cache = Cache(tmp_path / "cache")
+    proxy = fault_proxy(registry)
+    with pytest.raises(DirgeError, match="--format"):
+        push("pushvm", f"{proxy.host}/vms/pushvm:1", format="ext4", cache=cache)
+    result = push("pushvm", f"{proxy.host}/vms/pushvm:1", cache=cache)
+    assert result.kind == "image" and result.referrers is None and result.bytes_sent > 0
+    again = push("pushvm", f"{proxy.host}/vms/pushvm:1", cache=cache)
+    assert again.bytes_sent == 0 and not again.manifest_sent
+    # what was pushed is an image dirge pulls back to the same manifest
+    with httpx.Client(**registry.httpx_kwargs()) as client:
+        r = fetch(client, "vms/pushvm", "1")
+        assert "sha256:" + hashlib.sha256(r.content).hexdigest() == result.digest
+        manifest = json.loads(r.content)
+        for desc in [manifest["config"], *manifest["layers"]]:
+            blob_bytes(client, "vms/pushvm", desc["digest"])
+    from dirge.unpack import unpack
+
+    unpack(f"{registry.host}/vms/pushvm:1", tmp_path / "tree", cache=Cache(tmp_path / "cache2"))
+    assert (tmp_path / "tree/etc/built").read_text() == "built\n"
