@@ -182,6 +182,30 @@ def test_chunked_upload_resumes_after_a_reset_mid_upload(registry, fault_proxy, 
     assert result.bytes_sent == manifest["layers"][0]["size"] + 2
 
 
+def test_chunk_kept_but_its_answer_lost_restarts_the_upload(registry, fault_proxy, tmp_path: Path) -> None:
+    # distribution forgets an upload asked about with an outdated state token: the upload starts again
+    ref, subject = source_image(registry, tmp_path, big=True)
+    proxy = fault_proxy(registry)
+    chunk = 256 << 10
+    armed: list[int] = []
+
+    def on_bytes(done: int, total: int) -> None:
+        if done >= chunk and not armed:
+            armed.append(done)
+            proxy.fail(r"/blobs/uploads/", "lost_answer", method="PATCH")
+
+    result = push(ref, f"{proxy.host}/bases/app:lost", cache=Cache(tmp_path / "cache"), chunk_size=chunk,
+                  on_bytes=on_bytes)
+    assert [k for _, _, k in proxy.faults_fired] == ["lost_answer"]
+    posts = [s for m, p, s in proxy.requests if m == "POST" and "/blobs/uploads/" in p]
+    assert posts == [202, 202, 202]  # the config, the layer, the layer again
+    local = export(ref, tmp_path / "local.erofs", format="erofs", cache=Cache(tmp_path / "other-cache")).path
+    with httpx.Client(**registry.httpx_kwargs()) as client:
+        manifest = check_artifact(client, "bases/app", "lost", subject, "erofs", local, tmp_path, {})
+    # what the lost session accepted (one chunk) counts: it was sent
+    assert result.bytes_sent == manifest["layers"][0]["size"] + 2 + chunk
+
+
 def test_tls_registry_with_htpasswd(tls_registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     certs = tmp_path / "certs.d" / tls_registry.host
     certs.mkdir(parents=True)
@@ -254,3 +278,32 @@ def test_local_variant_pushed_as_its_image(registry, fault_proxy, tmp_path: Path
 
     unpack(f"{registry.host}/vms/pushvm:1", tmp_path / "tree", cache=Cache(tmp_path / "cache2"))
     assert (tmp_path / "tree/etc/built").read_text() == "built\n"
+
+
+def test_cli_push_on_a_terminal_shows_progress_and_succeeds(registry, tmp_path: Path) -> None:
+    import threading
+
+    ref, _ = source_image(registry, tmp_path)
+    primary, secondary = os.openpty()  # stderr a TTY: the rich display runs (build, then upload)
+    shown = bytearray()
+
+    def drain() -> None:  # read while it runs, so a full terminal buffer never blocks the child
+        try:
+            while chunk := os.read(primary, 65536):
+                shown.extend(chunk)
+        except OSError:  # EIO: the terminal's other side is closed
+            pass
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        proc = subprocess.run([DIRGE, "push", ref, f"{registry.host}/bases/tty:1"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=secondary, text=True, timeout=300,
+                              env={**os.environ, "DIRGE_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "100"})
+    finally:
+        os.close(secondary)
+        reader.join()
+        os.close(primary)
+    assert proc.returncode == 0, shown.decode(errors="replace")
+    assert proc.stdout.startswith(f"{registry.host}/bases/tty:1@sha256:") and "blob bytes sent" in proc.stdout
+    assert b"push" in shown  # the upload's bar was drawn on the terminal

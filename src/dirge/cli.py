@@ -327,39 +327,18 @@ def push_cmd(image: str, dest: str, fmt: str | None, size: str | None, no_journa
     from .oci.reference import canonicalize_image_ref
     from .push import push
 
-    with _progress() as progress, _upload_bar(progress is not None) as on_bytes:
+    with _progress() as progress:
         result = push(canonicalize_image_ref(image), dest, format=fmt,
                       size=_size(size) if size is not None else None, journal=not no_journal, inodes=inodes,
                       platform=parse_platform(platform) if platform else None, cache=Cache(cache_dir), pull=pull,
-                      creds=_creds(creds), on_bytes=on_bytes, progress=progress.apply if progress else None)
+                      creds=_creds(creds), on_bytes=progress.upload if progress else None,
+                      progress=progress.apply if progress else None)
     if as_json:
         click.echo(json.dumps(result.as_json(), indent=2))
     else:
         what = f"{result.format} artifact of {result.subject}" if result.kind == "artifact" else "image"
         click.echo(f"{result.ref}: {what}, {result.bytes_sent} blob bytes sent"
                    + (f", referrers {result.referrers}" if result.referrers else ""))
-
-
-def _upload_bar(wanted: bool) -> Any:
-    """Bytes uploaded on a terminal: a context giving an ``on_bytes(done, total)`` callback (or None)."""
-    from contextlib import contextmanager, nullcontext
-
-    if not wanted:
-        return nullcontext(None)
-
-    @contextmanager
-    def bar() -> Any:
-        import sys
-
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-        with Progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=Console(file=sys.stderr),
-                      transient=True) as display:
-            task = display.add_task("push")
-            yield lambda done, total: display.update(task, completed=done, total=total)
-
-    return bar()
 
 
 @cli.command("inspect")

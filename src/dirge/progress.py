@@ -39,6 +39,12 @@ class TerminalProgress:
             self._tasks[key] = self._progress.add_task(f"pull {desc.digest.short}", total=desc.size)
         self._progress.update(self._tasks[key], completed=done)
 
+    def upload(self, done: int, total: int) -> None:
+        """Blob bytes a push has made present in the registry (``push``'s ``on_bytes``)."""
+        if "push" not in self._tasks:
+            self._tasks["push"] = self._progress.add_task("push", total=total)
+        self._progress.update(self._tasks["push"], completed=done, total=total)
+
     def apply(self, what: str, index: int, count: int) -> None:
         if self._apply is None:
             self._apply = self._progress.add_task("unpack", total=count)

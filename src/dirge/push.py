@@ -42,7 +42,7 @@ from .sources.open import open_image
 from .sources.registry import RegistryClient, retry_base
 from .store.cache import Cache
 from .store.lock import FileLock
-from .unpack import ProgressFn
+from .unpack import ProgressFn, add_context
 from .variants import build_variant
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class PushResult:
     tag: str | None
     referrers: str | None  # "api" (the registry keeps referrers) or "tag" (the referrers tag written)
     blobs: dict[str, str] = field(default_factory=dict)  # digest → exists | mounted | uploaded
-    bytes_sent: int = 0  # blob bytes uploaded (0 when every blob was there)
+    bytes_sent: int = 0  # blob bytes the registry accepted, an abandoned upload's too (0: every blob was there)
     manifest_sent: bool = False
 
     def as_json(self) -> dict[str, Any]:
@@ -93,8 +93,7 @@ def push(image: str, dest: str, *, format: str | None = None, size: int | None =
         return _push_artifact(image, dref, tag, format or "erofs", size, journal, inodes, platform, cache, pull,
                               progress, uploader)
     except DirgeError as exc:
-        exc.args = (f"push {image} to {dest}: {exc}",) + exc.args[1:]
-        raise
+        raise add_context(exc, f"push {image} to {dest}") from exc.__cause__
     finally:
         client.close()
 
@@ -292,11 +291,13 @@ class _Uploader:
     def put_blob(self, desc: Descriptor, opener: Callable[[], BinaryIO]) -> str:
         """Make ``desc`` present in the repository; returns how (exists, mounted, uploaded)."""
         what = self._what(desc.digest)
+        done = self.done
         for attempt in range(1, self.client.attempts + 1):
             try:
                 action = self._put_once(desc, opener)
                 break
             except _Restart:
+                self.done = done  # progress starts this blob again (bytes_sent keeps what was sent)
                 if attempt == self.client.attempts:
                     raise RegistryError(f"{what}: the registry lost the upload {attempt} times; try again later",
                                         retryable=True) from None
@@ -419,8 +420,7 @@ class _Uploader:
                                     retryable=True)
             time.sleep(retry_base() * failures)
             location, new = self._status(location, what)
-            self.sent -= offset - new  # bytes the registry did not keep are sent again
-            self.done -= offset - new
+            self.done -= offset - new  # the registry kept less than it acknowledged: sent again
             offset = new
         return location
 
