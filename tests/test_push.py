@@ -60,10 +60,6 @@ def blob_bytes(client: httpx.Client, repo: str, digest: str) -> bytes:
     return r.content
 
 
-def blob_writes(proxy) -> list[tuple[str, str, int]]:
-    return [(m, p, s) for m, p, s in proxy.requests if m in ("POST", "PUT", "PATCH") and "/blobs/" in p]
-
-
 def check_artifact(client: httpx.Client, repo: str, ref: str, subject: str, fmt: str, local: Path,
                    tmp_path: Path, options: dict) -> dict:
     """The artifact at ``repo:ref`` against the spec, its blob against the local file; returns the manifest."""
@@ -93,8 +89,18 @@ def check_artifact(client: httpx.Client, repo: str, ref: str, subject: str, fmt:
     return manifest
 
 
-def test_erofs_artifact_referrers_tag_and_a_second_push_sends_no_blob(registry, fault_proxy,
-                                                                      tmp_path: Path) -> None:
+def test_erofs_artifact_referrers_tag_and_a_second_push_sends_no_blob(registry, fault_proxy, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import dirge.push
+
+    compressions: list[int] = []
+    real = dirge.push.compress_seekable
+
+    def counting(*args, **kwargs):  # the real compressor, counted
+        compressions.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dirge.push, "compress_seekable", counting)
     ref, subject = source_image(registry, tmp_path)
     cache = Cache(tmp_path / "cache")
     local = export(ref, tmp_path / "local.erofs", format="erofs", cache=Cache(tmp_path / "other-cache")).path
@@ -120,7 +126,22 @@ def test_erofs_artifact_referrers_tag_and_a_second_push_sends_no_blob(registry, 
     second = proxy.requests[before:]
     assert again.digest == result.digest and again.bytes_sent == 0 and not again.manifest_sent
     assert set(again.blobs.values()) == {"exists"}
-    assert blob_writes(proxy)[-1] not in second and not [q for q in second if q[0] in ("POST", "PATCH", "PUT")]
+    assert not [q for q in second if q[0] in ("POST", "PATCH", "PUT")]
+    assert len(compressions) == 1  # the blob's digest was remembered: not compressed again for nothing
+    assert (("GET", f"/v2/bases/app/referrers/{subject}", 404) in second  # no referrers API here: the tag
+            and [q for q in second if q[1].endswith(art.referrers_tag(art.parse_digest(subject)))])
+
+    # A registry whose referrers API answers (an index) keeps referrers itself: the tag is left alone.
+    index = json.dumps({"schemaVersion": 2, "mediaType": art.OCI_INDEX, "manifests": []}).encode()
+    proxy.fail(r"/referrers/", "status", status=200, body=index, headers={"Content-Type": art.OCI_INDEX})
+    before = len(proxy.requests)
+    third = push(ref, f"{proxy.host}/bases/app:erofs", cache=cache)
+    assert third.referrers == "api" and not [q for q in proxy.requests[before:] if "sha256-" in q[1]]
+
+    # No mount source known: the remembered blob is made again (same bytes) and uploaded.
+    (cache.root / "pushed" / (hashlib.sha256(proxy.host.encode()).hexdigest()[:32] + ".json")).unlink()
+    fourth = push(ref, f"{proxy.host}/bases/other:erofs", cache=cache)
+    assert fourth.digest == result.digest and fourth.bytes_sent == result.bytes_sent and len(compressions) == 2
 
 
 def test_ext4_options_recorded_and_bytes_equal_to_an_export_cli(registry, tmp_path: Path) -> None:
@@ -155,6 +176,26 @@ def test_same_artifact_to_a_second_repository_is_mounted(registry, fault_proxy, 
         assert parse_qs(urlsplit(path).query)["from"] == ["team-a/base"]
     assert second.digest == first.digest and second.bytes_sent == 0 and set(second.blobs.values()) == {"mounted"}
     assert not [q for q in proxy.requests[before:] if q[0] in ("PATCH",) or (q[0] == "PUT" and "/blobs/" in q[1])]
+
+
+def test_bearer_tokens_cover_the_push_and_the_mount_and_faults_are_retried(registry, fault_proxy,
+                                                                             tmp_path: Path) -> None:
+    ref, subject = source_image(registry, tmp_path)
+    cache = Cache(tmp_path / "cache")
+    proxy = fault_proxy(registry, bearer=True, bearer_creds=("bob", "pw"))
+    proxy.fail(r"/blobs/uploads/", "status", status=429, retry_after="0", method="POST")
+    proxy.fail(r"/manifests/", "status", status=503, method="PUT")
+    push(ref, f"{proxy.host}/team-a/base:1", cache=cache, creds=Credentials("bob", "pw"))
+    assert proxy.pending_faults == 0
+    proxy.token_requests.clear()
+    before = len(proxy.requests)
+    result = push(ref, f"{proxy.host}/team-b/base:1", cache=cache, creds=Credentials("bob", "pw"))
+    assert set(result.blobs.values()) == {"mounted"}
+    # a mount's scope names the source repository too: one challenge (401) for its token, then mounted
+    assert [s for m, p, s in proxy.requests[before:] if m == "POST" and "mount=" in p] == [401, 201, 201]
+    scopes = {s for t in proxy.token_requests for s in t.scopes}
+    assert {"repository:team-b/base:pull,push", "repository:team-a/base:pull"} <= scopes
+    assert all(t.username == "bob" and t.status == 200 for t in proxy.token_requests)
 
 
 def test_chunked_upload_resumes_after_a_reset_mid_upload(registry, fault_proxy, tmp_path: Path) -> None:

@@ -133,20 +133,16 @@ def _push_artifact(image: str, dref: RegistryReference, tag: str | None, fmt: st
         with cache.base_lock(key, options.lock_timeout):  # one push of a base at a time; gc spares staging
             staging = cache.new_staging(key)
             try:
-                blob = staging / f"rootfs.{fmt}.zst"
-                with open(base.image_file, "rb") as src, open(blob, "wb") as dst:
-                    plain = _Hashing(src)
-                    packed = _Hashing(dst)
-                    compress_seekable(plain, packed, FRAME_SIZE)  # type: ignore[arg-type]
+                packed = _Packed(cache, base.key, base.image_file, staging / f"rootfs.{fmt}.zst")
                 layer = Descriptor(layer_media_type(fmt), packed.digest, packed.size)
                 writer = (erofs_writer if fmt == "erofs" else ext4_writer).WRITER_VERSION
-                manifest = artifact_manifest(fmt, layer, subject, sha256=plain.digest, size=plain.size,
+                manifest = artifact_manifest(fmt, layer, subject, sha256=packed.plain_digest, size=packed.plain_size,
                                              source_ref=image, platform=plat, writer_version=writer,
                                              options=_options(fmt, size, journal, inodes))
                 uploader.total = len(EMPTY_DATA) + layer.size
                 uploader.put_blob(Descriptor(EMPTY_MEDIA_TYPE, parse_digest(EMPTY_DIGEST), len(EMPTY_DATA)),
                                   _bytes_opener(EMPTY_DATA))
-                uploader.put_blob(layer, lambda: open(blob, "rb"))
+                uploader.put_blob(layer, packed.open)
             finally:
                 _remove(staging)
     digest, sent, api = uploader.put_manifest(manifest, OCI_MANIFEST, tag)
@@ -224,6 +220,47 @@ class _Hashing:
     @property
     def digest(self) -> Digest:
         return Digest("sha256", self._h.hexdigest())
+
+
+class _Packed:
+    """A base file's transport blob (zstd seekable). Compressing costs ~0.2 s per 40 MB, so the blob's
+    digest and size are remembered per base (bases never change once published) in
+    ``CACHE/pushed/layers/<base key>.json``, and the blob is made again only when an upload needs its bytes
+    (a registry that has the blob, or can mount it, needs none)."""
+
+    def __init__(self, cache: Cache, key: str, image_file: Path, blob: Path) -> None:
+        self._source, self._blob = image_file, blob
+        self._record = cache.root / "pushed" / "layers" / f"{key}.json"
+        try:
+            rec = json.loads(self._record.read_text())
+            self.digest, self.size = parse_digest(rec["digest"]), int(rec["size"])
+            self.plain_digest, self.plain_size = parse_digest(rec["sha256"]), int(rec["image_size"])
+            if rec.get("frame_size") != FRAME_SIZE:
+                raise ValueError("another frame size")
+        except (OSError, ValueError, KeyError, TypeError, DirgeError):
+            self._compress()
+            self._record.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+            tmp = self._record.with_name(f".{self._record.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"digest": str(self.digest), "size": self.size, "sha256": str(self.plain_digest),
+                                       "image_size": self.plain_size, "frame_size": FRAME_SIZE}))
+            os.replace(tmp, self._record)
+
+    def _compress(self) -> None:
+        with open(self._source, "rb") as src, open(self._blob, "wb") as dst:
+            plain, packed = _Hashing(src), _Hashing(dst)
+            compress_seekable(plain, packed, FRAME_SIZE)  # type: ignore[arg-type]
+        self.digest, self.size = packed.digest, packed.size
+        self.plain_digest, self.plain_size = plain.digest, plain.size
+
+    def open(self) -> BinaryIO:
+        if not self._blob.exists():
+            expected = self.digest, self.plain_digest
+            self._compress()
+            if (self.digest, self.plain_digest) != expected:  # another zstd, or a damaged base
+                self._record.unlink(missing_ok=True)
+                raise DirgeError(f"compressing {self._source} again gave other bytes than the last push "
+                                 f"({self.digest}, not {expected[0]}); push again (`dirge cache verify` checks the base)")
+        return open(self._blob, "rb")
 
 
 class _Restart(Exception):
