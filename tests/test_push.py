@@ -143,6 +143,12 @@ def test_erofs_artifact_referrers_tag_and_a_second_push_sends_no_blob(registry, 
     fourth = push(ref, f"{proxy.host}/bases/other:erofs", cache=cache)
     assert fourth.digest == result.digest and fourth.bytes_sent == result.bytes_sent and len(compressions) == 2
 
+    # A base file that is not the one remembered (rebuilt: another inode or time) is compressed again.
+    (base_file,) = (cache.root / "bases").glob("*-erofs/rootfs.erofs")
+    os.utime(base_file, ns=(0, 0))
+    push(ref, f"{proxy.host}/bases/other:erofs", cache=cache)
+    assert len(compressions) == 3
+
 
 def test_ext4_options_recorded_and_bytes_equal_to_an_export_cli(registry, tmp_path: Path) -> None:
     ref, subject = source_image(registry, tmp_path)

@@ -133,9 +133,9 @@ def _push_artifact(image: str, dref: RegistryReference, tag: str | None, fmt: st
         with cache.base_lock(key, options.lock_timeout):  # one push of a base at a time; gc spares staging
             staging = cache.new_staging(key)
             try:
-                packed = _Packed(cache, base.key, base.image_file, staging / f"rootfs.{fmt}.zst")
-                layer = Descriptor(layer_media_type(fmt), packed.digest, packed.size)
                 writer = (erofs_writer if fmt == "erofs" else ext4_writer).WRITER_VERSION
+                packed = _Packed(cache, base.key, base.image_file, staging / f"rootfs.{fmt}.zst", writer)
+                layer = Descriptor(layer_media_type(fmt), packed.digest, packed.size)
                 manifest = artifact_manifest(fmt, layer, subject, sha256=packed.plain_digest, size=packed.plain_size,
                                              source_ref=image, platform=plat, writer_version=writer,
                                              options=_options(fmt, size, journal, inodes))
@@ -228,21 +228,24 @@ class _Packed:
     ``CACHE/pushed/layers/<base key>.json``, and the blob is made again only when an upload needs its bytes
     (a registry that has the blob, or can mount it, needs none)."""
 
-    def __init__(self, cache: Cache, key: str, image_file: Path, blob: Path) -> None:
+    def __init__(self, cache: Cache, key: str, image_file: Path, blob: Path, writer: str) -> None:
         self._source, self._blob = image_file, blob
         self._record = cache.root / "pushed" / "layers" / f"{key}.json"
+        st = image_file.stat()
+        # this very file (a base removed and rebuilt, by another writer version too, is another one)
+        identity = {"frame_size": FRAME_SIZE, "writer": writer, "file": [st.st_ino, st.st_size, st.st_mtime_ns]}
         try:
             rec = json.loads(self._record.read_text())
             self.digest, self.size = parse_digest(rec["digest"]), int(rec["size"])
             self.plain_digest, self.plain_size = parse_digest(rec["sha256"]), int(rec["image_size"])
-            if rec.get("frame_size") != FRAME_SIZE:
-                raise ValueError("another frame size")
+            if any(rec.get(k) != v for k, v in identity.items()):
+                raise ValueError("another file")
         except (OSError, ValueError, KeyError, TypeError, DirgeError):
             self._compress()
             self._record.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
             tmp = self._record.with_name(f".{self._record.name}.{os.getpid()}")
             tmp.write_text(json.dumps({"digest": str(self.digest), "size": self.size, "sha256": str(self.plain_digest),
-                                       "image_size": self.plain_size, "frame_size": FRAME_SIZE}))
+                                       "image_size": self.plain_size, **identity}))
             os.replace(tmp, self._record)
 
     def _compress(self) -> None:
