@@ -204,6 +204,16 @@ def test_bearer_tokens_cover_the_push_and_the_mount_and_faults_are_retried(regis
     assert all(t.username == "bob" and t.status == 200 for t in proxy.token_requests)
 
 
+def test_a_mirror_serves_the_source_pull_never_the_push(registry, fault_proxy, tmp_path: Path) -> None:
+    ref, subject = source_image(registry, tmp_path)
+    mirror = fault_proxy(registry)
+    Path(os.environ["DIRGE_REGISTRIES_CONFIG"]).write_text(
+        f'[registries."{registry.host}"]\nmirrors = ["{mirror.url}"]\n')
+    result = push(ref, f"{registry.host}/bases/app:1", cache=Cache(tmp_path / "cache"))
+    assert result.subject == subject
+    assert mirror.requests and all(m == "GET" and "/src/app/" in p for m, p, _ in mirror.requests)
+
+
 def test_chunked_upload_resumes_after_a_reset_mid_upload(registry, fault_proxy, tmp_path: Path) -> None:
     ref, subject = source_image(registry, tmp_path, big=True)
     proxy = fault_proxy(registry)
