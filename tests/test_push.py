@@ -364,3 +364,38 @@ def test_cli_push_on_a_terminal_shows_progress_and_succeeds(registry, tmp_path: 
     assert proc.returncode == 0, shown.decode(errors="replace")
     assert proc.stdout.startswith(f"{registry.host}/bases/tty:1@sha256:") and "blob bytes sent" in proc.stdout
     assert b"push" in shown  # the upload's bar was drawn on the terminal
+
+
+def test_credentials_never_go_to_an_upload_location_of_another_origin(registry, fault_proxy,
+                                                                      tmp_path: Path) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(201)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        ref, _ = source_image(registry, tmp_path)
+        proxy = fault_proxy(registry, bearer=True, bearer_creds=("bob", "pw"))
+        elsewhere = f"http://127.0.0.1:{server.server_address[1]}/upload/1?state=x"
+        proxy.fail(r"/blobs/uploads/", "status", status=202, method="POST", headers={"Location": elsewhere})
+        with pytest.raises(DirgeError):  # the registry never got that blob: the manifest is refused
+            push(ref, f"{proxy.host}/bases/app:1", cache=Cache(tmp_path / "cache"), creds=Credentials("bob", "pw"))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert len(seen) == 1 and seen[0][0].startswith("/upload/1?") and seen[0][1] is None

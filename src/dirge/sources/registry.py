@@ -409,7 +409,8 @@ class Endpoint:
         ``path`` is under this endpoint's URL, or an absolute URL (an upload's ``Location``): credentials go
         only to this endpoint's own origin. ``content``: the body (whole, so a 401 can send it again)."""
         url = self.url + path if path.startswith("/") else path
-        same_origin = httpx.URL(url).netloc == httpx.URL(self.url).netloc
+        target, base = httpx.URL(url), httpx.URL(self.url)
+        same_origin = (target.scheme, target.netloc) == (base.scheme, base.netloc)
         used = self._auth_headers(scope) if same_origin else {}
         for attempt in range(2):
             if used and not self.clear_ok(self.url):  # a token (even an anonymous one) is a credential too
