@@ -22,6 +22,7 @@ from conftest import needs_root, needs_tool
 from dirge.errors import AuthError, DirgeError
 from dirge.export import export
 from dirge.fsimage.erofs import WRITER_VERSION as EROFS_WRITER
+from dirge.fsimage.ext4 import WRITER_VERSION as EXT4_WRITER
 from dirge.layerbuild import LayerBuilder
 from dirge.oci import artifact as art
 from dirge.options import DiskOptions
@@ -72,7 +73,8 @@ def check_artifact(client: httpx.Client, repo: str, ref: str, subject: str, fmt:
     local_sha = "sha256:" + hashlib.sha256(local.read_bytes()).hexdigest()
     assert ann[art.ANNOTATION_SHA256] == local_sha and int(ann[art.ANNOTATION_SIZE]) == local.stat().st_size
     assert ann[art.ANNOTATION_SOURCE_DIGEST] == subject and ann[art.ANNOTATION_PLATFORM] == "linux/amd64"
-    assert ann[art.ANNOTATION_WRITER] == EROFS_WRITER and json.loads(ann[art.ANNOTATION_OPTIONS]) == options
+    writer = EROFS_WRITER if fmt == "erofs" else EXT4_WRITER
+    assert ann[art.ANNOTATION_WRITER] == writer and json.loads(ann[art.ANNOTATION_OPTIONS]) == options
     (layer,) = manifest["layers"]
     assert layer["mediaType"] == art.layer_media_type(fmt)
     packed = blob_bytes(client, repo, layer["digest"])
@@ -163,7 +165,10 @@ def test_ext4_options_recorded_and_bytes_equal_to_an_export_cli(registry, tmp_pa
     with httpx.Client(**registry.httpx_kwargs()) as client:
         manifest = check_artifact(client, "bases/app", out["digest"], subject, "ext4", local, tmp_path,
                                   {"inodes": None, "journal": False, "size": 64 << 20})
-        assert manifest["annotations"][art.ANNOTATION_WRITER] == EROFS_WRITER  # both writers are at 1
+        assert manifest["annotations"][art.ANNOTATION_PLATFORM] == "linux/amd64"
+    wrong = subprocess.run([DIRGE, "push", ref, f"{registry.host}/bases/app", "--size", "64M"], capture_output=True,
+                           text=True, env=env)
+    assert wrong.returncode != 0 and "--format ext4" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
     bad = subprocess.run([DIRGE, "push", ref, f"{registry.host}/bases/app@{subject}"], capture_output=True,
                          text=True, env=env)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "no digest" in bad.stderr

@@ -85,6 +85,8 @@ def push(image: str, dest: str, *, format: str | None = None, size: int | None =
     if is_local and (format is not None or size is not None or not journal or inodes is not None):
         raise DirgeError(f"push {image}: a local image is pushed as its OCI image; --format, --size, "
                          "--no-journal and --inodes are for converted bases of other images")
+    if not is_local and format != "ext4" and (size is not None or not journal or inodes is not None):
+        raise DirgeError(f"push {image}: --size, --no-journal and --inodes shape an ext4 disk; add --format ext4")
     client = RegistryClient(dref.registry, creds=creds)
     try:
         uploader = _Uploader(client, dref, cache, chunk_size, on_bytes)
