@@ -274,6 +274,7 @@ def test_tls_registry_with_htpasswd(tls_registry, tmp_path: Path, monkeypatch: p
     shutil.copyfile(tls_registry.ca_cert, certs / "ca.crt")
     monkeypatch.setenv("DIRGE_CERTS_DIRS", str(tmp_path / "certs.d"))
     ref, subject = source_image(tls_registry, tmp_path)
+    # the source is pulled with the auth file's credentials; --creds (creds=) are DEST's
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
     (tmp_path / "docker").mkdir()
     auth = f"{tls_registry.username}:{tls_registry.password}"
