@@ -33,10 +33,12 @@ def sync_use(image: str, cache: str | os.PathLike[str] | dirge.Cache, work: Path
     exported_tar = dirge.export(image, work / "out.tar", format=fmt)
     resolved: dirge.ResolvedImage = dirge.pull(image, "linux/arm64", cache=cache, pull="always")
     report: dirge.GcReport = dirge.gc(cache, max_size=10 << 30, keep=3600.0, dry_run=True)
+    pushed: dirge.PushResult = dirge.push(image, "registry.internal/bases/app:1", format="ext4", size=1 << 30,
+                                          journal=False, platform="linux/arm64", cache=cache, pull="missing")
     ref = dirge.parse_reference(dirge.canonicalize_image_ref(image))
     local: str | None = dirge.local_variant_name(image)
     return [version, path, unpacked.report.entries, exported.sha256, exported_tar.size, resolved.manifest_digest,
-            report.freed(), ref, local]
+            report.freed(), ref, local, pushed.digest, pushed.bytes_sent]
 
 
 async def async_use(image: str, cache: Path) -> None:

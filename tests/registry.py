@@ -465,7 +465,7 @@ def sha256_digest(data: bytes) -> str:
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
                "transfer-encoding", "upgrade", "expect", "proxy-connection"}
-_FAULT_KINDS = {"status", "reset_mid_body", "stall_mid_body", "corrupt_body", "no_range", "close"}
+_FAULT_KINDS = {"status", "reset_mid_body", "stall_mid_body", "corrupt_body", "no_range", "close", "lost_answer"}
 _REPO_PATH = re.compile(r"^/v2/(?P<name>.+?)/(?:manifests|blobs|tags|referrers)/")
 
 
@@ -547,6 +547,8 @@ class FaultProxy:
       ``reset_after=N`` it resets the connection after N bytes like ``reset_mid_body``.
     * ``"no_range"``: drop ``Range``/``If-Range`` before forwarding, so upstream answers 200 with the whole body.
     * ``"close"``: reset the connection without answering at all.
+    * ``"lost_answer"``: forward the request (upstream acts on it), then reset without answering: a
+      request that took effect whose answer the client never sees.
 
     ``expire_every=N``: all issued tokens expire after every N authorized requests (short-lived tokens,
     without clocks). With ``bearer=True``, ``/v2/...`` needs ``Authorization: Bearer TOKEN`` with a token from ``GET /token``
@@ -884,6 +886,10 @@ class FaultProxy:
 
     def _relay(self, h: _Handler, method: str, path: str, resp: http.client.HTTPResponse,
                fault: Fault | None) -> None:
+        if fault is not None and fault.kind == "lost_answer":
+            resp.read()
+            self._record(method, path, 0)
+            self._reset(h)
         headers = []
         for k, v in resp.getheaders():
             kl = k.lower()

@@ -138,6 +138,8 @@ def test_cli_choices_are_the_literals() -> None:
                 continue
             if param.name == "disk":  # session create: a disk kind; boot and demo: what the VM boots from
                 literal: Any = DiskKind if where == "session create" else BootDisk
+            elif param.name == "fmt" and where == "push":  # an artifact is a disk: erofs or ext4
+                literal = DiskKind
             elif param.name in expected:
                 literal = expected[param.name]
             else:

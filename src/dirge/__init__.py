@@ -1,11 +1,11 @@
 """dirge: OCI images → exact, safe root filesystems for microVM sandboxes.
 
 The public API (docs/API.md): ``prepare`` (a session rootfs), ``unpack`` (a directory), ``export`` (an erofs
-or ext4 disk, a tar, a directory), ``pull`` (into the cache), ``gc`` (collect the cache), ``aio`` (the same
+or ext4 disk, a tar, a directory), ``pull`` (into the cache), ``push`` (a converted base to a registry, as an OCI artifact), ``gc`` (collect the cache), ``aio`` (the same
 off an asyncio loop), and every exception dirge raises (all ``DirgeError``). Each takes ``cache=`` (a
 directory or a ``Cache``) and ``platform=`` ("os/arch[/variant]" or a ``Platform``) where it applies; the
 option values are the ``Literal`` types below. The implementation modules have names of their own
-(``flatten``, ``exporting``, ``lifecycle``), so no function here hides a submodule.
+(``flatten``, ``exporting``, ``lifecycle``, ``publish``), so no function here hides a submodule.
 """
 
 from importlib import metadata as _metadata
@@ -53,6 +53,7 @@ from .options import (
     PullPolicy,
     Strategy,
 )
+from .publish import PushResult, push
 from .rootfs import FileSpec, PreparedRootfs, add_user, cleanup, prepare, restore, write_krun_config
 from .sources.auth import Credentials
 from .store.cache import Cache
@@ -94,6 +95,7 @@ __all__ = [
     "PlatformNotFound",
     "PreparedRootfs",
     "PullPolicy",
+    "PushResult",
     "RateLimited",
     "RegistryError",
     "ResolvedImage",
@@ -116,6 +118,7 @@ __all__ = [
     "parse_reference",
     "prepare",
     "pull",
+    "push",
     "restore",
     "unpack",
     "write_krun_config",

@@ -319,6 +319,40 @@ def export_cmd(image: str, out: Path, fmt: ExportFormat, size: str, no_journal: 
         click.echo(f"{result.path}: {result.format}, {result.size} bytes, image {result.digest}")
 
 
+@cli.command("push")
+@click.argument("image")
+@click.argument("dest")
+@click.option("--format", "fmt", type=click.Choice(choices(DiskKind)), default=None,
+              help="The base pushed as an artifact (default erofs); not for a local variant, pushed as its image.")
+@click.option("--size", default=None, metavar="SIZE|auto", help="ext4: the disk's size, as for export.")
+@click.option("--no-journal", is_flag=True, help="ext4: no jbd2 journal.")
+@click.option("--inodes", type=click.IntRange(min=1), help="ext4: the inode count.")
+@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
+@pull_option
+@creds_option
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print ref, digest, subject, blobs and bytes sent as JSON.")
+def push_cmd(image: str, dest: str, fmt: DiskKind | None, size: str | None, no_journal: bool, inodes: int | None,
+             platform: str | None, pull: PullPolicy, creds: str | None, cache_dir: Path | None, as_json: bool) -> None:
+    """Publish IMAGE's converted base to DEST (REGISTRY/REPO[:TAG]) as an OCI artifact; a local variant
+    NAME is pushed as its OCI image. --creds are DEST's."""
+    from .store.cache import Cache
+    from .oci.reference import canonicalize_image_ref
+    from .publish import push
+
+    with _progress() as progress:
+        result = push(canonicalize_image_ref(image), dest, format=fmt,
+                      size=_size(size) if size is not None else None, journal=not no_journal, inodes=inodes,
+                      platform=parse_platform(platform) if platform else None, cache=Cache(cache_dir), pull=pull,
+                      creds=_creds(creds), progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        what = f"{result.format} artifact of {result.subject}" if result.kind == "artifact" else "image"
+        click.echo(f"{result.ref}: {what}, {result.bytes_sent} blob bytes sent"
+                   + (f", referrers {result.referrers}" if result.referrers else ""))
+
+
 @cli.command("inspect")
 @click.argument("image")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")

@@ -370,8 +370,11 @@ class Endpoint:
                                 retryable=True) from None
         if self.creds and not clear_ok:  # the token request would carry them (Basic)
             raise self._refuse_clear(what, realm, "Basic credentials for a token")
-        query = {"service": params.get("service", "")}
-        query["scope"] = params.get("scope") or scope
+        # The challenge's scope, plus ours where it asks for more (a push's pull,push; a mount's source repo):
+        # token servers grant the union of repeated ``scope`` parameters.
+        scopes = [params["scope"]] if params.get("scope") else []
+        scopes += [s for s in scope.split(" ") if s and s not in scopes]
+        query: dict[str, str | list[str]] = {"service": params.get("service", ""), "scope": scopes}
         auth = httpx.BasicAuth(self.creds.username, self.creds.password) if self.creds else None
         deadline = time.monotonic() + metadata_deadline()
         try:
@@ -400,15 +403,21 @@ class Endpoint:
         self._tokens[scope] = token
 
     def request(self, method: str, path: str, scope: str, what: str, headers: dict[str, str] | None = None,
-                stream: bool = False) -> httpx.Response:
-        """One request with auth; retried by the caller. 401 → authenticate once → retry."""
-        used = self._auth_headers(scope)
+                stream: bool = False, content: bytes | None = None) -> httpx.Response:
+        """One request with auth; retried by the caller. 401 → authenticate once → retry.
+
+        ``path`` is under this endpoint's URL, or an absolute URL (an upload's ``Location``): credentials go
+        only to this endpoint's own origin. ``content``: the body (whole, so a 401 can send it again)."""
+        url = self.url + path if path.startswith("/") else path
+        target, base = httpx.URL(url), httpx.URL(self.url)
+        same_origin = (target.scheme, target.netloc) == (base.scheme, base.netloc)
+        used = self._auth_headers(scope) if same_origin else {}
         for attempt in range(2):
             if used and not self.clear_ok(self.url):  # a token (even an anonymous one) is a credential too
                 raise self._refuse_clear(what, self.url, "a bearer token" if scope in self._tokens else "credentials")
-            req = self.client.build_request(method, self.url + path, headers={**(headers or {}), **used})
+            req = self.client.build_request(method, url, headers={**(headers or {}), **used}, content=content)
             response = self.client.send(req, stream=stream)
-            if response.status_code != 401 or attempt == 1:
+            if response.status_code != 401 or attempt == 1 or not same_origin:
                 return response
             _drain(response)
             # Download threads share these tokens: only the first to see the one it used refused fetches
@@ -451,12 +460,12 @@ class RegistryClient:
 
     def _call(self, endpoint: Endpoint, method: str, path: str, scope: str, what: str,
               headers: dict[str, str] | None = None, stream: bool = False,
-              stop: threading.Event | None = None) -> httpx.Response:
+              stop: threading.Event | None = None, content: bytes | None = None) -> httpx.Response:
         delay = retry_base()
         last: Exception | None = None
         for attempt in range(self.attempts):
             try:
-                response = endpoint.request(method, path, scope, what, headers, stream)
+                response = endpoint.request(method, path, scope, what, headers, stream, content)
             except httpx.TooManyRedirects:
                 raise RegistryError(f"{what}: {endpoint.host} redirected too many times (a redirect loop)") from None
             except httpx.InvalidURL as exc:
@@ -501,6 +510,31 @@ class RegistryClient:
             kind = (codes[0].lower().replace("_", " ") if codes else "not found")
             raise NotFound(f"{kind}: {what}", status=status, codes=codes)
         raise RegistryError(f"{what}: {endpoint.host} answered {status}{detail}", status=status, codes=codes)
+
+    # -- for writers (push): the origin only, never a mirror ----------------------------------
+
+    def origin_call(self, method: str, path: str, scope: str, what: str, *, headers: dict[str, str] | None = None,
+                    content: bytes | None = None, stream: bool = False, retry: bool = True) -> httpx.Response:
+        """One request to the origin with its auth, TLS and the retry rules of pulls (429, 5xx, resets).
+        The caller reads (or closes) the response. ``retry=False``: sent once, for a request the caller
+        must not repeat blindly (a chunk of an upload); a transport failure is a retryable RegistryError."""
+        endpoint = self.endpoints[-1]
+        if retry:
+            return self._call(endpoint, method, path, scope, what, headers, stream, None, content)
+        try:
+            return endpoint.request(method, path, scope, what, headers, stream, content)
+        except httpx.TransportError as exc:
+            raise RegistryError(f"{what}: {type(exc).__name__}: {exc}", retryable=True) from None
+
+    def error_for(self, response: httpx.Response, what: str) -> DirgeError:
+        """The error an unexpected answer from the origin means (its body read and closed)."""
+        try:
+            self._raise_for(response, what, self.endpoints[-1])
+        except DirgeError as exc:
+            return exc
+        finally:
+            response.close()
+        raise AssertionError("unreachable")
 
     def _first_that_works(self, attempt: Callable[[Endpoint], T]) -> T:
         """Mirrors in order, then the origin; a failing mirror falls through, the origin's error is raised."""
