@@ -210,3 +210,24 @@ def test_gc_and_verify_tables_have_headers(tmp_path: Path, make_image) -> None:
     assert proc.returncode == 1 and lines[0].split() == ["PROBLEM", "KIND", "NAME", "DETAIL"], proc.stderr
     assert any(base.name in line and "etc/hostname" in line for line in lines[1:]), proc.stdout
     invoke("session", "rm", "--all", "--cache-dir", str(cache))
+
+
+def test_disk_sessions_by_the_disk_create_printed(tmp_path: Path, make_image) -> None:
+    """A disk session's printed path is its disk: its own ext4 file names it; an erofs session's disk is
+    the shared base image, which names a session only while one session alone uses it."""
+    ref = make_image([LayerBuilder().dir("etc").file("etc/hostname", b"disk\n").build()])
+    c = ["--cache-dir", str(tmp_path / "cache")]
+    try:
+        ext4 = invoke("session", "create", ref, "--disk", "ext4", *c)
+        assert ext4.exit_code == 0 and Path(ext4.output.strip()).is_file(), ext4.output
+        sid = Path(ext4.output.strip()).parent.name
+        assert json.loads(invoke("session", "rm", ext4.output.strip(), "--json", *c).output) == [sid]
+        first, second = (invoke("session", "create", ref, "--disk", "erofs", "--json", *c) for _ in range(2))
+        one, two = json.loads(first.output), json.loads(second.output)
+        assert one["disk"] == two["disk"] and one["id"] != two["id"]
+        proc = script("session", "rm", one["disk"], *c)
+        assert proc.returncode == 1 and "2 sessions share this disk" in proc.stderr and one["id"] in proc.stderr
+        assert json.loads(invoke("session", "rm", two["id"], "--json", *c).output) == [two["id"]]
+        assert json.loads(invoke("session", "rm", one["disk"], "--json", *c).output) == [one["id"]]
+    finally:
+        invoke("session", "rm", "--all", *c)
