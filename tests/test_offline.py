@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_root, needs_tool
 from dirge.store.cache import Cache
 from dirge.errors import DirgeError
 from dirge.layerbuild import LayerBuilder
@@ -180,3 +181,20 @@ def test_uncached_ref_is_one_clear_error_without_network(cached) -> None:
     line = one_error_line(run("unpack", "--pull", "never", "--cache-dir", str(cache.root), other, "/nonexistent/x"))
     assert other in line and "--pull never" in line
     assert listener.accepted == 0 and not marker.exists()
+
+
+@needs_root
+@needs_tool("buildah")
+def test_inspect_of_an_unbuilt_variant_offline_says_to_build_it(tmp_path: Path) -> None:
+    """`dirge inspect alpine --pull never` used to start a buildah build reaching for Docker Hub, failing
+    with advice to fix the Dockerfile: offline it is one line naming the command that builds it."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "DIRGE_IMAGES_PATH": ""}
+    for image in ("alpine", "local://dirge-microvm:alpine"):
+        proc = subprocess.run(DIRGE + ["inspect", image, "--pull", "never", "--cache-dir", str(cache)],
+                              capture_output=True, text=True, env=env)
+        line = one_error_line(proc)
+        assert "image alpine is not built" in line and "run `dirge build alpine`" in line
+        assert "Dockerfile" not in line
+    storage = cache / "buildah" / "storage"
+    assert not any(storage.glob("vfs-images/*/manifest*")), "nothing was pulled or built"

@@ -443,3 +443,33 @@ def test_shipped_debian_variant_builds_for_real(bookworm_base, buildah_env, tmp_
     assert as_user.status == 0
     assert lines == ["uid=1000(sandbox) gid=1000(sandbox) groups=1000(sandbox)", "HOME=/home/sandbox", "/"]
     assert builds(buildah_env) == 1
+
+
+def test_pull_never_never_builds_a_variant(busybox_base, buildah_env, tmp_path: Path, capsys) -> None:
+    """Offline means offline (issue 20, point 4): --pull never reads a built, current variant and refuses one
+    not built or changed since (a build would pull its FROM image and run the Dockerfile), in the library
+    and on the command line, without starting buildah's build."""
+    d = write_variant(tmp_path, "offvm", busybox_base)
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(BuildError, match=r"image offvm is not built .*run `dirge build offvm`"):
+        prepare("offvm", cache_dir, pull="never")
+    for args in (["inspect", "offvm"], ["session", "create", "offvm"], ["unpack", "offvm", str(tmp_path / "u")],
+                 ["pull", "local://dirge-microvm:offvm"]):
+        assert main([*args, "--pull", "never", "--cache-dir", str(cache_dir)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "image offvm is not built" in err and "dirge build offvm" in err, err
+    assert builds(buildah_env) == 0 and not (tmp_path / "u").exists()
+
+    build_guest_image("offvm", cache_root=cache_dir)
+    assert builds(buildah_env) == 1
+    with prepare("offvm", cache_dir, pull="never", strategy="copy") as p:
+        assert (p.path / "etc/hello.txt").read_text() == "hello\n"
+    (d / "hello.txt").write_text("edited\n")
+    with pytest.raises(BuildError, match=r"image offvm changed since it was built .*run `dirge build offvm`"):
+        prepare("offvm", cache_dir, pull="never")
+    assert main(["inspect", "offvm", "--pull", "never", "--cache-dir", str(cache_dir)]) == 1
+    assert "changed since it was built" in capsys.readouterr().err
+    assert builds(buildah_env) == 1
+    with prepare("offvm", cache_dir, strategy="copy") as p:  # allowed to pull: it rebuilds
+        assert (p.path / "etc/hello.txt").read_text() == "edited\n"
+    assert builds(buildah_env) == 2

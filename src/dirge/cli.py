@@ -15,7 +15,7 @@ import click
 from .apply.layer import Limits
 from .bases import FORMAT_ENV
 from .errors import DirgeError
-from .oci.image import parse_platform
+from .oci.image import Platform, parse_platform
 from .options import (FIELDS, BaseFormat, BootDisk, DiskFormat, DiskKind, DiskOptions, ExportFormat, PrepareOptions,
                       PullPolicy, Strategy, choices)
 
@@ -50,17 +50,104 @@ def _limits(values: tuple[str, ...]) -> Limits:
         raise click.BadParameter(str(exc)) from None
 
 
-@click.group()
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress display (--progress quiet).")
+if TYPE_CHECKING:
+    _PlatformBase = click.ParamType[Platform]
+else:  # click before 8.2 has no generic ParamType
+    _PlatformBase = click.ParamType
+
+
+class _Platform(_PlatformBase):
+    """``os/arch[/variant]``, parsed when the command line is: a bad one is a usage error naming the option."""
+
+    name = "os/arch[/variant]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Platform:
+        if isinstance(value, Platform):
+            return value
+        try:
+            return parse_platform(str(value))
+        except DirgeError:
+            self.fail(f"{value!r}: a platform is os/arch[/variant], e.g. linux/arm64", param, ctx)
+
+
+PLATFORM = _Platform()
+
+
+def _state(ctx: click.Context) -> dict[str, Any]:
+    """The options every command shares (--debug, --quiet, --cache-dir), kept in the root context's obj:
+    set before the subcommand by the group, after it by the command itself (the later one wins)."""
+    obj: dict[str, Any] = ctx.find_root().ensure_object(dict)
+    return obj
+
+
+def _set_flag(name: str) -> Any:
+    def callback(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value:
+            _state(ctx)[name] = True
+    return callback
+
+
+def _cache_dir_value(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    # A command's own --cache-dir wins over the group's (which also reads $DIRGE_CACHE_DIR).
+    if value is not None:
+        _state(ctx)["cache_dir"] = value
+    cache_dir: Path | None = _state(ctx).get("cache_dir")
+    return cache_dir
+
+
+CACHE_DIR_HELP = "Cache directory (default $DIRGE_CACHE_DIR, else $XDG_CACHE_HOME/dirge or ~/.cache/dirge)."
+
+
+def _share_options(group: click.Group) -> None:
+    """Give every command and group below ``group`` the shared options it lacks (--debug, -q/--quiet,
+    --cache-dir), so they work after the subcommand as well as before it. demo keeps its cache in --dir."""
+    for command in group.commands.values():
+        names = {name for param in command.params for name in param.opts}
+        if "--debug" not in names:
+            command.params.append(click.Option(["--debug"], is_flag=True, expose_value=False,
+                                               callback=_set_flag("debug"), help="Show tracebacks on errors."))
+        if "--quiet" not in names:
+            command.params.append(click.Option(["--quiet", "-q"], is_flag=True, expose_value=False,
+                                               callback=_set_flag("quiet"),
+                                               help="No progress display; listings print names only."))
+        if "--cache-dir" not in names and command.name != "demo":
+            command.params.append(click.Option(["--cache-dir"], type=click.Path(path_type=Path), expose_value=False,
+                                               callback=_cache_dir_value, help=CACHE_DIR_HELP))
+        if isinstance(command, click.Group):
+            _share_options(command)
+
+
+class _Group(click.Group):
+    """A group whose commands may have aliases (``list`` for ``ls``), shown once in help, by their name."""
+
+    aliases: dict[str, str] = {"list": "ls"}
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, self.aliases.get(cmd_name, cmd_name))
+
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        _, command, rest = super().resolve_command(ctx, args)
+        return (command.name if command else None), command, rest
+
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(package_name="dirge", prog_name="dirge", message="%(prog)s %(version)s")
+@click.option("--debug", is_flag=True, envvar="DIRGE_DEBUG", help="Show tracebacks on errors (also $DIRGE_DEBUG=1).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display (--progress quiet); listings print names only.")
 @click.option("--progress", "progress_mode", type=click.Choice(["auto", "tty", "plain", "quiet"]), default="auto",
               envvar="DIRGE_PROGRESS", show_default=True,
               help="Progress on stderr: tty = a live display, plain = periodic lines, auto = tty on a terminal "
                    "else plain ($DIRGE_PROGRESS).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="DIRGE_CACHE_DIR", help=CACHE_DIR_HELP)
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, quiet: bool, progress_mode: str) -> None:
+def cli(ctx: click.Context, debug: bool, quiet: bool, progress_mode: str, cache_dir: Path | None) -> None:
     """Turn OCI container images into root filesystems for microVM sandboxes."""
-    ctx.obj = {"debug": debug, "quiet": quiet, "progress": "quiet" if quiet else progress_mode}
+    state = _state(ctx)
+    state.update(debug=debug or bool(state.get("debug")), quiet=quiet, progress=progress_mode, cache_dir=cache_dir)
 
 
 def _progress() -> Any:
@@ -70,8 +157,8 @@ def _progress() -> Any:
 
     from .progress import open_display
 
-    obj = click.get_current_context().find_root().obj or {}
-    display = open_display(str(obj.get("progress", "auto")))
+    state = _state(click.get_current_context())
+    display = open_display("quiet" if state.get("quiet") else str(state.get("progress", "auto")))
     return display if display is not None else nullcontext(None)
 
 
@@ -83,19 +170,21 @@ def _creds(value: str | None) -> "Credentials | None":
 
 pull_option = click.option("--pull", type=click.Choice(choices(PullPolicy)), default="missing",
                            show_default=True, help="Registry images: when to ask the registry.")
+cache_dir_option = click.option("--cache-dir", type=click.Path(path_type=Path), callback=_cache_dir_value,
+                                help=CACHE_DIR_HELP)
 creds_option = click.option("--creds", metavar="USER:PASSWORD",
                             help="Registry credentials (default: docker/podman auth files and helpers).")
 
 
 @cli.command("pull")
 @click.argument("image")
-@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
+@click.option("--platform", type=PLATFORM, help="os/arch[/variant] to pick from a multi-platform image.")
 @click.option("--pull", "policy", type=click.Choice(choices(PullPolicy)), default="always",
               show_default=True)
 @creds_option
-@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="DIRGE_CACHE_DIR")
+@cache_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, cache_dir: Path | None,
+def pull_cmd(image: str, platform: Platform | None, policy: str, creds: str | None, cache_dir: Path | None,
              as_json: bool) -> None:
     """Download IMAGE's manifest, config and layers into the cache; print the manifest digest."""
     from .store.cache import Cache
@@ -103,7 +192,7 @@ def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, c
     from .variants import build_variant
 
     with _progress() as progress:
-        resolved = pull_image(image, parse_platform(platform) if platform else None, cache=Cache(cache_dir),
+        resolved = pull_image(image, platform, cache=Cache(cache_dir),
                               pull=policy, creds=_creds(creds), progress=progress, build=build_variant)
     if as_json:
         click.echo(json.dumps({"image": image, "digest": str(resolved.manifest_digest),
@@ -116,17 +205,16 @@ def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, c
 @cli.command("unpack")
 @click.argument("image")
 @click.argument("dest", type=click.Path(path_type=Path))
-@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
+@click.option("--platform", type=PLATFORM, help="os/arch[/variant] to pick from a multi-platform image.")
 @pull_option
 @creds_option
-@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="DIRGE_CACHE_DIR",
-              help="Where registry blobs are kept.")
+@cache_dir_option
 @click.option("--rootless", is_flag=True, help="Unpack as an unprivileged user would (automatic when not root).")
 @click.option("--limit", "limits", multiple=True, metavar="NAME=N",
               help="Override a safety limit: " + ", ".join(f.name for f in dataclasses.fields(Limits)) +
                    " (max_layer_bytes: decompressed bytes of one layer).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def unpack_cmd(image: str, dest: Path, platform: str | None, pull: PullPolicy, creds: str | None, cache_dir: Path | None,
+def unpack_cmd(image: str, dest: Path, platform: Platform | None, pull: PullPolicy, creds: str | None, cache_dir: Path | None,
                rootless: bool, limits: tuple[str, ...], as_json: bool) -> None:
     """Write the flattened rootfs of IMAGE (oci:PATH[:TAG] or a registry ref) into DEST (absent or empty)."""
     from .store.cache import Cache
@@ -134,7 +222,7 @@ def unpack_cmd(image: str, dest: Path, platform: str | None, pull: PullPolicy, c
 
     cache = None if image.startswith("oci:") else Cache(cache_dir)
     with _progress() as progress:
-        result = unpack(image, dest, platform=parse_platform(platform) if platform else None,
+        result = unpack(image, dest, platform=platform,
                         rootless=True if rootless else None, limits=_limits(limits), cache=cache, pull=pull,
                         creds=_creds(creds), progress=progress)
     summary: dict[str, Any] = {
@@ -170,11 +258,6 @@ def demo_cmd(workdir: Path, boot: bool | None, disk: BootDisk) -> None:
         _, output, how = run_demo(workdir, boot=boot, disk=disk, console=click.echo, progress=progress)
     if how != "boot":
         click.echo(output, nl=False)
-
-
-cache_dir_option = click.option(
-    "--cache-dir", type=click.Path(path_type=Path), envvar="DIRGE_CACHE_DIR",
-    help="Cache directory (default $DIRGE_CACHE_DIR, else $XDG_CACHE_HOME/dirge or ~/.cache/dirge).")
 
 
 def _key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -220,7 +303,7 @@ def boot_cmd(image: str, command: tuple[str, ...], disk: BootDisk, kernel: Path 
     from .vm import boot
     from .vm.boot import BOOT_FAILED, BOOT_TIMED_OUT
 
-    debug = bool(click.get_current_context().find_root().obj.get("debug"))
+    debug = bool(_state(click.get_current_context()).get("debug"))
     try:
         with _progress() as progress:
             result = boot(image, cache_dir, disk=disk, command=list(command) or None, kernel=kernel, initrd=initrd,
@@ -243,7 +326,8 @@ def boot_cmd(image: str, command: tuple[str, ...], disk: BootDisk, kernel: Path 
 @click.option("--no-cache", is_flag=True, help="Rebuild even if current, without buildah's layer cache; pulls the FROM images again "
               "(their registry must be reachable).")
 @cache_dir_option
-def build_cmd(name: str, build_args: tuple[str, ...], no_cache: bool, cache_dir: Path | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the variant, image and whether it was built as JSON.")
+def build_cmd(name: str, build_args: tuple[str, ...], no_cache: bool, cache_dir: Path | None, as_json: bool) -> None:
     """Build local variant NAME (images/NAME/Dockerfile) with buildah unless it is current."""
     from .store.cache import Cache
     from .variants import build_guest_image
@@ -258,13 +342,17 @@ def build_cmd(name: str, build_args: tuple[str, ...], no_cache: bool, cache_dir:
             result = build_guest_image(name, cache_root=Cache(cache_dir).root,
                                        build_args=_key_values(build_args, "--build-arg"), no_cache=no_cache,
                                        output=output)
+    if as_json:
+        click.echo(json.dumps({"name": result.variant.name, "tag": result.variant.tag, "id": result.image.id,
+                               "built": result.built, "path": str(result.variant.path)}, indent=2))
+        return
     state = "built" if result.built else "current, not rebuilt"
     click.echo(f"{result.variant.tag} {result.image.id[:12]} ({state})")
 
 
 @cli.command("variants")
 @cache_dir_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
     """List local variants: where each comes from and whether its image is built and current.
 
@@ -277,8 +365,11 @@ def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
               "from": variant_bases(v)} for v in list_variants()]
     if as_json:
         click.echo(json.dumps(items, indent=2))
-    for item in [] if as_json else items:
-        click.echo(f"{item['name']:12} {item['status']:10} {item['origin']}  {item['path']}")
+    elif _quiet():
+        click.echo("".join(f"{item['name']}\n" for item in items), nl=False)
+    else:
+        _table(("NAME", "STATUS", "ORIGIN", "PATH"),
+               [(str(item["name"]), str(item["status"]), str(item["origin"]), str(item["path"])) for item in items])
 
 
 @cli.command("export")
@@ -291,14 +382,14 @@ def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
               help="ext4: the disk's size (bytes, or with K, M, G, T), auto = the content plus headroom.")
 @click.option("--no-journal", is_flag=True, help="ext4: no jbd2 journal.")
 @click.option("--inodes", type=click.IntRange(min=1), help="ext4: the inode count (default: the entries plus headroom).")
-@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
+@click.option("--platform", type=PLATFORM, help="os/arch[/variant] to pick from a multi-platform image.")
 @pull_option
 @creds_option
 @cache_dir_option
 @click.option("--limit", "limits", multiple=True, metavar="NAME=N", help="Override a safety limit (see unpack).")
 @click.option("--json", "as_json", is_flag=True, help="Print path, format, size, digest and sha256 as JSON.")
 def export_cmd(image: str, out: Path, fmt: ExportFormat, size: str, no_journal: bool, inodes: int | None,
-               platform: str | None, pull: PullPolicy,
+               platform: Platform | None, pull: PullPolicy,
                creds: str | None, cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
     """Write IMAGE as one artifact OUT: an erofs or ext4 disk image, a flattened tar or a directory."""
     from .store.cache import Cache
@@ -307,7 +398,7 @@ def export_cmd(image: str, out: Path, fmt: ExportFormat, size: str, no_journal: 
 
     with _progress() as progress:
         result = export(canonicalize_image_ref(image), out, format=fmt,
-                        platform=parse_platform(platform) if platform else None, cache=Cache(cache_dir),
+                        platform=platform, cache=Cache(cache_dir),
                         pull=pull, creds=_creds(creds), limits=_limits(limits),
                         progress=progress,
                         disk=DiskOptions(_size(size), not no_journal, inodes))
@@ -327,13 +418,13 @@ def export_cmd(image: str, out: Path, fmt: ExportFormat, size: str, no_journal: 
 @click.option("--size", default=None, metavar="SIZE|auto", help="ext4: the disk's size, as for export.")
 @click.option("--no-journal", is_flag=True, help="ext4: no jbd2 journal.")
 @click.option("--inodes", type=click.IntRange(min=1), help="ext4: the inode count.")
-@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
+@click.option("--platform", type=PLATFORM, help="os/arch[/variant] to pick from a multi-platform image.")
 @pull_option
 @creds_option
 @cache_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print ref, digest, subject, blobs and bytes sent as JSON.")
 def push_cmd(image: str, dest: str, fmt: DiskKind | None, size: str | None, no_journal: bool, inodes: int | None,
-             platform: str | None, pull: PullPolicy, creds: str | None, cache_dir: Path | None, as_json: bool) -> None:
+             platform: Platform | None, pull: PullPolicy, creds: str | None, cache_dir: Path | None, as_json: bool) -> None:
     """Publish IMAGE's converted base to DEST (REGISTRY/REPO[:TAG]) as an OCI artifact; a local variant
     NAME is pushed as its OCI image. --creds are DEST's."""
     from .store.cache import Cache
@@ -343,7 +434,7 @@ def push_cmd(image: str, dest: str, fmt: DiskKind | None, size: str | None, no_j
     with _progress() as progress:
         result = push(canonicalize_image_ref(image), dest, format=fmt,
                       size=_size(size) if size is not None else None, journal=not no_journal, inodes=inodes,
-                      platform=parse_platform(platform) if platform else None, cache=Cache(cache_dir), pull=pull,
+                      platform=platform, cache=Cache(cache_dir), pull=pull,
                       creds=_creds(creds), progress=progress)
     if as_json:
         click.echo(json.dumps(result.as_json(), indent=2))
@@ -358,12 +449,13 @@ def push_cmd(image: str, dest: str, fmt: DiskKind | None, size: str | None, no_j
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.option("--raw", is_flag=True, help="Print the manifest (or index) bytes exactly as fetched.")
 @click.option("--config", "config", is_flag=True, help="Print the config bytes exactly as fetched.")
-@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image (default: the host's).")
+@click.option("--platform", type=PLATFORM,
+              help="os/arch[/variant] to pick from a multi-platform image (default: the host's).")
 @click.option("--pull", type=click.Choice(choices(PullPolicy)), default="always", show_default=True,
               help="Registry images: always ask the registry, or (never) read the cache only.")
 @creds_option
 @cache_dir_option
-def inspect_cmd(image: str, as_json: bool, raw: bool, config: bool, platform: str | None, pull: str,
+def inspect_cmd(image: str, as_json: bool, raw: bool, config: bool, platform: Platform | None, pull: str,
                 creds: str | None, cache_dir: Path | None) -> None:
     """Show IMAGE's digest, media type, platforms, layers and config without unpacking anything."""
     from .store.cache import Cache
@@ -373,7 +465,7 @@ def inspect_cmd(image: str, as_json: bool, raw: bool, config: bool, platform: st
     if sum((as_json, raw, config)) > 1:
         raise click.UsageError("choose one of --json, --raw and --config")
     result = inspect_image(canonicalize_image_ref(image), cache=None if image.startswith("oci:") else Cache(cache_dir),
-                           pull=pull, platform=parse_platform(platform) if platform else None, creds=_creds(creds))
+                           pull=pull, platform=platform, creds=_creds(creds))
     if raw or config:
         sys.stdout.flush()
         sys.stdout.buffer.write(result.raw if raw else result.config_raw)  # as fetched: they hash to the digest
@@ -418,11 +510,25 @@ def _human(n: int) -> str:
     return f"{n}B"
 
 
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> None:
+    """Print rows under a header row, columns as wide as their widest cell (``right``: numbers)."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for row in [header, *rows]:
+        cells = [cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        click.echo("  ".join(cells).rstrip())
+
+
+def _quiet() -> bool:
+    return bool(_state(click.get_current_context()).get("quiet"))
+
+
 @cli.command("images")
 @cache_dir_option
 @click.option("--json", "as_json", is_flag=True)
 def images_cmd(cache_dir: Path | None, as_json: bool) -> None:
-    """List cached images: refs, digest, platform, base formats, bytes on disk, created, last used, sessions."""
+    """List cached images: refs, digest, platform, base formats, bytes on disk, created, last used, sessions.
+
+    -q prints only the refs (an image without one: its digest)."""
     from .store.cache import Cache
     from .lifecycle import images
 
@@ -431,23 +537,31 @@ def images_cmd(cache_dir: Path | None, as_json: bool) -> None:
         click.echo(json.dumps([{k: v for k, v in dataclasses.asdict(i).items() if k != "ref_files"}
                                for i in items], indent=2))
         return
-    for i in items:
-        click.echo(f"{i.digest[7:19]}  {','.join(i.formats) or '-':10} {_human(i.bytes):>7} "
-                   f"(+{_human(i.shared_bytes)} shared)  {i.platform or '-':12} created {_when(i.created)}  "
-                   f"used {_when(i.last_used)}  {len(i.live_sessions)} live  {' '.join(i.refs) or '<none>'}")
+    if _quiet():  # what rmi takes: each ref, or the digest of an image no ref names
+        for i in items:
+            click.echo("\n".join(i.refs) if i.refs else i.digest)
+        return
+    _table(("DIGEST", "FORMATS", "SIZE", "SHARED", "PLATFORM", "CREATED", "LAST USED", "LIVE", "REFS"),
+           [(i.digest[7:19], ",".join(i.formats) or "-", _human(i.bytes), _human(i.shared_bytes), i.platform or "-",
+             _when(i.created), _when(i.last_used), str(len(i.live_sessions)), " ".join(i.refs) or "<none>")
+            for i in items], right=(2, 3, 7))
 
 
 @cli.command("rmi")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--force", is_flag=True, help="Remove the live sessions using them first.")
 @cache_dir_option
-def rmi_cmd(images: tuple[str, ...], force: bool, cache_dir: Path | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print what was removed as a JSON object.")
+def rmi_cmd(images: tuple[str, ...], force: bool, cache_dir: Path | None, as_json: bool) -> None:
     """Remove cached IMAGES (a ref or a digest prefix): ref records, bases, disks, local variants' exports.
     Blobs are left to gc."""
     from .store.cache import Cache
     from .lifecycle import rmi
 
     report = rmi(Cache(cache_dir), list(images), force=force)
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(report), indent=2))
+        return
     for sid in report.sessions:
         click.echo(f"removed session {sid}")
     for digest in report.images:
@@ -484,14 +598,15 @@ def gc_cmd(max_size: str | None, keep: str | None, dry_run: bool, cache_dir: Pat
         click.echo(json.dumps(report.as_json(), indent=2))
         return
     verb = "would remove" if dry_run else "removed"
-    for r in report.removed:
-        click.echo(f"{verb} {r.kind} {r.name} ({_human(r.bytes)})")
+    if report.removed:
+        _table(("ACTION", "KIND", "NAME", "SIZE"),
+               [(verb, r.kind, r.name, _human(r.bytes)) for r in report.removed], right=(3,))
     freed = ", ".join(f"{kind} {_human(n)}" for kind, n in report.freed().items()) or "nothing"
     click.echo(f"{'would free' if dry_run else 'freed'}: {freed}; cache {_human(report.size_before)} -> "
                f"{_human(report.size_after)}")
 
 
-@cli.group("cache")
+@cli.group("cache", cls=_Group)
 def cache_group() -> None:
     """Check the cache's integrity."""
 
@@ -510,8 +625,8 @@ def cache_verify(ctx: click.Context, repair: bool, cache_dir: Path | None, as_js
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
     else:
-        for p in report.problems:
-            click.echo(f"{p.what}: {p.kind} {p.name} {p.detail}".rstrip())
+        if report.problems:
+            _table(("PROBLEM", "KIND", "NAME", "DETAIL"), [(p.what, p.kind, p.name, p.detail) for p in report.problems])
         for name in report.repaired:
             click.echo(f"repaired: removed {name}")
         click.echo(f"{report.blobs} blobs, {report.bases} bases: "
@@ -526,13 +641,37 @@ def _sessions(cache_dir: Path | None) -> "Sessions":
     return Sessions(Cache(cache_dir))
 
 
+def _session_id(sessions: "Sessions", given: str) -> str:
+    """The ID of the session ``given`` names: its ID, or a path session create printed (the rootfs, the
+    session's directory or a file in it; an erofs session's disk is the shared base image, so that path
+    names a session only while one session alone uses it)."""
+    import re
+
+    if re.fullmatch(r"[0-9a-f]{32}", given):
+        return given
+    path = Path(os.path.realpath(given))
+    top = Path(os.path.realpath(sessions.dir))
+    if path.is_relative_to(top) and path != top:
+        return path.relative_to(top).parts[0]
+    users = [s.id for s in sessions.list() if s.disk and Path(os.path.realpath(s.disk)) == path]
+    if len(users) == 1:
+        return users[0]
+    from .errors import SessionError
+
+    if users:
+        raise SessionError(f"session {given}: {len(users)} sessions share this disk ({', '.join(users)}); "
+                           "give the session's ID")
+    raise SessionError(f"session {given!r}: neither a session ID (32 hex digits) nor a path in {sessions.dir}; "
+                       "`dirge session ls` lists them")
+
+
 def _session_json(info: "SessionInfo", sessions: "Sessions") -> dict[str, Any]:
     # A disk session has no rootfs directory: its "path" is null, its "disk" the VM's root disk.
     path = None if info.disk else str(sessions.rootfs(info.id))
     return {**dataclasses.asdict(info), "path": path, "alive": info.alive()}
 
 
-@cli.group("session")
+@cli.group("session", cls=_Group)
 def session_group() -> None:
     """Create, list, remove and snapshot session rootfs."""
 
@@ -544,7 +683,7 @@ _PREPARE_OPTIONS = {
                              help="How to make the session (default: the fastest available)."),
     "base_format": click.option("--base-format", type=click.Choice(choices(BaseFormat)), envvar=FORMAT_ENV,
                                 help=f"What the cached base is built as (default: ${FORMAT_ENV}, else auto)."),
-    "platform": click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image."),
+    "platform": click.option("--platform", type=PLATFORM, help="os/arch[/variant] to pick from a multi-platform image."),
     "rootless": click.option("--rootless", is_flag=True,
                              help="Build the base as an unprivileged user would (automatic when not root)."),
     "limits": click.option("--limit", "limits", multiple=True, metavar="NAME=N",
@@ -570,7 +709,6 @@ _PREPARE_OPTIONS = {
 }
 # How a field's command-line value becomes the option's value (the others are taken as they are).
 _PREPARE_CONVERT: dict[str, Any] = {
-    "platform": lambda v: parse_platform(v) if v else None,
     "rootless": lambda v: True if v else None,
     "limits": lambda v: _limits(v),
     "creds": lambda v: _creds(v),
@@ -621,70 +759,91 @@ def _prepared_json(prepared: Any) -> dict[str, Any]:  # a rootfs.PreparedRootfs 
 
 @session_group.command("ls")
 @cache_dir_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def session_ls(cache_dir: Path | None, as_json: bool) -> None:
-    """List sessions, with whether their creating process is still alive."""
+    """List sessions, with whether their creating process is still alive (alias: list; -q: IDs only)."""
     sessions = _sessions(cache_dir)
     items = [_session_json(s, sessions) for s in sessions.list()]
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return
-    for item in items:
-        click.echo(f"{item['id']}  {item['strategy']:8} {'alive' if item['alive'] else 'dead ':5}  "
-                   f"{item['image']}  {item['path']}")
+    if _quiet():
+        click.echo("".join(f"{item['id']}\n" for item in items), nl=False)
+        return
+    _table(("ID", "STRATEGY", "OWNER", "IMAGE", "PATH"),
+           [(item["id"], item["strategy"], "alive" if item["alive"] else "dead", item["image"],
+             str(item["path"] or item["disk"])) for item in items])
 
 
 @session_group.command("rm")
-@click.argument("session_id", required=False)
+@click.argument("session_id", required=False, metavar="[SESSION]")
 @click.option("--all", "remove_all", is_flag=True, help="Remove every session.")
 @cache_dir_option
-def session_rm(session_id: str | None, remove_all: bool, cache_dir: Path | None) -> None:
-    """Remove a session (unmounting it first), or all with --all."""
+@click.option("--json", "as_json", is_flag=True, help="Print the removed sessions' IDs as a JSON list.")
+def session_rm(session_id: str | None, remove_all: bool, cache_dir: Path | None, as_json: bool) -> None:
+    """Remove a session (unmounting it first), or all with --all.
+
+    SESSION is its ID or what session create printed (its path)."""
     sessions = _sessions(cache_dir)
     if bool(session_id) == remove_all:
-        raise click.UsageError("give a session ID or --all")
-    for sid in [s.id for s in sessions.list()] if remove_all else [session_id or ""]:
+        raise click.UsageError("give a session (its ID or path) or --all")
+    removed = [s.id for s in sessions.list()] if remove_all else [_session_id(sessions, session_id or "")]
+    for sid in removed:
         sessions.get(sid)
         sessions.remove(sid)
+    if as_json:
+        click.echo(json.dumps(removed))
 
 
 @session_group.command("prune")
 @cache_dir_option
-def session_prune(cache_dir: Path | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the removed sessions' IDs as a JSON list.")
+def session_prune(cache_dir: Path | None, as_json: bool) -> None:
     """Remove sessions whose creating process has exited."""
-    for sid in _sessions(cache_dir).prune():
+    removed = _sessions(cache_dir).prune()
+    if as_json:
+        click.echo(json.dumps(removed))
+    for sid in [] if as_json else removed:
         click.echo(f"removed {sid}")
 
 
-@session_group.group("snapshot")
+@session_group.group("snapshot", cls=_Group)
 def snapshot_group() -> None:
     """Save a session's state under a name and start new sessions from it."""
 
 
 @snapshot_group.command("save")
-@click.argument("session_id")
+@click.argument("session_id", metavar="SESSION")
 @click.argument("name")
 @cache_dir_option
-def snapshot_save(session_id: str, name: str, cache_dir: Path | None) -> None:
-    click.echo(_sessions(cache_dir).snapshot_save(session_id, name))
+@click.option("--json", "as_json", is_flag=True, help="Print the snapshot's record and path as a JSON object.")
+def snapshot_save(session_id: str, name: str, cache_dir: Path | None, as_json: bool) -> None:
+    """Save SESSION (its ID or path) as snapshot NAME; print the snapshot's directory."""
+    sessions = _sessions(cache_dir)
+    path = sessions.snapshot_save(_session_id(sessions, session_id), name)
+    click.echo(json.dumps({**sessions.snapshot_meta(name), "path": str(path)}, indent=2) if as_json else path)
 
 
-@snapshot_group.command("list")
+@snapshot_group.command("ls")
 @cache_dir_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def snapshot_list(cache_dir: Path | None, as_json: bool) -> None:
+    """List snapshots (alias: list; -q: names only)."""
     items = _sessions(cache_dir).snapshot_list()
     if as_json:
         click.echo(json.dumps(items, indent=2))
-    for item in [] if as_json else items:
-        click.echo(f"{item['name']}  {item['kind']:5}  {item['image']}  from session {item['session']}")
+    elif _quiet():
+        click.echo("".join(f"{item['name']}\n" for item in items), nl=False)
+    else:
+        _table(("NAME", "KIND", "IMAGE", "SESSION"),
+               [(str(i["name"]), str(i["kind"]), str(i["image"]), str(i["session"])) for i in items])
 
 
 @snapshot_group.command("restore")
 @click.argument("name")
 @cache_dir_option
-@click.option("--owner-pid", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--owner-pid", type=int, help="Process whose exit makes the session prunable (default: the caller).")
+@click.option("--json", "as_json", is_flag=True, help="Print the new session as a JSON object instead of its path.")
 def snapshot_restore(name: str, cache_dir: Path | None, owner_pid: int | None, as_json: bool) -> None:
     """Make a new session from the snapshot's base plus the snapshot (the base stays pristine)."""
     from .rootfs import restore
@@ -698,15 +857,24 @@ def snapshot_restore(name: str, cache_dir: Path | None, owner_pid: int | None, a
 @snapshot_group.command("delete")
 @click.argument("name")
 @cache_dir_option
-def snapshot_delete(name: str, cache_dir: Path | None) -> None:
-    _sessions(cache_dir).snapshot_delete(name)
+@click.option("--json", "as_json", is_flag=True, help="Print the deleted snapshot's record as a JSON object.")
+def snapshot_delete(name: str, cache_dir: Path | None, as_json: bool) -> None:
+    """Delete snapshot NAME."""
+    sessions = _sessions(cache_dir)
+    meta = sessions.snapshot_meta(name) if as_json else None
+    sessions.snapshot_delete(name)
+    if as_json:
+        click.echo(json.dumps(meta, indent=2))
+
+
+_share_options(cli)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
+    state: dict[str, Any] = {}  # the commands' shared options, read back here for --debug
     try:
-        status = cli.main(args=args, prog_name="dirge", standalone_mode=False)
+        status = cli.main(args=args, prog_name="dirge", standalone_mode=False, obj=state)
     except click.exceptions.Abort:
         click.echo("dirge: aborted", err=True)
         return 130
@@ -714,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         exc.show()
         return exc.exit_code
     except DirgeError as exc:
-        if debug:
+        if state.get("debug"):
             traceback.print_exc()
         # The kind says whose failure it is: the image's, an output format's, the host's.
         click.echo(f"dirge: error: {exc.kind + ': ' if exc.kind else ''}{exc}", err=True)
@@ -723,14 +891,14 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("dirge: interrupted", err=True)
         return 130
     except OSError as exc:  # not wrapped with context on its way up: still say what and where
-        if debug:
+        if state.get("debug"):
             traceback.print_exc()
         where = f"{exc.filename}: " if exc.filename else ""
         click.echo(f"dirge: error: {where}{exc.strerror or exc}; check permissions and free space "
                    "(rerun with --debug for a traceback)", err=True)
         return 1
     except Exception as exc:  # a bug: still one line, with the way to see more
-        if debug:
+        if state.get("debug"):
             traceback.print_exc()
         click.echo(f"dirge: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)",
                    err=True)

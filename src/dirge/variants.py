@@ -293,7 +293,19 @@ def retire_old_images(buildah: Buildah, cache_root: Path, variant: Variant, keep
             continue
 
 
-def build_variant(name: str, cache_root: Path) -> LocalImage:
+def build_variant(name: str, cache_root: Path, *, offline: bool = False) -> LocalImage:
     """The current image of variant ``name``, built first if missing or stale: the ``build`` hook that
-    callers of ``sources.open`` hand in (the sources sit below this module and never import it)."""
+    callers of ``sources.open`` hand in (the sources sit below this module and never import it).
+    ``offline`` (``--pull never``) never builds: a build pulls the FROM images and runs the Dockerfile,
+    so a variant not built, or whose directory changed since, is an error saying how to build it."""
+    if offline:
+        variant = find_variant(name)
+        image = Buildah(cache_root).inspect(variant.tag)
+        if image is None:
+            raise BuildError(f"image {name} is not built and --pull never does not build; "
+                             f"run `dirge build {name}` (or use --pull missing)")
+        if not is_current(image, variant, None):
+            raise BuildError(f"image {name} changed since it was built ({variant.path}) and --pull never "
+                             f"does not build; run `dirge build {name}` (or use --pull missing)")
+        return image
     return build_guest_image(name, cache_root=cache_root).image

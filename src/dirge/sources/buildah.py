@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from ..store.cache import Layout
 from ..errors import BuildError, LockTimeout
@@ -270,18 +270,23 @@ def _replaced(what: str, image: LocalImage) -> BuildError:
                       "command again to use the new one")
 
 
-VariantBuilder = Callable[[str, Path], LocalImage]  # (variant name, cache root) → its current image
+class VariantBuilder(Protocol):
+    """(variant name, cache root) → its current image, built first if missing or stale; ``offline``
+    (``--pull never``): never build, and a variant not built or changed since is an error."""
+
+    def __call__(self, name: str, cache_root: Path, *, offline: bool = False) -> LocalImage: ...
 
 
-def open_local(ref: LocalReference, cache_root: Path, *,
-               build: VariantBuilder | None = None) -> tuple[LayoutSource, Descriptor]:
+def open_local(ref: LocalReference, cache_root: Path, *, build: VariantBuilder | None = None,
+               offline: bool = False) -> tuple[LayoutSource, Descriptor]:
     """A source and start descriptor for ``local://NAME``. A variant's image comes from ``build``
-    (which builds it if missing or stale): the variant builder sits above this module and is handed
-    in, so sources never import it. Without ``build``, a variant is read as it is in the storage."""
+    (which builds it if missing or stale, unless ``offline``: then it only checks it is current): the
+    variant builder sits above this module and is handed in, so sources never import it. Without
+    ``build``, a variant is read as it is in the storage."""
     check_export_path(cache_root, str(ref))
     buildah = Buildah(cache_root)
     if ref.variant is not None and build is not None:
-        image = build(ref.variant, cache_root)
+        image = build(ref.variant, cache_root, offline=offline)
     else:
         found = buildah.inspect(ref.name)
         if found is None:

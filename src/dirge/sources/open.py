@@ -5,8 +5,9 @@
     local://NAME      → ExportSource: a buildah image exported once into the cache (sources/buildah.py)
 
 A variant (``local://debian``) is built by ``build``, which the caller hands in: the variant builder
-(``variants.py``) sits above the sources, so no source imports it. Without ``build`` a variant's image is
-read as it is in buildah's storage.
+(``variants.py``) sits above the sources, so no source imports it; with ``--pull never`` it builds nothing
+and refuses a variant that is not built or changed since. Without ``build`` a variant's image is read as it
+is in buildah's storage.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def open_start(
     from .buildah import open_local
 
     cache = cache or Cache()
-    local_source, local_start = open_local(ref, cache.root, build=build)
+    # --pull never builds nothing (a build pulls its FROM images): a variant not built, or changed
+    # since, is an error naming the command that builds it.
+    local_source, local_start = open_local(ref, cache.root, build=build, offline=pull == "never")
     try:
         cache.record_ref(str(ref), local_start.digest)
     except BaseException:
