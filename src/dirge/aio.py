@@ -59,7 +59,7 @@ from .oci.image import Descriptor, Platform
 from .oci.resolve import ResolvedImage
 from .options import DiskOptions, PrepareOptions
 from .rootfs import FileSpec, PreparedRootfs, prepare_with
-from .sources.auth import Credentials
+from .sources.auth import Credentials, RegistryOptions
 from .sources.open import pull_image
 from .variants import build_variant
 from .waits import cancelled, lend
@@ -360,6 +360,7 @@ def prepare(
     lock_timeout: float = 600.0,
     pull: str = "missing",
     creds: Credentials | None = None,
+    registry_options: RegistryOptions | None = None,
     disk: str | None = None,
     disk_format: str = "raw",
     disk_size: int | None = None,
@@ -384,6 +385,7 @@ async def pull(
     cache: Cache | None = None,
     pull: str = "always",
     creds: Credentials | None = None,
+    registry_options: RegistryOptions | None = None,
     on_bytes: BytesCallback | None = None,
 ) -> ResolvedImage:
     """``dirge.sources.open.pull_image`` off the loop; ``on_bytes(desc, done)`` (sync or async) on the loop.
@@ -391,7 +393,8 @@ async def pull(
     policy = pull
 
     def work(relay: _Relay) -> ResolvedImage:
-        return pull_image(image, platform, cache=cache, pull=policy, creds=creds, on_bytes=relay.on_bytes,
+        return pull_image(image, platform, cache=cache, pull=policy, creds=creds, registry_options=registry_options,
+                          on_bytes=relay.on_bytes,
                           build=build_variant)
 
     return await _Relay(on_bytes=on_bytes).run(work)
@@ -406,6 +409,7 @@ async def export(
     cache: Cache | None = None,
     pull: str = "missing",
     creds: Credentials | None = None,
+    registry_options: RegistryOptions | None = None,
     limits: Limits = Limits(),
     progress: AsyncProgress | None = None,
     disk: DiskOptions | None = None,
@@ -415,6 +419,7 @@ async def export(
 
     def work(relay: _Relay) -> ExportResult:
         return sync_export(image, out, format=format, platform=platform, cache=cache, pull=pull, creds=creds,
+                           registry_options=registry_options,
                               limits=limits, progress=relay.progress, disk=disk)
 
     return await _Relay(progress).run(work)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -20,8 +21,9 @@ from .options import FIELDS, DiskOptions, PrepareOptions
 from .session.backends import STRATEGIES
 
 if TYPE_CHECKING:
+    from .oci.image import Platform
     from .session import Sessions, SessionInfo
-    from .sources.auth import Credentials
+    from .sources.auth import Credentials, RegistryOptions
 
 
 def _size(value: str) -> int | None:
@@ -80,25 +82,63 @@ pull_option = click.option("--pull", type=click.Choice(["always", "missing", "ne
 creds_option = click.option("--creds", metavar="USER:PASSWORD",
                             help="Registry credentials (default: docker/podman auth files and helpers).")
 
+# What every command that may pull takes (skopeo's names), as the command's keywords: ``platform`` (a
+# Platform or None), ``creds`` (Credentials or None) and ``registry_options`` (RegistryOptions or None).
+_REGISTRY_OPTIONS = (
+    click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image (default: the host's)."),
+    creds_option,
+    click.option("--authfile", type=click.Path(path_type=Path), metavar="PATH",
+                 help="The auth.json to read credentials from, alone (default: $REGISTRY_AUTH_FILE, else "
+                      "podman's and docker's files; see docs/CONFIG.md)."),
+    click.option("--cert-dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+                 help="CA *.crt and client *.cert/*.key files for the registry, instead of certs.d/HOST:PORT."),
+    click.option("--tls-verify/--no-tls-verify", default=None,
+                 help="Require verified HTTPS (even to loopback), or allow any certificate and plain HTTP "
+                      "(default: registries.conf's insecure, and plain HTTP to loopback registries)."),
+)
+
+
+def registry_params(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` (a command's, as click parsed them) with the registry options' raw values replaced by
+    ``platform``, ``creds`` and ``registry_options``."""
+    from .sources.auth import RegistryOptions
+
+    platform, creds = params.pop("platform"), params.pop("creds")
+    given = (params.pop("authfile"), params.pop("cert_dir"), params.pop("tls_verify"))
+    return {**params, "platform": parse_platform(platform) if platform else None, "creds": _creds(creds),
+            "registry_options": RegistryOptions(*given) if given != (None, None, None) else None}
+
+
+def registry_options(command: Any) -> Any:
+    """The decorator for every command that may pull: --platform, --creds, --authfile, --cert-dir,
+    --tls-verify/--no-tls-verify, handed to ``command`` parsed (``registry_params``)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return command(*args, **registry_params(kwargs))
+
+    for option in reversed(_REGISTRY_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
 
 @cli.command("pull")
 @click.argument("image")
-@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
+@registry_options
 @click.option("--pull", "policy", type=click.Choice(["always", "missing", "never"]), default="always",
               show_default=True)
-@creds_option
 @click.option("--cache-dir", type=click.Path(path_type=Path), envvar="DIRGE_CACHE_DIR")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, cache_dir: Path | None,
-             as_json: bool) -> None:
+def pull_cmd(image: str, platform: "Platform | None", policy: str, creds: "Credentials | None",
+             registry_options: "RegistryOptions | None", cache_dir: Path | None, as_json: bool) -> None:
     """Download IMAGE's manifest, config and layers into the cache; print the manifest digest."""
     from .store.cache import Cache
     from .sources.open import pull_image
     from .variants import build_variant
 
     with _progress() as progress:
-        resolved = pull_image(image, parse_platform(platform) if platform else None, cache=Cache(cache_dir),
-                              pull=policy, creds=_creds(creds), on_bytes=progress.download if progress else None,
+        resolved = pull_image(image, platform, cache=Cache(cache_dir), pull=policy, creds=creds,
+                              registry_options=registry_options, on_bytes=progress.download if progress else None,
                               build=build_variant)
     if as_json:
         click.echo(json.dumps({"image": image, "digest": str(resolved.manifest_digest),
@@ -111,9 +151,8 @@ def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, c
 @cli.command("unpack")
 @click.argument("image")
 @click.argument("dest", type=click.Path(path_type=Path))
-@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
+@registry_options
 @pull_option
-@creds_option
 @click.option("--cache-dir", type=click.Path(path_type=Path), envvar="DIRGE_CACHE_DIR",
               help="Where registry blobs are kept.")
 @click.option("--rootless", is_flag=True, help="Unpack as an unprivileged user would (automatic when not root).")
@@ -121,17 +160,17 @@ def pull_cmd(image: str, platform: str | None, policy: str, creds: str | None, c
               help="Override a safety limit: " + ", ".join(f.name for f in dataclasses.fields(Limits)) +
                    " (max_layer_bytes: decompressed bytes of one layer).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def unpack_cmd(image: str, dest: Path, platform: str | None, pull: str, creds: str | None, cache_dir: Path | None,
-               rootless: bool, limits: tuple[str, ...], as_json: bool) -> None:
+def unpack_cmd(image: str, dest: Path, platform: "Platform | None", pull: str, creds: "Credentials | None",
+               registry_options: "RegistryOptions | None", cache_dir: Path | None, rootless: bool, limits: tuple[str, ...], as_json: bool) -> None:
     """Write the flattened rootfs of IMAGE (oci:PATH[:TAG] or a registry ref) into DEST (absent or empty)."""
     from .store.cache import Cache
     from .unpack import unpack
 
     cache = None if image.startswith("oci:") else Cache(cache_dir)
     with _progress() as progress:
-        result = unpack(image, dest, platform=parse_platform(platform) if platform else None,
+        result = unpack(image, dest, platform=platform,
                         rootless=True if rootless else None, limits=_limits(limits), cache=cache, pull=pull,
-                        creds=_creds(creds), on_bytes=progress.download if progress else None,
+                        creds=creds, registry_options=registry_options, on_bytes=progress.download if progress else None,
                         progress=progress.apply if progress else None)
     summary: dict[str, Any] = {
         "image": image,
@@ -202,11 +241,14 @@ def _key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--kernel-log", is_flag=True, help="Show the kernel's console messages too.")
 @click.option("--user", "-u", help="Run as this user instead of the image's (name, uid, uid:gid, user:group).")
 @click.option("--env", "-e", "env", multiple=True, metavar="KEY=VALUE", help="Add to the image's environment.")
+@registry_options
 @pull_option
 @cache_dir_option
 def boot_cmd(image: str, command: tuple[str, ...], disk: str, kernel: Path | None, initrd: Path | None,
              memory: int, cpus: int, accel: str, timeout: float, keep: bool, virtiofsd: str | None,
-             kernel_log: bool, user: str | None, env: tuple[str, ...], pull: str, cache_dir: Path | None) -> int:
+             kernel_log: bool, user: str | None, env: tuple[str, ...], platform: "Platform | None",
+             creds: "Credentials | None", registry_options: "RegistryOptions | None", pull: str,
+             cache_dir: Path | None) -> int:
     """Boot IMAGE in a QEMU microVM and run its command (or CMD); exit with the command's status.
 
     Exit status: the guest command's; 124 when the guest does not finish within --timeout; 125 when
@@ -220,7 +262,8 @@ def boot_cmd(image: str, command: tuple[str, ...], disk: str, kernel: Path | Non
         result = boot(image, cache_dir, disk=disk, command=list(command) or None, kernel=kernel, initrd=initrd,
                       memory=memory, cpus=cpus, accel=accel, timeout=timeout, keep=keep,
                       console=click.echo, virtiofsd=virtiofsd, pull=pull, kernel_log=kernel_log, user=user,
-                      env=_key_values(env, "--env"))
+                      env=_key_values(env, "--env"), platform=platform, creds=creds,
+                      registry_options=registry_options)
     except GuestFailed as exc:
         if debug and exc.console_tail:
             click.echo(exc.console_tail, err=True)
@@ -278,15 +321,14 @@ def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
               help="ext4: the disk's size (bytes, or with K, M, G, T), auto = the content plus headroom.")
 @click.option("--no-journal", is_flag=True, help="ext4: no jbd2 journal.")
 @click.option("--inodes", type=click.IntRange(min=1), help="ext4: the inode count (default: the entries plus headroom).")
-@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image.")
+@registry_options
 @pull_option
-@creds_option
 @cache_dir_option
 @click.option("--limit", "limits", multiple=True, metavar="NAME=N", help="Override a safety limit (see unpack).")
 @click.option("--json", "as_json", is_flag=True, help="Print path, format, size, digest and sha256 as JSON.")
 def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, inodes: int | None,
-               platform: str | None, pull: str,
-               creds: str | None, cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
+               platform: "Platform | None", creds: "Credentials | None", registry_options: "RegistryOptions | None",
+               pull: str, cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
     """Write IMAGE as one artifact OUT: an erofs or ext4 disk image, a flattened tar or a directory."""
     from .store.cache import Cache
     from .export import export
@@ -294,8 +336,8 @@ def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, ino
 
     with _progress() as progress:
         result = export(canonicalize_image_ref(image), out, format=fmt,
-                        platform=parse_platform(platform) if platform else None, cache=Cache(cache_dir),
-                        pull=pull, creds=_creds(creds), limits=_limits(limits),
+                        platform=platform, cache=Cache(cache_dir),
+                        pull=pull, creds=creds, registry_options=registry_options, limits=_limits(limits),
                         progress=progress.apply if progress else None,
                         disk=DiskOptions(_size(size), not no_journal, inodes))
     if as_json:
@@ -311,13 +353,13 @@ def export_cmd(image: str, out: Path, fmt: str, size: str, no_journal: bool, ino
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.option("--raw", is_flag=True, help="Print the manifest (or index) bytes exactly as fetched.")
 @click.option("--config", "config", is_flag=True, help="Print the config bytes exactly as fetched.")
-@click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image (default: the host's).")
+@registry_options
 @click.option("--pull", type=click.Choice(["always", "missing", "never"]), default="always", show_default=True,
               help="Registry images: always ask the registry, or (never) read the cache only.")
-@creds_option
 @cache_dir_option
-def inspect_cmd(image: str, as_json: bool, raw: bool, config: bool, platform: str | None, pull: str,
-                creds: str | None, cache_dir: Path | None) -> None:
+def inspect_cmd(image: str, as_json: bool, raw: bool, config: bool, platform: "Platform | None",
+                creds: "Credentials | None", registry_options: "RegistryOptions | None", pull: str,
+                cache_dir: Path | None) -> None:
     """Show IMAGE's digest, media type, platforms, layers and config without unpacking anything."""
     from .store.cache import Cache
     from .inspect import inspect_image
@@ -326,7 +368,7 @@ def inspect_cmd(image: str, as_json: bool, raw: bool, config: bool, platform: st
     if sum((as_json, raw, config)) > 1:
         raise click.UsageError("choose one of --json, --raw and --config")
     result = inspect_image(canonicalize_image_ref(image), cache=None if image.startswith("oci:") else Cache(cache_dir),
-                           pull=pull, platform=parse_platform(platform) if platform else None, creds=_creds(creds))
+                           pull=pull, platform=platform, creds=creds, registry_options=registry_options)
     if raw or config:
         sys.stdout.flush()
         sys.stdout.buffer.write(result.raw if raw else result.config_raw)  # as fetched: they hash to the digest
@@ -490,7 +532,6 @@ _PREPARE_OPTIONS = {
                              help="How to make the session (default: the fastest available)."),
     "base_format": click.option("--base-format", type=click.Choice(FORMAT_CHOICES), envvar=FORMAT_ENV,
                                 help=f"What the cached base is built as (default: ${FORMAT_ENV}, else auto)."),
-    "platform": click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image."),
     "rootless": click.option("--rootless", is_flag=True,
                              help="Build the base as an unprivileged user would (automatic when not root)."),
     "limits": click.option("--limit", "limits", multiple=True, metavar="NAME=N",
@@ -498,7 +539,6 @@ _PREPARE_OPTIONS = {
     "lock_timeout": click.option("--lock-timeout", type=click.FloatRange(min=0), default=600.0, show_default=True,
                                  metavar="S", help="Seconds to wait for a base another process is building."),
     "pull": pull_option,
-    "creds": creds_option,
     "disk": click.option("--disk", type=click.Choice(["ext4", "erofs"]),
                          help="A disk session for a block-device VM: its own ext4 disk, or the shared erofs image "
                               "plus its own scratch ext4 (no mount, no root)."),
@@ -516,19 +556,21 @@ _PREPARE_OPTIONS = {
 }
 # How a field's command-line value becomes the option's value (the others are taken as they are).
 _PREPARE_CONVERT: dict[str, Any] = {
-    "platform": lambda v: parse_platform(v) if v else None,
     "rootless": lambda v: True if v else None,
     "limits": lambda v: _limits(v),
-    "creds": lambda v: _creds(v),
     "disk_size": lambda v: _size(v),
 }
+
+
+_REGISTRY_FIELDS = ("platform", "creds", "registry_options")  # registry_options (the decorator) gives them
 
 
 def prepare_options(command: Any) -> Any:
     """The decorator that gives ``command`` every PrepareOptions field as an option."""
     for name in reversed(FIELDS):
-        command = _PREPARE_OPTIONS[name](command)
-    return command
+        if name not in _REGISTRY_FIELDS:
+            command = _PREPARE_OPTIONS[name](command)
+    return registry_options(command)
 
 
 def _prepare_options(params: dict[str, Any]) -> PrepareOptions:

@@ -16,7 +16,7 @@ from .apply.layer import Limits
 from .oci.image import Platform
 
 if TYPE_CHECKING:
-    from .sources.auth import Credentials
+    from .sources.auth import Credentials, RegistryOptions
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class PrepareOptions:
     lock_timeout: float = 600.0  # seconds to wait for a base another process is building
     pull: str = "missing"  # registry images: always, missing or never
     creds: Credentials | None = None  # None: docker/podman auth files and helpers
+    registry_options: RegistryOptions | None = None  # --authfile, --cert-dir, --tls-verify; None: the config files
     disk: str | None = None  # "ext4" or "erofs": a disk session instead of a directory
     disk_format: str = "raw"  # ext4 disk sessions: raw or qcow2
     disk_size: int | None = None  # the ext4 base disk's size (erofs: the scratch disk's); None: automatic

@@ -29,7 +29,7 @@ from .oci.image import Platform
 from .options import PrepareOptions
 from .oci.reference import canonicalize_image_ref, local_variant_name
 from .session import DISK, SCRATCH_SIZE, Sessions, SessionInfo, backends, destroy
-from .sources.auth import Credentials
+from .sources.auth import Credentials, RegistryOptions
 from .session.customize import (DirWriter, Ext4DiskWriter, FileSpec, RootfsWriter, add_user, write_files,
                                 write_krun_config)
 from .unpack import ProgressFn
@@ -161,6 +161,7 @@ def prepare(
     lock_timeout: float = 600.0,
     pull: str = "missing",
     creds: Credentials | None = None,
+    registry_options: RegistryOptions | None = None,
     disk: str | None = None,
     disk_format: str = "raw",
     disk_size: int | None = None,

@@ -30,7 +30,7 @@ from .sources.partial import StreamRestarted
 from .variants import build_variant
 
 if TYPE_CHECKING:
-    from .sources.auth import Credentials
+    from .sources.auth import Credentials, RegistryOptions
     from .store.cache import Cache
 
 
@@ -184,6 +184,7 @@ def unpack(
     cache: "Cache | None" = None,
     pull: str = "missing",
     creds: "Credentials | None" = None,
+    registry_options: "RegistryOptions | None" = None,
     on_bytes: "Callable[[Descriptor, int], None] | None" = None,
 ) -> UnpackResult:
     """Write the flattened rootfs of ``image`` into ``dest`` (absent or empty), all or nothing."""
@@ -192,7 +193,8 @@ def unpack(
         rootless = os.geteuid() != 0
     if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
         raise DirgeError(f"unpack {image}: destination {dest} exists and is not an empty directory")
-    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes,
+    source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds,
+                                  registry_options=registry_options, on_bytes=on_bytes,
                                   build=build_variant)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)

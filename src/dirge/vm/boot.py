@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..store.cache import Cache
 from ..errors import BootError
@@ -30,6 +31,10 @@ from .guest import GuestSpec, install_guest
 from .initramfs import build_initramfs, find_kernel
 from .qemu import ConsoleFn, Drive, VmSpec, choose_accel, find_qemu, run_vm
 from .share import capfiles_text, map_session, setcaps_program, unmap_session
+
+if TYPE_CHECKING:
+    from ..oci.image import Platform
+    from ..sources.auth import Credentials, RegistryOptions
 
 __all__ = ["BOOT_DISKS", "BOOT_FAILED", "BOOT_TIMED_OUT", "BootResult", "Booted", "boot", "boot_session"]
 
@@ -173,7 +178,8 @@ def boot(image: str, cache_dir: str | os.PathLike[str] | None = None, *, disk: s
          initrd: str | os.PathLike[str] | None = None, memory: int = 512, cpus: int = 1, accel: str = "auto",
          timeout: float = 300.0, keep: bool = False, console: ConsoleFn | None = None,
          virtiofsd: str | None = None, pull: str = "missing", kernel_log: bool = False,
-         user: str | None = None, env: Mapping[str, str] | None = None) -> BootResult:
+         user: str | None = None, env: Mapping[str, str] | None = None, platform: "Platform | None" = None,
+         creds: "Credentials | None" = None, registry_options: "RegistryOptions | None" = None) -> BootResult:
     """Prepare ``image`` as a ``disk`` session and boot it (module doc). Raises BootError when no
     kernel/QEMU/busybox is found (before preparing anything) and GuestFailed when the guest does not
     finish its command."""
@@ -183,7 +189,8 @@ def boot(image: str, cache_dir: str | os.PathLike[str] | None = None, *, disk: s
     find_kernel(kernel)
     cache = Cache(cache_dir)
     started = time.monotonic()
-    prepared = prepare(image, cache.root, disk=None if disk == "dir" else disk, pull=pull)
+    prepared = prepare(image, cache.root, disk=None if disk == "dir" else disk, pull=pull, platform=platform,
+                       creds=creds, registry_options=registry_options)
     prepared_at = time.monotonic()
     try:
         booted = boot_session(prepared, cache_dir=cache.root, kernel=kernel, initrd=initrd,
