@@ -485,6 +485,8 @@ class TokenRequest:
     scopes: tuple[str, ...]
     username: str | None  # from HTTP Basic (GET) or the password grant (POST)
     status: int
+    grant: str | None = None  # the POST's grant_type (password, refresh_token)
+    client_id: str | None = None
 
 
 class _Server(ThreadingHTTPServer):
@@ -553,6 +555,8 @@ class FaultProxy:
     (or the OAuth2 ``POST /token`` password grant) whose scope covers the repository; otherwise 401 with a
     ``WWW-Authenticate: Bearer realm=...,service=...,scope=...`` challenge. With ``bearer_creds=(user, pw)`` the
     token endpoint rejects wrong Basic credentials with 401, and missing ones too unless ``allow_anonymous``.
+    With ``refresh_token=T``, ``POST /token`` with ``grant_type=refresh_token`` and ``refresh_token=T`` gets a token
+    (another refresh token gets 401): docker's ``identitytoken``.
     Faults apply only to requests that pass the auth check (and to ``/token`` itself).
 
     ``requests`` lists ``(method, path, status)`` of everything answered (status 0 for ``"close"``);
@@ -569,6 +573,7 @@ class FaultProxy:
         allow_anonymous: bool | None = None,
         service: str = "test-registry",
         expire_every: int | None = None,
+        refresh_token: str | None = None,
     ) -> None:
         parts = urlsplit(upstream_url)
         if parts.scheme not in ("http", "https") or parts.hostname not in (LOOPBACK, "localhost"):
@@ -579,6 +584,7 @@ class FaultProxy:
         self._upstream_ctx = ssl_context(upstream_ca) if parts.scheme == "https" else None
         self.bearer = bearer
         self.bearer_creds = bearer_creds
+        self.refresh_token = refresh_token  # the OAuth2 refresh_token grant accepts this one (docker's identitytoken)
         self.allow_anonymous = (bearer_creds is None) if allow_anonymous is None else allow_anonymous
         self.service = service
         # short-lived tokens, deterministically: every issued token expires after this many authorized requests
@@ -805,12 +811,18 @@ class FaultProxy:
     def _serve_token(self, h: _Handler, method: str, path: str, body: bytes | None) -> None:
         query = parse_qs(urlsplit(path).query)
         username = password = None
+        grant = client_id = None
+        refreshed: bool | None = None
         if method == "POST":
             form = parse_qs((body or b"").decode())
             query = {**query, **form}
             scopes = tuple(s for v in form.get("scope", []) for s in v.split(" ") if s)
-            if form.get("grant_type", [""])[0] == "password":
+            grant = form.get("grant_type", [""])[0]
+            client_id = form.get("client_id", [None])[0]
+            if grant == "password":
                 username, password = form.get("username", [""])[0], form.get("password", [""])[0]
+            if grant == "refresh_token":
+                refreshed = self.refresh_token is not None and form.get("refresh_token", [""])[0] == self.refresh_token
         else:
             scopes = tuple(query.get("scope", []))
         auth = h.headers.get("Authorization", "")
@@ -823,13 +835,15 @@ class FaultProxy:
         status = 200
         if method not in ("GET", "POST") or (service is not None and service != self.service):
             status = 400
+        elif refreshed is not None:
+            status = 200 if refreshed else 401
         elif self.bearer_creds is not None:
             if username is None:
                 status = 200 if self.allow_anonymous else 401
             elif (username, password) != tuple(self.bearer_creds):
                 status = 401
         with self._lock:
-            self.token_requests.append(TokenRequest(method, service, scopes, username, status))
+            self.token_requests.append(TokenRequest(method, service, scopes, username, status, grant, client_id))
         if status != 200:
             err = {"errors": [{"code": "UNAUTHORIZED" if status == 401 else "UNSUPPORTED", "message": "token denied"}]}
             self._send(h, method, path, status, [("Content-Type", "application/json")], json.dumps(err).encode())
