@@ -63,6 +63,8 @@ def test_the_longest_prefix_wins_and_location_rewrites_the_repository(tmp_path: 
         [[registry]]
         prefix = "*.corp.example"
         insecure = true
+        [[registry.mirror]]
+        location = "cache.example/corp"
         [aliases]
         "fedora" = "registry.fedoraproject.org/fedora"
     """)
@@ -71,7 +73,9 @@ def test_the_longest_prefix_wins_and_location_rewrites_the_repository(tmp_path: 
     assert route.primary == Location("internal.example.net:5000", "team-copy/app", True)
     assert rc.route("example.com", "teamwork/app", "1", None).primary == \
         Location("mirror.example.net", "all/teamwork/app")  # a prefix matches whole path components only
-    assert rc.route("build.corp.example:5000", "x", None, None).primary.insecure
+    wild = rc.route("build.corp.example:5000", "x", None, None)
+    assert wild.primary == Location("build.corp.example:5000", "x", True)
+    assert wild.mirrors == (Location("cache.example", "corp/x"),)  # the matched host replaced
     assert not rc.route("corp.example", "x", None, None).primary.insecure  # *.corp.example needs a subdomain
     assert rc.route("other.org", "x", "1", None).primary == Location("other.org", "x")  # unmatched: as written
 

@@ -200,9 +200,10 @@ class RegistriesConf:
                              "(blocked = true); remove that or pull another image")
 
         def rewrite(location: str, insecure: bool) -> Location:
-            if entry.prefix.startswith("*."):
-                return Location(registry, repository, insecure)
-            rest = f"{registry}/{repository}"[len(entry.prefix):] if f"{registry}/{repository}".startswith(entry.prefix) else ""
+            # the matched part of the name is replaced by ``location``: the prefix, or for *.host the host
+            matched = registry if entry.prefix.startswith("*.") else entry.prefix
+            name = f"{registry}/{repository}"
+            rest = name[len(matched):] if name.startswith(matched) else ""
             host, _, repo = (location + rest).partition("/")
             return Location(host, repo.strip("/") or repository, insecure)
 
@@ -212,7 +213,7 @@ class RegistriesConf:
             if (mode == "digest-only" and not digest) or (mode == "tag-only" and digest):
                 continue
             mirrors.append(rewrite(m.location, m.insecure))
-        return Route(tuple(mirrors), rewrite(entry.location, entry.insecure))
+        return Route(tuple(mirrors), rewrite(entry.location or registry, entry.insecure))
 
     def insecure_host(self, host: str) -> bool:
         """Whether ``host[:port]`` is a location (registry or mirror) configured insecure."""

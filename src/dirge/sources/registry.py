@@ -514,9 +514,12 @@ class RegistryClient:
                 def lookup() -> Credentials | None:
                     return explicit if explicit is not None else find_credentials(host, location.repository, authfile)
 
+                # the primary's credentials are found before its first request (a helper that fails says
+                # so at once); a mirror's only when it asks for them
+                creds: Credentials | None | Callable[[], Credentials | None] = lookup() if primary else lookup
                 fallback = insecure or (is_loopback(host) and self.options.tls_verify is None)
                 api_host = DOCKER_HUB_API if host == "docker.io" else host
-                endpoint = Endpoint(f"https://{api_host}", host, lookup, self.timeout, fallback, self._insecure,
+                endpoint = Endpoint(f"https://{api_host}", host, creds, self.timeout, fallback, self._insecure,
                                     cert_dir=self.options.cert_dir, verify_tls=not insecure)
                 self._endpoints[(host, primary)] = endpoint
             return endpoint
