@@ -151,3 +151,15 @@ def test_a_cert_dirs_client_certificate_needs_its_key(registry_tls_files, tmp_pa
         ssl_context("h:1", folder)
     (folder / "client.key").write_bytes(registry_tls_files.key.read_bytes())
     assert ssl_context("h:1", folder).verify_mode.name == "CERT_REQUIRED"  # loaded, still verifying
+
+
+def test_every_command_that_may_pull_takes_the_registry_options() -> None:
+    from dirge.cli import cli
+
+    wanted = {"--platform", "--creds", "--authfile", "--cert-dir", "--tls-verify", "--no-tls-verify"}
+    commands = {"pull": cli.commands["pull"], "unpack": cli.commands["unpack"], "inspect": cli.commands["inspect"],
+                "export": cli.commands["export"], "boot": cli.commands["boot"],
+                "session create": cli.commands["session"].commands["create"]}  # type: ignore[attr-defined]
+    for name, command in commands.items():
+        flags = {flag for p in command.params for flag in (*p.opts, *p.secondary_opts)}
+        assert wanted <= flags, f"dirge {name} lacks {wanted - flags}"
