@@ -17,7 +17,7 @@ from dirge.sources.auth import Credentials, RegistryOptions, find_credentials
 from dirge.sources.layout import LayoutWriter
 from dirge.sources.open import pull_image
 from dirge.store.cache import Cache
-from registry import FaultProxy, Registry, push_layout
+from registry import FaultProxy, Registry, TokenIssuer, push_layout
 
 pytestmark = pytest.mark.usefixtures("registry_env")  # conftest: no user config, fast retries
 
@@ -163,3 +163,39 @@ def test_every_command_that_may_pull_takes_the_registry_options() -> None:
     for name, command in commands.items():
         flags = {flag for p in command.params for flag in (*p.opts, *p.secondary_opts)}
         assert wanted <= flags, f"dirge {name} lacks {wanted - flags}"
+
+
+@pytest.fixture
+def token_registry(tmp_path_factory: pytest.TempPathFactory):
+    """(a docker-registry with distribution's token auth, its TokenIssuer): the JWTs are checked by the registry."""
+    issuer = TokenIssuer(tmp_path_factory.mktemp("issuer"), refresh_token="rt-from-docker-login",
+                         pusher=("pusher", "push-pw")).start()
+    reg = Registry(tmp_path_factory.mktemp("token-registry"), token_auth=issuer.registry_auth())
+    try:
+        yield reg.start(), issuer
+    finally:
+        reg.stop()
+        issuer.stop()
+
+
+def test_identitytoken_against_a_registry_with_distributions_token_auth(token_registry, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    reg, issuer = token_registry
+    layout = tmp_path / "layout"
+    LayoutWriter(layout).add_image([LayerBuilder().file("f", b"jwt").build()], tag="t")
+    push_layout(layout, "t", f"{reg.host}/tok/app:1", creds=("pusher", "push-pw"))
+    docker = tmp_path / "docker"
+    monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+    ref = f"{reg.host}/tok/app:1"
+    with pytest.raises(AuthError):  # anonymous: the issuer grants nothing
+        pull_image(ref, cache=Cache(tmp_path / "c0"))
+    auth_json(docker / "config.json", reg.host, "<token>", "", identitytoken="rt-from-docker-login")
+    issuer.requests.clear()
+    pull_image(ref, cache=Cache(tmp_path / "c"))
+    assert issuer.requests and all(r[:3] == ("POST", "refresh_token", "dirge") and r[4] == 200
+                                   for r in issuer.requests)
+    # the registry really checks the JWTs: a token whose signature is wrong is refused
+    sign = issuer._sign
+    monkeypatch.setattr(issuer, "_sign", lambda access: sign(access)[:-4] + "AAAA")
+    with pytest.raises(AuthError):
+        pull_image(ref, cache=Cache(tmp_path / "c2"))
