@@ -254,3 +254,10 @@ def test_insecure_in_registries_conf_lets_credentials_go_to_a_plain_http_realm(
         assert [t.username for t in proxy.token_requests if t.status == 200] == [USER]
     finally:
         front.close()
+
+
+@pytest.mark.parametrize("prefix", ["*.example.com/ns", "ex*.com", "example.com/*"])
+def test_a_wildcard_is_only_a_leading_host_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
+    conf(tmp_path, monkeypatch, f'[[registry]]\nprefix = "{prefix}"\n')
+    with pytest.raises(DirgeError, match="wildcard"):
+        load_registries_conf()

@@ -128,8 +128,8 @@ def _parse_file(path: Path) -> list[RegistryEntry]:
             raise _fail(path, f"{where} has neither prefix nor location")
         if prefix.startswith("*.") and location:
             raise _fail(path, f"{where}: a wildcard prefix ({prefix}) cannot have a location")
-        if "*" in prefix[2:] or ("*" in prefix[:2] and not prefix.startswith("*.")) or \
-                (prefix.startswith("*.") and "/" in prefix):
+        wildcard = prefix.startswith("*.")
+        if "*" in (prefix[2:] if wildcard else prefix) or (wildcard and "/" in prefix):
             raise _fail(path, f"{where}: prefix {prefix!r}: a wildcard is only allowed as *.host")
         raw_mirrors = table.get("mirror", [])
         if not isinstance(raw_mirrors, list) or not all(isinstance(m, dict) for m in raw_mirrors):
