@@ -69,10 +69,14 @@ def boot_cache(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def registry_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Registry tests see none of the user's auth files or registries.toml, and retry fast."""
+    """Registry tests see none of the user's auth files, registries.conf, certs.d or dirge config, and retry fast."""
     monkeypatch.setenv("DIRGE_RETRY_BASE", "0.01")
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
     monkeypatch.setenv("DIRGE_REGISTRIES_CONFIG", str(tmp_path / "no-registries.toml"))
+    monkeypatch.setenv("DIRGE_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(tmp_path / "no-registries-conf" / "registries.conf"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-xdg-config"))
+    monkeypatch.setenv("DIRGE_CERTS_DIRS", str(tmp_path / "no-certs.d"))
     monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

@@ -151,7 +151,8 @@ class Registry:
 
     ``tls`` serves HTTPS with that certificate; ``auth=(user, password)`` adds htpasswd basic auth;
     ``proxy_remote`` makes it a pull-through cache of that URL (``proxy_auth`` for the upstream's basic auth,
-    ``proxy_ca`` to trust the upstream's CA: it becomes the process's ``SSL_CERT_FILE``).
+    ``proxy_ca`` to trust the upstream's CA: it becomes the process's ``SSL_CERT_FILE``); ``token_auth`` is
+    distribution's token auth (JWTs from a :class:`TokenIssuer`).
     """
 
     def __init__(
@@ -163,8 +164,10 @@ class Registry:
         proxy_remote: str | None = None,
         proxy_auth: tuple[str, str] | None = None,
         proxy_ca: str | os.PathLike[str] | None = None,
+        token_auth: dict[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.token_auth = token_auth  # distribution's ``auth: token:`` (realm, service, issuer, rootcertbundle)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.storage = self.workdir / "storage"
         self.config_path = self.workdir / "config.json"
@@ -249,6 +252,8 @@ class Registry:
             htpasswd = self.workdir / "htpasswd"
             htpasswd.write_text(htpasswd_line(self.username, self.password or "") + "\n")
             cfg["auth"] = {"htpasswd": {"realm": "dirge-test", "path": str(htpasswd)}}
+        if self.token_auth is not None:
+            cfg["auth"] = {"token": self.token_auth}
         if self.upstream_url:
             proxy: dict[str, Any] = {"remoteurl": self.upstream_url}
             if self._proxy_auth:
@@ -485,6 +490,8 @@ class TokenRequest:
     scopes: tuple[str, ...]
     username: str | None  # from HTTP Basic (GET) or the password grant (POST)
     status: int
+    grant: str | None = None  # the POST's grant_type (password, refresh_token)
+    client_id: str | None = None
 
 
 class _Server(ThreadingHTTPServer):
@@ -555,6 +562,8 @@ class FaultProxy:
     (or the OAuth2 ``POST /token`` password grant) whose scope covers the repository; otherwise 401 with a
     ``WWW-Authenticate: Bearer realm=...,service=...,scope=...`` challenge. With ``bearer_creds=(user, pw)`` the
     token endpoint rejects wrong Basic credentials with 401, and missing ones too unless ``allow_anonymous``.
+    With ``refresh_token=T``, ``POST /token`` with ``grant_type=refresh_token`` and ``refresh_token=T`` gets a token
+    (another refresh token gets 401): docker's ``identitytoken``.
     Faults apply only to requests that pass the auth check (and to ``/token`` itself).
 
     ``requests`` lists ``(method, path, status)`` of everything answered (status 0 for ``"close"``);
@@ -571,6 +580,7 @@ class FaultProxy:
         allow_anonymous: bool | None = None,
         service: str = "test-registry",
         expire_every: int | None = None,
+        refresh_token: str | None = None,
     ) -> None:
         parts = urlsplit(upstream_url)
         if parts.scheme not in ("http", "https") or parts.hostname not in (LOOPBACK, "localhost"):
@@ -581,6 +591,7 @@ class FaultProxy:
         self._upstream_ctx = ssl_context(upstream_ca) if parts.scheme == "https" else None
         self.bearer = bearer
         self.bearer_creds = bearer_creds
+        self.refresh_token = refresh_token  # the OAuth2 refresh_token grant accepts this one (docker's identitytoken)
         self.allow_anonymous = (bearer_creds is None) if allow_anonymous is None else allow_anonymous
         self.service = service
         # short-lived tokens, deterministically: every issued token expires after this many authorized requests
@@ -807,12 +818,18 @@ class FaultProxy:
     def _serve_token(self, h: _Handler, method: str, path: str, body: bytes | None) -> None:
         query = parse_qs(urlsplit(path).query)
         username = password = None
+        grant = client_id = None
+        refreshed: bool | None = None
         if method == "POST":
             form = parse_qs((body or b"").decode())
             query = {**query, **form}
             scopes = tuple(s for v in form.get("scope", []) for s in v.split(" ") if s)
-            if form.get("grant_type", [""])[0] == "password":
+            grant = form.get("grant_type", [""])[0]
+            client_id = form.get("client_id", [None])[0]
+            if grant == "password":
                 username, password = form.get("username", [""])[0], form.get("password", [""])[0]
+            if grant == "refresh_token":
+                refreshed = self.refresh_token is not None and form.get("refresh_token", [""])[0] == self.refresh_token
         else:
             scopes = tuple(query.get("scope", []))
         auth = h.headers.get("Authorization", "")
@@ -825,13 +842,15 @@ class FaultProxy:
         status = 200
         if method not in ("GET", "POST") or (service is not None and service != self.service):
             status = 400
+        elif refreshed is not None:
+            status = 200 if refreshed else 401
         elif self.bearer_creds is not None:
             if username is None:
                 status = 200 if self.allow_anonymous else 401
             elif (username, password) != tuple(self.bearer_creds):
                 status = 401
         with self._lock:
-            self.token_requests.append(TokenRequest(method, service, scopes, username, status))
+            self.token_requests.append(TokenRequest(method, service, scopes, username, status, grant, client_id))
         if status != 200:
             err = {"errors": [{"code": "UNAUTHORIZED" if status == 401 else "UNSUPPORTED", "message": "token denied"}]}
             self._send(h, method, path, status, [("Content-Type", "application/json")], json.dumps(err).encode())
@@ -941,3 +960,110 @@ class FaultProxy:
             sent += len(chunk)
         if cut is not None:  # body shorter than the cut point: still reset
             self._reset(h)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenIssuer:
+    """A loopback token server for distribution's token auth: RS256 JWTs signed (with openssl) by a self-signed
+    certificate the registry trusts (``registry_auth()`` is the registry's ``auth: token:`` config).
+
+    ``GET /token`` with HTTP Basic ``pusher`` grants what is asked (for pushing the test image);
+    ``POST /token`` with ``grant_type=refresh_token`` and ``refresh_token`` equal to ``refresh_token`` grants pull
+    (docker's identitytoken, the OAuth2 flow); everything else is 401. ``requests`` lists ``(method, grant,
+    client_id, scope, status)``. Started by :meth:`start`, ended by :meth:`stop`.
+    """
+
+    SERVICE, ISSUER = "dirge-token-test", "dirge-token-issuer"
+
+    def __init__(self, workdir: Path, refresh_token: str, pusher: tuple[str, str]) -> None:
+        self.workdir = workdir
+        self.refresh_token = refresh_token
+        self.pusher = pusher
+        self.key, self.cert = workdir / "issuer.key", workdir / "issuer.crt"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key),
+                        "-out", str(self.cert), "-days", "2", "-subj", "/CN=dirge token issuer"],
+                       check=True, capture_output=True)
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"], check=True,
+                             capture_output=True).stdout
+        self._x5c = base64.b64encode(der).decode()
+        self.requests: list[tuple[str, str | None, str | None, str, int]] = []
+        issuer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                issuer._answer(self, "GET", parse_qs(urlsplit(self.path).query))
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                issuer._answer(self, "POST", parse_qs(self.rfile.read(length).decode()))
+
+        self._server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def realm(self) -> str:
+        return f"http://{LOOPBACK}:{self._server.server_address[1]}/token"
+
+    def registry_auth(self) -> dict[str, str]:
+        return {"realm": self.realm, "service": self.SERVICE, "issuer": self.ISSUER,
+                "rootcertbundle": str(self.cert)}
+
+    def start(self) -> "TokenIssuer":
+        self._thread = threading.Thread(target=self._server.serve_forever, name="token-issuer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _sign(self, access: list[dict[str, Any]]) -> str:
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self._x5c]}
+        claims = {"iss": self.ISSUER, "sub": "dirge", "aud": self.SERVICE, "exp": now + 600, "nbf": now - 60,
+                  "iat": now, "jti": secrets.token_hex(8), "access": access}
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=signing_input.encode(),
+                                   check=True, capture_output=True).stdout
+        return f"{signing_input}.{_b64url(signature)}"
+
+    def _answer(self, h: BaseHTTPRequestHandler, method: str, form: dict[str, list[str]]) -> None:
+        scope = " ".join(form.get("scope", []))
+        grant = form.get("grant_type", [None])[0]
+        client_id = form.get("client_id", [None])[0]
+        auth = h.headers.get("Authorization", "")
+        basic = base64.b64decode(auth[6:]).decode() if auth.lower().startswith("basic ") else None
+        if method == "GET" and basic == ":".join(self.pusher):
+            actions = None  # whatever is asked
+        elif method == "POST" and grant == "refresh_token" and form.get("refresh_token", [""])[0] == self.refresh_token:
+            actions = {"pull"}
+        else:
+            actions = set()
+        access = []
+        for item in scope.split(" "):
+            kind, _, rest = item.partition(":")
+            name, _, asked = rest.rpartition(":")
+            if kind == "repository" and name:
+                allowed = [a for a in asked.split(",") if actions is None or a in actions]
+                if allowed:
+                    access.append({"type": "repository", "name": name, "actions": allowed})
+        status = 200 if access or actions is None else 401
+        self.requests.append((method, grant, client_id, scope, status))
+        body = json.dumps({"token": self._sign(access), "access_token": self._sign(access), "expires_in": 600}
+                          if status == 200 else {"errors": [{"code": "UNAUTHORIZED", "message": "denied"}]}).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)

@@ -321,9 +321,10 @@ def test_budget_under_load(tmp_path: Path, make_image) -> None:
 def test_prepare_runs_gc_when_over_the_configured_budget(tmp_path: Path, make_image, monkeypatch) -> None:
     cache_dir = tmp_path / "cache"
     refs = [make_image([files_layer(f"x{i}", 30, 1024)]) for i in range(3)]
-    config = tmp_path / "registries.toml"
+    config = tmp_path / "config.toml"  # dirge's own config file (docs/CONFIG.md)
     config.write_text('[cache]\nmax_size = "1"\n')  # every base is over it: only live ones stay
-    monkeypatch.setenv("DIRGE_REGISTRIES_CONFIG", str(config))
+    monkeypatch.setenv("DIRGE_CONFIG", str(config))
+    monkeypatch.setenv("DIRGE_REGISTRIES_CONFIG", str(tmp_path / "none.toml"))
     monkeypatch.delenv("DIRGE_CACHE_MAX_SIZE", raising=False)
     sessions = [prepare(r, cache_dir, base_format="tree") for r in refs]
     cache = Cache(cache_dir)

@@ -13,9 +13,10 @@ import pytest
 
 from dirge import aio, rootfs
 from dirge.apply.layer import Limits
-from dirge.cli import _prepare_options, main, session_create
+from dirge.cli import _prepare_options, main, registry_params, session_create
 from dirge.oci.image import Platform
 from dirge.options import FIELDS, PrepareOptions
+from dirge.sources.auth import RegistryOptions
 from images import layered
 
 OWN = {"image", "cache", "files", "snapshot", "owner_pid", "progress"}  # each prepare's own keywords
@@ -46,7 +47,7 @@ def _cli_options(args: list[str]) -> PrepareOptions:
     """What ``dirge session create IMAGE ARGS`` would prepare with: click's real parsing, then the
     command's own conversion."""
     ctx = session_create.make_context("create", ["IMAGE", *args])
-    params = dict(ctx.params)
+    params = registry_params(dict(ctx.params))  # what the shared registry decorator does
     for own in ("image", "cache_dir", "owner_pid", "as_json"):
         params.pop(own)
     options = _prepare_options(params)
@@ -55,16 +56,20 @@ def _cli_options(args: list[str]) -> PrepareOptions:
 
 
 def test_cli_session_create_passes_every_field() -> None:
-    assert {p.name for p in session_create.params} >= set(FIELDS)
+    # registry_options is three options (--authfile, --cert-dir, --tls-verify), the others one each
+    assert {p.name for p in session_create.params} >= set(FIELDS) - {"registry_options"} | {"authfile", "cert_dir",
+                                                                                           "tls_verify"}
     assert _cli_options([]) == PrepareOptions()  # the command line's defaults are the API's
     given = _cli_options(["--strategy", "copy", "--base-format", "tree", "--platform", "linux/arm64",
                           "--rootless", "--limit", "max_entries=7", "--lock-timeout", "5", "--pull", "never",
                           "--creds", "u:p", "--disk", "ext4", "--disk-format", "qcow2", "--disk-size", "2G",
-                          "--no-disk-journal", "--disk-inodes", "99"])
+                          "--no-disk-journal", "--disk-inodes", "99", "--authfile", "/a.json", "--cert-dir", "/c",
+                          "--no-tls-verify"])
     changed = {name for name in FIELDS if getattr(given, name) != getattr(PrepareOptions(), name)}
     assert changed == set(FIELDS), "a field the command line cannot set"
     assert given.platform == Platform("linux", "arm64") and given.limits == Limits(max_entries=7)
     assert given.disk_size == 2 << 30 and given.rootless is True
+    assert given.registry_options == RegistryOptions(Path("/a.json"), Path("/c"), False)
 
 
 def test_disk_options_need_a_disk() -> None:

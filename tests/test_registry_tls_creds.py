@@ -121,7 +121,7 @@ def test_basic_credentials_never_go_to_a_plain_http_realm_of_a_tls_registry(
         pull_image(ref, cache=Cache(tmp_path / "c"), creds=Credentials(USER, PASSWORD))
     message = str(info.value)
     assert f"http://{proxy.host}/token" in message  # names the realm
-    assert "TLS" in message and "insecure" in message and f'[registries."{proxy.host}"]' in message  # what to do
+    assert "TLS" in message and "insecure" in message and f'location = "{proxy.host}" insecure = true' in message  # what to do
     assert PASSWORD not in message
     assert proxy.token_requests == []  # nothing reached it, so nothing crossed in the clear
 

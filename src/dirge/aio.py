@@ -66,7 +66,7 @@ from .oci.resolve import ResolvedImage
 from .options import (BaseFormat, CacheLike, DiskFormat, DiskKind, DiskOptions, ExportFormat, PlatformLike,
                       PrepareOptions, PullPolicy, Strategy, as_cache, as_platform, cache_or_dir)
 from .rootfs import FileSpec, PreparedRootfs, prepare_with
-from .sources.auth import Credentials
+from .sources.auth import Credentials, RegistryOptions
 from .sources.open import pull_image
 from .variants import build_variant
 from .waits import cancelled, lend
@@ -352,6 +352,7 @@ def prepare(
     lock_timeout: float = 600.0,
     pull: PullPolicy = "missing",
     creds: Credentials | None = None,
+    registry_options: RegistryOptions | None = None,
     disk: DiskKind | None = None,
     disk_format: DiskFormat = "raw",
     disk_size: int | None = None,
@@ -377,6 +378,7 @@ async def pull(
     cache: CacheLike | None = None,
     pull: PullPolicy = "always",
     creds: Credentials | None = None,
+    registry_options: RegistryOptions | None = None,
     progress: AsyncProgress | None = None,
 ) -> ResolvedImage:
     """``dirge.pull`` off the loop; ``progress`` as in the module doc (Download events).
@@ -386,7 +388,8 @@ async def pull(
     where = as_cache(cache)
 
     def work(relay: _Relay) -> ResolvedImage:
-        return pull_image(image, wanted, cache=where, pull=policy, creds=creds, progress=relay.progress,
+        return pull_image(image, wanted, cache=where, pull=policy, creds=creds, registry_options=registry_options,
+                          progress=relay.progress,
                           build=build_variant)
 
     return await _Relay(progress).run(work)
@@ -401,6 +404,7 @@ async def export(
     cache: CacheLike | None = None,
     pull: PullPolicy = "missing",
     creds: Credentials | None = None,
+    registry_options: RegistryOptions | None = None,
     limits: Limits = Limits(),
     progress: AsyncProgress | None = None,
     disk: DiskOptions | None = None,
@@ -412,7 +416,7 @@ async def export(
 
     def work(relay: _Relay) -> ExportResult:
         return sync_export(image, out, format=format, platform=wanted, cache=where, pull=pull, creds=creds,
-                           limits=limits, progress=relay.progress, disk=disk)
+                           registry_options=registry_options, limits=limits, progress=relay.progress, disk=disk)
 
     return await _Relay(progress).run(work)
 

@@ -167,6 +167,7 @@ def _ensure_base(image: str, options: PrepareOptions, *, cache: Cache, fmt: str,
     job = _Job(cache, image, fmt, _rootless(options), options.disk_options if fmt == "ext4" else DiskOptions(),
                options, progress)
     source, resolved = open_image(image, options.platform, cache=cache, pull=options.pull, creds=options.creds,
+                                  registry_options=options.registry_options,
                                   on_bytes=downloads(progress), build=build_variant)
     try:
         return _find_or_build(job, source, resolved, leases)

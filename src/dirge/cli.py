@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -20,8 +21,9 @@ from .options import (FIELDS, BaseFormat, BootDisk, DiskFormat, DiskKind, DiskOp
                       PullPolicy, Strategy, choices)
 
 if TYPE_CHECKING:
+    from .oci.image import Platform
     from .session import Sessions, SessionInfo
-    from .sources.auth import Credentials
+    from .sources.auth import Credentials, RegistryOptions
 
 
 def _size(value: str) -> int | None:
@@ -175,25 +177,64 @@ cache_dir_option = click.option("--cache-dir", type=click.Path(path_type=Path), 
 creds_option = click.option("--creds", metavar="USER:PASSWORD",
                             help="Registry credentials (default: docker/podman auth files and helpers).")
 
+# What every command that may pull takes (skopeo's names), as the command's keywords: ``platform`` (a
+# Platform or None), ``creds`` (Credentials or None) and ``registry_options`` (RegistryOptions or None).
+_REGISTRY_OPTIONS = (
+    click.option("--platform", type=PLATFORM,
+                 help="os/arch[/variant] to pick from a multi-platform image (default: the host's)."),
+    creds_option,
+    click.option("--authfile", type=click.Path(path_type=Path), metavar="PATH",
+                 help="The auth.json to read credentials from, alone (default: $REGISTRY_AUTH_FILE, else "
+                      "podman's and docker's files; see docs/CONFIG.md)."),
+    click.option("--cert-dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+                 help="CA *.crt and client *.cert/*.key files for the registry, instead of certs.d/HOST:PORT."),
+    click.option("--tls-verify/--no-tls-verify", default=None,
+                 help="Require verified HTTPS (even to loopback), or allow any certificate and plain HTTP "
+                      "(default: registries.conf's insecure, and plain HTTP to loopback registries)."),
+)
+
+
+def registry_params(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` (a command's, as click parsed them) with the registry options' raw values replaced by
+    ``platform``, ``creds`` and ``registry_options``."""
+    from .sources.auth import RegistryOptions
+
+    platform, creds = params.pop("platform"), params.pop("creds")
+    given = (params.pop("authfile"), params.pop("cert_dir"), params.pop("tls_verify"))
+    return {**params, "platform": platform, "creds": _creds(creds),
+            "registry_options": RegistryOptions(*given) if given != (None, None, None) else None}
+
+
+def registry_options(command: Any) -> Any:
+    """The decorator for every command that may pull: --platform, --creds, --authfile, --cert-dir,
+    --tls-verify/--no-tls-verify, handed to ``command`` parsed (``registry_params``)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return command(*args, **registry_params(kwargs))
+
+    for option in reversed(_REGISTRY_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
 
 @cli.command("pull")
 @click.argument("image")
-@click.option("--platform", type=PLATFORM, help="os/arch[/variant] to pick from a multi-platform image.")
+@registry_options
 @click.option("--pull", "policy", type=click.Choice(choices(PullPolicy)), default="always",
               show_default=True)
-@creds_option
 @cache_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-def pull_cmd(image: str, platform: Platform | None, policy: str, creds: str | None, cache_dir: Path | None,
-             as_json: bool) -> None:
+def pull_cmd(image: str, platform: Platform | None, policy: PullPolicy, creds: "Credentials | None",
+             registry_options: "RegistryOptions | None", cache_dir: Path | None, as_json: bool) -> None:
     """Download IMAGE's manifest, config and layers into the cache; print the manifest digest."""
     from .store.cache import Cache
     from .sources.open import pull_image
     from .variants import build_variant
 
     with _progress() as progress:
-        resolved = pull_image(image, platform, cache=Cache(cache_dir),
-                              pull=policy, creds=_creds(creds), progress=progress, build=build_variant)
+        resolved = pull_image(image, platform, cache=Cache(cache_dir), pull=policy, creds=creds,
+                              registry_options=registry_options, progress=progress, build=build_variant)
     if as_json:
         click.echo(json.dumps({"image": image, "digest": str(resolved.manifest_digest),
                                "platform": str(resolved.platform) if resolved.platform else None,
@@ -205,17 +246,17 @@ def pull_cmd(image: str, platform: Platform | None, policy: str, creds: str | No
 @cli.command("unpack")
 @click.argument("image")
 @click.argument("dest", type=click.Path(path_type=Path))
-@click.option("--platform", type=PLATFORM, help="os/arch[/variant] to pick from a multi-platform image.")
+@registry_options
 @pull_option
-@creds_option
 @cache_dir_option
 @click.option("--rootless", is_flag=True, help="Unpack as an unprivileged user would (automatic when not root).")
 @click.option("--limit", "limits", multiple=True, metavar="NAME=N",
               help="Override a safety limit: " + ", ".join(f.name for f in dataclasses.fields(Limits)) +
                    " (max_layer_bytes: decompressed bytes of one layer).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def unpack_cmd(image: str, dest: Path, platform: Platform | None, pull: PullPolicy, creds: str | None, cache_dir: Path | None,
-               rootless: bool, limits: tuple[str, ...], as_json: bool) -> None:
+def unpack_cmd(image: str, dest: Path, platform: Platform | None, pull: PullPolicy, creds: "Credentials | None",
+               registry_options: "RegistryOptions | None", cache_dir: Path | None, rootless: bool,
+               limits: tuple[str, ...], as_json: bool) -> None:
     """Write the flattened rootfs of IMAGE (oci:PATH[:TAG] or a registry ref) into DEST (absent or empty)."""
     from .store.cache import Cache
     from .flatten import unpack
@@ -224,7 +265,7 @@ def unpack_cmd(image: str, dest: Path, platform: Platform | None, pull: PullPoli
     with _progress() as progress:
         result = unpack(image, dest, platform=platform,
                         rootless=True if rootless else None, limits=_limits(limits), cache=cache, pull=pull,
-                        creds=_creds(creds), progress=progress)
+                        creds=creds, registry_options=registry_options, progress=progress)
     summary: dict[str, Any] = {
         "image": image,
         "digest": str(result.image.manifest_digest),
@@ -290,11 +331,14 @@ def _key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--kernel-log", is_flag=True, help="Show the kernel's console messages too.")
 @click.option("--user", "-u", help="Run as this user instead of the image's (name, uid, uid:gid, user:group).")
 @click.option("--env", "-e", "env", multiple=True, metavar="KEY=VALUE", help="Add to the image's environment.")
+@registry_options
 @pull_option
 @cache_dir_option
 def boot_cmd(image: str, command: tuple[str, ...], disk: BootDisk, kernel: Path | None, initrd: Path | None,
              memory: int, cpus: int, accel: str, timeout: float, keep: bool, virtiofsd: str | None,
-             kernel_log: bool, user: str | None, env: tuple[str, ...], pull: PullPolicy, cache_dir: Path | None) -> int:
+             kernel_log: bool, user: str | None, env: tuple[str, ...], platform: Platform | None,
+             creds: "Credentials | None", registry_options: "RegistryOptions | None", pull: PullPolicy,
+             cache_dir: Path | None) -> int:
     """Boot IMAGE in a QEMU microVM and run its command (or CMD); exit with the command's status.
 
     Exit status: the guest command's; 124 when the guest does not finish within --timeout; 125 when
@@ -309,7 +353,8 @@ def boot_cmd(image: str, command: tuple[str, ...], disk: BootDisk, kernel: Path 
             result = boot(image, cache_dir, disk=disk, command=list(command) or None, kernel=kernel, initrd=initrd,
                           memory=memory, cpus=cpus, accel=accel, timeout=timeout, keep=keep,
                           console=click.echo, virtiofsd=virtiofsd, pull=pull, kernel_log=kernel_log, user=user,
-                          env=_key_values(env, "--env"), progress=progress)
+                          env=_key_values(env, "--env"), platform=platform, creds=creds,
+                          registry_options=registry_options, progress=progress)
     except GuestFailed as exc:
         if debug and exc.console_tail:
             click.echo(exc.console_tail, err=True)
@@ -382,15 +427,14 @@ def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
               help="ext4: the disk's size (bytes, or with K, M, G, T), auto = the content plus headroom.")
 @click.option("--no-journal", is_flag=True, help="ext4: no jbd2 journal.")
 @click.option("--inodes", type=click.IntRange(min=1), help="ext4: the inode count (default: the entries plus headroom).")
-@click.option("--platform", type=PLATFORM, help="os/arch[/variant] to pick from a multi-platform image.")
+@registry_options
 @pull_option
-@creds_option
 @cache_dir_option
 @click.option("--limit", "limits", multiple=True, metavar="NAME=N", help="Override a safety limit (see unpack).")
 @click.option("--json", "as_json", is_flag=True, help="Print path, format, size, digest and sha256 as JSON.")
 def export_cmd(image: str, out: Path, fmt: ExportFormat, size: str, no_journal: bool, inodes: int | None,
-               platform: Platform | None, pull: PullPolicy,
-               creds: str | None, cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
+               platform: Platform | None, creds: "Credentials | None", registry_options: "RegistryOptions | None",
+               pull: PullPolicy, cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
     """Write IMAGE as one artifact OUT: an erofs or ext4 disk image, a flattened tar or a directory."""
     from .store.cache import Cache
     from .exporting import export
@@ -399,7 +443,7 @@ def export_cmd(image: str, out: Path, fmt: ExportFormat, size: str, no_journal: 
     with _progress() as progress:
         result = export(canonicalize_image_ref(image), out, format=fmt,
                         platform=platform, cache=Cache(cache_dir),
-                        pull=pull, creds=_creds(creds), limits=_limits(limits),
+                        pull=pull, creds=creds, registry_options=registry_options, limits=_limits(limits),
                         progress=progress,
                         disk=DiskOptions(_size(size), not no_journal, inodes))
     if as_json:
@@ -449,14 +493,13 @@ def push_cmd(image: str, dest: str, fmt: DiskKind | None, size: str | None, no_j
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.option("--raw", is_flag=True, help="Print the manifest (or index) bytes exactly as fetched.")
 @click.option("--config", "config", is_flag=True, help="Print the config bytes exactly as fetched.")
-@click.option("--platform", type=PLATFORM,
-              help="os/arch[/variant] to pick from a multi-platform image (default: the host's).")
+@registry_options
 @click.option("--pull", type=click.Choice(choices(PullPolicy)), default="always", show_default=True,
               help="Registry images: always ask the registry, or (never) read the cache only.")
-@creds_option
 @cache_dir_option
-def inspect_cmd(image: str, as_json: bool, raw: bool, config: bool, platform: Platform | None, pull: str,
-                creds: str | None, cache_dir: Path | None) -> None:
+def inspect_cmd(image: str, as_json: bool, raw: bool, config: bool, platform: Platform | None,
+                creds: "Credentials | None", registry_options: "RegistryOptions | None", pull: str,
+                cache_dir: Path | None) -> None:
     """Show IMAGE's digest, media type, platforms, layers and config without unpacking anything."""
     from .store.cache import Cache
     from .inspect import inspect_image
@@ -465,7 +508,7 @@ def inspect_cmd(image: str, as_json: bool, raw: bool, config: bool, platform: Pl
     if sum((as_json, raw, config)) > 1:
         raise click.UsageError("choose one of --json, --raw and --config")
     result = inspect_image(canonicalize_image_ref(image), cache=None if image.startswith("oci:") else Cache(cache_dir),
-                           pull=pull, platform=platform, creds=_creds(creds))
+                           pull=pull, platform=platform, creds=creds, registry_options=registry_options)
     if raw or config:
         sys.stdout.flush()
         sys.stdout.buffer.write(result.raw if raw else result.config_raw)  # as fetched: they hash to the digest
@@ -683,7 +726,6 @@ _PREPARE_OPTIONS = {
                              help="How to make the session (default: the fastest available)."),
     "base_format": click.option("--base-format", type=click.Choice(choices(BaseFormat)), envvar=FORMAT_ENV,
                                 help=f"What the cached base is built as (default: ${FORMAT_ENV}, else auto)."),
-    "platform": click.option("--platform", type=PLATFORM, help="os/arch[/variant] to pick from a multi-platform image."),
     "rootless": click.option("--rootless", is_flag=True,
                              help="Build the base as an unprivileged user would (automatic when not root)."),
     "limits": click.option("--limit", "limits", multiple=True, metavar="NAME=N",
@@ -691,7 +733,6 @@ _PREPARE_OPTIONS = {
     "lock_timeout": click.option("--lock-timeout", type=click.FloatRange(min=0), default=600.0, show_default=True,
                                  metavar="S", help="Seconds to wait for a base another process is building."),
     "pull": pull_option,
-    "creds": creds_option,
     "disk": click.option("--disk", type=click.Choice(choices(DiskKind)),
                          help="A disk session for a block-device VM: its own ext4 disk, or the shared erofs image "
                               "plus its own scratch ext4 (no mount, no root)."),
@@ -711,16 +752,19 @@ _PREPARE_OPTIONS = {
 _PREPARE_CONVERT: dict[str, Any] = {
     "rootless": lambda v: True if v else None,
     "limits": lambda v: _limits(v),
-    "creds": lambda v: _creds(v),
     "disk_size": lambda v: _size(v),
 }
+
+
+_REGISTRY_FIELDS = ("platform", "creds", "registry_options")  # registry_options (the decorator) gives them
 
 
 def prepare_options(command: Any) -> Any:
     """The decorator that gives ``command`` every PrepareOptions field as an option."""
     for name in reversed(FIELDS):
-        command = _PREPARE_OPTIONS[name](command)
-    return command
+        if name not in _REGISTRY_FIELDS:
+            command = _PREPARE_OPTIONS[name](command)
+    return registry_options(command)
 
 
 def _prepare_options(params: dict[str, Any]) -> PrepareOptions:

@@ -1,22 +1,23 @@
-"""dirge's own configuration: registry mirrors and insecure registries.
+"""dirge's own configuration file: the cache's budget and the fleet's artifact repositories.
 
-``$DIRGE_REGISTRIES_CONFIG``, else ``$XDG_CONFIG_HOME/dirge/registries.toml`` (``~/.config/...``)::
-
-    [registries."docker.io"]
-    mirrors = ["http://127.0.0.1:5001"]    # tried first, in order; the origin is the fallback
-
-    [registries."build.internal:5000"]
-    insecure = true                         # plain HTTP allowed (loopback registries always are)
+``$DIRGE_CONFIG``, else ``$XDG_CONFIG_HOME/dirge/config.toml`` (``~/.config/dirge/config.toml``)::
 
     [cache]
     max_size = "20G"                        # run gc after a prepare that leaves the cache bigger
 
-``$DIRGE_CACHE_MAX_SIZE`` overrides ``[cache] max_size``.
+    [fleet]
+    artifacts = ["registry.example/dirge/bases"]   # where prepared bases are published as OCI artifacts
+
+``$DIRGE_CACHE_MAX_SIZE`` overrides ``[cache] max_size``. Mirrors, locations, insecure and blocked
+registries are the containers ecosystem's ``registries.conf`` (sources/registries_conf.py), read by
+buildah and podman too. The old ``registries.toml`` (``$DIRGE_REGISTRIES_CONFIG``, else beside
+config.toml) with ``[registries."host"] mirrors/insecure`` is still read, with a warning, once.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,51 +27,118 @@ from .errors import DirgeError
 
 @dataclass(frozen=True)
 class RegistryConfig:
+    """A deprecated registries.toml entry."""
+
     mirrors: tuple[str, ...] = ()
     insecure: bool = False
 
 
 @dataclass(frozen=True)
 class Config:
-    registries: dict[str, RegistryConfig] = field(default_factory=dict)
+    registries: dict[str, RegistryConfig] = field(default_factory=dict)  # deprecated registries.toml
     cache_max_size: int | None = None  # bytes; [cache] max_size
+    fleet_artifacts: tuple[str, ...] = ()  # [fleet] artifacts: REGISTRY/REPO where bases are published
+    source: Path | None = None  # the registries.toml the registries came from (for messages)
 
     def registry(self, host: str) -> RegistryConfig:
         return self.registries.get(host, RegistryConfig())
 
 
+def _config_dir() -> Path:
+    base = Path(os.environ["XDG_CONFIG_HOME"]) if os.environ.get("XDG_CONFIG_HOME") else Path.home() / ".config"
+    return base / "dirge"
+
+
 def config_path() -> Path:
+    """dirge's config file: ``$DIRGE_CONFIG``, else ``$XDG_CONFIG_HOME/dirge/config.toml``."""
+    if os.environ.get("DIRGE_CONFIG"):
+        return Path(os.environ["DIRGE_CONFIG"])
+    return _config_dir() / "config.toml"
+
+
+def legacy_registries_path() -> Path:
+    """The deprecated registries.toml: ``$DIRGE_REGISTRIES_CONFIG``, else beside config.toml."""
     if os.environ.get("DIRGE_REGISTRIES_CONFIG"):
         return Path(os.environ["DIRGE_REGISTRIES_CONFIG"])
-    base = Path(os.environ["XDG_CONFIG_HOME"]) if os.environ.get("XDG_CONFIG_HOME") else Path.home() / ".config"
-    return base / "dirge" / "registries.toml"
+    return _config_dir() / "registries.toml"
 
 
-def load_config(path: Path | None = None) -> Config:
-    path = path or config_path()
+def _read_toml(path: Path) -> dict[str, object] | None:
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
-        return Config()
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        return None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise DirgeError(f"read config {path}: {exc}") from None
+
+
+def _table(path: Path, data: dict[str, object], name: str) -> dict[str, object]:
+    value = data.get(name) or {}
+    if not isinstance(value, dict):
+        raise DirgeError(f"read config {path}: [{name}] must be a table")
+    return value
+
+
+_warned: set[Path] = set()
+
+
+def _warn_legacy(path: Path, registries: dict[str, RegistryConfig]) -> None:
+    """Once per process and file: registries.toml is deprecated, and what registries.conf says instead."""
+    if path in _warned or not registries:
+        return
+    _warned.add(path)
+    lines = []
+    for host, reg in registries.items():
+        lines.append(f'  [[registry]]\n  prefix = "{host}"\n  location = "{host}"'
+                     + ("\n  insecure = true" if reg.insecure else ""))
+        for m in reg.mirrors:
+            lines.append(f'  [[registry.mirror]]\n  location = "{m.split("://", 1)[-1]}"'
+                         + ("\n  insecure = true" if m.startswith("http://") else ""))
+    print(f"dirge: warning: {path} is deprecated: mirrors and insecure registries belong in "
+          "registries.conf (containers-registries.conf(5), which buildah and podman read too), "
+          "e.g. ~/.config/containers/registries.conf:\n" + "\n".join(lines), file=sys.stderr)
+
+
+def _legacy_registries(path: Path, data: dict[str, object]) -> dict[str, RegistryConfig]:
     out: dict[str, RegistryConfig] = {}
-    for host, entry in (data.get("registries") or {}).items():
+    for host, entry in _table(path, data, "registries").items():
         if not isinstance(entry, dict):
             raise DirgeError(f"read config {path}: [registries.{host!r}] must be a table")
         mirrors = entry.get("mirrors", [])
         if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
             raise DirgeError(f"read config {path}: registries.{host!r}.mirrors must be a list of URLs")
         out[host] = RegistryConfig(tuple(m.rstrip("/") for m in mirrors), bool(entry.get("insecure", False)))
-    cache = data.get("cache") or {}
-    if not isinstance(cache, dict):
-        raise DirgeError(f"read config {path}: [cache] must be a table")
-    max_size = cache.get("max_size")
+    return out
+
+
+def _max_size(path: Path, data: dict[str, object]) -> int | None:
+    max_size = _table(path, data, "cache").get("max_size")
     try:
-        budget = None if max_size is None else parse_size(str(max_size))
+        return None if max_size is None else parse_size(str(max_size))
     except ValueError as exc:
         raise DirgeError(f"read config {path}: cache.max_size: {exc}") from None
-    return Config(out, budget)
+
+
+def load_config(path: Path | None = None) -> Config:
+    """config.toml, plus the deprecated registries.toml's registries (and its [cache], under config.toml's)."""
+    path = path or config_path()
+    data = _read_toml(path) or {}
+    legacy_path = legacy_registries_path()
+    legacy = _read_toml(legacy_path) if legacy_path != path else None
+    registries: dict[str, RegistryConfig] = {}
+    source = None
+    for where, table in ((legacy_path, legacy), (path, data)):
+        if table and table.get("registries") is not None:
+            registries.update(_legacy_registries(where, table))
+            _warn_legacy(where, registries)
+            source = where
+    budget = _max_size(path, data)
+    if budget is None and legacy:
+        budget = _max_size(legacy_path, legacy)
+    artifacts = _table(path, data, "fleet").get("artifacts", [])
+    if not isinstance(artifacts, list) or not all(isinstance(a, str) and a for a in artifacts):
+        raise DirgeError(f'read config {path}: fleet.artifacts must be a list of "REGISTRY/REPO" strings')
+    return Config(registries, budget, tuple(a.rstrip("/") for a in artifacts), source)
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

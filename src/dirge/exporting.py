@@ -39,7 +39,7 @@ from .variants import build_variant
 
 if TYPE_CHECKING:
     from .store.cache import Cache
-    from .sources.auth import Credentials
+    from .sources.auth import Credentials, RegistryOptions
 
 FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
 
@@ -73,6 +73,7 @@ def export(
     cache: CacheLike | None = None,
     pull: PullPolicy = "missing",
     creds: "Credentials | None" = None,
+    registry_options: "RegistryOptions | None" = None,
     limits: Limits = Limits(),
     progress: ProgressFn | None = None,
     disk: "DiskOptions | None" = None,
@@ -87,29 +88,29 @@ def export(
     try:
         if format == "dir":
             result = unpack(image, out, platform=wanted, limits=limits, progress=progress, cache=where,
-                            pull=pull, creds=creds)
+                            pull=pull, creds=creds, registry_options=registry_options)
             size = sum(e.stat(follow_symlinks=False).st_size for e in _scan(out))
             return ExportResult(out, format, size, str(result.image.manifest_digest), False)
         if out.is_dir() and not out.is_symlink():
             raise DirgeError(f"{out} is a directory; give a file path for --format {format}")
         if format in ("erofs", "ext4"):
-            return _export_image(image, out, format, wanted, where, pull, creds, limits, progress,
+            return _export_image(image, out, format, wanted, where, pull, creds, registry_options, limits, progress,
                                  (disk or DiskOptions()) if format == "ext4" else None)
-        return _export_tar(image, out, wanted, where, pull, creds, limits, progress)
+        return _export_tar(image, out, wanted, where, pull, creds, registry_options, limits, progress)
     except DirgeError as exc:
         raise add_context(exc, f"export {image}") from exc.__cause__
 
 
 def _export_image(image: str, out: Path, fmt: ExportFormat, platform: Platform | None, cache: "Cache | None",
-                  pull: PullPolicy,
-                  creds: "Credentials | None", limits: Limits, progress: ProgressFn | None,
-                  disk: "DiskOptions | None") -> ExportResult:
+                  pull: PullPolicy, creds: "Credentials | None", registry_options: "RegistryOptions | None",
+                  limits: Limits, progress: ProgressFn | None, disk: "DiskOptions | None") -> ExportResult:
     """An erofs image or ext4 disk: the cached base's file cloned when there is one, else written straight
     from the layers into OUT's temp file (caching it would cost a hash, a sync and a copy of the whole disk)."""
     from .bases import cached_image
 
     source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds,
-                                  on_bytes=downloads(progress), build=build_variant)
+                                  registry_options=registry_options, on_bytes=downloads(progress),
+                                  build=build_variant)
     try:
         with ExitStack() as leases:  # a cached base is read under its lease: gc cannot remove it meanwhile
             cached = cached_image(cache, resolved.manifest_digest, fmt, leases, disk.key() if disk else "")
@@ -130,14 +131,16 @@ def _export_image(image: str, out: Path, fmt: ExportFormat, platform: Platform |
 
 
 def _export_tar(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: PullPolicy,
-                creds: "Credentials | None", limits: Limits, progress: ProgressFn | None) -> ExportResult:
+                creds: "Credentials | None", registry_options: "RegistryOptions | None", limits: Limits,
+                progress: ProgressFn | None) -> ExportResult:
     from .bases import base_rootfs, ensure_base
     from .options import PrepareOptions
     from .fsimage.tarball import write_tar
 
     with ExitStack() as leases:  # the base is read under its lease: gc cannot remove it meanwhile
         base = ensure_base(image, PrepareOptions(base_format="tree", platform=platform, limits=limits, pull=pull,
-                                                 creds=creds), cache=cache, progress=progress, leases=leases)
+                                                 creds=creds, registry_options=registry_options), cache=cache,
+                             progress=progress, leases=leases)
         emit(progress, Step("export", "writing the tar"))
         with base_rootfs(base) as rootfs, _replacing(out) as tmp:
             with open(tmp, "wb") as f:

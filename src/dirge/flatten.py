@@ -33,7 +33,7 @@ from .sources.partial import StreamRestarted
 from .variants import build_variant
 
 if TYPE_CHECKING:
-    from .sources.auth import Credentials
+    from .sources.auth import Credentials, RegistryOptions
 
 
 def add_context(exc: DirgeError, context: str) -> DirgeError:
@@ -200,6 +200,7 @@ def unpack(
     cache: CacheLike | None = None,
     pull: PullPolicy = "missing",
     creds: "Credentials | None" = None,
+    registry_options: "RegistryOptions | None" = None,
 ) -> UnpackResult:
     """Write the flattened rootfs of ``image`` into ``dest`` (absent or empty), all or nothing.
     ``platform``: "os/arch[/variant]" or a Platform (None: the host's); ``cache``: a directory or a Cache
@@ -212,7 +213,8 @@ def unpack(
     if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
         raise DirgeError(f"unpack {image}: destination {dest} exists and is not an empty directory")
     source, resolved = open_image(image, wanted, cache=as_cache(cache), pull=pull, creds=creds,
-                                  on_bytes=downloads(progress), build=build_variant)
+                                  registry_options=registry_options, on_bytes=downloads(progress),
+                                  build=build_variant)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         # The tree is written inside a 0700 directory (mkdtemp's): until every layer's digest has been

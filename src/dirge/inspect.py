@@ -18,7 +18,7 @@ from .variants import build_variant
 
 if TYPE_CHECKING:
     from .store.cache import Cache
-    from .sources.auth import Credentials
+    from .sources.auth import Credentials, RegistryOptions
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,11 @@ def inspect_image(
     pull: str = "missing",
     platform: Platform | None = None,
     creds: "Credentials | None" = None,
+    registry_options: "RegistryOptions | None" = None,
 ) -> Inspection:
     """Inspect ``image``; an index is followed to the manifest for ``platform`` (default: the host's)."""
-    source, start, name = open_start(image, cache=cache, pull=pull, creds=creds, build=build_variant)
+    source, start, name = open_start(image, cache=cache, pull=pull, creds=creds, registry_options=registry_options,
+                                      build=build_variant)
     try:
         raw = read_blob(source, start, f"manifest {start.digest.short} of {name}", MAX_MANIFEST_BYTES)
         platforms: list[str] = []

@@ -24,7 +24,7 @@ from .oci.image import Platform, parse_platform
 from .store.cache import Cache
 
 if TYPE_CHECKING:
-    from .sources.auth import Credentials
+    from .sources.auth import Credentials, RegistryOptions
 
 
 PullPolicy: TypeAlias = Literal["always", "missing", "never"]  # registry images: when to ask the registry
@@ -98,6 +98,7 @@ class PrepareOptions:
     lock_timeout: float = 600.0  # seconds to wait for a base another process is building
     pull: PullPolicy = "missing"  # registry images: always, missing or never
     creds: Credentials | None = None  # None: docker/podman auth files and helpers
+    registry_options: RegistryOptions | None = None  # --authfile, --cert-dir, --tls-verify; None: the config files
     disk: DiskKind | None = None  # "ext4" or "erofs": a disk session instead of a directory
     disk_format: DiskFormat = "raw"  # ext4 disk sessions: raw or qcow2
     disk_size: int | None = None  # the ext4 base disk's size (erofs: the scratch disk's); None: automatic

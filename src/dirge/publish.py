@@ -391,7 +391,7 @@ class _Uploader:
         raise self.client.error_for(r, what)
 
     def _absolute(self, location: str) -> str:
-        return str(httpx.URL(self.client.endpoints[-1].url + "/").join(location))
+        return str(httpx.URL(self.client.origin.url + "/").join(location))
 
     def _finish(self, location: str, desc: Descriptor, data: bytes) -> None:
         """The closing PUT (with the whole blob when monolithic)."""

@@ -30,7 +30,7 @@ from .options import (BaseFormat, CacheLike, DiskFormat, DiskKind, PlatformLike,
                       Strategy, as_cache, cache_or_dir)
 from .oci.reference import canonicalize_image_ref, local_variant_name
 from .session import DISK, SCRATCH_SIZE, Sessions, SessionInfo, backends, destroy
-from .sources.auth import Credentials
+from .sources.auth import Credentials, RegistryOptions
 from .session.customize import (DirWriter, Ext4DiskWriter, FileSpec, RootfsWriter, add_user, write_files,
                                 write_krun_config)
 from .events import ProgressFn, Step, emit
@@ -176,6 +176,7 @@ def prepare(
     lock_timeout: float = 600.0,
     pull: PullPolicy = "missing",
     creds: Credentials | None = None,
+    registry_options: RegistryOptions | None = None,
     disk: DiskKind | None = None,
     disk_format: DiskFormat = "raw",
     disk_size: int | None = None,

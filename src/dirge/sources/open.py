@@ -24,7 +24,7 @@ from .layout import LayoutSource
 
 if TYPE_CHECKING:
     from ..store.cache import Cache
-    from .auth import Credentials
+    from .auth import Credentials, RegistryOptions
     from .buildah import VariantBuilder
 
 
@@ -38,6 +38,7 @@ def open_image(
     cache: "Cache | None" = None,
     pull: str = "missing",
     creds: "Credentials | None" = None,
+    registry_options: "RegistryOptions | None" = None,
     on_bytes: "Callable[[Descriptor, int], None] | None" = None,
     build: "VariantBuilder | None" = None,
 ) -> tuple[BlobSource, ResolvedImage]:
@@ -46,7 +47,8 @@ def open_image(
     Registry images keep their blobs in ``cache`` (the default cache if None); local variants are built
     by ``build`` (if missing or stale) and exported there too. The caller closes the source.
     """
-    source, start, name = open_start(image, cache=cache, pull=pull, creds=creds, on_bytes=on_bytes, build=build)
+    source, start, name = open_start(image, cache=cache, pull=pull, creds=creds, registry_options=registry_options,
+                                    on_bytes=on_bytes, build=build)
     try:
         return source, resolve_manifest(source, start, name, platform)
     except BaseException:
@@ -60,6 +62,7 @@ def open_start(
     cache: "Cache | None" = None,
     pull: str = "missing",
     creds: "Credentials | None" = None,
+    registry_options: "RegistryOptions | None" = None,
     on_bytes: "Callable[[Descriptor, int], None] | None" = None,
     build: "VariantBuilder | None" = None,
 ) -> tuple[BlobSource, Descriptor, str]:
@@ -83,7 +86,7 @@ def open_start(
         registry_ref = ref
 
         def make_client() -> RegistryClient:
-            client = RegistryClient(registry_ref.registry, creds=creds)
+            client = RegistryClient(registry_ref.registry, creds=creds, options=registry_options)
             client.on_bytes = on_bytes
             return client
 
@@ -111,12 +114,13 @@ def open_start(
 
 def pull_image(image: str, platform: Platform | None = None, *, cache: "Cache | None" = None,
                pull: str = "always", creds: "Credentials | None" = None,
+               registry_options: "RegistryOptions | None" = None,
                progress: ProgressFn | None = None,
                build: "VariantBuilder | None" = None) -> ResolvedImage:
     """Make sure the manifest, config and every layer blob of ``image`` are in the cache; ``progress``
     gets a Download event per chunk received (nothing for blobs already cached)."""
     source, resolved = open_image(image, platform, cache=cache, pull=pull, creds=creds,
-                                  on_bytes=downloads(progress), build=build)
+                                  registry_options=registry_options, on_bytes=downloads(progress), build=build)
     try:
         layers = resolved.manifest.layers
         emit(progress, Step("pull", f"{resolved.manifest_digest.short}: {len(layers)} layers, "

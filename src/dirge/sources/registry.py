@@ -1,12 +1,16 @@
 """An OCI distribution-spec client over httpx: ping, auth challenges, manifests, blobs.
 
-- Endpoints: configured mirrors first, then the origin (Docker Hub's API host for docker.io).
-- Scheme: HTTPS; loopback registries (127.0.0.0/8, localhost, ::1) and ones configured insecure fall
-  back to plain HTTP when the TLS handshake fails, as Docker does. Never silently elsewhere.
-- Trust: the system store (honouring $SSL_CERT_FILE) plus ``certs.d/<host[:port]>/*.crt``.
+- Endpoints: registries.conf's mirrors first, then the primary location (its ``location``, else the
+  ref's registry; Docker Hub's API host for docker.io); see ``registries_conf``. Each endpoint has its
+  own repository name (a location rewrites it); the ref's identity in the cache stays as written.
+- Scheme: HTTPS; loopback registries (127.0.0.0/8, localhost, ::1) and ones configured insecure (or all
+  with ``--no-tls-verify``) fall back to plain HTTP when the TLS handshake fails, as Docker does; an
+  insecure one's certificate is not verified. Never silently elsewhere; ``--tls-verify`` forbids both.
+- Trust: the system store (honouring $SSL_CERT_FILE) plus ``certs.d/<host[:port]>/*.crt`` (and client
+  ``*.cert``/``*.key`` pairs), or ``--cert-dir``'s instead (containers-certs.d(5)).
 - Auth: the first 401 says how (Bearer realm/service/scope, or Basic); tokens are cached per scope and
   refreshed on a later 401. Credentials: see ``auth``; never in messages, and never in the clear: Basic
-  credentials and tokens go over TLS, or over plain HTTP only to a host registries.toml marks insecure
+  credentials and tokens go over TLS, or over plain HTTP only to a host registries.conf marks insecure
   (or a loopback one when the registry itself is plain HTTP); see ``Endpoint.clear_ok``.
 - Retries with exponential backoff and jitter on 429 (Retry-After honoured), 5xx, resets and timeouts;
   blob downloads resume with Range, are hashed while streaming to a temp file, and are published into
@@ -43,20 +47,21 @@ import httpcore
 import httpx
 
 from ..store.cache import Cache
-from ..config import Config, config_path, load_config
+from ..config import Config
 from ..errors import AuthError, DirgeError, IntegrityError, NotFound, RateLimited, RegistryError
 from ..oci.image import CONFIG_TYPES, DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
 from ..oci.image import Descriptor
 from ..oci.image import DOCKER_SCHEMA1, MAX_MANIFEST_BYTES, parse_index, parse_manifest
 from ..oci.reference import Digest, RegistryReference, parse_digest
 from ..waits import waiting
-from .auth import Credentials, find_credentials
+from .auth import Credentials, RegistryOptions, find_credentials
+from .registries_conf import Location, RegistriesConf, load_registries_conf, registries_conf_path
 from .partial import PartialBlob, sweep_orphans
 
 T = TypeVar("T")
 ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 DOCKER_HUB_API = "registry-1.docker.io"
-CERTS_DIRS = ("/etc/docker/certs.d", "/etc/containers/certs.d")
+CERTS_DIRS = ("~/.config/containers/certs.d", "/etc/containers/certs.d", "/etc/docker/certs.d")
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
 # httpcore asks its network stream for 64 KiB a read, and each read is a pass through h11 in Python
@@ -291,28 +296,57 @@ def _error_codes(response: httpx.Response) -> tuple[tuple[str, ...], str]:
         return (), ""
 
 
-def ssl_context(host: str) -> ssl.SSLContext:
+def _load_cert_dir(ctx: ssl.SSLContext, folder: Path) -> None:
+    """containers-certs.d(5): ``*.crt`` are CAs, ``NAME.cert`` + ``NAME.key`` a client certificate."""
+    try:
+        for cert in sorted(folder.glob("*.crt")):
+            ctx.load_verify_locations(cafile=str(cert))
+        for client in sorted(folder.glob("*.cert")):
+            key = client.with_suffix(".key")
+            if not key.is_file():
+                raise DirgeError(f"client certificate {client} has no key {key.name} beside it; add it or remove "
+                                 "the certificate")
+            ctx.load_cert_chain(str(client), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise DirgeError(f"read certificates in {folder}: {exc}; fix or remove the file") from None
+
+
+def ssl_context(host: str, cert_dir: Path | None = None, verify: bool = True) -> ssl.SSLContext:
+    """The TLS context for ``host[:port]``: ``cert_dir`` if given, else its certs.d directories
+    ($DIRGE_CERTS_DIRS, else ~/.config/containers/certs.d, /etc/containers/certs.d, /etc/docker/certs.d);
+    ``verify=False`` (an insecure registry) accepts any certificate."""
     ctx = ssl.create_default_context()  # system trust; OpenSSL reads $SSL_CERT_FILE / $SSL_CERT_DIR
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cert_dir is not None:
+        if not cert_dir.is_dir():
+            raise DirgeError(f"--cert-dir {cert_dir}: not a directory; give one holding CA *.crt files")
+        _load_cert_dir(ctx, cert_dir)
+        return ctx
     dirs = os.environ.get("DIRGE_CERTS_DIRS")
     for base in (dirs.split(":") if dirs else CERTS_DIRS):
-        folder = Path(base) / host
+        folder = Path(base).expanduser() / host
         if folder.is_dir():
-            for cert in sorted(folder.glob("*.crt")):
-                ctx.load_verify_locations(cafile=str(cert))
+            _load_cert_dir(ctx, folder)
     return ctx
 
 
 class Endpoint:
     """One base URL (origin or mirror) with its HTTP client and auth state."""
 
-    def __init__(self, url: str, host: str, creds: Credentials | None, timeout: float, fallback_http: bool,
-                 insecure: Callable[[str], bool] = lambda host: False) -> None:
+    def __init__(self, url: str, host: str, creds: Credentials | None | Callable[[], Credentials | None],
+                 timeout: float, fallback_http: bool, insecure: Callable[[str], bool] = lambda host: False, *,
+                 cert_dir: Path | None = None, verify_tls: bool = True) -> None:
         self.url = url.rstrip("/")
         self.host = host
-        self.creds = creds
+        # credentials, or how to find them once a 401 asks (a mirror's auth files are read only then)
+        self._creds = creds
+        self._creds_found = not callable(creds)
         self.fallback_http = fallback_http
-        self.insecure = insecure  # registries.toml's ``insecure = true``, by host[:port]
-        verify: ssl.SSLContext | bool = ssl_context(host) if self.url.startswith("https://") else True
+        self.insecure = insecure  # registries.conf's ``insecure = true``, by host[:port]
+        verify: ssl.SSLContext | bool = (ssl_context(host, cert_dir, verify_tls) if self.url.startswith("https://")
+                                         else True)
         # httpx drops Authorization on cross-origin redirects (https → http is one)
         self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)), verify=verify,
                                    transport=LargeReadTransport(verify), follow_redirects=True)
@@ -320,20 +354,29 @@ class Endpoint:
         self._basic = False
         self._lock = threading.Lock()
 
+    @property
+    def creds(self) -> Credentials | None:
+        if not self._creds_found:
+            assert callable(self._creds)
+            self._creds = self._creds()
+            self._creds_found = True
+        assert not callable(self._creds)
+        return self._creds
+
     def close(self) -> None:
         self.client.close()
 
     def _auth_headers(self, scope: str) -> dict[str, str]:
         if scope in self._tokens:
             return {"Authorization": f"Bearer {self._tokens[scope]}"}
-        if self._basic and self.creds:
+        if self._basic and self.creds and not self.creds.identity_token:
             pair = f"{self.creds.username}:{self.creds.password}".encode()
             return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
         return {}
 
     def clear_ok(self, url: str) -> bool:
         """Whether credentials (Basic, or a bearer token) may go to ``url``: over TLS always; over plain HTTP
-        only to a host registries.toml marks insecure, or to a loopback host when this endpoint itself
+        only to a host registries.conf marks insecure, or to a loopback host when this endpoint itself
         speaks plain HTTP (the bytes never leave the machine, and nothing was downgraded from TLS)."""
         parsed = httpx.URL(url)
         if parsed.scheme == "https":
@@ -347,13 +390,13 @@ class Endpoint:
         netloc = httpx.URL(url).netloc.decode("ascii", "replace")
         return AuthError(f"{what}: {self.host} wants {kind} sent to {url[:200]} over plain HTTP, and dirge sends "
                          f"credentials only over TLS; serve it over https://, or, on a trusted network, mark "
-                         f"{netloc!r} insecure in {config_path()} ([registries.\"{netloc}\"] insecure = true)",
-                         status=401)
+                         f"{netloc!r} insecure in {registries_conf_path()} ([[registry]] location = \"{netloc}\" "
+                         "insecure = true)", status=401)
 
     def _authenticate(self, response: httpx.Response, scope: str, what: str) -> None:
         scheme, params = _parse_challenge(response.headers.get("WWW-Authenticate", ""))
         if scheme == "basic":
-            if not self.creds:
+            if not self.creds or self.creds.identity_token:
                 raise AuthError(f"{what}: {self.host} needs credentials (docker login, --creds, or an auth file)",
                                 status=401)
             if not self.clear_ok(self.url):
@@ -375,10 +418,17 @@ class Endpoint:
         scopes = [params["scope"]] if params.get("scope") else []
         scopes += [s for s in scope.split(" ") if s and s not in scopes]
         query: dict[str, str | list[str]] = {"service": params.get("service", ""), "scope": scopes}
-        auth = httpx.BasicAuth(self.creds.username, self.creds.password) if self.creds else None
+        creds = self.creds
+        auth = httpx.BasicAuth(creds.username, creds.password) if creds and not creds.identity_token else None
         deadline = time.monotonic() + metadata_deadline()
         try:
-            token_request = self.client.build_request("GET", realm, params=query)
+            if creds and creds.identity_token:
+                # docker's identitytoken: an OAuth2 refresh token (distribution's token spec, "OAuth2")
+                form = {**query, "grant_type": "refresh_token", "client_id": "dirge",
+                        "refresh_token": creds.identity_token}
+                token_request = self.client.build_request("POST", realm, data=form)
+            else:
+                token_request = self.client.build_request("GET", realm, params=query)
             token_response = self.client.send(token_request, auth=auth, stream=True)
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             raise RegistryError(f"{what}: token request to {realm[:200]} failed: {type(exc).__name__}: {exc}",
@@ -387,7 +437,8 @@ class Endpoint:
             _drain(token_response)
         if token_response.status_code in (401, 403):
             raise AuthError(f"{what}: {self.host} refused the credentials"
-                            + (f" for user {self.creds.username!r}" if self.creds else " (anonymous)"),
+                            + ((" (an identitytoken; log in again)" if creds.identity_token else
+                                f" for user {creds.username!r}") if creds else " (anonymous)"),
                             status=token_response.status_code)
         if token_response.status_code != 200:
             raise RegistryError(f"{what}: token endpoint answered {token_response.status_code}",
@@ -431,26 +482,64 @@ class Endpoint:
 
 
 class RegistryClient:
-    """A client for one registry (and its mirrors), for one repository at a time."""
+    """A client for one registry (and its mirrors), for one repository at a time.
+
+    Where a ref is fetched from is registries.conf's ``route``: the mirrors, then the primary location,
+    each an Endpoint (kept per host, with its auth state) and the repository's name there."""
 
     def __init__(self, registry: str, *, creds: Credentials | None = None, config: Config | None = None,
-                 timeout: float | None = None, attempts: int = 5) -> None:
+                 timeout: float | None = None, attempts: int = 5, options: RegistryOptions | None = None,
+                 registries: RegistriesConf | None = None) -> None:
         self.registry = registry
-        self.config = config or load_config()
-        self.creds = creds if creds is not None else find_credentials(registry)
+        self.options = options or RegistryOptions()
+        self.registries = registries if registries is not None else load_registries_conf(config=config)
+        self.creds = creds  # explicit: for the primary location only, never a mirror
         self.attempts = attempts
         timeout = timeout if timeout is not None else read_timeout()
         self.timeout = timeout
         self.on_bytes: Callable[[Descriptor, int], None] | None = None  # download progress (bytes so far)
-        reg_config = self.config.registry(registry)
-        fallback = is_loopback(registry) or reg_config.insecure
-        origin_host = DOCKER_HUB_API if registry == "docker.io" else registry
-        def insecure(host: str) -> bool:
-            return self.config.registry(host).insecure
+        self._endpoints: dict[tuple[str, bool], Endpoint] = {}
+        self._lock = threading.Lock()
 
-        self.endpoints = [Endpoint(m, m.split("://", 1)[-1], None, timeout, False, insecure)
-                          for m in reg_config.mirrors]
-        self.endpoints.append(Endpoint(f"https://{origin_host}", registry, self.creds, timeout, fallback, insecure))
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """Every endpoint made so far."""
+        return list(self._endpoints.values())
+
+    def _insecure(self, host: str) -> bool:
+        if self.options.tls_verify is not None:
+            return not self.options.tls_verify
+        return self.registries.insecure_host(host)
+
+    def _endpoint(self, location: Location, primary: bool) -> Endpoint:
+        host = location.host
+        insecure = location.insecure if self.options.tls_verify is None else not self.options.tls_verify
+        with self._lock:
+            endpoint = self._endpoints.get((host, primary))
+            if endpoint is None:
+                explicit = self.creds if primary else None
+                authfile = self.options.authfile
+
+                def lookup() -> Credentials | None:
+                    return explicit if explicit is not None else find_credentials(host, location.repository, authfile)
+
+                # the primary's credentials are found before its first request (a helper that fails says
+                # so at once); a mirror's only when it asks for them
+                creds: Credentials | None | Callable[[], Credentials | None] = lookup() if primary else lookup
+                fallback = insecure or (is_loopback(host) and self.options.tls_verify is None)
+                api_host = DOCKER_HUB_API if host == "docker.io" else host
+                endpoint = Endpoint(f"https://{api_host}", host, creds, self.timeout, fallback, self._insecure,
+                                    cert_dir=self.options.cert_dir, verify_tls=not insecure)
+                self._endpoints[(host, primary)] = endpoint
+            return endpoint
+
+    def routes(self, ref: RegistryReference) -> list[tuple[Endpoint, str]]:
+        """The endpoints ``ref`` is fetched from, in order, each with the repository's name there (the
+        primary location last)."""
+        route = self.registries.route(ref.registry, ref.repository, ref.tag, str(ref.digest) if ref.digest else None)
+        out = [(self._endpoint(m, False), m.repository) for m in route.mirrors]
+        out.append((self._endpoint(route.primary, True), route.primary.repository))
+        return out
 
     def close(self) -> None:
         for endpoint in self.endpoints:
@@ -513,12 +602,18 @@ class RegistryClient:
 
     # -- for writers (push): the origin only, never a mirror ----------------------------------
 
+    @property
+    def origin(self) -> Endpoint:
+        """The registry itself, as a push reaches it: registries.conf's mirrors and location rewrites
+        are for pulls (as in containers/image); its insecure flag and the auth files still apply."""
+        return self._endpoint(Location(self.registry, "", self.registries.insecure_host(self.registry)), True)
+
     def origin_call(self, method: str, path: str, scope: str, what: str, *, headers: dict[str, str] | None = None,
                     content: bytes | None = None, stream: bool = False, retry: bool = True) -> httpx.Response:
         """One request to the origin with its auth, TLS and the retry rules of pulls (429, 5xx, resets).
         The caller reads (or closes) the response. ``retry=False``: sent once, for a request the caller
         must not repeat blindly (a chunk of an upload); a transport failure is a retryable RegistryError."""
-        endpoint = self.endpoints[-1]
+        endpoint = self.origin
         if retry:
             return self._call(endpoint, method, path, scope, what, headers, stream, None, content)
         try:
@@ -529,37 +624,39 @@ class RegistryClient:
     def error_for(self, response: httpx.Response, what: str) -> DirgeError:
         """The error an unexpected answer from the origin means (its body read and closed)."""
         try:
-            self._raise_for(response, what, self.endpoints[-1])
+            self._raise_for(response, what, self.origin)
         except DirgeError as exc:
             return exc
         finally:
             response.close()
         raise AssertionError("unreachable")
 
-    def _first_that_works(self, attempt: Callable[[Endpoint], T]) -> T:
+    def _first_that_works(self, ref: RegistryReference, attempt: Callable[[Endpoint, str], T]) -> T:
         """Mirrors in order, then the origin; a failing mirror falls through, the origin's error is raised."""
-        for endpoint in self.endpoints[:-1]:
+        routes = self.routes(ref)
+        for endpoint, repository in routes[:-1]:
             try:
-                return attempt(endpoint)
+                return attempt(endpoint, repository)
             except (RegistryError, IntegrityError):
                 continue
-        return attempt(self.endpoints[-1])
+        return attempt(*routes[-1])
 
     # -- manifests ----------------------------------------------------------------------------
 
     def fetch_manifest(self, ref: RegistryReference, reference: str) -> tuple[bytes, str, Digest]:
         """GET a manifest or index by tag or digest; returns (raw bytes, media type, digest)."""
         what = f"{ref}" if reference == (ref.tag or "") else f"{ref.registry}/{ref.repository}@{reference}"
-        scope = f"repository:{ref.repository}:pull"
-        return self._first_that_works(lambda endpoint: self._manifest_from(endpoint, ref, reference, what, scope))
+        return self._first_that_works(ref, lambda endpoint, repository: self._manifest_from(
+            endpoint, repository, reference, what))
 
-    def _manifest_from(self, endpoint: Endpoint, ref: RegistryReference, reference: str, what: str,
-                       scope: str) -> tuple[bytes, str, Digest]:
+    def _manifest_from(self, endpoint: Endpoint, repository: str, reference: str,
+                       what: str) -> tuple[bytes, str, Digest]:
         """One endpoint's manifest. A body cut short or bytes that hash wrong are fetched again, as a
         blob is resumed: one transient fault never fails the pull, and the deadline bounds them all."""
         deadline = time.monotonic() + metadata_deadline()
         for attempt in range(1, self.attempts + 1):
-            response = self._call(endpoint, "GET", f"/v2/{ref.repository}/manifests/{reference}", scope, what,
+            scope = f"repository:{repository}:pull"
+            response = self._call(endpoint, "GET", f"/v2/{repository}/manifests/{reference}", scope, what,
                                   headers={"Accept": ACCEPT}, stream=True)
             if response.status_code != 200:
                 self._raise_for(response, what, endpoint)
@@ -591,27 +688,28 @@ class RegistryClient:
             return final
         what = f"blob {desc.digest.short} of {ref.registry}/{ref.repository}"
         partial = partial or PartialBlob(final, desc, what)
-        scope = f"repository:{ref.repository}:pull"
         try:
             try:
-                self._first_that_works(lambda endpoint: self._download_from(endpoint, ref, partial, scope))
+                self._first_that_works(ref, lambda endpoint, repository: self._download_from(endpoint, repository,
+                                                                                               partial))
             except IntegrityError:
                 # Wrong bytes: a failing mirror's part the origin resumed, or bytes damaged on the way. The
                 # origin once more, from byte 0 (_download_from restarted the blob: its readers start over);
                 # a registry that serves wrong bytes twice fails the pull.
-                self._download_from(self.endpoints[-1], ref, partial, scope)
+                self._download_from(*self.routes(ref)[-1], partial)
             return partial.publish()
         except BaseException as exc:
             partial.fail(exc)
             raise
 
-    def _download_from(self, endpoint: Endpoint, ref: RegistryReference, partial: PartialBlob, scope: str) -> None:
+    def _download_from(self, endpoint: Endpoint, repository: str, partial: PartialBlob) -> None:
         desc, what, stop = partial.desc, partial.what, partial.abandoned
+        scope = f"repository:{repository}:pull"
         resets = 0
         try:
             while True:
                 headers = {"Range": f"bytes={partial.written}-"} if partial.written else {}
-                response = self._call(endpoint, "GET", f"/v2/{ref.repository}/blobs/{desc.digest}", scope,
+                response = self._call(endpoint, "GET", f"/v2/{repository}/blobs/{desc.digest}", scope,
                                       what, headers=headers, stream=True, stop=stop)
                 partial.on_abandon(lambda: _shutdown(response))
                 try:

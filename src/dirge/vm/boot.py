@@ -22,17 +22,21 @@ import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..store.cache import Cache
 from ..errors import BootError
 from ..events import Boot as BootPhase, ProgressFn, emit
-from ..options import BootDisk, CacheLike, PullPolicy, as_cache, cache_or_dir
+from ..options import BootDisk, CacheLike, PlatformLike, PullPolicy, as_cache, cache_or_dir
 from ..rootfs import PreparedRootfs, prepare
 from ..session.customize import DirWriter, Ext4DiskWriter
 from .guest import GuestSpec, install_guest
 from .initramfs import build_initramfs, find_kernel
 from .qemu import ConsoleFn, Drive, VmSpec, choose_accel, find_qemu, run_vm
 from .share import capfiles_text, map_session, setcaps_program, unmap_session
+
+if TYPE_CHECKING:
+    from ..sources.auth import Credentials, RegistryOptions
 
 __all__ = ["BOOT_DISKS", "BOOT_FAILED", "BOOT_TIMED_OUT", "BootResult", "Booted", "boot", "boot_session"]
 
@@ -183,7 +187,9 @@ def boot(image: str, cache: CacheLike | None = None, *, disk: BootDisk = "dir",
          timeout: float = 300.0, keep: bool = False, console: ConsoleFn | None = None,
          virtiofsd: str | None = None, pull: PullPolicy = "missing", kernel_log: bool = False,
          user: str | None = None, env: Mapping[str, str] | None = None,
-         cache_dir: str | os.PathLike[str] | None = None, progress: ProgressFn | None = None) -> BootResult:
+         cache_dir: str | os.PathLike[str] | None = None, progress: ProgressFn | None = None,
+         platform: PlatformLike | None = None, creds: "Credentials | None" = None,
+         registry_options: "RegistryOptions | None" = None) -> BootResult:
     """Prepare ``image`` as a ``disk`` session and boot it (module doc). Raises BootError when no
     kernel/QEMU/busybox is found (before preparing anything) and GuestFailed when the guest does not
     finish its command. ``cache``: a directory or a Cache (``cache_dir``: deprecated)."""
@@ -195,7 +201,8 @@ def boot(image: str, cache: CacheLike | None = None, *, disk: BootDisk = "dir",
     cache = as_cache(where) or Cache()
     started = time.monotonic()
     emit(progress, BootPhase("preparing the session"))
-    prepared = prepare(image, cache.root, disk=None if disk == "dir" else disk, pull=pull, progress=progress)
+    prepared = prepare(image, cache.root, disk=None if disk == "dir" else disk, pull=pull, platform=platform,
+                       creds=creds, registry_options=registry_options, progress=progress)
     prepared_at = time.monotonic()
     try:
         booted = boot_session(prepared, cache_dir=cache.root, kernel=kernel, initrd=initrd,
