@@ -211,3 +211,38 @@ def test_fuse_overlayfs_is_not_chosen_as_root(tmp_path: Path) -> None:
 
     (tmp_path / "base").mkdir()
     assert not backends.FUSE_OVERLAY.probe(tmp_path / "base", tmp_path)
+
+
+def test_a_cache_path_fuse_overlayfs_cannot_take_falls_back_to_a_copy(work: tuple[Path, str, str]) -> None:
+    """fuse-overlayfs splits its options at ',' and lowerdir at ':': a cache path holding one is never
+    handed to it (no option injection); the session is a copy (or reflink) instead, and says so."""
+    d, ref, _ = work
+    seen = as_nobody(_PRELUDE + """
+with prepare(ref, cache_dir, base_format="tree") as s:
+    print(json.dumps({"strategy": s.info.strategy, "passwd": (s.path / "etc/passwd").read_text()}))
+""", ref, str(d / "ca,che:x"))
+    assert seen["strategy"] in ("reflink", "copy")  # reflink where /var/tmp is xfs or btrfs
+    assert seen["passwd"] == "root:x:0:0::/root:/bin/sh\n"
+    assert _mounts_under(d) == []
+
+
+def test_a_snapshot_of_a_fuse_session_saves_its_tree_and_restores_as_a_copy(work: tuple[Path, str, str]) -> None:
+    """The upper dir alone holds fuse-overlayfs's own whiteout forms, so the merged tree is saved; a
+    restore copies it (a session never depends on a snapshot that ``snapshot delete`` may remove)."""
+    d, ref, _ = work
+    seen = as_nobody(_PRELUDE + """
+from dirge.rootfs import restore
+with prepare(ref, cache_dir, base_format="tree") as s:
+    (s.path / "saved").write_text("kept")
+    os.unlink(s.path / "etc/conf.d/a")
+    Sessions(cache).snapshot_save(s.info.id, "snap")
+with restore("snap", cache_dir) as r:
+    out = {"strategy": r.info.strategy, "saved": (r.path / "saved").read_text(),
+           "deleted_stays_deleted": not (r.path / "etc/conf.d/a").exists(),
+           "kind": Sessions(cache).snapshot_meta("snap")["kind"]}
+Sessions(cache).snapshot_delete("snap")
+print(json.dumps(out))
+""", ref, str(d / "cache"))
+    assert seen["strategy"] in ("reflink", "copy")  # reflink where /var/tmp is xfs or btrfs
+    assert (seen["saved"], seen["deleted_stays_deleted"], seen["kind"]) == ("kept", True, "tree")
+    assert _mounts_under(d) == []
