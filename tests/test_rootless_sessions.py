@@ -58,10 +58,10 @@ def work(make_image) -> Iterator[tuple[Path, str, str]]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def as_nobody(script: str, *args: str) -> Any:
+def as_nobody(script: str, *args: str, cwd: Path = Path("/")) -> Any:
     """Run ``script`` (Python, with ``args`` in sys.argv[1:]) as uid/gid 65534; its stdout's JSON."""
     proc = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
-                           "-c", script, *args], capture_output=True, text=True, cwd="/",
+                           "-c", script, *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, "PYTHONPATH": str(SRC), "HOME": "/nonexistent"}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
@@ -245,4 +245,17 @@ print(json.dumps(out))
 """, ref, str(d / "cache"))
     assert seen["strategy"] in ("reflink", "copy")  # reflink where /var/tmp is xfs or btrfs
     assert (seen["saved"], seen["deleted_stays_deleted"], seen["kind"]) == ("kept", True, "tree")
+    assert _mounts_under(d) == []
+
+
+def test_a_relative_cache_path_mounts_the_right_directories(work: tuple[Path, str, str]) -> None:
+    """The daemon runs in "/": it is handed absolute paths, whatever the caller's cache path was."""
+    d, ref, _ = work
+    seen = as_nobody(_PRELUDE + """
+with prepare(ref, cache_dir, base_format="tree") as s:
+    (s.path / "x").write_text("x")
+    print(json.dumps({"strategy": s.info.strategy, "upper": listing(s.path.parent / "upper"),
+                      "passwd": (s.path / "etc/passwd").read_text()}))
+""", ref, "cache", cwd=d)
+    assert seen == {"strategy": "fuse-overlayfs", "upper": ["x"], "passwd": "root:x:0:0::/root:/bin/sh\n"}
     assert _mounts_under(d) == []

@@ -148,7 +148,7 @@ class FuseOverlay(Strategy):
         # ':' and its options at ',': a path holding either (or a backslash) could not be passed intact.
         if os.geteuid() == 0 or shutil.which("fuse-overlayfs") is None or shutil.which("fusermount3") is None:
             return False
-        if any(c in os.fsdecode(p) for p in (base_rootfs, work_dir) for c in ",:\\"):
+        if not _fuse_passable(base_rootfs, work_dir):
             return False
         if not base_rootfs.is_dir() or base_rootfs.is_symlink():
             return False
@@ -167,11 +167,17 @@ class FuseOverlay(Strategy):
         top = os.stat(lowers[0])
         os.chmod(upper, top.st_mode & 0o7777)
         os.utime(upper, ns=(top.st_atime_ns, top.st_mtime_ns))
-        options = f"lowerdir={lowers[0]},upperdir={upper},workdir={work},nosuid,nodev"
+        # Absolute paths: the daemon runs in "/" (below), where a relative cache path would name
+        # something else.
+        lower, upper, work, target = (Path(os.path.abspath(p)) for p in (lowers[0], upper, work, rootfs))
+        if not _fuse_passable(lower, upper, work):
+            raise SessionError(f"mount fuse-overlayfs on {rootfs}: a path holds ',', ':' or '\\', which "
+                               "fuse-overlayfs would split; move the cache, or choose --strategy copy")
+        options = f"lowerdir={lower},upperdir={upper},workdir={work},nosuid,nodev"
         # The daemon outlives this call: no pipe of ours may stay open in it (run() would wait on
         # it), so its output goes to a file, read if it fails; cwd "/" so it pins no directory.
         with tempfile.TemporaryFile() as err:
-            proc = subprocess.run(["fuse-overlayfs", "-o", options, str(rootfs)], stdin=subprocess.DEVNULL,
+            proc = subprocess.run(["fuse-overlayfs", "-o", options, str(target)], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=err, cwd="/", start_new_session=True)
             err.seek(0)
             message = err.read().decode(errors="replace").strip()
@@ -234,6 +240,11 @@ OVERLAY, FUSE_OVERLAY, BTRFS, REFLINK, COPY = Overlay(), FuseOverlay(), Btrfs(),
 # Fastest first; fuse-overlayfs before btrfs: an ordinary user may snapshot a subvolume but, without
 # the user_subvol_rm_allowed mount option, not delete it again.
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (OVERLAY, FUSE_OVERLAY, BTRFS, REFLINK, COPY)}
+
+
+def _fuse_passable(*paths: Path) -> bool:
+    """Whether fuse-overlayfs gets ``paths`` intact in its ``-o`` string (it splits at ',' and ':')."""
+    return not any(c in os.fsdecode(os.path.abspath(p)) for p in paths for c in ",:\\")
 
 
 def _overlay_supported() -> bool:
