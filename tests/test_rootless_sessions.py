@@ -259,3 +259,33 @@ with prepare(ref, cache_dir, base_format="tree") as s:
 """, ref, "cache", cwd=d)
     assert seen == {"strategy": "fuse-overlayfs", "upper": ["x"], "passwd": "root:x:0:0::/root:/bin/sh\n"}
     assert _mounts_under(d) == []
+
+
+def test_prune_and_gc_unmount_dead_fuse_sessions(work: tuple[Path, str, str]) -> None:
+    """prune removes sessions whose owner is gone; gc does too, and unmounts a session directory left
+    mounted without its record. Each fuse mount goes (fusermount3 -u) before any file is deleted."""
+    d, ref, _ = work
+    seen = as_nobody(_PRELUDE + """
+import subprocess
+from dirge.gc import collect
+dead = subprocess.Popen(["true"]); dead.wait()
+for _ in range(2):
+    prepare(ref, cache_dir, base_format="tree", owner_pid=dead.pid).detach()
+out = {"strategies": sorted(s.strategy for s in Sessions(cache).list())}
+out["pruned"] = len(Sessions(cache).prune())
+orphan = prepare(ref, cache_dir, base_format="tree", owner_pid=dead.pid)
+orphan.detach()
+(orphan.path.parent / "session.json").unlink()  # a crash: mounted, no record
+leftover = prepare(ref, cache_dir, base_format="tree", owner_pid=dead.pid)
+leftover.detach()
+collect(cache, grace=0)
+out["orphan"] = orphan.path.parent.name
+out["left"] = sorted(p.name for p in Path(cache.sessions_dir).iterdir())
+out["orphan_upper_kept"] = listing(orphan.path.parent / "upper")
+print(json.dumps(out))
+""", ref, str(d / "cache"))
+    assert seen["strategies"] == ["fuse-overlayfs", "fuse-overlayfs"] and seen["pruned"] == 2
+    # The dead session with a record is gone; the record-less directory is unmounted and left for
+    # its owner to look at (gc's rule for any strategy; ``session.destroy`` removes it, tested above).
+    assert seen["left"] == [seen["orphan"]] and seen["orphan_upper_kept"] == []
+    assert _mounts_under(d) == []
