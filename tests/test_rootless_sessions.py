@@ -4,6 +4,7 @@ JSON; the assertions are made here, as root, which also reads /proc/self/mountin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -289,3 +290,33 @@ print(json.dumps(out))
     # its owner to look at (gc's rule for any strategy; ``session.destroy`` removes it, tested above).
     assert seen["left"] == [seen["orphan"]] and seen["orphan_upper_kept"] == []
     assert _mounts_under(d) == []
+
+
+def test_a_session_whose_fuse_daemon_died_is_still_removed(work: tuple[Path, str, str]) -> None:
+    """A killed fuse-overlayfs leaves a dead mount ("Transport endpoint is not connected"); removal
+    still unmounts it and deletes the session."""
+    d, ref, _ = work
+    seen = as_nobody(_PRELUDE + """
+import signal
+s = prepare(ref, cache_dir, base_format="tree")
+s.detach()
+sdir = str(s.path.parent)
+def cmdline(p):
+    try:
+        return (p / "cmdline").read_bytes()
+    except OSError:  # exited meanwhile, or not ours to read
+        return b""
+daemons = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+           and b"fuse-overlayfs" in cmdline(p) and sdir.encode() in cmdline(p)]
+for pid in daemons:
+    os.kill(pid, signal.SIGKILL)
+try:
+    os.listdir(s.path)
+    dead = False
+except OSError as e:
+    dead = e.errno
+Sessions(cache).remove(s.info.id)
+print(json.dumps({"daemons": len(daemons), "dead": dead, "rootfs": str(s.path), "left": os.path.exists(sdir)}))
+""", ref, str(d / "cache"))
+    assert seen["daemons"] == 1 and seen["dead"] == errno.ENOTCONN
+    assert not seen["left"] and _mounts_under(Path(seen["rootfs"]).parent) == []
