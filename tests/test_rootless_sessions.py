@@ -308,8 +308,12 @@ def cmdline(p):
         return b""
 daemons = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
            and b"fuse-overlayfs" in cmdline(p) and sdir.encode() in cmdline(p)]
+import select
 for pid in daemons:
+    fd = os.pidfd_open(pid)
     os.kill(pid, signal.SIGKILL)
+    select.select([fd], [], [])  # readable once the daemon has exited
+    os.close(fd)
 try:
     os.listdir(s.path)
     dead = False
@@ -318,5 +322,5 @@ except OSError as e:
 Sessions(cache).remove(s.info.id)
 print(json.dumps({"daemons": len(daemons), "dead": dead, "rootfs": str(s.path), "left": os.path.exists(sdir)}))
 """, ref, str(d / "cache"))
-    assert seen["daemons"] == 1 and seen["dead"] == errno.ENOTCONN
+    assert seen["daemons"] == 1 and seen["dead"] in (errno.ENOTCONN, errno.ECONNABORTED)
     assert not seen["left"] and _mounts_under(Path(seen["rootfs"]).parent) == []
