@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
-apt_pkgs=(python3 python3-venv busybox-static qemu-system-x86 linux-image-amd64)
+apt_pkgs=(python3 python3-venv busybox-static qemu-system-x86 linux-image-amd64 fuse-overlayfs fuse3)
 [ "$want_test" = 1 ] && apt_pkgs+=(umoci skopeo attr util-linux tar xfsprogs btrfs-progs docker-registry openssl apache2-utils curl acl qemu-utils
                               buildah mmdebstrap arch-test libdpkg-perl gpg erofs-utils binutils libarchive-tools
                               crun fakeroot uidmap libpython3.11-testsuite cpio pax zstd)

@@ -375,7 +375,7 @@ def test_base_format_choice_is_checked(tmp_path: Path, image: str, monkeypatch: 
 def test_strategies_are_one_protocol(tmp_path: Path, image: str) -> None:
     from dirge.session.backends import STRATEGIES, Strategy
 
-    assert list(STRATEGIES) == ["overlay", "btrfs", "reflink", "copy"]  # fastest first
+    assert list(STRATEGIES) == ["overlay", "fuse-overlayfs", "btrfs", "reflink", "copy"]  # fastest first
     assert all(isinstance(s, Strategy) and s.name == name for name, s in STRATEGIES.items())
     cache = tmp_path / "cache"
     with prepare(image, cache, strategy="copy") as s:

@@ -293,10 +293,30 @@ def mounts_under(path: Path) -> list[Path]:
 
 
 def unmount(target: Path) -> None:
-    """Unmount ``target`` (lazily if busy); not mounted is fine."""
+    """Unmount ``target`` (lazily if busy); not mounted is fine. An ordinary user's FUSE mount (a
+    fuse-overlayfs session) goes through ``fusermount3 -u``: umount2 needs CAP_SYS_ADMIN."""
     if _libc.umount2(os.fsencode(target), 0) != 0:
         err = ctypes.get_errno()
-        if err == errno.EBUSY:
+        if err == errno.EPERM and (mounted_at(target) or "").startswith("fuse"):
+            _fusermount_unmount(target)
+        elif err == errno.EBUSY:
             _libc.umount2(os.fsencode(target), _MNT_DETACH)
         elif err not in (errno.EINVAL, errno.ENOENT):
             raise SessionError(f"unmount {target}: {os.strerror(err)}")
+
+
+def _fusermount_unmount(target: Path) -> None:
+    """``fusermount3 -u`` (lazily, ``-z``, if busy): the setuid helper that lets the user who made a
+    FUSE mount remove it; it refuses anyone else's."""
+    import subprocess
+
+    tool = shutil.which("fusermount3")
+    if tool is None:
+        raise SessionError(f"unmount {target}: it is a FUSE mount and fusermount3 is not installed "
+                           "(apt-get install fuse3), or unmount it as root")
+    proc = subprocess.run([tool, "-u", "--", str(target)], capture_output=True, text=True)
+    if proc.returncode != 0 and is_mountpoint(target):
+        proc = subprocess.run([tool, "-u", "-z", "--", str(target)], capture_output=True, text=True)
+        if proc.returncode != 0 and is_mountpoint(target):
+            raise SessionError(f"unmount {target}: fusermount3 -u failed ({proc.stderr.strip()}); "
+                               "unmount it as the user who mounted it, or as root")

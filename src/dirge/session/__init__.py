@@ -2,7 +2,7 @@
 
     CACHE/sessions/<id>/session.json   id, image, digest, strategy, base, owner pid (+ its start time), created
     CACHE/sessions/<id>/rootfs         what the sandbox gets (an overlay mount, a snapshot or a copy)
-    CACHE/sessions/<id>/upper, work    overlay only
+    CACHE/sessions/<id>/upper, work    overlay and fuse-overlayfs only
     CACHE/snapshots/<name>/            snapshot.json + upper/ (overlay sessions) or tree/ (the others)
 
 Disk sessions (for block-device VMs; strategy "disk", no rootfs directory):

@@ -1,6 +1,7 @@
 """Session strategies: how a session rootfs is made from a base, fastest first.
 
 overlay  an overlayfs mount (base as lowerdir, per-session upper/work); O(1), needs root
+fuse-overlayfs  the same through FUSE, for an ordinary user (/dev/fuse, fuse-overlayfs, fusermount3); O(1)
 btrfs    a snapshot of the base subvolume; O(1), needs the cache on btrfs
 reflink  a per-file FICLONE copy of the tree; metadata work only, needs xfs/btrfs
 copy     a full-fidelity copy (copy_file_range, holes kept); works anywhere
@@ -130,6 +131,67 @@ class Overlay(Strategy):
         return _tree_copier(snapshot_dir / TREE, work_dir).restore(kind, snapshot_dir, base_rootfs, work_dir)
 
 
+class FuseOverlay(Strategy):
+    """An ordinary user's overlay: fuse-overlayfs runs as the user, so it can read and write nothing
+    the user could not, and fusermount3 (the setuid helper that mounts for it) forces nosuid,nodev on
+    unprivileged mounts (asked for here too): an image's setuid file or device node gains nothing.
+
+    No uid mapping and no squashing: a rootless tree's files are the caller's on disk, with the
+    image's owners in ``user.rootlesscontainers`` xattrs, and the mount shows exactly that (xattrs
+    pass through, copy-up keeps them), as the base directory itself would. Removal unmounts through
+    ``fsutil.unmount`` (``fusermount3 -u`` when not root), before any file is deleted."""
+
+    name = "fuse-overlayfs"
+
+    def probe(self, base_rootfs: Path, work_dir: Path) -> bool:
+        # Root has the kernel's overlay; this is for everyone else. fuse-overlayfs splits lowerdir at
+        # ':' and its options at ',': a path holding either (or a backslash) could not be passed intact.
+        if os.geteuid() == 0 or shutil.which("fuse-overlayfs") is None or shutil.which("fusermount3") is None:
+            return False
+        if not _fuse_passable(base_rootfs, work_dir):
+            return False
+        if not base_rootfs.is_dir() or base_rootfs.is_symlink():
+            return False
+        try:
+            os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
+        except OSError:
+            return False
+        return True
+
+    def make(self, lowers: list[Path], rootfs: Path, session_dir: Path) -> None:
+        upper, work = session_dir / "upper", session_dir / "work"
+        upper.mkdir(mode=0o700)
+        work.mkdir(mode=0o700)
+        rootfs.mkdir(mode=0o700)
+        # The merged root shows the upper dir's mode and times: the base's, not the umask's.
+        top = os.stat(lowers[0])
+        os.chmod(upper, top.st_mode & 0o7777)
+        os.utime(upper, ns=(top.st_atime_ns, top.st_mtime_ns))
+        # Absolute paths: the daemon runs in "/" (below), where a relative cache path would name
+        # something else.
+        lower, upper, work, target = (Path(os.path.abspath(p)) for p in (lowers[0], upper, work, rootfs))
+        if not _fuse_passable(lower, upper, work):
+            raise SessionError(f"mount fuse-overlayfs on {rootfs}: a path holds ',', ':' or '\\', which "
+                               "fuse-overlayfs would split; move the cache, or choose --strategy copy")
+        options = f"lowerdir={lower},upperdir={upper},workdir={work},nosuid,nodev"
+        # The daemon outlives this call: no pipe of ours may stay open in it (run() would wait on
+        # it), so its output goes to a file, read if it fails; cwd "/" so it pins no directory.
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.run(["fuse-overlayfs", "-o", options, str(target)], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=err, cwd="/", start_new_session=True)
+            err.seek(0)
+            message = err.read().decode(errors="replace").strip()
+        if proc.returncode != 0 or not is_mountpoint(rootfs):
+            raise SessionError(f"mount fuse-overlayfs on {rootfs} (lower {lowers[0]}): "
+                               f"{message or f'exit status {proc.returncode}'}; "
+                               "check /dev/fuse, or choose --strategy copy")
+
+    def restore(self, kind: str, snapshot_dir: Path, base_rootfs: Path,
+                work_dir: Path) -> tuple[Strategy, list[Path]]:
+        # A saved tree is copied, not mounted (as Overlay's): ``snapshot delete`` may remove it.
+        return _tree_copier(snapshot_dir / TREE, work_dir).restore(kind, snapshot_dir, base_rootfs, work_dir)
+
+
 class Btrfs(Strategy):
     name = "btrfs"
 
@@ -174,8 +236,15 @@ class Copy(Strategy):
         copy_tree(lowers[0], rootfs, reflink=False)
 
 
-OVERLAY, BTRFS, REFLINK, COPY = Overlay(), Btrfs(), Reflink(), Copy()
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (OVERLAY, BTRFS, REFLINK, COPY)}  # fastest first
+OVERLAY, FUSE_OVERLAY, BTRFS, REFLINK, COPY = Overlay(), FuseOverlay(), Btrfs(), Reflink(), Copy()
+# Fastest first; fuse-overlayfs before btrfs: an ordinary user may snapshot a subvolume but, without
+# the user_subvol_rm_allowed mount option, not delete it again.
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (OVERLAY, FUSE_OVERLAY, BTRFS, REFLINK, COPY)}
+
+
+def _fuse_passable(*paths: Path) -> bool:
+    """Whether fuse-overlayfs gets ``paths`` intact in its ``-o`` string (it splits at ',' and ':')."""
+    return not any(c in os.fsdecode(os.path.abspath(p)) for p in paths for c in ",:\\")
 
 
 def _overlay_supported() -> bool:
