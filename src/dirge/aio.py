@@ -365,6 +365,7 @@ def prepare(
     disk_size: int | None = None,
     disk_journal: bool = True,
     disk_inodes: int | None = None,
+    artifacts: tuple[str, ...] | None = None,
 ) -> Preparing:
     """``dirge.rootfs.prepare`` off the loop (the same arguments; ``progress`` as in the module doc).
     Nothing starts until the result is awaited or entered."""

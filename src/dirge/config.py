@@ -11,6 +11,9 @@
     [cache]
     max_size = "20G"                        # run gc after a prepare that leaves the cache bigger
 
+    [fleet]
+    artifacts = ["registry.internal/dirge-bases"]   # where prepared bases (OCI artifacts) may come from
+
 ``$DIRGE_CACHE_MAX_SIZE`` overrides ``[cache] max_size``.
 """
 
@@ -34,6 +37,7 @@ class RegistryConfig:
 class Config:
     registries: dict[str, RegistryConfig] = field(default_factory=dict)
     cache_max_size: int | None = None  # bytes; [cache] max_size
+    fleet_artifacts: tuple[str, ...] = ()  # [fleet] artifacts: "REGISTRY/REPO" read for prebuilt bases
 
     def registry(self, host: str) -> RegistryConfig:
         return self.registries.get(host, RegistryConfig())
@@ -70,7 +74,11 @@ def load_config(path: Path | None = None) -> Config:
         budget = None if max_size is None else parse_size(str(max_size))
     except ValueError as exc:
         raise DirgeError(f"read config {path}: cache.max_size: {exc}") from None
-    return Config(out, budget)
+    fleet = data.get("fleet") or {}
+    artifacts = fleet.get("artifacts", []) if isinstance(fleet, dict) else None
+    if not isinstance(artifacts, list) or not all(isinstance(a, str) and "/" in a for a in artifacts):
+        raise DirgeError(f"read config {path}: [fleet] artifacts must be a list of \"REGISTRY/REPO\" strings")
+    return Config(out, budget, tuple(artifacts))
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

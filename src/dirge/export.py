@@ -50,6 +50,7 @@ class ExportResult:
     size: int  # bytes of OUT (a directory: its files' bytes)
     digest: str  # the image's manifest digest
     from_cache: bool  # copied from a cached base rather than written from the layers
+    base_source: str = "layers"  # "artifact": the file came from a prepared artifact (docs/FLEET.md)
 
     @functools.cached_property
     def sha256(self) -> str | None:
@@ -75,9 +76,11 @@ def export(
     limits: Limits = Limits(),
     progress: ProgressFn | None = None,
     disk: "DiskOptions | None" = None,
+    artifacts: tuple[str, ...] | None = None,
 ) -> ExportResult:
     """Write ``image`` to ``out`` as ``format`` (``erofs``, ``ext4``, ``tar`` or ``dir``); ``disk``: an
-    ext4 disk's size and journal."""
+    ext4 disk's size and journal. ``artifacts``: repositories (None: the config's ``[fleet] artifacts``) an
+    erofs or ext4 file missing from the cache is fetched from as a prepared base (docs/FLEET.md)."""
     out = Path(out)
     if format not in FORMATS:
         raise DirgeError(f"export {image}: unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -90,6 +93,12 @@ def export(
         if out.is_dir() and not out.is_symlink():
             raise DirgeError(f"{out} is a directory; give a file path for --format {format}")
         if format in ("erofs", "ext4"):
+            from .sources.artifacts import configured_repositories
+
+            repos = configured_repositories(artifacts)
+            if repos and pull != "never":
+                return _export_fetched(image, out, format, platform, cache, pull, creds, limits, progress,
+                                       disk or DiskOptions(), repos)
             return _export_image(image, out, format, platform, cache, pull, creds, limits, progress,
                                  (disk or DiskOptions()) if format == "ext4" else None)
         return _export_tar(image, out, platform, cache, pull, creds, limits, progress)
@@ -119,6 +128,24 @@ def _export_image(image: str, out: Path, fmt: str, platform: Platform | None, ca
     finally:
         source.close()
     return _file_result(out, fmt, str(resolved.manifest_digest), cached is not None)
+
+
+def _export_fetched(image: str, out: Path, fmt: str, platform: Platform | None, cache: "Cache | None", pull: str,
+                    creds: "Credentials | None", limits: Limits, progress: ProgressFn | None, disk: DiskOptions,
+                    repos: tuple[str, ...]) -> ExportResult:
+    """With artifact repositories configured, the file goes through the cache as a base disk
+    (``bases.ensure_disk``: the cached one, else a prepared artifact, else the layers), then is cloned."""
+    from .bases import ensure_disk
+    from .options import PrepareOptions
+
+    options = PrepareOptions(disk=fmt, platform=platform, limits=limits, pull=pull, creds=creds,
+                             disk_size=disk.size if fmt == "ext4" else None, disk_journal=disk.journal,
+                             disk_inodes=disk.inodes, artifacts=repos)
+    with ExitStack() as leases:  # read under the base's lease: gc cannot remove it meanwhile
+        base = ensure_disk(image, options, cache=cache, progress=progress, leases=leases)
+        with _replacing(out) as tmp:
+            _clone(base.image_file, tmp)
+    return ExportResult(out, fmt, out.stat().st_size, str(base.digest), not base.created, base.source)
 
 
 def _export_tar(image: str, out: Path, platform: Platform | None, cache: "Cache | None", pull: str,

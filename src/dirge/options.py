@@ -49,6 +49,7 @@ class PrepareOptions:
     disk_size: int | None = None  # the ext4 base disk's size (erofs: the scratch disk's); None: automatic
     disk_journal: bool = True
     disk_inodes: int | None = None  # the ext4 base disk's inode count; None: the entries plus headroom
+    artifacts: tuple[str, ...] | None = None  # REGISTRY/REPO to fetch prepared bases from; None: [fleet] artifacts
 
     @classmethod
     def pick(cls, values: Mapping[str, Any]) -> PrepareOptions:

@@ -173,7 +173,8 @@ def boot(image: str, cache_dir: str | os.PathLike[str] | None = None, *, disk: s
          initrd: str | os.PathLike[str] | None = None, memory: int = 512, cpus: int = 1, accel: str = "auto",
          timeout: float = 300.0, keep: bool = False, console: ConsoleFn | None = None,
          virtiofsd: str | None = None, pull: str = "missing", kernel_log: bool = False,
-         user: str | None = None, env: Mapping[str, str] | None = None) -> BootResult:
+         user: str | None = None, env: Mapping[str, str] | None = None,
+         artifacts: tuple[str, ...] | None = None) -> BootResult:
     """Prepare ``image`` as a ``disk`` session and boot it (module doc). Raises BootError when no
     kernel/QEMU/busybox is found (before preparing anything) and GuestFailed when the guest does not
     finish its command."""
@@ -183,7 +184,7 @@ def boot(image: str, cache_dir: str | os.PathLike[str] | None = None, *, disk: s
     find_kernel(kernel)
     cache = Cache(cache_dir)
     started = time.monotonic()
-    prepared = prepare(image, cache.root, disk=None if disk == "dir" else disk, pull=pull)
+    prepared = prepare(image, cache.root, disk=None if disk == "dir" else disk, pull=pull, artifacts=artifacts)
     prepared_at = time.monotonic()
     try:
         booted = boot_session(prepared, cache_dir=cache.root, kernel=kernel, initrd=initrd,

@@ -1,0 +1,176 @@
+"""Prepared bases from OCI artifacts (the format: ``oci/artifact.py``): find an artifact of format F for
+image manifest D in the repositories the caller trusts, download its one blob into the cache (resumable,
+verified against its digest while streaming), and decompress it into a staging file whose sha256 and size
+must equal the artifact's annotations.
+
+    fetch_artifact(repos, D, F, ...) → FetchedArtifact | None
+
+Finding: the referrers API (``GET /v2/<repo>/referrers/<D>?artifactType=…``) where the registry has it,
+else the referrers tag schema (``<repo>:sha256-<hex of D>``). Every candidate manifest is fetched by
+digest (so its bytes are checked) and parsed strictly; one whose subject is not D, whose writer version
+or options are not the ones this dirge would build with, or whose blob is damaged is skipped with one
+log line, and None means: build from the layers. Nothing here trusts an artifact beyond its digests: the
+repositories it is read from are the trust decision (docs/FLEET.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import DirgeError
+from ..oci.artifact import (Artifact, artifact_type, canonical_json, decompress_stream, parse_artifact,
+                            referrers_from_index, referrers_tag)
+from ..oci.reference import Digest, RegistryReference, parse_reference
+from ..store.cache import Cache
+from .auth import Credentials
+
+if TYPE_CHECKING:  # registry.py loads httpx: imported when a fetch runs
+    from .registry import RegistryClient
+
+log = logging.getLogger("dirge.artifacts")
+
+MAX_CANDIDATES = 16  # referrers tried per repository: a listing cannot make a prepare try forever
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FetchedArtifact:
+    """An artifact written to ``path``, its bytes checked against the annotated sha256 and size."""
+
+    repository: str  # REGISTRY/REPO it came from
+    artifact: Artifact
+    path: Path
+
+
+def configured_repositories(explicit: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The repositories to read artifacts from: ``explicit`` (--artifacts, ``prepare(artifacts=…)``) when
+    given, else the config's ``[fleet] artifacts``. Only these are ever read (the trust decision)."""
+    if explicit is not None:
+        return tuple(explicit)
+    from ..config import load_config
+
+    return load_config().fleet_artifacts
+
+
+def repository_ref(repo: str) -> RegistryReference:
+    """``REGISTRY/REPO`` (no tag, no digest) as a registry reference; DirgeError if it is not one."""
+    ref = parse_reference(repo if "://" in repo else f"docker://{repo}")
+    if not isinstance(ref, RegistryReference) or ref.digest is not None or (ref.tag not in (None, "latest")):
+        raise DirgeError(f"artifact repository {repo!r}: give REGISTRY/REPO (no tag or digest), e.g. "
+                         "registry.internal/dirge-bases")
+    return ref
+
+
+ClientFactory = Callable[[str], "RegistryClient"]
+
+
+def _default_client(creds: Credentials | None) -> ClientFactory:
+    from .registry import RegistryClient
+
+    return lambda registry: RegistryClient(registry, creds=creds)
+
+
+def fetch_artifact(repos: list[str] | tuple[str, ...], subject: Digest, fmt: str, *, writer_version: str,
+                   options: dict[str, object], dest: Path, cache: Cache, creds: Credentials | None = None,
+                   creds_registry: str | None = None, client: ClientFactory | None = None) -> FetchedArtifact | None:
+    """The first usable artifact of format ``fmt`` for ``subject`` in ``repos`` (in order), written to
+    ``dest`` and checked; None (after one log line saying why) when there is none. ``creds`` (--creds) go
+    only to ``creds_registry`` (the image's registry): a repository elsewhere uses its own auth files."""
+    wanted = canonical_json(options).decode()
+    reasons: list[str] = []
+    for repo in repos:
+        ref = repository_ref(repo)
+        make = client or _default_client(creds if ref.registry == creds_registry else None)
+        registry = make(ref.registry)
+        try:
+            found = _from_repository(registry, ref, repo, subject, fmt, writer_version, wanted, dest, cache,
+                                     reasons)
+        except DirgeError as exc:  # unreachable, refused, …: the layers remain
+            reasons.append(f"{repo}: {exc}")
+            found = None
+        finally:
+            registry.close()
+        if found is not None:
+            return found
+    why = "; ".join(reasons) if reasons else "none found"
+    log.warning("dirge: no usable %s artifact for %s in %s (%s): converting from the layers", fmt, subject,
+                ", ".join(repos), why[:1000])
+    return None
+
+
+def _from_repository(client: "RegistryClient", ref: RegistryReference, repo: str, subject: Digest, fmt: str,
+                     writer_version: str, options: str, dest: Path, cache: Cache,
+                     reasons: list[str]) -> FetchedArtifact | None:
+    kind = artifact_type(fmt)
+    raw = client.fetch_referrers(ref, subject, kind)
+    where = f"{repo} (referrers API)"
+    if raw is None:  # no referrers API: the tag schema
+        from ..errors import NotFound
+
+        where = f"{repo}:{referrers_tag(subject)}"
+        try:
+            raw, _, _ = client.fetch_manifest(ref, referrers_tag(subject))
+        except NotFound:
+            reasons.append(f"{repo}: no artifact for this image")
+            return None
+    candidates = referrers_from_index(raw, where, kind)
+    if not candidates:
+        reasons.append(f"{repo}: no {fmt} artifact for this image")
+        return None
+    for desc in reversed(candidates[-MAX_CANDIDATES:]):  # the newest (last added) first
+        try:
+            manifest, _, _ = client.fetch_manifest(ref, str(desc.digest))
+            artifact = parse_artifact(manifest, f"{repo}@{desc.digest}")
+            _check(artifact, subject, fmt, writer_version, options)
+            _download(client, ref, artifact, dest, cache)
+            return FetchedArtifact(repo, artifact, dest)
+        except DirgeError as exc:
+            reasons.append(f"{repo}@{desc.digest.short}: {exc}")
+            dest.unlink(missing_ok=True)
+    return None
+
+
+def _check(artifact: Artifact, subject: Digest, fmt: str, writer_version: str, options: str) -> None:
+    if artifact.subject != subject:
+        raise DirgeError(f"its subject is {artifact.subject}, not the image {subject}")
+    if artifact.format != fmt:
+        raise DirgeError(f"it is a {artifact.format} artifact, not {fmt}")
+    if artifact.writer_version != writer_version:
+        raise DirgeError(f"writer version {artifact.writer_version!r} is not this dirge's {writer_version!r}")
+    got = artifact.annotations.get("dev.dirge.options", "{}")
+    if got != options:
+        raise DirgeError(f"options {got} are not the wanted {options}")
+
+
+def _download(client: "RegistryClient", ref: RegistryReference, artifact: Artifact, dest: Path,
+              cache: Cache) -> None:
+    """The blob into the cache (resumable, digest-checked before it is published there), then
+    decompressed into ``dest``, bounded by and checked against the annotated size and sha256. The
+    compressed blob is removed afterwards: the base is what stays."""
+    blob = client.download_blob(ref, artifact.layer, cache)
+    try:
+        h = hashlib.sha256()
+        written = 0
+        with open(blob, "rb") as src, open(dest, "wb") as out:
+            chunks: Iterator[bytes] = iter(lambda: src.read(_CHUNK), b"")
+            try:
+                for data in decompress_stream(chunks, artifact.size):
+                    out.write(data)
+                    h.update(data)
+                    written += len(data)
+            except ValueError as exc:
+                raise DirgeError(f"blob {artifact.layer.digest.short}: {exc}") from None
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        blob.unlink(missing_ok=True)
+    if written != artifact.size:
+        raise DirgeError(f"decompressed to {written} bytes, the annotation says {artifact.size}")
+    if f"sha256:{h.hexdigest()}" != str(artifact.sha256):
+        raise DirgeError(f"decompressed sha256:{h.hexdigest()} is not the annotated {artifact.sha256}")
