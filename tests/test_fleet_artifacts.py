@@ -81,6 +81,12 @@ def test_ext4_disk_from_the_tag_schema_is_the_local_conversion(registry, fault_p
     assert not {p.name for p in cache.blobs_dir.iterdir()} & _LAYERS  # no layer blob, no compressed artifact
     assert all(p.stat().st_size < 1 << 16 for p in cache.blobs_dir.iterdir())  # manifests and config only
     assert not _fetch_warnings(caplog)
+    from dirge.gc import images
+    from dirge.verify import verify_cache
+
+    report = verify_cache(cache)  # the base's record (written at publish) holds: cache verify, images work
+    assert report.ok and report.bases == 1, report.problems
+    assert [i for i in images(cache) if str(i.digest) == str(base.digest)]
     # export takes the same path (from the cache now), and says where the file came from
     out = export(f"{proxy.host}/{ref}", tmp_path / "out.ext4", format="ext4", cache=cache,
                  artifacts=(f"{proxy.host}/{BASES}",))

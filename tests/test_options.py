@@ -56,11 +56,13 @@ def test_cli_session_create_passes_every_field() -> None:
     given = _cli_options(["--strategy", "copy", "--base-format", "tree", "--platform", "linux/arm64",
                           "--rootless", "--limit", "max_entries=7", "--lock-timeout", "5", "--pull", "never",
                           "--creds", "u:p", "--disk", "ext4", "--disk-format", "qcow2", "--disk-size", "2G",
-                          "--no-disk-journal", "--disk-inodes", "99"])
+                          "--no-disk-journal", "--disk-inodes", "99", "--artifacts", "r.example/a",
+                          "--artifacts", "r.example/b"])
     changed = {name for name in FIELDS if getattr(given, name) != getattr(PrepareOptions(), name)}
     assert changed == set(FIELDS), "a field the command line cannot set"
     assert given.platform == Platform("linux", "arm64") and given.limits == Limits(max_entries=7)
     assert given.disk_size == 2 << 30 and given.rootless is True
+    assert given.artifacts == ("r.example/a", "r.example/b")
 
 
 def test_disk_options_need_a_disk() -> None:

@@ -201,7 +201,8 @@ def _find_or_build(job: _Job, source: BlobSource, resolved: ResolvedImage, lease
                 "config": resolved.config.config,
                 "platform": str(resolved.platform) if resolved.platform else None,
                 "source": origin}
-            meta["bytes"] = write_record(staging, job.fmt)["bytes"]  # gc's budget reads it here, cheaply
+            hashed = origin.get("sha256") if origin.get("from") == "artifact" else None
+            meta["bytes"] = write_record(staging, job.fmt, hashed.split(":")[-1] if hashed else None)["bytes"]  # gc's budget reads it here, cheaply
             base = cache.publish_base(staging, key, meta)
             cache.touch_base(key)
             return base
@@ -235,8 +236,10 @@ def _from_artifact(staging: Path, resolved: ResolvedImage, job: _Job) -> dict[st
     from .oci.reference import RegistryReference, parse_reference
     from .sources.artifacts import configured_repositories, fetch_artifact
 
-    repos = configured_repositories(job.options.artifacts)
-    if not repos or job.options.pull == "never":
+    if job.options.pull == "never":  # artifacts are fetched, never read offline
+        return None
+    repos = configured_repositories(job.options.artifacts, job.image)
+    if not repos:
         return None
     if job.fmt == "erofs":
         from .fsimage.erofs import WRITER_VERSION
@@ -253,7 +256,7 @@ def _from_artifact(staging: Path, resolved: ResolvedImage, job: _Job) -> dict[st
     if job.fmt == "erofs":
         (staging / "rootfs").mkdir(mode=0o755)  # where it will be mounted, as _build_erofs makes it
     return {"from": "artifact", "repository": fetched.repository, "artifact": str(fetched.artifact.digest),
-            "blob": str(fetched.artifact.layer.digest)}
+            "blob": str(fetched.artifact.layer.digest), "sha256": str(fetched.artifact.sha256)}
 
 
 def _build_tree(staging: Path, source: BlobSource, resolved: ResolvedImage, job: _Job) -> None:

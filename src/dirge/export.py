@@ -95,8 +95,8 @@ def export(
         if format in ("erofs", "ext4"):
             from .sources.artifacts import configured_repositories
 
-            repos = configured_repositories(artifacts)
-            if repos and pull != "never":
+            repos = configured_repositories(artifacts, image) if pull != "never" else ()
+            if repos:
                 return _export_fetched(image, out, format, platform, cache, pull, creds, limits, progress,
                                        disk or DiskOptions(), repos)
             return _export_image(image, out, format, platform, cache, pull, creds, limits, progress,

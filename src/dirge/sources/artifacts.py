@@ -20,17 +20,20 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import DirgeError
 from ..oci.artifact import (Artifact, artifact_type, canonical_json, decompress_stream, parse_artifact,
                             referrers_from_index, referrers_tag)
 from ..oci.reference import Digest, RegistryReference, parse_reference
 from ..store.cache import Cache
+from ..waits import waiting
 from .auth import Credentials
 
 if TYPE_CHECKING:  # registry.py loads httpx: imported when a fetch runs
+    from .partial import PartialReader
     from .registry import RegistryClient
 
 log = logging.getLogger("dirge.artifacts")
@@ -48,11 +51,15 @@ class FetchedArtifact:
     path: Path
 
 
-def configured_repositories(explicit: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """The repositories to read artifacts from: ``explicit`` (--artifacts, ``prepare(artifacts=…)``) when
-    given, else the config's ``[fleet] artifacts``. Only these are ever read (the trust decision)."""
+def configured_repositories(explicit: list[str] | tuple[str, ...] | None, image: str) -> tuple[str, ...]:
+    """The repositories to read artifacts for ``image`` from: ``explicit`` (--artifacts,
+    ``prepare(artifacts=…)``) when given, else, for a registry image, the config's ``[fleet] artifacts``
+    (an ``oci:`` layout or a local variant reads no config: its export or prepare never did). Only these are
+    ever read (the trust decision)."""
     if explicit is not None:
         return tuple(explicit)
+    if not isinstance(parse_reference(image), RegistryReference):
+        return ()
     from ..config import load_config
 
     return load_config().fleet_artifacts
@@ -149,28 +156,61 @@ def _check(artifact: Artifact, subject: Digest, fmt: str, writer_version: str, o
 
 
 def _download(client: "RegistryClient", ref: RegistryReference, artifact: Artifact, dest: Path,
-              cache: Cache) -> None:
-    """The blob into the cache (resumable, digest-checked before it is published there), then
-    decompressed into ``dest``, bounded by and checked against the annotated size and sha256. The
-    compressed blob is removed afterwards: the base is what stays."""
-    blob = client.download_blob(ref, artifact.layer, cache)
-    try:
-        h = hashlib.sha256()
-        written = 0
-        with open(blob, "rb") as src, open(dest, "wb") as out:
-            chunks: Iterator[bytes] = iter(lambda: src.read(_CHUNK), b"")
-            try:
-                for data in decompress_stream(chunks, artifact.size):
-                    out.write(data)
-                    h.update(data)
-                    written += len(data)
-            except ValueError as exc:
-                raise DirgeError(f"blob {artifact.layer.digest.short}: {exc}") from None
-            out.flush()
-            os.fsync(out.fileno())
-    finally:
-        blob.unlink(missing_ok=True)
+              cache: Cache) -> str:
+    """The blob into the cache (resumable, digest-checked before it is published there) and, while it
+    downloads, decompressed into ``dest`` (a reader follows the download, as layers are applied while they
+    arrive), bounded by and checked against the annotated size and sha256; returns that sha256. ``dest``
+    counts only once the download's digest matched too. The compressed blob is removed afterwards: the base
+    is what stays."""
+    from .partial import PartialBlob, StreamRestarted
+
+    desc = artifact.layer
+    partial = PartialBlob(cache.blob_path(desc.digest), desc,
+                          f"artifact blob {desc.digest.short} of {ref.registry}/{ref.repository}")
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dirge-artifact") as pool:
+        try:
+            future = pool.submit(client.download_blob, ref, desc, cache, partial)
+        except BaseException as exc:
+            partial.fail(exc)
+            raise
+        try:
+            for _ in range(3):  # a mirror's wrong bytes restart the download from the origin: start over
+                reader = partial.reader()
+                try:
+                    sha = _decompress(reader, dest, artifact)
+                    break
+                except StreamRestarted:
+                    continue
+                finally:
+                    reader.close()
+            else:
+                raise DirgeError(f"blob {desc.digest.short}: restarted too often")
+            with waiting():
+                future.result()  # the digest of every byte read above
+        except BaseException:
+            partial.abandon()  # stops the download at once; its temp file goes
+            raise
+        finally:
+            cache.blob_path(desc.digest).unlink(missing_ok=True)
+    return sha
+
+
+def _decompress(reader: "BinaryIO | PartialReader", dest: Path, artifact: Artifact) -> str:
+    h = hashlib.sha256()
+    written = 0
+    with open(dest, "wb") as out:
+        chunks: Iterator[bytes] = iter(lambda: reader.read(_CHUNK), b"")
+        try:
+            for data in decompress_stream(chunks, artifact.size):
+                out.write(data)
+                h.update(data)
+                written += len(data)
+        except ValueError as exc:
+            raise DirgeError(f"blob {artifact.layer.digest.short}: {exc}") from None
+        out.flush()
+        os.fsync(out.fileno())
     if written != artifact.size:
         raise DirgeError(f"decompressed to {written} bytes, the annotation says {artifact.size}")
     if f"sha256:{h.hexdigest()}" != str(artifact.sha256):
         raise DirgeError(f"decompressed sha256:{h.hexdigest()} is not the annotated {artifact.sha256}")
+    return str(artifact.sha256)
