@@ -74,6 +74,7 @@ def test_ext4_disk_from_the_tag_schema_is_the_local_conversion(registry, fault_p
         assert s.base_source == "artifact" and s.disk is not None
         base = cache.load_base(s.info.base)
         assert base is not None and base.image_file.read_bytes() == expected
+        assert base.image_file.stat().st_blocks * 512 < len(expected) // 2  # its zeros stay holes
     assert not _layer_gets(proxy.requests), "the artifact path fetched a layer blob"
     assert any("/manifests/sha256-" in r[1] for r in proxy.requests)  # found through the referrers tag
     meta = json.loads((base.path / "image.json").read_text())
@@ -131,13 +132,14 @@ def _damage_blob(blob: bytes) -> bytes:
     return blob[:mid] + bytes([blob[mid] ^ 0xFF]) + blob[mid + 1:]
 
 
-@pytest.mark.parametrize("case", ["damaged blob", "blob corrupted in transit", "wrong annotation",
+@pytest.mark.parametrize("case", ["damaged blob", "blob corrupted in transit", "oversized blob", "wrong annotation",
                                   "unknown writer version", "other options", "missing artifact"])
 def test_a_bad_or_missing_artifact_falls_back_to_the_layers(case: str, registry, fault_proxy, tmp_path: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     push: dict[str, object] = {
         "damaged blob": {"blob_edit": _damage_blob},
         "blob corrupted in transit": {},
+        "oversized blob": {"blob_edit": lambda blob: blob + bytes(32 << 20)},  # > the 21 MiB file: never fetched
         "wrong annotation": {"sha256": "sha256:" + "ab" * 32},
         "unknown writer version": {"writer_version": "999"},
         "other options": {"options": artifact_options("ext4", journal=False)},
@@ -156,6 +158,8 @@ def test_a_bad_or_missing_artifact_falls_back_to_the_layers(case: str, registry,
     warnings = _fetch_warnings(caplog)
     assert len(warnings) == 1 and "converting from the layers" in warnings[0], warnings
     assert _layer_gets(proxy.requests)
+    if case == "oversized blob":
+        assert not [r for r in proxy.requests if f"/v2/{BASES}/blobs/" in r[1]], warnings
     assert not [p for p in (tmp_path / "cache" / "staging").iterdir()]
     assert not [p for p in cache.blobs_dir.iterdir() if p.name.startswith(".tmp-")]
 

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import DirgeError
+from ..fsutil import pwrite_all
 from ..oci.artifact import (Artifact, artifact_type, canonical_json, decompress_stream, parse_artifact,
                             referrers_from_index, referrers_tag)
 from ..oci.reference import Digest, RegistryReference, parse_reference
 from ..store.cache import Cache
-from ..waits import waiting
+from ..waits import checkpoint, waiting
 from .auth import Credentials
 
 if TYPE_CHECKING:  # registry.py loads httpx: imported when a fetch runs
@@ -150,6 +151,11 @@ def _check(artifact: Artifact, subject: Digest, fmt: str, writer_version: str, o
         raise DirgeError(f"it is a {artifact.format} artifact, not {fmt}")
     if artifact.writer_version != writer_version:
         raise DirgeError(f"writer version {artifact.writer_version!r} is not this dirge's {writer_version!r}")
+    # zstd never grows data by more than a few bytes a 128 KiB block (plus frame headers and the seek
+    # table): a blob much larger than its annotated content is refused before a byte is downloaded
+    if artifact.layer.size > artifact.size + artifact.size // 1024 + (1 << 16):
+        raise DirgeError(f"its blob ({artifact.layer.size} bytes) is larger than zstd makes "
+                         f"{artifact.size} bytes")
     got = artifact.annotations.get("dev.dirge.options", "{}")
     if got != options:
         raise DirgeError(f"options {got} are not the wanted {options}")
@@ -195,20 +201,34 @@ def _download(client: "RegistryClient", ref: RegistryReference, artifact: Artifa
     return sha
 
 
+_HOLE = 1 << 16  # all-zero runs of this size stay holes, as the image writers leave them
+_ZEROS = bytes(_HOLE)
+
+
 def _decompress(reader: "BinaryIO | PartialReader", dest: Path, artifact: Artifact) -> str:
+    """Into ``dest``, sparse: all-zero 64 KiB pieces are not written (an ext4 disk is mostly holes, and
+    the writers leave them so too), then the size is set."""
     h = hashlib.sha256()
     written = 0
-    with open(dest, "wb") as out:
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
         chunks: Iterator[bytes] = iter(lambda: reader.read(_CHUNK), b"")
         try:
             for data in decompress_stream(chunks, artifact.size):
-                out.write(data)
+                checkpoint()  # a cancelled aio call stops here
                 h.update(data)
+                view = memoryview(data)
+                for off in range(0, len(data), _HOLE):
+                    n = min(_HOLE, len(data) - off)
+                    if not data.startswith(_ZEROS if n == _HOLE else _ZEROS[:n], off):  # a memcmp, no copy
+                        pwrite_all(fd, view[off:off + n], written + off)
                 written += len(data)
         except ValueError as exc:
             raise DirgeError(f"blob {artifact.layer.digest.short}: {exc}") from None
-        out.flush()
-        os.fsync(out.fileno())
+        os.ftruncate(fd, written)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     if written != artifact.size:
         raise DirgeError(f"decompressed to {written} bytes, the annotation says {artifact.size}")
     if f"sha256:{h.hexdigest()}" != str(artifact.sha256):
