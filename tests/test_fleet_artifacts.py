@@ -70,7 +70,7 @@ def test_ext4_disk_from_the_tag_schema_is_the_local_conversion(registry, fault_p
     ref, expected = _setup(tmp_path, registry, "ext4")
     proxy = fault_proxy(registry)  # counts what dirge asks for
     cache = Cache(tmp_path / "cache")
-    with prepare(f"{proxy.host}/{ref}", cache.root, disk="ext4", artifacts=(f"{proxy.host}/{BASES}",)) as s:
+    with prepare(f"{proxy.host}/{ref}", cache.root, disk="ext4", artifacts=[f"{proxy.host}/{BASES}"]) as s:
         assert s.base_source == "artifact" and s.disk is not None
         base = cache.load_base(s.info.base)
         assert base is not None and base.image_file.read_bytes() == expected

@@ -51,6 +51,12 @@ class PrepareOptions:
     disk_inodes: int | None = None  # the ext4 base disk's inode count; None: the entries plus headroom
     artifacts: tuple[str, ...] | None = None  # REGISTRY/REPO to fetch prepared bases from; None: [fleet] artifacts
 
+    def __post_init__(self) -> None:
+        if isinstance(self.artifacts, str):  # not silently one repository per character
+            raise TypeError("artifacts: give a list of \"REGISTRY/REPO\" strings, not one string")
+        if self.artifacts is not None and not isinstance(self.artifacts, tuple):  # prepare(artifacts=[...])
+            object.__setattr__(self, "artifacts", tuple(self.artifacts))
+
     @classmethod
     def pick(cls, values: Mapping[str, Any]) -> PrepareOptions:
         """The options among ``values`` (a function's ``locals()``, whose parameters include every field:

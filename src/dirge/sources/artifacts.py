@@ -225,8 +225,7 @@ def _decompress(reader: "BinaryIO | PartialReader", dest: Path, artifact: Artifa
                 written += len(data)
         except ValueError as exc:
             raise DirgeError(f"blob {artifact.layer.digest.short}: {exc}") from None
-        os.ftruncate(fd, written)
-        os.fsync(fd)
+        os.ftruncate(fd, written)  # no fsync: publishing the base syncs its filesystem once (syncfs)
     finally:
         os.close(fd)
     if written != artifact.size:
