@@ -244,9 +244,24 @@ def test_verify_artifact(registry, tmp_path: Path, capsys: pytest.CaptureFixture
         forged_file = tmp_path / "forged.ext4"
         forged_file.write_bytes(expected[:-1] + b"X")  # a writer of the repository swapped the content
         forged = push_artifact(client, BASES, ref, "ext4", forged_file)
+        other = push_artifact(client, BASES, ref, "ext4", tmp_path / "local.ext4", writer_version="999")
     args = ["verify-artifact", f"{registry.host}/{ref}", "--cache-dir", str(tmp_path / "cache"), "--json"]
     assert main([*args[:2], f"{registry.host}/{BASES}@{good}", *args[2:]]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
     assert main([*args[:2], f"{registry.host}/{BASES}@{forged}", *args[2:]]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False and "not this image" in out["problems"][0]
+    assert main([*args[:2], f"{registry.host}/{BASES}@{other}", *args[2:]]) == 1
+    assert "cannot reproduce" in json.loads(capsys.readouterr().out)["problems"][0]
+
+
+def test_boot_and_session_create_take_artifacts() -> None:
+    """``dirge boot --artifacts`` reaches ``vm.boot`` (booting itself is test_boot.py's)."""
+    import inspect
+
+    from dirge.cli import boot_cmd
+    from dirge.vm import boot
+
+    ctx = boot_cmd.make_context("boot", ["IMAGE", "--artifacts", "r.example/a", "--artifacts", "r.example/b"])
+    assert ctx.params["artifacts"] == ("r.example/a", "r.example/b")
+    assert "artifacts" in inspect.signature(boot).parameters
