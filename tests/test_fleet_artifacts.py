@@ -19,6 +19,7 @@ import pytest
 from artifacts import ReferrersServer, push_artifact
 from conftest import REGISTRY_PASSWORD, REGISTRY_USER, erofs_mounts, require
 from dirge import export
+from dirge.apply.layer import Limits
 from dirge.cli import main
 from dirge.oci.artifact import artifact_options
 from dirge.rootfs import prepare
@@ -133,7 +134,8 @@ def _damage_blob(blob: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("case", ["damaged blob", "blob corrupted in transit", "oversized blob", "wrong annotation",
-                                  "unknown writer version", "other options", "missing artifact"])
+                                  "unknown writer version", "other options", "missing artifact",
+                                  "file over the limits"])
 def test_a_bad_or_missing_artifact_falls_back_to_the_layers(case: str, registry, fault_proxy, tmp_path: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     push: dict[str, object] = {
@@ -144,6 +146,7 @@ def test_a_bad_or_missing_artifact_falls_back_to_the_layers(case: str, registry,
         "unknown writer version": {"writer_version": "999"},
         "other options": {"options": artifact_options("ext4", journal=False)},
         "missing artifact": {"push": False},
+        "file over the limits": {},  # 21 MiB: more than max_total_bytes (1 MiB, twice) lets a conversion make
     }[case]
     ref, expected = _setup(tmp_path, registry, "ext4", **push)
     proxy = fault_proxy(registry)
@@ -151,14 +154,16 @@ def test_a_bad_or_missing_artifact_falls_back_to_the_layers(case: str, registry,
         proxy.fail(rf"/v2/{BASES}/blobs/", "corrupt_body", times=50)
     cache = Cache(tmp_path / "cache")
     caplog.set_level(logging.WARNING, logger="dirge.artifacts")
-    with prepare(f"{proxy.host}/{ref}", cache.root, disk="ext4", artifacts=(f"{proxy.host}/{BASES}",)) as s:
+    limits = Limits(max_total_bytes=1 << 20) if case == "file over the limits" else Limits()
+    with prepare(f"{proxy.host}/{ref}", cache.root, disk="ext4", artifacts=(f"{proxy.host}/{BASES}",),
+                 limits=limits) as s:
         assert s.base_source == "layers"
         base = cache.load_base(s.info.base)
         assert base is not None and base.image_file.read_bytes() == expected  # converted as today
     warnings = _fetch_warnings(caplog)
     assert len(warnings) == 1 and "converting from the layers" in warnings[0], warnings
     assert _layer_gets(proxy.requests)
-    if case == "oversized blob":
+    if case in ("oversized blob", "file over the limits"):
         assert not [r for r in proxy.requests if f"/v2/{BASES}/blobs/" in r[1]], warnings
     assert not [p for p in (tmp_path / "cache" / "staging").iterdir()]
     assert not [p for p in cache.blobs_dir.iterdir() if p.name.startswith(".tmp-")]

@@ -250,6 +250,9 @@ def _from_artifact(staging: Path, resolved: ResolvedImage, job: _Job) -> dict[st
     fetched = fetch_artifact(repos, resolved.manifest_digest, job.fmt, writer_version=WRITER_VERSION,
                              options=options, dest=staging / f"rootfs.{job.fmt}", cache=job.cache,
                              creds=job.options.creds,
+                             # what the layers could make at most (every byte twice: data and metadata), or the
+                             # disk size asked for: an artifact cannot ask for more work than a conversion
+                             max_size=max(2 * job.options.limits.max_total_bytes, job.disk.size or 0),
                              creds_registry=image_ref.registry if isinstance(image_ref, RegistryReference) else None)
     if fetched is None:
         return None

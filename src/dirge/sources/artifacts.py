@@ -86,10 +86,12 @@ def _default_client(creds: Credentials | None) -> ClientFactory:
 
 def fetch_artifact(repos: list[str] | tuple[str, ...], subject: Digest, fmt: str, *, writer_version: str,
                    options: dict[str, object], dest: Path, cache: Cache, creds: Credentials | None = None,
-                   creds_registry: str | None = None, client: ClientFactory | None = None) -> FetchedArtifact | None:
+                   creds_registry: str | None = None, client: ClientFactory | None = None,
+                   max_size: int | None = None) -> FetchedArtifact | None:
     """The first usable artifact of format ``fmt`` for ``subject`` in ``repos`` (in order), written to
     ``dest`` and checked; None (after one log line saying why) when there is none. ``creds`` (--creds) go
-    only to ``creds_registry`` (the image's registry): a repository elsewhere uses its own auth files."""
+    only to ``creds_registry`` (the image's registry): a repository elsewhere uses its own auth files.
+    ``max_size``: the largest image file accepted (a bound on the work an artifact can ask for)."""
     wanted = canonical_json(options).decode()
     reasons: list[str] = []
     for repo in repos:
@@ -98,7 +100,7 @@ def fetch_artifact(repos: list[str] | tuple[str, ...], subject: Digest, fmt: str
         registry = make(ref.registry)
         try:
             found = _from_repository(registry, ref, repo, subject, fmt, writer_version, wanted, dest, cache,
-                                     reasons)
+                                     reasons, max_size)
         except DirgeError as exc:  # unreachable, refused, …: the layers remain
             reasons.append(f"{repo}: {exc}")
             found = None
@@ -114,7 +116,7 @@ def fetch_artifact(repos: list[str] | tuple[str, ...], subject: Digest, fmt: str
 
 def _from_repository(client: "RegistryClient", ref: RegistryReference, repo: str, subject: Digest, fmt: str,
                      writer_version: str, options: str, dest: Path, cache: Cache,
-                     reasons: list[str]) -> FetchedArtifact | None:
+                     reasons: list[str], max_size: int | None) -> FetchedArtifact | None:
     kind = artifact_type(fmt)
     raw = client.fetch_referrers(ref, subject, kind)
     where = f"{repo} (referrers API)"
@@ -136,6 +138,8 @@ def _from_repository(client: "RegistryClient", ref: RegistryReference, repo: str
             manifest, _, _ = client.fetch_manifest(ref, str(desc.digest))
             artifact = parse_artifact(manifest, f"{repo}@{desc.digest}")
             _check(artifact, subject, fmt, writer_version, options)
+            if max_size is not None and artifact.size > max_size:
+                raise DirgeError(f"its file is {artifact.size} bytes, over the {max_size} this prepare accepts")
             _download(client, ref, artifact, dest, cache)
             return FetchedArtifact(repo, artifact, dest)
         except DirgeError as exc:
