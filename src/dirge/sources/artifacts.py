@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -215,12 +215,18 @@ def _decompress(reader: "BinaryIO | PartialReader", dest: Path, artifact: Artifa
     h = hashlib.sha256()
     written = 0
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    # sha256 (which releases the GIL) runs in its own thread, one chunk behind: it overlaps decompressing
+    # and writing the next chunk
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dirge-artifact-hash")
+    hashing: Future[None] | None = None
     try:
         chunks: Iterator[bytes] = iter(lambda: reader.read(_CHUNK), b"")
         try:
             for data in decompress_stream(chunks, artifact.size):
                 checkpoint()  # a cancelled aio call stops here
-                h.update(data)
+                if hashing is not None:
+                    hashing.result()
+                hashing = hasher.submit(h.update, data)
                 view = memoryview(data)
                 for off in range(0, len(data), _HOLE):
                     n = min(_HOLE, len(data) - off)
@@ -230,7 +236,10 @@ def _decompress(reader: "BinaryIO | PartialReader", dest: Path, artifact: Artifa
         except ValueError as exc:
             raise DirgeError(f"blob {artifact.layer.digest.short}: {exc}") from None
         os.ftruncate(fd, written)  # no fsync: publishing the base syncs its filesystem once (syncfs)
+        if hashing is not None:
+            hashing.result()
     finally:
+        hasher.shutdown(wait=True)
         os.close(fd)
     if written != artifact.size:
         raise DirgeError(f"decompressed to {written} bytes, the annotation says {artifact.size}")
