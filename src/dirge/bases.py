@@ -201,8 +201,9 @@ def _find_or_build(job: _Job, source: BlobSource, resolved: ResolvedImage, lease
                 "config": resolved.config.config,
                 "platform": str(resolved.platform) if resolved.platform else None,
                 "source": origin}
-            hashed = origin.get("sha256") if origin.get("from") == "artifact" else None
-            meta["bytes"] = write_record(staging, job.fmt, hashed.split(":")[-1] if hashed else None)["bytes"]  # gc's budget reads it here, cheaply
+            known = origin.get("sha256")  # a fetched artifact's file was hashed as it was written
+            record = write_record(staging, job.fmt, known.split(":")[-1] if known else None)
+            meta["bytes"] = record["bytes"]  # gc's budget reads it here, cheaply
             base = cache.publish_base(staging, key, meta)
             cache.touch_base(key)
             return base

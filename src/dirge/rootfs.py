@@ -179,7 +179,8 @@ def prepare(
     the scratch disk's, default 256 MiB), ``disk_journal`` its journal and ``disk_inodes`` its inode
     count. No mount, no root. ``artifacts`` ("REGISTRY/REPO", ...; None: the config's ``[fleet] artifacts``)
     are the repositories a cold erofs or ext4 base may be fetched from as a prepared artifact instead of
-    converted from the layers (``.base_source`` says which). The options are ``options.PrepareOptions``'s (``prepare_with`` takes one)."""
+    converted from the layers (``.base_source`` says which). The options are ``options.PrepareOptions``'s
+    (``prepare_with`` takes one)."""
     return prepare_with(image, PrepareOptions.pick(locals()), cache_dir, files=files, snapshot=snapshot,
                         owner_pid=owner_pid, progress=progress)
 

@@ -5,11 +5,11 @@ must equal the artifact's annotations.
 
     fetch_artifact(repos, D, F, ...) → FetchedArtifact | None
 
-Finding: the referrers API (``GET /v2/<repo>/referrers/<D>?artifactType=…``) where the registry has it,
-else the referrers tag schema (``<repo>:sha256-<hex of D>``). Every candidate manifest is fetched by
-digest (so its bytes are checked) and parsed strictly; one whose subject is not D, whose writer version
-or options are not the ones this dirge would build with, or whose blob is damaged is skipped with one
-log line, and None means: build from the layers. Nothing here trusts an artifact beyond its digests: the
+Finding: the referrers API (``GET /v2/<repo>/referrers/<D>?artifactType=…``) where the registry has it
+(and lists one), else the referrers tag schema (``<repo>:sha256-<hex of D>``). Every candidate manifest
+is fetched by digest (so its bytes are checked) and parsed strictly; one whose subject is not D, whose
+writer version or options are not the ones this dirge would build with, whose sizes are out of bounds or
+whose blob is damaged is skipped, and None (after one log line saying why) means: build from the layers. Nothing here trusts an artifact beyond its digests: the
 repositories it is read from are the trust decision (docs/FLEET.md).
 """
 
@@ -117,19 +117,20 @@ def fetch_artifact(repos: list[str] | tuple[str, ...], subject: Digest, fmt: str
 def _from_repository(client: "RegistryClient", ref: RegistryReference, repo: str, subject: Digest, fmt: str,
                      writer_version: str, options: str, dest: Path, cache: Cache,
                      reasons: list[str], max_size: int | None) -> FetchedArtifact | None:
+    from ..errors import NotFound
+
     kind = artifact_type(fmt)
     raw = client.fetch_referrers(ref, subject, kind)
-    where = f"{repo} (referrers API)"
-    if raw is None:  # no referrers API: the tag schema
-        from ..errors import NotFound
-
-        where = f"{repo}:{referrers_tag(subject)}"
+    candidates = referrers_from_index(raw, f"{repo} (referrers API)", kind) if raw is not None else []
+    if not candidates:
+        # No referrers API, or none listed by it (a pusher that wrote only the tag, e.g. before the registry
+        # gained the API): the referrers tag schema.
         try:
             raw, _, _ = client.fetch_manifest(ref, referrers_tag(subject))
         except NotFound:
             reasons.append(f"{repo}: no artifact for this image")
             return None
-    candidates = referrers_from_index(raw, where, kind)
+        candidates = referrers_from_index(raw, f"{repo}:{referrers_tag(subject)}", kind)
     if not candidates:
         reasons.append(f"{repo}: no {fmt} artifact for this image")
         return None
