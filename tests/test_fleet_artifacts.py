@@ -270,3 +270,20 @@ def test_boot_and_session_create_take_artifacts() -> None:
     ctx = boot_cmd.make_context("boot", ["IMAGE", "--artifacts", "r.example/a", "--artifacts", "r.example/b"])
     assert ctx.params["artifacts"] == ("r.example/a", "r.example/b")
     assert "artifacts" in inspect.signature(boot).parameters
+
+
+def test_an_api_that_lists_none_falls_through_to_the_tag(registry, tmp_path: Path) -> None:
+    """The artifact was pushed before the registry had the referrers API (only the tag names it): the API
+    answers an empty index, and the tag finds it."""
+    ref, expected = _setup(tmp_path, registry, "ext4")  # pushed to docker-registry itself: the tag schema
+    server = ReferrersServer(registry.host).start()
+    try:
+        with prepare(f"{server.host}/{ref}", tmp_path / "cache", disk="ext4",
+                     artifacts=(f"{server.host}/{BASES}",)) as s:
+            assert s.base_source == "artifact"
+            base = Cache(tmp_path / "cache").load_base(s.info.base)
+            assert base is not None and base.image_file.read_bytes() == expected
+        paths = [r[1] for r in server.requests]
+        assert any("/referrers/" in p for p in paths) and any("/manifests/sha256-" in p for p in paths)
+    finally:
+        server.stop()
