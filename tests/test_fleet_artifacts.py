@@ -287,3 +287,17 @@ def test_an_api_that_lists_none_falls_through_to_the_tag(registry, tmp_path: Pat
         assert any("/referrers/" in p for p in paths) and any("/manifests/sha256-" in p for p in paths)
     finally:
         server.stop()
+
+
+def test_the_cli_says_it_converts_in_one_line(registry, tmp_path: Path) -> None:
+    ref, _ = _setup(tmp_path, registry, "ext4", push=False)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    proc = subprocess.run([sys.executable, "-m", "dirge.cli", "-q", "session", "create", f"{registry.host}/{ref}",
+                           "--disk", "ext4", "--artifacts", f"{registry.host}/{BASES}", "--cache-dir",
+                           str(tmp_path / "cache"), "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["base_source"] == "layers"
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dirge: no usable ext4 artifact"), proc.stderr
+    session = json.loads(proc.stdout)["id"]
+    assert main(["session", "rm", session, "--cache-dir", str(tmp_path / "cache")]) == 0

@@ -108,7 +108,7 @@ def fetch_artifact(repos: list[str] | tuple[str, ...], subject: Digest, fmt: str
             registry.close()
         if found is not None:
             return found
-    why = "; ".join(reasons) if reasons else "none found"
+    why = " ".join(("; ".join(reasons) if reasons else "none found").split())  # one line, whatever the errors said
     log.warning("dirge: no usable %s artifact for %s in %s (%s): converting from the layers", fmt, subject,
                 ", ".join(repos), why[:1000])
     return None
