@@ -173,9 +173,10 @@ def _download(client: "RegistryClient", ref: RegistryReference, artifact: Artifa
     arrive), bounded by and checked against the annotated size and sha256; returns that sha256. ``dest``
     counts only once the download's digest matched too. The compressed blob is removed afterwards: the base
     is what stays."""
-    from .partial import PartialBlob, StreamRestarted
+    from .partial import PartialBlob, StreamRestarted, sweep_orphans
 
     desc = artifact.layer
+    sweep_orphans(cache.blobs_dir)  # a killed fetch's temp file (as a layer pull sweeps them)
     partial = PartialBlob(cache.blob_path(desc.digest), desc,
                           f"artifact blob {desc.digest.short} of {ref.registry}/{ref.repository}")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dirge-artifact") as pool:
