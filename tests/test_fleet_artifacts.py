@@ -88,7 +88,8 @@ def test_ext4_disk_from_the_tag_schema_is_the_local_conversion(registry, fault_p
 
     report = verify_cache(cache)  # the base's record (written at publish) holds: cache verify, images work
     assert report.ok and report.bases == 1, report.problems
-    assert [i for i in images(cache) if str(i.digest) == str(base.digest)]
+    [info] = [i for i in images(cache) if str(i.digest) == str(base.digest)]
+    assert info.artifacts == [f"{proxy.host}/{BASES}@{meta['source']['artifact']}"]  # for verify-artifact
     # export takes the same path (from the cache now), and says where the file came from
     out = export(f"{proxy.host}/{ref}", tmp_path / "out.ext4", format="ext4", cache=cache,
                  artifacts=(f"{proxy.host}/{BASES}",))
