@@ -410,13 +410,14 @@ async def export(
     limits: Limits = Limits(),
     progress: AsyncProgress | None = None,
     disk: DiskOptions | None = None,
+    artifacts: tuple[str, ...] | None = None,
 ) -> ExportResult:
     """``dirge.export.export`` off the loop. A cancelled export leaves ``out`` as it was (or, when the
     export had already finished, complete)."""
 
     def work(relay: _Relay) -> ExportResult:
         return sync_export(image, out, format=format, platform=platform, cache=cache, pull=pull, creds=creds,
-                              limits=limits, progress=relay.progress, disk=disk)
+                              limits=limits, progress=relay.progress, disk=disk, artifacts=artifacts)
 
     return await _Relay(progress).run(work)
 
