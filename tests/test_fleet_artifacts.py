@@ -261,7 +261,7 @@ def test_verify_artifact(registry, tmp_path: Path, capsys: pytest.CaptureFixture
     assert "cannot reproduce" in json.loads(capsys.readouterr().out)["problems"][0]
 
 
-def test_boot_and_session_create_take_artifacts() -> None:
+def test_boot_takes_artifacts() -> None:
     """``dirge boot --artifacts`` reaches ``vm.boot`` (booting itself is test_boot.py's)."""
     import inspect
 
