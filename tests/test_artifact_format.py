@@ -89,3 +89,22 @@ def test_seekable_blob_round_trips_in_python_and_with_zstd_cli(tmp_path) -> None
 def test_no_seek_table_is_an_error() -> None:
     with pytest.raises(ValueError):
         art.read_seek_table(b"\0" * 64)
+
+
+def test_a_zstd_bomb_stops_at_the_annotated_size_without_expanding_it() -> None:
+    """A few KiB of RLE blocks that expand to 64 MiB: the decompressor hands out at most OUTPUT_CHUNK at a
+    time, so the annotated size stops it before the memory is spent (decompressobj would expand it whole)."""
+    bomb = io.BytesIO()
+    art.compress_seekable(io.BytesIO(bytes(64 << 20)), bomb, frame_size=64 << 20, level=1)
+    blob = bomb.getvalue()
+    assert len(blob) < 1 << 20
+    sizes = []
+    with pytest.raises(ValueError, match="annotated"):
+        for out in art.decompress_stream(iter([blob]), 3 << 20):
+            sizes.append(len(out))
+    assert sizes and max(sizes) <= art.OUTPUT_CHUNK and sum(sizes) <= 3 << 20
+
+
+def test_junk_is_a_value_error_not_a_zstd_one() -> None:
+    with pytest.raises(ValueError, match="zstd"):
+        b"".join(art.decompress_stream(iter([b"\x28\xb5\x2f\xfd" + os.urandom(4096)]), 1 << 20))

@@ -64,12 +64,13 @@ def test_cli_session_create_passes_every_field() -> None:
                           "--rootless", "--limit", "max_entries=7", "--lock-timeout", "5", "--pull", "never",
                           "--creds", "u:p", "--disk", "ext4", "--disk-format", "qcow2", "--disk-size", "2G",
                           "--no-disk-journal", "--disk-inodes", "99", "--authfile", "/a.json", "--cert-dir", "/c",
-                          "--no-tls-verify"])
+                          "--no-tls-verify", "--artifacts", "r.example/a", "--artifacts", "r.example/b"])
     changed = {name for name in FIELDS if getattr(given, name) != getattr(PrepareOptions(), name)}
     assert changed == set(FIELDS), "a field the command line cannot set"
     assert given.platform == Platform("linux", "arm64") and given.limits == Limits(max_entries=7)
     assert given.disk_size == 2 << 30 and given.rootless is True
     assert given.registry_options == RegistryOptions(Path("/a.json"), Path("/c"), False)
+    assert given.artifacts == ("r.example/a", "r.example/b")
 
 
 def test_disk_options_need_a_disk() -> None:

@@ -268,7 +268,7 @@ def test_prune_and_gc_unmount_dead_fuse_sessions(work: tuple[Path, str, str]) ->
     d, ref, _ = work
     seen = as_nobody(_PRELUDE + """
 import subprocess
-from dirge.gc import collect
+from dirge.lifecycle import collect
 dead = subprocess.Popen(["true"]); dead.wait()
 for _ in range(2):
     prepare(ref, cache_dir, base_format="tree", owner_pid=dead.pid).detach()

@@ -358,6 +358,7 @@ def prepare(
     disk_size: int | None = None,
     disk_journal: bool = True,
     disk_inodes: int | None = None,
+    artifacts: tuple[str, ...] | None = None,
 ) -> Preparing:
     """``dirge.rootfs.prepare`` off the loop (the same arguments; ``progress`` as in the module doc).
     Nothing starts until the result is awaited or entered."""
@@ -408,6 +409,7 @@ async def export(
     limits: Limits = Limits(),
     progress: AsyncProgress | None = None,
     disk: DiskOptions | None = None,
+    artifacts: tuple[str, ...] | None = None,
 ) -> ExportResult:
     """``dirge.exporting.export`` off the loop. A cancelled export leaves ``out`` as it was (or, when the
     export had already finished, complete)."""
@@ -416,7 +418,8 @@ async def export(
 
     def work(relay: _Relay) -> ExportResult:
         return sync_export(image, out, format=format, platform=wanted, cache=where, pull=pull, creds=creds,
-                           registry_options=registry_options, limits=limits, progress=relay.progress, disk=disk)
+                           registry_options=registry_options, limits=limits, progress=relay.progress, disk=disk,
+                           artifacts=artifacts)
 
     return await _Relay(progress).run(work)
 

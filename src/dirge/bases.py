@@ -193,16 +193,22 @@ def _find_or_build(job: _Job, source: BlobSource, resolved: ResolvedImage, lease
         staging = cache.new_staging(key)
         try:
             emit(job.progress, Step("base", f"writing {job.fmt} base {resolved.manifest_digest.short}"))
-            _BUILDERS[job.fmt](staging, source, resolved, job)
+            origin = _from_artifact(staging, resolved, job)
+            if origin is None:
+                _BUILDERS[job.fmt](staging, source, resolved, job)
+                origin = {"from": "layers"}
             meta: dict[str, Any] = {
                 "image": job.image, "digest": str(resolved.manifest_digest), "rootless": job.rootless,
                 "format": job.fmt,
                 "options": {"size": job.disk.size, "journal": job.disk.journal, "inodes": job.disk.inodes}
                 if job.fmt == "ext4" else None,
                 "config": resolved.config.config,
-                "platform": str(resolved.platform) if resolved.platform else None}
+                "platform": str(resolved.platform) if resolved.platform else None,
+                "source": origin}
             emit(job.progress, Step("base", f"recording and syncing the {job.fmt} base"))
-            meta["bytes"] = write_record(staging, job.fmt)["bytes"]  # gc's budget reads it here, cheaply
+            known = origin.get("sha256")  # a fetched artifact's file was hashed as it was written
+            record = write_record(staging, job.fmt, known.split(":")[-1] if known else None)
+            meta["bytes"] = record["bytes"]  # gc's budget reads it here, cheaply
             base = cache.publish_base(staging, key, meta)
             emit(job.progress, Write(f"{job.fmt} base", int(meta["bytes"])))
             cache.touch_base(key)
@@ -225,6 +231,42 @@ def _find_leased(job: _Job, digest: Digest, key: str, leases: ExitStack) -> Base
 
 
 BaseBuilder = Callable[[Path, BlobSource, ResolvedImage, _Job], None]
+
+
+def _from_artifact(staging: Path, resolved: ResolvedImage, job: _Job) -> dict[str, Any] | None:
+    """An erofs or ext4 base from a prepared artifact in the trusted repositories (``options.artifacts``,
+    else ``[fleet] artifacts``) into ``staging``; its ``image.json`` "source", or None: build from the
+    layers (none found, damaged, another writer version or other options; logged once)."""
+    if job.fmt not in ("erofs", "ext4"):
+        return None
+    from .oci.artifact import artifact_options
+    from .oci.reference import RegistryReference, parse_reference
+    from .sources.artifacts import configured_repositories, fetch_artifact
+
+    if job.options.pull == "never":  # artifacts are fetched, never read offline
+        return None
+    repos = configured_repositories(job.options.artifacts, job.image)
+    if not repos:
+        return None
+    if job.fmt == "erofs":
+        from .fsimage.erofs import WRITER_VERSION
+    else:
+        from .fsimage.ext4 import WRITER_VERSION
+    options = artifact_options(job.fmt, size=job.disk.size, journal=job.disk.journal, inodes=job.disk.inodes)
+    image_ref = parse_reference(job.image)
+    fetched = fetch_artifact(repos, resolved.manifest_digest, job.fmt, writer_version=WRITER_VERSION,
+                             options=options, dest=staging / f"rootfs.{job.fmt}", cache=job.cache,
+                             creds=job.options.creds,
+                             # what the layers could make at most (every byte twice: data and metadata), or the
+                             # disk size asked for: an artifact cannot ask for more work than a conversion
+                             max_size=max(2 * job.options.limits.max_total_bytes, job.disk.size or 0),
+                             creds_registry=image_ref.registry if isinstance(image_ref, RegistryReference) else None)
+    if fetched is None:
+        return None
+    if job.fmt == "erofs":
+        (staging / "rootfs").mkdir(mode=0o755)  # where it will be mounted, as _build_erofs makes it
+    return {"from": "artifact", "repository": fetched.repository, "artifact": str(fetched.artifact.digest),
+            "blob": str(fetched.artifact.layer.digest), "sha256": str(fetched.artifact.sha256)}
 
 
 def _build_tree(staging: Path, source: BlobSource, resolved: ResolvedImage, job: _Job) -> None:

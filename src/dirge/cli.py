@@ -334,11 +334,14 @@ def _key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
 @registry_options
 @pull_option
 @cache_dir_option
+@click.option("--artifacts", "artifacts", multiple=True, metavar="REGISTRY/REPO",
+              help="Fetch a cold erofs/ext4 base as a prepared artifact from this repository (repeatable; "
+                   "default: the config's [fleet] artifacts; docs/FLEET.md).")
 def boot_cmd(image: str, command: tuple[str, ...], disk: BootDisk, kernel: Path | None, initrd: Path | None,
              memory: int, cpus: int, accel: str, timeout: float, keep: bool, virtiofsd: str | None,
              kernel_log: bool, user: str | None, env: tuple[str, ...], platform: Platform | None,
              creds: "Credentials | None", registry_options: "RegistryOptions | None", pull: PullPolicy,
-             cache_dir: Path | None) -> int:
+             cache_dir: Path | None, artifacts: tuple[str, ...]) -> int:
     """Boot IMAGE in a QEMU microVM and run its command (or CMD); exit with the command's status.
 
     Exit status: the guest command's; 124 when the guest does not finish within --timeout; 125 when
@@ -354,7 +357,8 @@ def boot_cmd(image: str, command: tuple[str, ...], disk: BootDisk, kernel: Path 
                           memory=memory, cpus=cpus, accel=accel, timeout=timeout, keep=keep,
                           console=click.echo, virtiofsd=virtiofsd, pull=pull, kernel_log=kernel_log, user=user,
                           env=_key_values(env, "--env"), platform=platform, creds=creds,
-                          registry_options=registry_options, progress=progress)
+                          registry_options=registry_options, progress=progress,
+                          artifacts=artifacts or None)
     except GuestFailed as exc:
         if debug and exc.console_tail:
             click.echo(exc.console_tail, err=True)
@@ -431,10 +435,14 @@ def variants_cmd(cache_dir: Path | None, as_json: bool) -> None:
 @pull_option
 @cache_dir_option
 @click.option("--limit", "limits", multiple=True, metavar="NAME=N", help="Override a safety limit (see unpack).")
+@click.option("--artifacts", "artifacts", multiple=True, metavar="REGISTRY/REPO",
+              help="erofs/ext4: fetch the image file as a prepared artifact from this repository when not cached "
+                   "(repeatable; default: the config's [fleet] artifacts; docs/FLEET.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print path, format, size, digest and sha256 as JSON.")
 def export_cmd(image: str, out: Path, fmt: ExportFormat, size: str, no_journal: bool, inodes: int | None,
                platform: Platform | None, creds: "Credentials | None", registry_options: "RegistryOptions | None",
-               pull: PullPolicy, cache_dir: Path | None, limits: tuple[str, ...], as_json: bool) -> None:
+               pull: PullPolicy, cache_dir: Path | None, limits: tuple[str, ...], artifacts: tuple[str, ...],
+               as_json: bool) -> None:
     """Write IMAGE as one artifact OUT: an erofs or ext4 disk image, a flattened tar or a directory."""
     from .store.cache import Cache
     from .exporting import export
@@ -445,11 +453,11 @@ def export_cmd(image: str, out: Path, fmt: ExportFormat, size: str, no_journal: 
                         platform=platform, cache=Cache(cache_dir),
                         pull=pull, creds=creds, registry_options=registry_options, limits=_limits(limits),
                         progress=progress,
-                        disk=DiskOptions(_size(size), not no_journal, inodes))
+                        disk=DiskOptions(_size(size), not no_journal, inodes), artifacts=artifacts or None)
     if as_json:
         click.echo(json.dumps({"path": str(result.path), "format": result.format, "size": result.size,
                                "digest": result.digest, "sha256": result.sha256,
-                               "from_cache": result.from_cache}, indent=2))
+                               "from_cache": result.from_cache, "base_source": result.base_source}, indent=2))
     else:
         click.echo(f"{result.path}: {result.format}, {result.size} bytes, image {result.digest}")
 
@@ -486,6 +494,35 @@ def push_cmd(image: str, dest: str, fmt: DiskKind | None, size: str | None, no_j
         what = f"{result.format} artifact of {result.subject}" if result.kind == "artifact" else "image"
         click.echo(f"{result.ref}: {what}, {result.bytes_sent} blob bytes sent"
                    + (f", referrers {result.referrers}" if result.referrers else ""))
+
+
+@cli.command("verify-artifact")
+@click.argument("image")
+@click.argument("ref", metavar="REF")
+@click.option("--platform", type=PLATFORM, help="os/arch[/variant] to pick from a multi-platform image.")
+@pull_option
+@creds_option
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def verify_artifact_cmd(image: str, ref: str, platform: Platform | None, pull: PullPolicy, creds: str | None,
+                        cache_dir: Path | None, as_json: bool) -> int:
+    """Rebuild IMAGE from its layers and compare it with the prepared-base artifact REF
+    (REGISTRY/REPO@sha256:...); exit 1 on any difference (docs/FLEET.md)."""
+    from .fleet import verify_artifact
+    from .oci.reference import canonicalize_image_ref
+    from .store.cache import Cache
+
+    check = verify_artifact(canonicalize_image_ref(image), ref, platform=platform,
+                            cache=Cache(cache_dir), pull=pull, creds=_creds(creds))
+    if as_json:
+        click.echo(json.dumps({**dataclasses.asdict(check), "ok": check.ok}, indent=2))
+    elif check.ok:
+        click.echo(f"{ref}: {check.format} {check.expected_sha256} is {image} ({check.image_digest}), rebuilt "
+                   "from its layers")
+    else:
+        for problem in check.problems:
+            click.echo(f"dirge: artifact {ref} differs: {problem}", err=True)
+    return 0 if check.ok else 1
 
 
 @cli.command("inspect")
@@ -747,12 +784,16 @@ _PREPARE_OPTIONS = {
                                  help="--disk ext4: whether the base disk has a jbd2 journal."),
     "disk_inodes": click.option("--disk-inodes", type=click.IntRange(min=1),
                                 help="--disk ext4: the base disk's inode count (default: the entries plus headroom)."),
+    "artifacts": click.option("--artifacts", "artifacts", multiple=True, metavar="REGISTRY/REPO",
+                              help="Fetch a cold erofs/ext4 base as a prepared artifact from this repository "
+                                   "(repeatable; default: the config's [fleet] artifacts; docs/FLEET.md)."),
 }
 # How a field's command-line value becomes the option's value (the others are taken as they are).
 _PREPARE_CONVERT: dict[str, Any] = {
     "rootless": lambda v: True if v else None,
     "limits": lambda v: _limits(v),
     "disk_size": lambda v: _size(v),
+    "artifacts": lambda v: tuple(v) if v else None,
 }
 
 
@@ -791,7 +832,8 @@ def session_create(image: str, cache_dir: Path | None, owner_pid: int | None, as
     prepared.detach()
     if as_json:
         click.echo(json.dumps({**_prepared_json(prepared), "base_created": prepared.base_created,
-                               "base_format": prepared.base_format}, indent=2))
+                               "base_format": prepared.base_format, "base_source": prepared.base_source},
+                              indent=2))
     else:
         click.echo(prepared.disk if prepared.is_disk else prepared.path)
 

@@ -136,7 +136,7 @@ def load_config(path: Path | None = None) -> Config:
     if budget is None and legacy:
         budget = _max_size(legacy_path, legacy)
     artifacts = _table(path, data, "fleet").get("artifacts", [])
-    if not isinstance(artifacts, list) or not all(isinstance(a, str) and a for a in artifacts):
+    if not isinstance(artifacts, list) or not all(isinstance(a, str) and "/" in a for a in artifacts):
         raise DirgeError(f'read config {path}: fleet.artifacts must be a list of "REGISTRY/REPO" strings')
     return Config(registries, budget, tuple(a.rstrip("/") for a in artifacts), source)
 

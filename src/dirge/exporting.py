@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, get_args
 from .apply.layer import Limits
 from .errors import DirgeError, NoSpace
 from .fsutil import is_no_space, no_space
-from .options import CacheLike, DiskOptions, ExportFormat, PlatformLike, PullPolicy, as_cache, as_platform
+from .options import CacheLike, DiskKind, DiskOptions, ExportFormat, PlatformLike, PullPolicy, as_cache, as_platform
 from .oci.image import Platform
 from .sources.open import open_image
 from .events import ProgressFn, Step, Write, downloads, emit
@@ -51,6 +51,7 @@ class ExportResult:
     size: int  # bytes of OUT (a directory: its files' bytes)
     digest: str  # the image's manifest digest
     from_cache: bool  # copied from a cached base rather than written from the layers
+    base_source: str = "layers"  # "artifact": the file came from a prepared artifact (docs/FLEET.md)
 
     @functools.cached_property
     def sha256(self) -> str | None:
@@ -77,10 +78,12 @@ def export(
     limits: Limits = Limits(),
     progress: ProgressFn | None = None,
     disk: "DiskOptions | None" = None,
+    artifacts: tuple[str, ...] | None = None,
 ) -> ExportResult:
     """Write ``image`` to ``out`` as ``format`` (``erofs``, ``ext4``, ``tar`` or ``dir``); ``disk``: an
     ext4 disk's size and journal; ``platform``: "os/arch[/variant]" or a Platform; ``cache``: a directory
-    or a Cache."""
+    or a Cache. ``artifacts``: repositories (None: the config's ``[fleet] artifacts``) an erofs or ext4 file
+    missing from the cache is fetched from as a prepared base (docs/FLEET.md)."""
     out = Path(out)
     wanted, where = as_platform(platform), as_cache(cache)
     if format not in FORMATS:
@@ -94,6 +97,12 @@ def export(
         if out.is_dir() and not out.is_symlink():
             raise DirgeError(f"{out} is a directory; give a file path for --format {format}")
         if format in ("erofs", "ext4"):
+            from .sources.artifacts import configured_repositories
+
+            repos = configured_repositories(artifacts, image) if pull != "never" else ()
+            if repos:
+                return _export_fetched(image, out, format, wanted, where, pull, creds, registry_options, limits,
+                                       progress, disk or DiskOptions(), repos)
             return _export_image(image, out, format, wanted, where, pull, creds, registry_options, limits, progress,
                                  (disk or DiskOptions()) if format == "ext4" else None)
         return _export_tar(image, out, wanted, where, pull, creds, registry_options, limits, progress)
@@ -126,6 +135,29 @@ def _export_image(image: str, out: Path, fmt: ExportFormat, platform: Platform |
     finally:
         source.close()
     result = _file_result(out, fmt, str(resolved.manifest_digest), cached is not None)
+    emit(progress, Write(f"{fmt} {out.name}", result.size))
+    return result
+
+
+def _export_fetched(image: str, out: Path, fmt: ExportFormat, platform: Platform | None, cache: "Cache | None",
+                    pull: PullPolicy, creds: "Credentials | None", registry_options: "RegistryOptions | None",
+                    limits: Limits, progress: ProgressFn | None, disk: DiskOptions,
+                    repos: tuple[str, ...]) -> ExportResult:
+    """With artifact repositories configured, the file goes through the cache as a base disk
+    (``bases.ensure_disk``: the cached one, else a prepared artifact, else the layers), then is cloned."""
+    from .bases import ensure_disk
+    from .options import PrepareOptions
+
+    kind: DiskKind = "ext4" if fmt == "ext4" else "erofs"
+    options = PrepareOptions(disk=kind, platform=platform, limits=limits, pull=pull, creds=creds,
+                             registry_options=registry_options,
+                             disk_size=disk.size if fmt == "ext4" else None, disk_journal=disk.journal,
+                             disk_inodes=disk.inodes, artifacts=repos)
+    with ExitStack() as leases:  # read under the base's lease: gc cannot remove it meanwhile
+        base = ensure_disk(image, options, cache=cache, progress=progress, leases=leases)
+        with _replacing(out) as tmp:
+            _clone(base.image_file, tmp)
+    result = ExportResult(out, fmt, out.stat().st_size, str(base.digest), not base.created, base.source)
     emit(progress, Write(f"{fmt} {out.name}", result.size))
     return result
 

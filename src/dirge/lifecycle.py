@@ -143,6 +143,7 @@ class ImageInfo:
     live_sessions: list[str] = field(default_factory=list)
     ref_files: list[str] = field(default_factory=list)
     exports: list[str] = field(default_factory=list)  # a local variant's OCI exports (image ids) holding it
+    artifacts: list[str] = field(default_factory=list)  # REPO@DIGEST of prepared artifacts its bases came from
 
 
 def images(cache: Cache) -> list[ImageInfo]:
@@ -163,6 +164,9 @@ def images(cache: Cache) -> list[ImageInfo]:
         if fmt not in info.formats:
             info.formats.append(fmt)
         info.platform = info.platform or meta.get("platform")
+        source = meta.get("source")
+        if isinstance(source, dict) and source.get("from") == "artifact":  # what to audit: dirge verify-artifact
+            info.artifacts.append(f"{source.get('repository')}@{source.get('artifact')}")
         if isinstance(meta.get("image"), str) and meta["image"] not in info.refs:
             info.refs.append(meta["image"])
         published = cache.base_dir(key) / "image.json"

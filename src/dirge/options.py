@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 PullPolicy: TypeAlias = Literal["always", "missing", "never"]  # registry images: when to ask the registry
 BaseFormat: TypeAlias = Literal["auto", "tree", "erofs"]  # what a cached base is built as
-Strategy: TypeAlias = Literal["overlay", "btrfs", "reflink", "copy"]  # how a session is made from its base
+Strategy: TypeAlias = Literal["overlay", "fuse-overlayfs", "btrfs", "reflink", "copy"]  # how a session is made from its base
 DiskKind: TypeAlias = Literal["ext4", "erofs"]  # a disk session's root disk
 DiskFormat: TypeAlias = Literal["raw", "qcow2"]  # an ext4 disk session's file
 ExportFormat: TypeAlias = Literal["erofs", "ext4", "tar", "dir"]  # what ``export`` writes
@@ -104,6 +104,13 @@ class PrepareOptions:
     disk_size: int | None = None  # the ext4 base disk's size (erofs: the scratch disk's); None: automatic
     disk_journal: bool = True
     disk_inodes: int | None = None  # the ext4 base disk's inode count; None: the entries plus headroom
+    artifacts: tuple[str, ...] | None = None  # REGISTRY/REPO to fetch prepared bases from; None: [fleet] artifacts
+
+    def __post_init__(self) -> None:
+        if isinstance(self.artifacts, str):  # not silently one repository per character
+            raise TypeError("artifacts: give a list of \"REGISTRY/REPO\" strings, not one string")
+        if self.artifacts is not None and not isinstance(self.artifacts, tuple):  # prepare(artifacts=[...])
+            object.__setattr__(self, "artifacts", tuple(self.artifacts))
 
     @classmethod
     def pick(cls, values: Mapping[str, Any]) -> PrepareOptions:

@@ -32,7 +32,7 @@ from .bases import ensure_disk
 from .errors import DirgeError, RegistryError
 from .fsimage import erofs as erofs_writer
 from .fsimage import ext4 as ext4_writer
-from .oci.artifact import (EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE, FRAME_SIZE, artifact_manifest,
+from .oci.artifact import (artifact_options, EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE, FRAME_SIZE, artifact_manifest,
                            artifact_type, compress_seekable, layer_media_type, referrers_index,
                            referrers_from_index, referrers_tag)
 from .oci.image import INDEX_TYPES, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST, Descriptor, Platform, parse_platform
@@ -111,12 +111,6 @@ def _destination(dest: str) -> tuple[RegistryReference, str | None]:
     return ref, ref.tag if explicit_tag else None
 
 
-def _options(fmt: str, size: int | None, journal: bool, inodes: int | None) -> dict[str, Any]:
-    # The shape of the base's image.json "options" (and of h-artifacts' artifact_options): what a reader
-    # compares with the options it would build with.
-    return {} if fmt == "erofs" else {"inodes": inodes, "journal": journal, "size": size}
-
-
 def _push_artifact(image: str, dref: RegistryReference, tag: str | None, fmt: DiskKind, size: int | None,
                    journal: bool, inodes: int | None, platform: Platform | None, cache: Cache, pull: PullPolicy,
                    progress: ProgressFn | None, uploader: "_Uploader") -> PushResult:
@@ -142,7 +136,7 @@ def _push_artifact(image: str, dref: RegistryReference, tag: str | None, fmt: Di
                 layer = Descriptor(layer_media_type(fmt), packed.digest, packed.size)
                 manifest = artifact_manifest(fmt, layer, subject, sha256=packed.plain_digest, size=packed.plain_size,
                                              source_ref=image, platform=plat, writer_version=writer,
-                                             options=_options(fmt, size, journal, inodes))
+                                             options=artifact_options(fmt, size=size, journal=journal, inodes=inodes))
                 uploader.total = len(EMPTY_DATA) + layer.size
                 uploader.put_blob(Descriptor(EMPTY_MEDIA_TYPE, parse_digest(EMPTY_DIGEST), len(EMPTY_DATA)),
                                   _bytes_opener(EMPTY_DATA))

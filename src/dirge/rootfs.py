@@ -57,12 +57,13 @@ class PreparedRootfs:
     ``path`` raises SessionError rather than name a directory that does not exist."""
 
     def __init__(self, info: SessionInfo, session_dir: Path, config: dict[str, Any], base_created: bool,
-                 base_format: str = "tree") -> None:
+                 base_format: str = "tree", base_source: str = "layers") -> None:
         self.info = info
         self.session_dir = session_dir
         self.config = config
         self.base_created = base_created
         self.base_format = base_format  # what the base is: "tree", "erofs", or a disk session's "ext4"
+        self.base_source = base_source  # what the base was made from: "layers", or "artifact" (docs/FLEET.md)
         destroyer = destroy if info.strategy == DISK else backends.get(info.strategy).destroy
         self._finalizer = weakref.finalize(self, _dropped, destroyer, session_dir, info.id)
 
@@ -182,6 +183,7 @@ def prepare(
     disk_size: int | None = None,
     disk_journal: bool = True,
     disk_inodes: int | None = None,
+    artifacts: tuple[str, ...] | None = None,
 ) -> PreparedRootfs:
     """Resolve ``image``, make sure its base is cached (unpacking under a lock), and return a new session.
 
@@ -194,7 +196,10 @@ def prepare(
     ``disk`` ("ext4" or "erofs") makes a disk session instead (module doc): ``disk_format`` "raw" or
     "qcow2" (ext4 only); ``disk_size`` the ext4 base disk's size (None: content plus headroom; erofs:
     the scratch disk's, default 256 MiB), ``disk_journal`` its journal and ``disk_inodes`` its inode
-    count. No mount, no root. The options are ``options.PrepareOptions``'s (``prepare_with`` takes one)."""
+    count. No mount, no root. ``artifacts`` ("REGISTRY/REPO", ...; None: the config's ``[fleet] artifacts``)
+    are the repositories a cold erofs or ext4 base may be fetched from as a prepared artifact instead of
+    converted from the layers (``.base_source`` says which). The options are ``options.PrepareOptions``'s
+    (``prepare_with`` takes one)."""
     return prepare_with(image, PrepareOptions.pick(locals()), cache_or_dir(cache, cache_dir, "prepare"),
                         files=files, snapshot=snapshot, owner_pid=owner_pid, progress=progress)
 
@@ -222,7 +227,8 @@ def prepare_with(image: str, options: PrepareOptions, cache: CacheLike | None = 
             base = ensure_base(ref, options, cache=cache, progress=progress, leases=leases)
             emit(progress, Step("session", f"creating a session on the {base.format} base"))
             info = sessions.create(base, ref, strategy=options.strategy, owner_pid=owner_pid, snapshot=snapshot)
-    prepared = PreparedRootfs(info, sessions.session_dir(info.id), base.config, base.created, base.format)
+    prepared = PreparedRootfs(info, sessions.session_dir(info.id), base.config, base.created, base.format,
+                              base.source)
     try:  # the event is a cancellation point for aio: the session is closed if it raises
         emit(progress, Step("session", f"session {info.id[:12]} ready ({info.strategy})"))
         if files:

@@ -244,23 +244,56 @@ def read_seek_table(tail: bytes) -> list[tuple[int, int]]:
     return [struct.unpack_from("<II", tail, start + 8 + i * entry) for i in range(count)]
 
 
+class _Chunks:
+    """A file-like reader over an iterator of byte chunks (what zstandard's stream_reader reads)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._rest = b""
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._rest:
+            try:
+                self._rest = next(self._chunks)
+            except StopIteration:
+                return b""
+        if n < 0 or n >= len(self._rest):
+            out, self._rest = self._rest, b""
+        else:
+            out, self._rest = self._rest[:n], self._rest[n:]
+        return out
+
+
+OUTPUT_CHUNK = 1 << 20
+
+
 def decompress_stream(chunks: Iterator[bytes], max_output: int) -> Iterator[bytes]:
     """Decompress a seekable (or any multi-frame) zstd stream chunk by chunk; skippable frames are
-    ignored by zstd itself. Raises ValueError past ``max_output`` bytes (the annotated size)."""
-    dctx = zstandard.ZstdDecompressor()
-    obj = dctx.decompressobj()
+    ignored by zstd itself. Raises ValueError past ``max_output`` bytes (the annotated size).
+
+    Output comes at most OUTPUT_CHUNK bytes at a time (a reader, not ``decompressobj``, which expands a
+    whole input chunk at once: a few bytes of RLE blocks can be gigabytes), so the bound holds before the
+    memory is spent; windows over 128 MiB are refused (zstd -19 --long uses 128 MiB at most)."""
+    dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
     total = 0
-    for chunk in chunks:
-        while chunk:
-            out = obj.decompress(chunk)
-            chunk = b""
-            if out:
+    try:
+        with dctx.stream_reader(_Chunks(chunks),  # type: ignore[arg-type]  # duck-typed: read() only
+                                 read_size=1 << 20, read_across_frames=True) as reader:
+            while out := reader.read(OUTPUT_CHUNK):
                 total += len(out)
                 if total > max_output:
                     raise ValueError(f"decompresses to more than the annotated {max_output} bytes")
                 yield out
-            if obj.eof:
-                # one frame ended: the rest belongs to the next frame (or the seek table)
-                rest = obj.unused_data
-                obj = dctx.decompressobj()
-                chunk = rest
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"not a valid zstd stream ({exc})") from None
+
+
+def artifact_options(fmt: str, *, size: int | None = None, journal: bool = True,
+                     inodes: int | None = None) -> dict[str, Any]:
+    """The writer options an artifact of ``fmt`` carries (``ANNOTATION_OPTIONS``): what shapes the image
+    file's bytes besides the image. erofs has none; an ext4 disk has its size, journal and inode count
+    (None: automatic), as the base's ``image.json`` records them. A fetcher takes an artifact only when
+    these equal the options it would build with."""
+    if fmt == "erofs":
+        return {}
+    return {"inodes": inodes, "journal": journal, "size": size}

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
+from urllib.parse import urlencode
 
 import httpcore
 import httpx
@@ -675,6 +676,33 @@ class RegistryClient:
             return raw, media_type, digest
         raise AssertionError("unreachable")
 
+    def fetch_referrers(self, ref: RegistryReference, subject: Digest, artifact_type: str) -> bytes | None:
+        """The referrers API's index for ``subject`` filtered to ``artifact_type`` (distribution-spec 1.1), or
+        None where no endpoint has it (a 404, another error, or an answer that is not an OCI index: registries
+        without the API answer all sorts): the caller then reads the referrers tag schema. The body is
+        bounded as a manifest is."""
+        what = f"referrers of {ref.registry}/{ref.repository}@{subject}"
+        query = urlencode({'artifactType': artifact_type})
+
+        def attempt(endpoint: Endpoint, repository: str) -> bytes | None:
+            scope = f"repository:{repository}:pull"
+            path = f"/v2/{repository}/referrers/{subject}?{query}"
+            response = self._call(endpoint, "GET", path, scope, what, headers={"Accept": OCI_INDEX}, stream=True)
+            if response.status_code == 404:
+                _drain(response)
+                raise NotFound(f"no referrers API: {what}", status=404)
+            if response.status_code != 200:
+                self._raise_for(response, what, endpoint)
+            media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+            raw = _read_limited(response, MAX_MANIFEST_BYTES, time.monotonic() + metadata_deadline(), what,
+                                "referrers index")
+            return raw if media_type == OCI_INDEX else None
+
+        try:
+            return self._first_that_works(ref, attempt)
+        except RegistryError:
+            return None
+
     # -- blobs --------------------------------------------------------------------------------
 
     def download_blob(self, ref: RegistryReference, desc: Descriptor, cache: Cache,
@@ -754,13 +782,14 @@ def _manifest_digest(raw: bytes, reference: str, header: str | None, what: str) 
     """The digest of a manifest's bytes, checked against the digest it was asked by (or the registry's
     ``Docker-Content-Digest`` for a tag)."""
     digest = Digest("sha256", hashlib.sha256(raw).hexdigest())
-    if reference.startswith("sha") and reference != str(digest):
+    by_digest = ":" in reference  # a tag never has one (the referrers tag ``sha256-<hex>`` is a tag)
+    if by_digest and reference != str(digest):
         expected = parse_digest(reference)
         actual = Digest(expected.algorithm, hashlib.new(expected.algorithm, raw).hexdigest())
         if actual != expected:
             raise IntegrityError(f"manifest of {what}", reference, str(actual))
         digest = expected
-    if header and not reference.startswith("sha") and header != str(digest):
+    if header and not by_digest and header != str(digest):
         raise IntegrityError(f"manifest of {what} (Docker-Content-Digest)", header, str(digest))
     return digest
 

@@ -72,6 +72,7 @@ class Base:
     config: dict[str, Any]
     created: bool  # True if this call unpacked it
     format: str = "tree"  # one of BASE_FORMATS: "tree" (a directory) or "erofs" (an image mounted there)
+    source: str = "layers"  # what it was made from: "layers", or "artifact" (a prepared base, image.json names it)
 
     @property
     def rootfs(self) -> Path:
@@ -342,7 +343,10 @@ class Cache(Layout):
         fmt = meta.get("format") or "tree"  # an older dirge's image.json has none: it only made trees
         if fmt not in BASE_FORMATS:
             return None
-        return Base(key, path, digest, meta.get("config", {}), created, fmt)
+        source = meta.get("source")
+        kind = source.get("from") if isinstance(source, dict) else None
+        return Base(key, path, digest, meta.get("config", {}), created, fmt,
+                    "artifact" if kind == "artifact" else "layers")
 
     def find_base(self, digest: Digest, rootless: bool, format: str, options: str = "") -> Base | None:
         """The published base of ``digest`` in this mode and format, under its key or, for a tree, under

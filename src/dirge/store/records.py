@@ -121,18 +121,19 @@ def disk_usage(path: Path) -> int:
     return total
 
 
-def make_record(base_dir: Path, fmt: str) -> dict[str, Any]:
-    """The record of a base directory (staging, before publication) in format ``fmt``."""
+def make_record(base_dir: Path, fmt: str, sha256: str | None = None) -> dict[str, Any]:
+    """The record of a base directory (staging, before publication) in format ``fmt``; ``sha256``: the
+    image file's hex digest when the writer already hashed what it wrote (a fetched artifact), saving a pass."""
     if fmt == "tree":
         return {"format": fmt, "bytes": disk_usage(base_dir), "entries": tree_entries(base_dir / "rootfs")}
     image = base_dir / f"rootfs.{fmt}"
     return {"format": fmt, "bytes": disk_usage(base_dir), "file": image.name, "size": image.stat().st_size,
-            "sha256": hash_file(image)}
+            "sha256": sha256 or hash_file(image)}
 
 
-def write_record(base_dir: Path, fmt: str) -> dict[str, Any]:
+def write_record(base_dir: Path, fmt: str, sha256: str | None = None) -> dict[str, Any]:
     """Write ``verify.json`` into ``base_dir`` (staging); returns the record."""
-    record = make_record(base_dir, fmt)
+    record = make_record(base_dir, fmt, sha256)
     (base_dir / RECORD).write_text(json.dumps(record))
     return record
 

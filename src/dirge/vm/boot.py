@@ -189,7 +189,7 @@ def boot(image: str, cache: CacheLike | None = None, *, disk: BootDisk = "dir",
          user: str | None = None, env: Mapping[str, str] | None = None,
          cache_dir: str | os.PathLike[str] | None = None, progress: ProgressFn | None = None,
          platform: PlatformLike | None = None, creds: "Credentials | None" = None,
-         registry_options: "RegistryOptions | None" = None) -> BootResult:
+         registry_options: "RegistryOptions | None" = None, artifacts: tuple[str, ...] | None = None) -> BootResult:
     """Prepare ``image`` as a ``disk`` session and boot it (module doc). Raises BootError when no
     kernel/QEMU/busybox is found (before preparing anything) and GuestFailed when the guest does not
     finish its command. ``cache``: a directory or a Cache (``cache_dir``: deprecated)."""
@@ -202,7 +202,7 @@ def boot(image: str, cache: CacheLike | None = None, *, disk: BootDisk = "dir",
     started = time.monotonic()
     emit(progress, BootPhase("preparing the session"))
     prepared = prepare(image, cache.root, disk=None if disk == "dir" else disk, pull=pull, platform=platform,
-                       creds=creds, registry_options=registry_options, progress=progress)
+                       creds=creds, registry_options=registry_options, progress=progress, artifacts=artifacts)
     prepared_at = time.monotonic()
     try:
         booted = boot_session(prepared, cache_dir=cache.root, kernel=kernel, initrd=initrd,
