@@ -27,6 +27,7 @@ from dirge.progress import PlainProgress, TerminalProgress, line_events, resolve
 from dirge.rootfs import prepare
 from dirge.sources.layout import LayoutWriter
 from registry import push_layout
+from test_boot import _boot_missing
 
 DIRGE = Path(sys.executable).parent / "dirge"
 RECORD = os.environ.get("DIRGE_RECORD_PROGRESS")
@@ -268,16 +269,6 @@ def test_aio_prepare_yields_the_same_events_as_a_stream(pushed: str, tmp_path: P
 
 
 # --- (c) boot: its phases, from one real boot
-
-def _boot_missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (owners and xattrs in the session)"
-    if shutil.which("qemu-system-x86_64") is None:
-        return "needs qemu-system-x86_64 (installed by scripts/setup.sh --test)"
-    if not list(Path("/boot").glob("vmlinuz-*")):
-        return "needs a kernel in /boot (linux-image-amd64, installed by scripts/setup.sh --test)"
-    return None
-
 
 @pytest.mark.skipif(_boot_missing() is not None, reason=_boot_missing() or "")
 def test_boot_reports_its_phases_in_plain_lines(boot_cache: Path, tmp_path: Path) -> None:

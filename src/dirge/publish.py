@@ -39,7 +39,7 @@ from .oci.image import INDEX_TYPES, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST,
 from .oci.reference import Digest, LocalReference, RegistryReference, parse_digest, parse_reference
 from .options import CacheLike, DiskKind, PlatformLike, PrepareOptions, PullPolicy, as_cache, as_platform
 from .sources.open import open_image
-from .sources.registry import RegistryClient, retry_base
+from .sources.registry import RegistryClient, metadata_deadline, read_limited, retry_base
 from .store.cache import Cache
 from .store.lock import FileLock
 from .events import ProgressFn, Push, emit
@@ -513,7 +513,8 @@ class _Uploader:
         r = self.client.origin_call("GET", path, self.scope, what, headers={"Accept": OCI_INDEX}, stream=True)
         existing: bytes | None = None
         if r.status_code == 200:
-            existing = _read_capped(r, MAX_MANIFEST_BYTES, what)
+            existing = read_limited(r, MAX_MANIFEST_BYTES, time.monotonic() + metadata_deadline(), what,
+                                    "referrers index")
             try:
                 if any(d.digest == desc.digest for d in referrers_from_index(existing, what)):
                     return False
@@ -529,21 +530,6 @@ class _Uploader:
             raise self.client.error_for(r, what)
         r.close()
         return True
-
-
-def _read_capped(r: httpx.Response, limit: int, what: str) -> bytes:
-    parts, total = [], 0
-    try:
-        for chunk in r.iter_bytes():
-            total += len(chunk)
-            if total > limit:
-                raise RegistryError(f"{what}: larger than {limit} bytes")
-            parts.append(chunk)
-    except httpx.HTTPError as exc:
-        raise RegistryError(f"{what}: reading it failed: {exc}", retryable=True) from None
-    finally:
-        r.close()
-    return b"".join(parts)
 
 
 def _range_end(value: str | None) -> int | None:

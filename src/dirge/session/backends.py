@@ -40,6 +40,22 @@ __all__ = ["BTRFS_MAGIC", "STRATEGIES", "Strategy", "available", "destroy", "for
 UPPER, TREE = "upper", "tree"
 
 
+
+def _upper_and_work(top_lower: Path, rootfs: Path, session_dir: Path, *, owner: bool) -> tuple[Path, Path]:
+    """An overlay's upper and work dirs and its mount point, 0700; the upper dir takes the top lower's mode
+    and times (the merged root shows them: the base's, not the umask's), and its owner where ``owner``
+    (root's kernel overlay; fuse-overlayfs runs as the user, who owns everything it creates)."""
+    upper, work = session_dir / "upper", session_dir / "work"
+    upper.mkdir(mode=0o700)
+    work.mkdir(mode=0o700)
+    rootfs.mkdir(mode=0o700)
+    top = os.stat(top_lower)
+    if owner:
+        os.chown(upper, top.st_uid, top.st_gid)
+    os.chmod(upper, top.st_mode & 0o7777)
+    os.utime(upper, ns=(top.st_atime_ns, top.st_mtime_ns))
+    return upper, work
+
 class Strategy(ABC):
     """One way of making session rootfs; instances are stateless (one per name, in ``STRATEGIES``)."""
 
@@ -104,15 +120,7 @@ class Overlay(Strategy):
         return os.geteuid() == 0 and _overlay_supported() and fs_type(work_dir) != OVERLAY_MAGIC
 
     def make(self, lowers: list[Path], rootfs: Path, session_dir: Path) -> None:
-        upper, work = session_dir / "upper", session_dir / "work"
-        upper.mkdir(mode=0o700)
-        work.mkdir(mode=0o700)
-        rootfs.mkdir(mode=0o700)
-        # The merged root shows the upper dir's owner, mode and times: the top lower's, not the umask's.
-        top = os.stat(lowers[0])
-        os.chown(upper, top.st_uid, top.st_gid)
-        os.chmod(upper, top.st_mode & 0o7777)
-        os.utime(upper, ns=(top.st_atime_ns, top.st_mtime_ns))
+        upper, work = _upper_and_work(lowers[0], rootfs, session_dir, owner=True)
         # userxattr is only needed (and only accepted) inside a user namespace; as real root it is not.
         mount_overlay(lowers, upper, work, rootfs)
 
@@ -159,14 +167,7 @@ class FuseOverlay(Strategy):
         return True
 
     def make(self, lowers: list[Path], rootfs: Path, session_dir: Path) -> None:
-        upper, work = session_dir / "upper", session_dir / "work"
-        upper.mkdir(mode=0o700)
-        work.mkdir(mode=0o700)
-        rootfs.mkdir(mode=0o700)
-        # The merged root shows the upper dir's mode and times: the base's, not the umask's.
-        top = os.stat(lowers[0])
-        os.chmod(upper, top.st_mode & 0o7777)
-        os.utime(upper, ns=(top.st_atime_ns, top.st_mtime_ns))
+        upper, work = _upper_and_work(lowers[0], rootfs, session_dir, owner=False)
         # Absolute paths: the daemon runs in "/" (below), where a relative cache path would name
         # something else.
         lower, upper, work, target = (Path(os.path.abspath(p)) for p in (lowers[0], upper, work, rootfs))

@@ -224,7 +224,7 @@ def _drain(response: httpx.Response, limit: int = _ERROR_BODY_BYTES) -> bytes:
     return data[:limit]
 
 
-def _read_limited(response: httpx.Response, limit: int, deadline: float, what: str, kind: str) -> bytes:
+def read_limited(response: httpx.Response, limit: int, deadline: float, what: str, kind: str) -> bytes:
     """The whole body, or a RegistryError once it passes ``limit`` bytes or the monotonic ``deadline``."""
     length = response.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > limit:
@@ -444,7 +444,7 @@ class Endpoint:
         if token_response.status_code != 200:
             raise RegistryError(f"{what}: token endpoint answered {token_response.status_code}",
                                 status=token_response.status_code, retryable=token_response.status_code >= 500)
-        raw = _read_limited(token_response, _TOKEN_BYTES, deadline, what, "token answer")
+        raw = read_limited(token_response, _TOKEN_BYTES, deadline, what, "token answer")
         try:
             body = json.loads(raw)
             token = body.get("token") or body.get("access_token")
@@ -662,7 +662,7 @@ class RegistryClient:
             if response.status_code != 200:
                 self._raise_for(response, what, endpoint)
             try:
-                raw = _read_limited(response, MAX_MANIFEST_BYTES, deadline, what, "manifest")
+                raw = read_limited(response, MAX_MANIFEST_BYTES, deadline, what, "manifest")
                 digest = _manifest_digest(raw, reference, response.headers.get("Docker-Content-Digest"), what)
             except (RegistryError, IntegrityError) as exc:
                 transient = isinstance(exc, IntegrityError) or exc.retryable
@@ -694,7 +694,7 @@ class RegistryClient:
             if response.status_code != 200:
                 self._raise_for(response, what, endpoint)
             media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-            raw = _read_limited(response, MAX_MANIFEST_BYTES, time.monotonic() + metadata_deadline(), what,
+            raw = read_limited(response, MAX_MANIFEST_BYTES, time.monotonic() + metadata_deadline(), what,
                                 "referrers index")
             return raw if media_type == OCI_INDEX else None
 
