@@ -74,7 +74,12 @@ def registry_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
     monkeypatch.setenv("DIRGE_REGISTRIES_CONFIG", str(tmp_path / "no-registries.toml"))
     monkeypatch.setenv("DIRGE_CONFIG", str(tmp_path / "no-config.toml"))
-    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(tmp_path / "no-registries-conf" / "registries.conf"))
+    # An empty registries.conf, not a missing one: buildah (local:// tests) cannot resolve even a local short
+    # name like "inspected:1" when the file it is pointed at does not exist.
+    empty_conf = tmp_path / "no-registries-conf" / "registries.conf"
+    empty_conf.parent.mkdir(exist_ok=True)
+    empty_conf.touch()
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(empty_conf))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-xdg-config"))
     monkeypatch.setenv("DIRGE_CERTS_DIRS", str(tmp_path / "no-certs.d"))
     monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
