@@ -169,6 +169,12 @@ def timed(cmd: list[str], rss_file: Path | None = None) -> tuple[float, float, i
 
 
 def clear(path: Path) -> None:
+    # a cache keeps its erofs bases mounted between sessions (until gc): unmount them, deepest first
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
     if path.exists():
         subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
     subprocess.run(["sync"], check=True)  # start every run with no dirty pages pending

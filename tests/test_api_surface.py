@@ -328,3 +328,17 @@ def test_every_example_of_the_api_doc_runs(capsys: pytest.CaptureFixture[str]) -
             remove_tree(work)
     out = capsys.readouterr().out
     assert "linux/arm64" in out and "too small" in out
+
+
+def test_import_dirge_loads_the_api_on_first_use() -> None:
+    """``import dirge`` (and so every CLI start) loads the exceptions only; a name's module (httpx, rich,
+    asyncio behind them) loads when the name is first used, and is then the same object."""
+    code = ("import sys, dirge\n"
+            "heavy = [m for m in ('httpx', 'rich', 'asyncio', 'dirge.rootfs') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "from dirge.rootfs import prepare\n"
+            "assert dirge.prepare is prepare and 'dirge.rootfs' in sys.modules\n"
+            "assert dirge.aio is sys.modules['dirge.aio'] and isinstance(dirge.__version__, str)\n"
+            "assert 'prepare' in dir(dirge)\n"
+            "try:\n    dirge.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(SRC)})

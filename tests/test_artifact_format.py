@@ -108,3 +108,24 @@ def test_a_zstd_bomb_stops_at_the_annotated_size_without_expanding_it() -> None:
 def test_junk_is_a_value_error_not_a_zstd_one() -> None:
     with pytest.raises(ValueError, match="zstd"):
         b"".join(art.decompress_stream(iter([b"\x28\xb5\x2f\xfd" + os.urandom(4096)]), 1 << 20))
+
+
+def test_write_sparse_writes_runs_of_data_and_leaves_zero_pieces_as_holes(tmp_path: Path) -> None:
+    """What a fetched artifact's file is written with: every 64 KiB piece that is not all zeros lands at its
+    offset (runs of them in one write), all-zero pieces stay holes, a short tail included."""
+    from dirge.sources.artifacts import _HOLE, _write_sparse
+
+    data = (b"a" * _HOLE + bytes(3 * _HOLE) + b"b" * (2 * _HOLE) + bytes(_HOLE - 1) + b"c"
+            + bytes(_HOLE) + b"tail")
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        _write_sparse(fd, data[:5 * _HOLE], 0)
+        _write_sparse(fd, data[5 * _HOLE:], 5 * _HOLE)  # a second chunk at its offset
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+    with open(path, "rb") as f:  # the three all-zero pieces are holes (where the filesystem reports them)
+        assert os.lseek(f.fileno(), _HOLE, os.SEEK_HOLE) == _HOLE
+        assert os.lseek(f.fileno(), _HOLE, os.SEEK_DATA) == 4 * _HOLE

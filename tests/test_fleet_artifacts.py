@@ -265,10 +265,13 @@ def test_boot_takes_artifacts() -> None:
     """``dirge boot --artifacts`` reaches ``vm.boot`` (booting itself is test_boot.py's)."""
     import inspect
 
-    from dirge.cli import boot_cmd
+    from dirge.cli import CONTEXT, boot_cmd
     from dirge.vm import boot
 
-    ctx = boot_cmd.make_context("boot", ["IMAGE", "--artifacts", "r.example/a", "--artifacts", "r.example/b"])
+    # with the group's context settings: click caches a command's help option from the first context it
+    # sees, and one without them would take ``-h`` away from later tests' ``dirge boot -h``
+    ctx = boot_cmd.make_context("boot", ["IMAGE", "--artifacts", "r.example/a", "--artifacts", "r.example/b"],
+                                **CONTEXT)
     assert ctx.params["artifacts"] == ("r.example/a", "r.example/b")
     assert "artifacts" in inspect.signature(boot).parameters
 

@@ -405,3 +405,49 @@ def test_tokens_expiring_during_a_parallel_pull_are_refreshed_once(registry, fau
         unpack(f"{proxy.host}/exp/app:1", dest, cache=Cache(tmp_path / f"c{attempt}"))
         assert sorted(os.listdir(dest)) == sorted(f"f{i}" for i in range(12))
     assert len(proxy.token_requests) > 12  # tokens really expired all along
+
+
+def test_plain_http_on_loopback_is_remembered_and_a_host_back_on_tls_gets_tls(
+        registry, tls_registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fallback-allowed host that answered TLS with plain http starts the next client at http (no failed
+    handshake per client); one that serves TLS again is reached over TLS, the memory dropped."""
+    from dirge.oci.reference import parse_reference
+    from dirge.sources import registry as reg
+    from dirge.sources.auth import Credentials
+
+    monkeypatch.setattr(reg, "_PLAIN_HTTP", set())
+    layout = layout_with(tmp_path, [LayerBuilder().file("a", b"plain").build()])
+    plain_ref = f"{registry.host}/mem/app:1"
+    push_layout(layout, "t", plain_ref)
+    unpack(plain_ref, tmp_path / "r1", cache=Cache(tmp_path / "c1"))
+    assert reg._PLAIN_HTTP == {f"https://{registry.host}"}
+    client = reg.RegistryClient(registry.host)
+    try:
+        endpoint = client.routes(parse_reference(plain_ref))[-1][0]  # type: ignore[arg-type]
+        assert endpoint.remembered_http and endpoint.url == f"http://{registry.host}"
+    finally:
+        client.close()
+
+    tls_ref = f"{tls_registry.host}/mem/app:1"
+    push_layout(layout, "t", tls_ref, tls_verify=True, creds=f"{tls_registry.username}:{tls_registry.password}",
+                cert_dir=tls_registry.cert_dir)
+    reg._PLAIN_HTTP.add(f"https://{tls_registry.host}")  # as if it had served plain http earlier
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.ca_cert))
+    unpack(tls_ref, tmp_path / "r2", cache=Cache(tmp_path / "c2"),
+           creds=Credentials(tls_registry.username, tls_registry.password))
+    assert (tmp_path / "r2/a").read_bytes() == b"plain"
+    assert f"https://{tls_registry.host}" not in reg._PLAIN_HTTP
+
+
+def test_the_trust_store_context_follows_ssl_cert_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The system-trust context is made once a process, but anew when $SSL_CERT_FILE changes (OpenSSL
+    reads it only when a context is made)."""
+    from dirge.sources.registry import ssl_context, system_tls
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv("DIRGE_CERTS_DIRS", str(tmp_path / "none"))
+    first = system_tls()
+    assert system_tls() is first and ssl_context("registry.example") is first
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    assert system_tls() is not first
+    assert ssl_context("registry.example", verify=False) is not system_tls()  # never the shared one when changed

@@ -157,9 +157,11 @@ def _progress() -> Any:
     do-nothing context giving None (quiet)."""
     from contextlib import nullcontext
 
+    state = _state(click.get_current_context())
+    if state.get("quiet"):
+        return nullcontext(None)  # without loading the display (rich): -q is what scripts pass
     from .progress import open_display
 
-    state = _state(click.get_current_context())
     display = open_display("quiet" if state.get("quiet") else str(state.get("progress", "auto")))
     return display if display is not None else nullcontext(None)
 

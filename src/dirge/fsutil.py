@@ -74,6 +74,16 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing ``length`` bytes at ``offset`` to disk without waiting (sync_file_range(2)): a file
+    written in one pass then costs the sync before publishing only its tail. Best effort."""
+    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, pos: int) -> None:
     """``pwrite`` until every byte is written (a short write is not an error); out of space: ``NoSpace``."""
     view = memoryview(data)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import DirgeError
-from ..fsutil import pwrite_all
+from ..fsutil import pwrite_all, start_writeback
 from ..oci.artifact import (Artifact, artifact_type, canonical_json, decompress_stream, parse_artifact,
                             referrers_from_index, referrers_tag)
 from ..oci.reference import Digest, RegistryReference, parse_reference
@@ -211,6 +211,23 @@ _HOLE = 1 << 16  # all-zero runs of this size stay holes, as the image writers l
 _ZEROS = bytes(_HOLE)
 
 
+def _write_sparse(fd: int, data: bytes, at: int) -> None:
+    """``data`` at offset ``at``, each run of pieces that are not all zeros in one write (an erofs image is
+    one such run; an ext4 disk a few runs between holes)."""
+    view = memoryview(data)
+    start = None  # where the current run of data pieces began
+    for off in range(0, len(data), _HOLE):
+        n = min(_HOLE, len(data) - off)
+        if data.startswith(_ZEROS if n == _HOLE else _ZEROS[:n], off):  # a memcmp, no copy
+            if start is not None:
+                pwrite_all(fd, view[start:off], at + start)
+                start = None
+        elif start is None:
+            start = off
+    if start is not None:
+        pwrite_all(fd, view[start:], at + start)
+
+
 def _decompress(reader: "BinaryIO | PartialReader", dest: Path, artifact: Artifact) -> str:
     """Into ``dest``, sparse: all-zero 64 KiB pieces are not written (an ext4 disk is mostly holes, and
     the writers leave them so too), then the size is set."""
@@ -229,11 +246,8 @@ def _decompress(reader: "BinaryIO | PartialReader", dest: Path, artifact: Artifa
                 if hashing is not None:
                     hashing.result()
                 hashing = hasher.submit(h.update, data)
-                view = memoryview(data)
-                for off in range(0, len(data), _HOLE):
-                    n = min(_HOLE, len(data) - off)
-                    if not data.startswith(_ZEROS if n == _HOLE else _ZEROS[:n], off):  # a memcmp, no copy
-                        pwrite_all(fd, view[off:off + n], written + off)
+                _write_sparse(fd, data, written)
+                start_writeback(fd, written, len(data))  # publishing syncs: most of it is on disk by then
                 written += len(data)
         except ValueError as exc:
             raise DirgeError(f"blob {artifact.layer.digest.short}: {exc}") from None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import email.utils
+import functools
 import hashlib
 import io
 import ipaddress
@@ -152,10 +153,13 @@ class LargeReadTransport(httpx.BaseTransport):
     """httpx's ``HTTPTransport`` (HTTP/1.1, no proxy: httpx mounts its own for proxies from the
     environment) over ``_LargeReadBackend``."""
 
-    def __init__(self, verify: ssl.SSLContext | bool = True) -> None:
+    def __init__(self, verify: ssl.SSLContext | None) -> None:
+        """``verify``: the TLS context; None for a plain-http registry, which needs one only if it
+        redirects to https (httpcore then makes its default when that connection opens): loading a trust
+        store costs ~20 ms, which a cold prepare from a local registry would otherwise spend for nothing."""
         limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(verify=verify), max_connections=limits.max_connections,
+            ssl_context=verify, max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
             network_backend=_LargeReadBackend())
 
@@ -316,6 +320,12 @@ def ssl_context(host: str, cert_dir: Path | None = None, verify: bool = True) ->
     """The TLS context for ``host[:port]``: ``cert_dir`` if given, else its certs.d directories
     ($DIRGE_CERTS_DIRS, else ~/.config/containers/certs.d, /etc/containers/certs.d, /etc/docker/certs.d);
     ``verify=False`` (an insecure registry) accepts any certificate."""
+    dirs = os.environ.get("DIRGE_CERTS_DIRS")
+    folders = [] if cert_dir is not None else [
+        folder for base in (dirs.split(":") if dirs else CERTS_DIRS)
+        if (folder := Path(base).expanduser() / host).is_dir()]
+    if verify and cert_dir is None and not folders:
+        return system_tls()
     ctx = ssl.create_default_context()  # system trust; OpenSSL reads $SSL_CERT_FILE / $SSL_CERT_DIR
     if not verify:
         ctx.check_hostname = False
@@ -325,12 +335,26 @@ def ssl_context(host: str, cert_dir: Path | None = None, verify: bool = True) ->
             raise DirgeError(f"--cert-dir {cert_dir}: not a directory; give one holding CA *.crt files")
         _load_cert_dir(ctx, cert_dir)
         return ctx
-    dirs = os.environ.get("DIRGE_CERTS_DIRS")
-    for base in (dirs.split(":") if dirs else CERTS_DIRS):
-        folder = Path(base).expanduser() / host
-        if folder.is_dir():
-            _load_cert_dir(ctx, folder)
+    for folder in folders:
+        _load_cert_dir(ctx, folder)
     return ctx
+
+
+def system_tls() -> ssl.SSLContext:
+    """The system-trust context, made once a process (per $SSL_CERT_FILE / $SSL_CERT_DIR, which OpenSSL
+    reads when it is made): loading the trust store costs ~20 ms, and every client (origin, mirrors, each
+    prepare) would pay it again; it is only read after it is made."""
+    return _system_tls(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.lru_cache(maxsize=4)
+def _system_tls(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+# https:// base URLs of fallback-allowed hosts (loopback, registries.conf ``insecure``) that answered a TLS
+# handshake with plain http in this process
+_PLAIN_HTTP: set[str] = set()
 
 
 class Endpoint:
@@ -346,14 +370,25 @@ class Endpoint:
         self._creds_found = not callable(creds)
         self.fallback_http = fallback_http
         self.insecure = insecure  # registries.conf's ``insecure = true``, by host[:port]
-        verify: ssl.SSLContext | bool = (ssl_context(host, cert_dir, verify_tls) if self.url.startswith("https://")
-                                         else True)
+        verify = ssl_context(host, cert_dir, verify_tls) if self.url.startswith("https://") else None
+        # a host that may fall back and already answered plain http in this process starts there (its
+        # failed TLS handshake cost a round trip per client); if it no longer does, _call goes back to https
+        self.remembered_http = fallback_http and self.url.startswith("https://") and self.url in _PLAIN_HTTP
+        if self.remembered_http:
+            self.url = "http://" + self.url[len("https://"):]
         # httpx drops Authorization on cross-origin redirects (https → http is one)
-        self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)), verify=verify,
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
+                                   verify=True if verify is None else verify,
                                    transport=LargeReadTransport(verify), follow_redirects=True)
         self._tokens: dict[str, str] = {}
         self._basic = False
         self._lock = threading.Lock()
+
+    def back_to_tls(self) -> None:
+        """A remembered plain-http host that no longer serves plain http: https again, and forgotten."""
+        self.remembered_http = False
+        self.url = "https://" + self.url[len("http://"):]
+        _PLAIN_HTTP.discard(self.url)
 
     @property
     def creds(self) -> Credentials | None:
@@ -562,12 +597,22 @@ class RegistryClient:
                 raise RegistryError(f"{what}: {endpoint.host} redirected to an invalid URL ({exc})") from None
             except (httpx.ConnectError, httpx.ProtocolError) as exc:
                 if endpoint.fallback_http and endpoint.url.startswith("https://") and _looks_like_plain_http(exc):
+                    _PLAIN_HTTP.add(endpoint.url)
                     endpoint.url = "http://" + endpoint.url[len("https://"):]
+                    continue
+                if endpoint.remembered_http:  # it served plain http earlier in this process, not now: TLS again
+                    endpoint.back_to_tls()
                     continue
                 last = exc
             except httpx.TransportError as exc:
                 last = exc
             else:
+                if endpoint.remembered_http:
+                    endpoint.remembered_http = False  # the first answer settles it
+                    if response.status_code == 400:  # how a TLS server answers plain http: TLS again
+                        _drain(response)
+                        endpoint.back_to_tls()
+                        continue
                 if response.status_code not in _RETRYABLE_STATUS:
                     return response
                 wait = _retry_after(response)
