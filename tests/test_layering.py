@@ -81,6 +81,23 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
                 target = target.rpartition(".")[0]
             if target.startswith(PACKAGE) and target != name:
                 out.add(target)
+    return out | _lazy_imports(name, path, modules)
+
+
+def _lazy_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """A package's PEP 562 ``_LAZY = {"attr": ".module", ...}`` (dirge/__init__.py): each module it names
+    is imported at run time (by importlib, on first use), so it is an edge like an import statement."""
+    out: set[str] = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if (isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Dict)
+                and any(isinstance(t, ast.Name) and t.id == "_LAZY"
+                        for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))):
+            for value in node.value.values:
+                assert isinstance(value, ast.Constant) and isinstance(value.value, str), "a _LAZY module name"
+                target = name + value.value  # ".apply.layer" relative to the package
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                out.add(target)
     return out
 
 
