@@ -55,6 +55,31 @@ def _unmount_leftovers(request: pytest.FixtureRequest):
         unmount(point)
 
 
+# The caller's own default cache (~/.cache/dirge, as the environment names it before any test changes it)
+from dirge.store.cache import default_cache_dir  # noqa: E402
+
+_USERS_CACHE = default_cache_dir()
+
+
+_HOME = Path.home()
+
+
+@pytest.fixture(autouse=True)
+def _users_cache_untouched():
+    """No test may create the caller's real default cache (each uses its own, under tmp_path) or change
+    the mode or owner of the caller's home. A test that did fails here, named; the cache is removed."""
+    existed = _USERS_CACHE.exists()
+    home = os.stat(_HOME)
+    yield
+    if not existed and _USERS_CACHE.exists():
+        shutil.rmtree(_USERS_CACHE, ignore_errors=True)
+        pytest.fail(f"the test wrote the caller's default cache {_USERS_CACHE}; give it a cache of its own")
+    now = os.stat(_HOME)
+    if (now.st_mode, now.st_uid, now.st_gid) != (home.st_mode, home.st_uid, home.st_gid):
+        pytest.fail(f"the test changed {_HOME}: mode {home.st_mode:o} -> {now.st_mode:o}, "
+                    f"owner {home.st_uid}:{home.st_gid} -> {now.st_uid}:{now.st_gid}")
+
+
 @pytest.fixture(scope="module")
 def boot_cache(tmp_path_factory: pytest.TempPathFactory):
     """One cache for a module of boot tests: the initramfs images are built once per root kind. Its erofs

@@ -58,7 +58,7 @@ def pushed(registry, tmp_path: Path) -> tuple[str, Path]:
 def test_registry_pull_equals_skopeo_and_umoci(pushed: tuple[str, Path], tmp_path: Path) -> None:
     ref, reference = pushed
     ours = tmp_path / "dirge"
-    unpack(ref, ours, cache=None)
+    unpack(ref, ours, cache=tmp_path / "cache")
     mine = snapshot(ours, all_mtimes=True)
     differences = diff(mine, snapshot(reference, all_mtimes=True))
     assert not differences, "\n".join(differences)
