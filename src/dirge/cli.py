@@ -260,13 +260,17 @@ def unpack_cmd(image: str, dest: Path, platform: Platform | None, pull: PullPoli
                registry_options: "RegistryOptions | None", cache_dir: Path | None, rootless: bool,
                limits: tuple[str, ...], as_json: bool) -> None:
     """Write the flattened rootfs of IMAGE (oci:PATH[:TAG] or a registry ref) into DEST (absent or empty)."""
-    from .store.cache import Cache
     from .flatten import unpack
+    from .oci.reference import canonicalize_image_ref, parse_reference
+    from .store.cache import Cache
 
+    # the arguments first: a bad --limit or reference makes no cache directory
+    parsed_limits = _limits(limits)
+    parse_reference(canonicalize_image_ref(image))
     cache = None if image.startswith("oci:") else Cache(cache_dir)
     with _progress() as progress:
         result = unpack(image, dest, platform=platform,
-                        rootless=True if rootless else None, limits=_limits(limits), cache=cache, pull=pull,
+                        rootless=True if rootless else None, limits=parsed_limits, cache=cache, pull=pull,
                         creds=creds, registry_options=registry_options, progress=progress)
     summary: dict[str, Any] = {
         "image": image,
