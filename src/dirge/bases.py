@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .store.cache import Base, Cache
+from .store.cache import Base, Cache, default_cache_dir
 from .errors import DirgeError
 from .fsutil import BTRFS_MAGIC, fs_type, remove_tree
 from .options import DiskOptions, PrepareOptions
@@ -330,7 +330,10 @@ def cached_image(cache: Cache | None, digest: Digest, fmt: str, leases: ExitStac
     """The published image file (erofs, or an ext4 disk shaped by ``options``, a ``DiskOptions.key()``) of
     ``digest`` in ``cache`` (either mode: its bytes do not depend on it), or None. Its base's lease is
     entered on ``leases``, so it stays until the caller closes them."""
-    cache = cache if cache is not None else Cache()
+    if cache is None:
+        if not default_cache_dir().is_dir():
+            return None  # no default cache yet, so nothing cached: a lookup makes no cache directory
+        cache = Cache()
     for rootless in (False, True):
         base = cache.find_base(digest, rootless, fmt, options)
         if base is None:

@@ -456,7 +456,8 @@ def export_cmd(image: str, out: Path, fmt: ExportFormat, size: str, no_journal: 
 
     with _progress() as progress:
         result = export(canonicalize_image_ref(image), out, format=fmt,
-                        platform=platform, cache=Cache(cache_dir),
+                        # no --cache-dir: the default cache, made only when needed (a layout's export needs none)
+                        platform=platform, cache=Cache(cache_dir) if cache_dir is not None else None,
                         pull=pull, creds=creds, registry_options=registry_options, limits=_limits(limits),
                         progress=progress,
                         disk=DiskOptions(_size(size), not no_journal, inodes), artifacts=artifacts or None)
