@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ["DIRGE_PROGRESS"] = "quiet"
 
 from dirge.sources.layout import LayoutWriter  # noqa: E402
+from dirge.store.cache import default_cache_dir  # noqa: E402
 
 pytest_plugins = ["ci_skips"]
 
@@ -56,11 +57,8 @@ def _unmount_leftovers(request: pytest.FixtureRequest):
 
 
 # The caller's own default cache (~/.cache/dirge, as the environment names it before any test changes it)
-from dirge.store.cache import default_cache_dir  # noqa: E402
-
+# and home, which no test may touch
 _USERS_CACHE = default_cache_dir()
-
-
 _HOME = Path.home()
 
 

@@ -63,7 +63,8 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
     being initialised), so only the module named is an edge, as import linters count it."""
     is_package = path.name == "__init__.py"
     out: set[str] = set()
-    for node in _imports(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in _imports(tree):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         else:
@@ -77,27 +78,30 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
             targets = [f"{origin}.{alias.name}" if f"{origin}.{alias.name}" in modules else origin
                        for alias in node.names]
         for target in targets:
-            while target and target not in modules:  # import a.b.c of a name inside a.b: the module a.b
-                target = target.rpartition(".")[0]
+            target = _owning_module(target, modules)  # import a.b.c of a name inside a.b: the module a.b
             if target.startswith(PACKAGE) and target != name:
                 out.add(target)
-    return out | _lazy_imports(name, path, modules)
+    return out | _lazy_imports(name, tree, modules)
 
 
-def _lazy_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+def _owning_module(target: str, modules: dict[str, Path]) -> str:
+    """``target`` or its nearest enclosing module ("" if none is one of ``modules``)."""
+    while target and target not in modules:
+        target = target.rpartition(".")[0]
+    return target
+
+
+def _lazy_imports(name: str, tree: ast.Module, modules: dict[str, Path]) -> set[str]:
     """A package's PEP 562 ``_LAZY = {"attr": ".module", ...}`` (dirge/__init__.py): each module it names
     is imported at run time (by importlib, on first use), so it is an edge like an import statement."""
     out: set[str] = set()
-    for node in ast.parse(path.read_text(), str(path)).body:
+    for node in tree.body:
         if (isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Dict)
                 and any(isinstance(t, ast.Name) and t.id == "_LAZY"
                         for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))):
             for value in node.value.values:
                 assert isinstance(value, ast.Constant) and isinstance(value.value, str), "a _LAZY module name"
-                target = name + value.value  # ".apply.layer" relative to the package
-                while target and target not in modules:
-                    target = target.rpartition(".")[0]
-                out.add(target)
+                out.add(_owning_module(name + value.value, modules))  # ".apply.layer": relative to the package
     return out
 
 

@@ -331,9 +331,10 @@ def cached_image(cache: Cache | None, digest: Digest, fmt: str, leases: ExitStac
     ``digest`` in ``cache`` (either mode: its bytes do not depend on it), or None. Its base's lease is
     entered on ``leases``, so it stays until the caller closes them."""
     if cache is None:
-        if not default_cache_dir().is_dir():
+        root = default_cache_dir()
+        if not root.is_dir():
             return None  # no default cache yet, so nothing cached: a lookup makes no cache directory
-        cache = Cache()
+        cache = Cache(root)
     for rootless in (False, True):
         base = cache.find_base(digest, rootless, fmt, options)
         if base is None:

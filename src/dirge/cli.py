@@ -162,7 +162,7 @@ def _progress() -> Any:
         return nullcontext(None)  # without loading the display (rich): -q is what scripts pass
     from .progress import open_display
 
-    display = open_display("quiet" if state.get("quiet") else str(state.get("progress", "auto")))
+    display = open_display(str(state.get("progress", "auto")))
     return display if display is not None else nullcontext(None)
 
 
